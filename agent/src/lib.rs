@@ -1,4 +1,14 @@
 //! vmreplica's node agent: serves protected disks as NBD exports, logs every
 //! write before acknowledging it, ships sealed log segments to the replica site,
 //! and applies them there with undo so recovery points stay exact.
+//!
+//! ```text
+//!  QEMU ──NBD──▶ nbd::NbdServer ──▶ disk::ProtectedDisk ──▶ log::Journal (segments)
+//!                                                      └──▶ raw image
+//! ```
 #![forbid(unsafe_code)]
+
+pub mod disk;
+pub mod image;
+pub mod log;
+pub mod nbd;

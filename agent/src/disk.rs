@@ -1,0 +1,202 @@
+//! A protected disk: a raw image plus its replication log, with the ordering
+//! rules that make the log exact.
+//!
+//! ```text
+//!  write(buf, off) ── lock ─▶ append record to log ─▶ write image ── unlock ─▶ ack
+//!  flush()         ─────────▶ fdatasync log ─▶ fdatasync image ─────────────▶ ack
+//!  seal()          ── lock ─▶ rotate ── unlock ─▶ fdatasync image ─▶ seal old segment
+//! ```
+//!
+//! The lock makes the log's order the image's order, so replaying the log gives
+//! the image byte for byte, even with several connections writing at once.
+//! Appending before writing means the image never holds a write the log lacks.
+//! Reads take no lock.
+
+use std::{
+    fs::{File, OpenOptions},
+    io,
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use crate::{
+    image::zero_range,
+    log::{
+        Journal, JournalConfig, JournalError, Logged, RecordKind, Recovery, SealedSegment,
+        journal::finish_seal,
+    },
+};
+
+/// Why a disk could not be opened or an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("disk image {path}: {source}")]
+    Image { path: PathBuf, source: io::Error },
+    #[error("disk image {0} is empty; protected disks are raw images of fixed size")]
+    EmptyImage(PathBuf),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{what} [{offset}, +{len}) is outside the {size}-byte disk")]
+    OutOfRange { what: &'static str, offset: u64, len: u64, size: u64 },
+}
+
+type Result<T, E = DiskError> = std::result::Result<T, E>;
+
+/// Where a disk's log lives: next to the image, as Hyper-V's HRL does.
+pub fn log_dir_for(image: &Path) -> PathBuf {
+    let mut name = image.file_name().unwrap_or_default().to_owned();
+    name.push(".vmrlog");
+    image.with_file_name(name)
+}
+
+/// A disk being served and logged.
+pub struct ProtectedDisk {
+    name: String,
+    path: PathBuf,
+    image: File,
+    size: u64,
+    journal: Mutex<Journal>,
+}
+
+/// A snapshot of a disk's log for status and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogStatus {
+    pub sealed: Vec<SealedSegment>,
+    pub pending_bytes: u64,
+    pub next_seq: u64,
+    pub resync_required: bool,
+    pub dirty_blocks: u64,
+}
+
+impl ProtectedDisk {
+    /// Opens the image at `path` (an existing raw image) and its log, recovering
+    /// the log and image from a crash if needed.
+    pub fn open(vm_id: &str, name: &str, path: &Path) -> Result<(Self, Recovery)> {
+        let err = |source| DiskError::Image { path: path.to_owned(), source };
+        let image = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+        let size = image.metadata().map_err(err)?.len();
+        if size == 0 {
+            return Err(DiskError::EmptyImage(path.to_owned()));
+        }
+        let cfg = JournalConfig {
+            vm_id: vm_id.to_owned(),
+            disk_id: name.to_owned(),
+            disk_size: size,
+            resync_threshold: size / 2,
+        };
+        let (journal, recovery) = Journal::open(&log_dir_for(path), cfg, &image)?;
+        let disk =
+            Self { name: name.to_owned(), path: path.to_owned(), image, size, journal: Mutex::new(journal) };
+        Ok((disk, recovery))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn journal(&self) -> std::sync::MutexGuard<'_, Journal> {
+        // A panic while holding the lock is a bug; the journal's own state stays
+        // consistent (every append is all or nothing), so keep serving.
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self, what: &'static str, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(DiskError::OutOfRange { what, offset, len, size: self.size }),
+        }
+    }
+
+    fn image_err(&self) -> impl FnOnce(io::Error) -> DiskError + '_ {
+        |source| DiskError::Image { path: self.path.clone(), source }
+    }
+
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check("read", offset, buf.len() as u64)?;
+        self.image.read_exact_at(buf, offset).map_err(self.image_err())
+    }
+
+    /// Logs and applies a write whose payload is `buf[RECORD_HEADER_LEN..len-4]`
+    /// (see [`Journal::record_len`]); with `fua`, both are durable on return.
+    pub fn write(&self, buf: &mut [u8], offset: u64, fua: bool) -> Result<Logged> {
+        let payload =
+            crate::log::format::RECORD_HEADER_LEN..buf.len() - crate::log::format::RECORD_TRAILER_LEN;
+        self.check("write", offset, payload.len() as u64)?;
+        let logged = {
+            let mut journal = self.journal();
+            let logged = journal.append_write(buf, offset)?;
+            self.image.write_all_at(&buf[payload], offset).map_err(self.image_err())?;
+            logged
+        };
+        if fua {
+            self.flush()?;
+        }
+        Ok(logged)
+    }
+
+    /// Logs and applies a WRITE_ZEROES (`trim` false) or TRIM (`trim` true).
+    pub fn zero(&self, offset: u64, len: u64, trim: bool, keep_allocated: bool, fua: bool) -> Result<Logged> {
+        self.check(if trim { "trim" } else { "write zeroes" }, offset, len)?;
+        let kind = if trim { RecordKind::Trim } else { RecordKind::WriteZeroes };
+        let logged = {
+            let mut journal = self.journal();
+            let logged = journal.append_zeroes(kind, offset, len)?;
+            zero_range(&self.image, offset, len, keep_allocated).map_err(self.image_err())?;
+            logged
+        };
+        if fua {
+            self.flush()?;
+        }
+        Ok(logged)
+    }
+
+    /// Makes every write completed so far durable, in the log and the image.
+    pub fn flush(&self) -> Result<()> {
+        self.journal().sync()?;
+        self.image.sync_data().map_err(self.image_err())
+    }
+
+    /// Seals the active segment (if it holds any record) and opens the next one.
+    /// Writers wait only for the rotation, not for the hashing and syncing.
+    pub fn seal(&self) -> Result<Option<SealedSegment>> {
+        let Some(rotation) = self.journal().rotate()? else { return Ok(None) };
+        // Everything in the rotated segment is in the image; make it durable so a
+        // sealed segment never describes writes the image could lose.
+        self.image.sync_data().map_err(self.image_err())?;
+        let len = rotation.len();
+        let sealed = finish_seal(rotation)?;
+        self.journal().register_sealed(sealed.clone(), len);
+        Ok(Some(sealed))
+    }
+
+    /// Deletes sealed segments the replica acknowledged, through sequence `through`.
+    pub fn acknowledge(&self, through: u64) -> Result<()> {
+        Ok(self.journal().acknowledge(through)?)
+    }
+
+    pub fn log_status(&self) -> LogStatus {
+        let j = self.journal();
+        LogStatus {
+            sealed: j.sealed().to_vec(),
+            pending_bytes: j.pending_bytes(),
+            next_seq: j.next_seq(),
+            resync_required: j.resync_required(),
+            dirty_blocks: j.state().dirty.dirty_blocks(),
+        }
+    }
+
+    /// Flushes and records a clean shutdown.
+    pub fn shutdown(&self) -> Result<()> {
+        self.image.sync_data().map_err(self.image_err())?;
+        Ok(self.journal().shutdown()?)
+    }
+}

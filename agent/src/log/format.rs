@@ -1,0 +1,563 @@
+//! The on-disk (and later on-wire) format of a replication log segment.
+//!
+//! ```text
+//!  segment = header record* [seal]
+//!  header  = magic "VMRLOG\r\n" | version u16 | header_len u16 | reserved u32
+//!            | epoch u64 | first_seq u64 | created_unix_ms u64
+//!            | vm_id_len u8 | disk_id_len u8 | vm_id | disk_id | crc32c u32
+//!  record  = magic u32 | kind u8 | flags u8 | reserved u16 | seq u64
+//!            | offset u64 | length u64 | payload_len u32 | reserved u32
+//!            | payload | crc32c u32           (crc over magic..payload)
+//!  seal    = a record of kind Seal: seq = last record's seq, offset = record
+//!            count, length = bytes written, payload = BLAKE3 of every byte of
+//!            the segment before the seal record
+//! ```
+//! All integers little-endian. The CRC catches a torn or flipped record; the
+//! seal's digest catches anything else (a record dropped, reordered, or a
+//! segment swapped for another's), so a sealed segment that verifies is exactly
+//! what the primary wrote.
+
+use std::io::{self, Read};
+
+/// First bytes of every segment.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"VMRLOG\r\n";
+/// The segment format version this code writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// First bytes of every record.
+pub const RECORD_MAGIC: u32 = 0x5245_4331; // "REC1" read as big-endian text
+/// Bytes of a record before its payload.
+pub const RECORD_HEADER_LEN: usize = 40;
+/// Bytes of a record after its payload.
+pub const RECORD_TRAILER_LEN: usize = 4;
+/// Largest payload a record may carry (the NBD export's maximum request size).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Longest VM or disk id.
+pub const MAX_ID_LEN: usize = 255;
+const HEADER_FIXED_LEN: usize = 42;
+const DIGEST_LEN: usize = 32;
+
+/// What a segment or record failed on. Every variant means "do not apply".
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("not a vmreplica log segment (bad magic)")]
+    BadMagic,
+    #[error("segment format version {0} is not supported (this agent reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("segment header is corrupt (checksum mismatch)")]
+    HeaderChecksum,
+    #[error("segment header is malformed: {0}")]
+    BadHeader(&'static str),
+    #[error("record at byte {at} is corrupt: {what}")]
+    BadRecord { at: u64, what: &'static str },
+    #[error("record at byte {at} is corrupt (checksum mismatch)")]
+    RecordChecksum { at: u64 },
+    #[error("segment is truncated at byte {at}")]
+    Truncated { at: u64 },
+    #[error("record at byte {at} has sequence {found}, expected {expected}")]
+    SequenceGap { at: u64, expected: u64, found: u64 },
+    #[error("segment is not sealed")]
+    NotSealed,
+    #[error("segment seal does not match its contents (digest mismatch)")]
+    DigestMismatch,
+    #[error("segment seal disagrees with its contents: {0}")]
+    SealMismatch(&'static str),
+    #[error("{0} bytes follow the seal")]
+    TrailingBytes(u64),
+    #[error("reading the segment")]
+    Io(#[from] io::Error),
+}
+
+/// Identity and position of a segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// Replication epoch; bumped at every promotion.
+    pub epoch: u64,
+    /// Sequence number of the segment's first record.
+    pub first_seq: u64,
+    /// When the segment was opened, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The protected VM.
+    pub vm_id: String,
+    /// The disk within the VM.
+    pub disk_id: String,
+}
+
+/// What a record does to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// `payload` is written at `offset`.
+    Write = 1,
+    /// `length` bytes at `offset` become zero.
+    WriteZeroes = 2,
+    /// `length` bytes at `offset` are discarded; they read as zero afterwards.
+    Trim = 3,
+    /// Closes the segment; see the module docs.
+    Seal = 0x7f,
+}
+
+impl RecordKind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Write,
+            2 => Self::WriteZeroes,
+            3 => Self::Trim,
+            0x7f => Self::Seal,
+            _ => return None,
+        })
+    }
+}
+
+/// One decoded record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub kind: RecordKind,
+    pub seq: u64,
+    pub offset: u64,
+    pub length: u64,
+    pub payload: Vec<u8>,
+}
+
+impl SegmentHeader {
+    /// The encoded header.
+    pub fn encode(&self) -> Vec<u8> {
+        assert!(self.vm_id.len() <= MAX_ID_LEN && self.disk_id.len() <= MAX_ID_LEN, "ids are validated");
+        let len = HEADER_FIXED_LEN + self.vm_id.len() + self.disk_id.len() + 4;
+        let mut b = Vec::with_capacity(len);
+        b.extend_from_slice(&SEGMENT_MAGIC);
+        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b.extend_from_slice(&(len as u16).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&self.first_seq.to_le_bytes());
+        b.extend_from_slice(&self.created_unix_ms.to_le_bytes());
+        b.push(self.vm_id.len() as u8);
+        b.push(self.disk_id.len() as u8);
+        b.extend_from_slice(self.vm_id.as_bytes());
+        b.extend_from_slice(self.disk_id.as_bytes());
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Reads and checks a header; returns it and its length in bytes.
+    pub fn read_from(r: &mut impl Read) -> Result<(Self, usize), FormatError> {
+        let mut fixed = [0u8; HEADER_FIXED_LEN];
+        read_exact_or(r, &mut fixed, 0)?;
+        if fixed[..8] != SEGMENT_MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        let version = u16_at(&fixed, 8);
+        if version != FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let len = u16_at(&fixed, 10) as usize;
+        if u32_at(&fixed, 12) != 0 {
+            return Err(FormatError::BadHeader("reserved bytes are not zero"));
+        }
+        let (vm_len, disk_len) = (fixed[40] as usize, fixed[41] as usize);
+        if len != HEADER_FIXED_LEN + vm_len + disk_len + 4 {
+            return Err(FormatError::BadHeader("length does not match the ids it carries"));
+        }
+        let mut rest = vec![0u8; len - HEADER_FIXED_LEN];
+        read_exact_or(r, &mut rest, HEADER_FIXED_LEN as u64)?;
+        let mut crc = crc32c::crc32c(&fixed);
+        crc = crc32c::crc32c_append(crc, &rest[..rest.len() - 4]);
+        if crc != u32_at(&rest, rest.len() - 4) {
+            return Err(FormatError::HeaderChecksum);
+        }
+        let text =
+            |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| FormatError::BadHeader("id is not UTF-8"));
+        let header = Self {
+            epoch: u64_at(&fixed, 16),
+            first_seq: u64_at(&fixed, 24),
+            created_unix_ms: u64_at(&fixed, 32),
+            vm_id: text(&rest[..vm_len])?,
+            disk_id: text(&rest[vm_len..vm_len + disk_len])?,
+        };
+        Ok((header, len))
+    }
+}
+
+/// Encodes the part of a record before its payload.
+pub fn record_header(
+    kind: RecordKind,
+    seq: u64,
+    offset: u64,
+    length: u64,
+    payload_len: u32,
+) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    h[4] = kind as u8;
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..24].copy_from_slice(&offset.to_le_bytes());
+    h[24..32].copy_from_slice(&length.to_le_bytes());
+    h[32..36].copy_from_slice(&payload_len.to_le_bytes());
+    h
+}
+
+/// The CRC trailer of a record with this header and payload.
+pub fn record_crc(header: &[u8; RECORD_HEADER_LEN], payload: &[u8]) -> [u8; RECORD_TRAILER_LEN] {
+    crc32c::crc32c_append(crc32c::crc32c(header), payload).to_le_bytes()
+}
+
+/// A whole encoded record (tests and seals; the write path avoids the copy).
+pub fn encode_record(kind: RecordKind, seq: u64, offset: u64, length: u64, payload: &[u8]) -> Vec<u8> {
+    let h = record_header(kind, seq, offset, length, payload.len() as u32);
+    let mut b = Vec::with_capacity(RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN);
+    b.extend_from_slice(&h);
+    b.extend_from_slice(payload);
+    b.extend_from_slice(&record_crc(&h, payload));
+    b
+}
+
+/// The seal record for a segment whose bytes so far hash to `digest`.
+pub fn encode_seal(last_seq: u64, record_count: u64, data_bytes: u64, digest: &[u8; DIGEST_LEN]) -> Vec<u8> {
+    encode_record(RecordKind::Seal, last_seq, record_count, data_bytes, digest)
+}
+
+/// Reads a segment record by record, checking each as it goes and hashing
+/// every byte so the seal can be checked.
+pub struct SegmentReader<R> {
+    inner: R,
+    pub header: SegmentHeader,
+    /// Bytes consumed so far (header and complete records).
+    pub position: u64,
+    next_seq: u64,
+    records: u64,
+    data_bytes: u64,
+    hasher: blake3::Hasher,
+    sealed: bool,
+}
+
+/// What a seal said, once it verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SealInfo {
+    pub last_seq: u64,
+    pub records: u64,
+    pub data_bytes: u64,
+}
+
+impl<R: Read> SegmentReader<R> {
+    pub fn new(mut inner: R) -> Result<Self, FormatError> {
+        let (header, len) = SegmentHeader::read_from(&mut inner)?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&header.encode());
+        Ok(Self {
+            next_seq: header.first_seq,
+            header,
+            inner,
+            position: len as u64,
+            records: 0,
+            data_bytes: 0,
+            hasher,
+            sealed: false,
+        })
+    }
+
+    /// Sequence number the next record must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The next data record; `Ok(None)` at a clean end of input or after a valid
+    /// seal (see [`Self::seal`]). Errors leave `position` at the start of the
+    /// bad record, which is where a torn active segment is cut.
+    pub fn next_record(&mut self) -> Result<Option<Record>, FormatError> {
+        if self.sealed {
+            return Ok(None);
+        }
+        let at = self.position;
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        match read_full(&mut self.inner, &mut h)? {
+            0 => return Ok(None),
+            n if n < RECORD_HEADER_LEN => return Err(FormatError::Truncated { at: at + n as u64 }),
+            _ => {}
+        }
+        if u32_at(&h, 0) != RECORD_MAGIC {
+            return Err(FormatError::BadRecord { at, what: "bad record magic" });
+        }
+        let kind =
+            RecordKind::from_u8(h[4]).ok_or(FormatError::BadRecord { at, what: "unknown record kind" })?;
+        if h[5..8] != [0, 0, 0] || h[36..40] != [0, 0, 0, 0] {
+            return Err(FormatError::BadRecord { at, what: "reserved bytes are not zero" });
+        }
+        let (seq, offset, length) = (u64_at(&h, 8), u64_at(&h, 16), u64_at(&h, 24));
+        let payload_len = u32_at(&h, 32);
+        let expected_payload = match kind {
+            RecordKind::Write => {
+                if payload_len > MAX_PAYLOAD {
+                    return Err(FormatError::BadRecord { at, what: "payload larger than the maximum" });
+                }
+                length
+            }
+            RecordKind::WriteZeroes | RecordKind::Trim => 0,
+            RecordKind::Seal => DIGEST_LEN as u64,
+        };
+        if payload_len as u64 != expected_payload {
+            return Err(FormatError::BadRecord { at, what: "payload length does not match the record kind" });
+        }
+        if kind != RecordKind::Seal && offset.checked_add(length).is_none() {
+            return Err(FormatError::BadRecord { at, what: "offset + length overflows" });
+        }
+        let mut payload = vec![0u8; payload_len as usize];
+        let mut crc = [0u8; RECORD_TRAILER_LEN];
+        let got = read_full(&mut self.inner, &mut payload)?;
+        if got < payload.len() || read_full(&mut self.inner, &mut crc)? < RECORD_TRAILER_LEN {
+            return Err(FormatError::Truncated { at });
+        }
+        if record_crc(&h, &payload) != crc {
+            return Err(FormatError::RecordChecksum { at });
+        }
+        if kind == RecordKind::Seal {
+            let info = SealInfo { last_seq: seq, records: offset, data_bytes: length };
+            if self.hasher.finalize().as_bytes()[..] != payload[..] {
+                return Err(FormatError::DigestMismatch);
+            }
+            if info.last_seq != self.next_seq.wrapping_sub(1) {
+                return Err(FormatError::SealMismatch("last sequence number"));
+            }
+            if info.records != self.records || info.data_bytes != self.data_bytes {
+                return Err(FormatError::SealMismatch("record count or byte count"));
+            }
+            self.sealed = true;
+            self.position += (RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN) as u64;
+            return Ok(None);
+        }
+        if seq != self.next_seq {
+            return Err(FormatError::SequenceGap { at, expected: self.next_seq, found: seq });
+        }
+        self.hasher.update(&h);
+        self.hasher.update(&payload);
+        self.hasher.update(&crc);
+        self.position += (RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN) as u64;
+        self.next_seq += 1;
+        self.records += 1;
+        self.data_bytes += payload.len() as u64;
+        Ok(Some(Record { kind, seq, offset, length, payload }))
+    }
+
+    /// Whether a valid seal has been read.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed
+    }
+
+    /// The digest of everything read so far (what a seal written now would carry).
+    pub fn digest(&self) -> [u8; DIGEST_LEN] {
+        *self.hasher.finalize().as_bytes()
+    }
+
+    /// Counts for a seal written now.
+    pub fn seal_info(&self) -> SealInfo {
+        SealInfo {
+            last_seq: self.next_seq.wrapping_sub(1),
+            records: self.records,
+            data_bytes: self.data_bytes,
+        }
+    }
+
+    /// After the last record: checks that a seal was read and nothing follows it.
+    pub fn finish_sealed(mut self) -> Result<SealInfo, FormatError> {
+        if !self.sealed {
+            return Err(FormatError::NotSealed);
+        }
+        let mut rest = Vec::new();
+        self.inner.read_to_end(&mut rest)?;
+        if !rest.is_empty() {
+            return Err(FormatError::TrailingBytes(rest.len() as u64));
+        }
+        Ok(self.seal_info())
+    }
+}
+
+/// Reads a whole sealed segment, checking every record and the seal, and returns
+/// its header, records and seal. For segments small enough to hold in memory.
+pub fn verify_sealed(bytes: &[u8]) -> Result<(SegmentHeader, Vec<Record>, SealInfo), FormatError> {
+    let mut reader = SegmentReader::new(bytes)?;
+    let mut records = Vec::new();
+    while let Some(r) = reader.next_record()? {
+        records.push(r);
+    }
+    let header = reader.header.clone();
+    let seal = reader.finish_sealed()?;
+    Ok((header, records, seal))
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+fn read_exact_or(r: &mut impl Read, buf: &mut [u8], at: u64) -> Result<(), FormatError> {
+    let n = read_full(r, buf)?;
+    if n < buf.len() { Err(FormatError::Truncated { at: at + n as u64 }) } else { Ok(()) }
+}
+
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes(b[i..i + 2].try_into().expect("2 bytes"))
+}
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(b[i..i + 4].try_into().expect("4 bytes"))
+}
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn header() -> SegmentHeader {
+        SegmentHeader {
+            epoch: 3,
+            first_seq: 100,
+            created_unix_ms: 1_700_000_000_000,
+            vm_id: "ledger".into(),
+            disk_id: "root".into(),
+        }
+    }
+
+    fn sealed_segment(writes: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        let mut b = header().encode();
+        let mut data = 0;
+        for (i, (off, payload)) in writes.iter().enumerate() {
+            b.extend(encode_record(RecordKind::Write, 100 + i as u64, *off, payload.len() as u64, payload));
+            data += payload.len() as u64;
+        }
+        let digest = *blake3::hash(&b).as_bytes();
+        b.extend(encode_seal(100 + writes.len() as u64 - 1, writes.len() as u64, data, &digest));
+        b
+    }
+
+    #[test]
+    fn a_sealed_segment_round_trips() {
+        let seg = sealed_segment(&[(0, vec![1; 512]), (4096, vec![2; 100])]);
+        let (h, records, seal) = verify_sealed(&seg).unwrap();
+        assert_eq!(h, header());
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].offset, 4096);
+        assert_eq!(records[1].payload, vec![2; 100]);
+        assert_eq!(seal, SealInfo { last_seq: 101, records: 2, data_bytes: 612 });
+    }
+
+    #[test]
+    fn each_kind_of_damage_is_named() {
+        let seg = sealed_segment(&[(0, vec![1; 512]), (4096, vec![2; 100])]);
+        let hlen = header().encode().len();
+        type Case<'a> = (&'a str, Vec<u8>, fn(&FormatError) -> bool);
+        let cases: Vec<Case> = vec![
+            (
+                "magic",
+                {
+                    let mut s = seg.clone();
+                    s[0] ^= 1;
+                    s
+                },
+                |e| matches!(e, FormatError::BadMagic),
+            ),
+            (
+                "version",
+                {
+                    let mut s = seg.clone();
+                    s[8] = 9;
+                    s
+                },
+                |e| matches!(e, FormatError::UnsupportedVersion(9)),
+            ),
+            (
+                "header crc",
+                {
+                    let mut s = seg.clone();
+                    s[20] ^= 1;
+                    s
+                },
+                |e| matches!(e, FormatError::HeaderChecksum),
+            ),
+            (
+                "payload bit",
+                {
+                    let mut s = seg.clone();
+                    s[hlen + 60] ^= 0x40;
+                    s
+                },
+                |e| matches!(e, FormatError::RecordChecksum { .. }),
+            ),
+            ("truncated", seg[..seg.len() - 10].to_vec(), |e| matches!(e, FormatError::Truncated { .. })),
+            ("no seal", seg[..seg.len() - (RECORD_HEADER_LEN + 32 + 4)].to_vec(), |e| {
+                matches!(e, FormatError::NotSealed)
+            }),
+            (
+                "trailing",
+                {
+                    let mut s = seg.clone();
+                    s.push(0);
+                    s
+                },
+                |e| matches!(e, FormatError::TrailingBytes(1)),
+            ),
+        ];
+        for (what, bytes, check) in cases {
+            let err = verify_sealed(&bytes).expect_err(what);
+            assert!(check(&err), "{what}: got {err}");
+        }
+    }
+
+    #[test]
+    fn a_dropped_record_breaks_the_sequence_and_a_swapped_seal_the_digest() {
+        let one = sealed_segment(&[(0, vec![1; 16])]);
+        let two = sealed_segment(&[(0, vec![1; 16]), (16, vec![2; 16])]);
+        let hlen = header().encode().len();
+        let rec = RECORD_HEADER_LEN + 16 + 4;
+        // Drop the first record of `two`: the second now starts at the wrong seq.
+        let mut dropped = two[..hlen].to_vec();
+        dropped.extend_from_slice(&two[hlen + rec..]);
+        assert!(matches!(
+            verify_sealed(&dropped),
+            Err(FormatError::SequenceGap { expected: 100, found: 101, .. })
+        ));
+        // `one`'s records under `two`'s seal: the digest gives it away.
+        let mut swapped = one[..hlen + rec].to_vec();
+        swapped.extend_from_slice(&two[hlen + 2 * rec..]);
+        assert!(matches!(verify_sealed(&swapped), Err(FormatError::DigestMismatch)));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = verify_sealed(&bytes);
+        }
+
+        #[test]
+        fn any_flipped_byte_of_a_sealed_segment_is_rejected(
+            writes in proptest::collection::vec((0u64..1 << 30, proptest::collection::vec(any::<u8>(), 1..300)), 1..6),
+            pos in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let seg = sealed_segment(&writes);
+            let mut bad = seg.clone();
+            let i = pos.index(bad.len());
+            bad[i] ^= 1 << bit;
+            prop_assert!(verify_sealed(&bad).is_err(), "flipping bit {} of byte {} went unnoticed", bit, i);
+        }
+
+        #[test]
+        fn any_truncation_of_a_sealed_segment_is_rejected(
+            writes in proptest::collection::vec((0u64..1 << 30, proptest::collection::vec(any::<u8>(), 1..300)), 1..6),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let seg = sealed_segment(&writes);
+            let len = cut.index(seg.len());
+            prop_assert!(verify_sealed(&seg[..len]).is_err());
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! A disk's replication log: the active segment every write is appended to
+//! before it is acknowledged, the sealed segments waiting to be shipped, and the
+//! switch to dirty-map tracking when the log grows past half the disk.
+//!
+//! ```text
+//!  <image>.vmrlog/
+//!    00000000000000000001.seg      sealed (verified on read, shipped, then deleted)
+//!    00000000000000000042.seg
+//!    00000000000000000057.active   the one being appended to
+//!    state                         epoch, resync-required, dirty map, clean flag
+//! ```
+//!
+//! Sealing is split so writers are never blocked by hashing: [`Journal::rotate`]
+//! (under the disk's lock) opens the next active segment; [`finish_seal`] (off
+//! the lock) makes the image durable, reads the old segment back, verifies it,
+//! appends the seal, fsyncs and renames it. A crash between the two leaves two
+//! `.active` files; recovery seals the older one.
+//!
+//! Recovery after a crash re-applies ("redoes") every record of every `.active`
+//! segment to the image in order. Records overwrite fixed ranges with fixed
+//! contents, so redo is idempotent and the image ends up exactly as the log says,
+//! whatever subset of those writes had reached it.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, BufReader, Write},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use super::{
+    apply::apply_record,
+    dirty::JournalState,
+    format::{
+        FormatError, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SegmentHeader, SegmentReader,
+        encode_record, encode_seal, record_crc, record_header,
+    },
+};
+
+/// Why the journal failed. Any error on the write path fails the write: the image
+/// is only changed after its record is in the log.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("log directory {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("log segment {path} is damaged: {source}")]
+    Damaged { path: PathBuf, source: FormatError },
+    #[error("log segment {path} belongs to {found}, not {expected}")]
+    ForeignSegment { path: PathBuf, expected: String, found: String },
+    #[error("log segments do not follow each other: {path} starts at {found}, expected {expected}")]
+    Discontinuous { path: PathBuf, expected: u64, found: u64 },
+}
+
+type Result<T, E = JournalError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io { path: path.to_owned(), source }
+}
+
+/// A sealed segment on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SealedSegment {
+    pub path: PathBuf,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+/// What [`Journal::append`] did with a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logged {
+    /// Appended as this sequence number.
+    Record(u64),
+    /// Resync is required: only the dirty map recorded the change.
+    Dirty,
+}
+
+/// What recovery found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Records re-applied to the image.
+    pub redone: u64,
+    /// Bytes of torn records cut from the end of active segments.
+    pub torn_bytes: u64,
+    /// Rotated segments sealed during recovery.
+    pub sealed: u64,
+    /// The previous run did not shut down cleanly.
+    pub unclean: bool,
+}
+
+struct Active {
+    file: File,
+    path: PathBuf,
+    first_seq: u64,
+    len: u64,
+}
+
+enum Recovered {
+    Unreadable,
+    Sealed(SealedSegment),
+    Open(Box<SegmentReader<BufReader<File>>>, u64),
+}
+
+/// A rotated segment waiting for [`finish_seal`].
+pub struct Rotation {
+    path: PathBuf,
+    len: u64,
+}
+
+/// Names and sizes of one disk's log.
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    pub vm_id: String,
+    pub disk_id: String,
+    pub disk_size: u64,
+    /// Pending log above this many bytes makes a resync required (Hyper-V: half the disk).
+    pub resync_threshold: u64,
+}
+
+/// One disk's log. Not thread-safe: the disk holds it under its lock.
+pub struct Journal {
+    dir: PathBuf,
+    cfg: JournalConfig,
+    state: JournalState,
+    active: Active,
+    next_seq: u64,
+    sealed: Vec<SealedSegment>,
+    rotating_bytes: u64,
+}
+
+fn segment_name(first_seq: u64, sealed: bool) -> String {
+    format!("{first_seq:020}.{}", if sealed { "seg" } else { "active" })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+impl Journal {
+    /// Opens (creating if needed) the log in `dir` for the disk whose image is
+    /// `image`, recovering from any crash first.
+    pub fn open(dir: &Path, cfg: JournalConfig, image: &File) -> Result<(Self, Recovery)> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut state = JournalState::load(dir, cfg.disk_size).map_err(io_err(dir))?;
+        let mut recovery = Recovery { unclean: !state.clean_shutdown, ..Default::default() };
+        if state.resync_required && !state.clean_shutdown {
+            // Writes acknowledged after the last persisted dirty map may be missing
+            // from it: only a full comparison is safe.
+            state.dirty.mark_all();
+        }
+        state.clean_shutdown = false;
+        state.store(dir).map_err(io_err(dir))?;
+
+        let (mut sealed_firsts, mut active_firsts) = (Vec::new(), Vec::new());
+        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+            let name = entry.map_err(io_err(dir))?.file_name().to_string_lossy().into_owned();
+            let parsed =
+                name.split_once('.').and_then(|(n, ext)| Some((n.parse::<u64>().ok()?, ext.to_owned())));
+            match parsed {
+                Some((seq, ext)) if ext == "seg" => sealed_firsts.push(seq),
+                Some((seq, ext)) if ext == "active" => active_firsts.push(seq),
+                _ => {}
+            }
+        }
+        sealed_firsts.sort_unstable();
+        active_firsts.sort_unstable();
+
+        let mut sealed: Vec<SealedSegment> = Vec::new();
+        let expect = |path: &Path, first: u64, sealed: &[SealedSegment]| match sealed.last() {
+            Some(prev) if prev.last_seq + 1 != first => Err(JournalError::Discontinuous {
+                path: path.to_owned(),
+                expected: prev.last_seq + 1,
+                found: first,
+            }),
+            _ => Ok(()),
+        };
+        for first in sealed_firsts {
+            let path = dir.join(segment_name(first, true));
+            expect(&path, first, &sealed)?;
+            sealed.push(Self::read_sealed_summary(&path, &cfg)?);
+        }
+
+        let mut next_seq = sealed.last().map_or(1, |s| s.last_seq + 1);
+        let mut active = None;
+        let newest = active_firsts.last().copied();
+        for first in active_firsts {
+            let path = dir.join(segment_name(first, false));
+            match Self::recover_active(&path, &cfg, image, &mut recovery)? {
+                Recovered::Unreadable if Some(first) == newest => {
+                    // Created but its header never reached the disk: nothing was logged in it.
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                }
+                Recovered::Unreadable => {
+                    return Err(JournalError::Damaged {
+                        path,
+                        source: FormatError::BadHeader("unreadable header"),
+                    });
+                }
+                Recovered::Sealed(segment) => {
+                    expect(&path, first, &sealed)?;
+                    next_seq = segment.last_seq + 1;
+                    sealed.push(segment);
+                    recovery.sealed += 1;
+                }
+                Recovered::Open(reader, len) => {
+                    expect(&path, first, &sealed)?;
+                    next_seq = reader.next_seq();
+                    if Some(first) == newest {
+                        let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
+                        active = Some(Active { file, path, first_seq: first, len });
+                    } else {
+                        sealed.push(finish_seal_with(Rotation { path, len }, *reader)?);
+                        recovery.sealed += 1;
+                    }
+                }
+            }
+        }
+        if recovery.redone > 0 {
+            image.sync_data().map_err(io_err(dir))?;
+        }
+        let mut journal = Self {
+            dir: dir.to_owned(),
+            active: match active {
+                Some(a) => a,
+                None => Self::create_active(dir, &cfg, state.epoch, next_seq)?,
+            },
+            cfg,
+            state,
+            next_seq,
+            sealed,
+            rotating_bytes: 0,
+        };
+        if journal.state.resync_required {
+            journal.drop_pending_into_dirty_map()?;
+        }
+        Ok((journal, recovery))
+    }
+
+    fn read_sealed_summary(path: &Path, cfg: &JournalConfig) -> Result<SealedSegment> {
+        let damaged = |source| JournalError::Damaged { path: path.to_owned(), source };
+        let bytes = fs::metadata(path).map_err(io_err(path))?.len();
+        let file = File::open(path).map_err(io_err(path))?;
+        let (header, _) = SegmentHeader::read_from(&mut BufReader::new(&file)).map_err(damaged)?;
+        Self::check_ids(path, cfg, &header)?;
+        // The seal is the last record: its seq and count say what the segment holds.
+        let seal_len = (RECORD_HEADER_LEN + 32 + RECORD_TRAILER_LEN) as u64;
+        let mut tail = vec![0u8; seal_len as usize];
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut tail, bytes.checked_sub(seal_len).ok_or(damaged(FormatError::NotSealed))?)
+            .map_err(io_err(path))?;
+        let h: [u8; RECORD_HEADER_LEN] = tail[..RECORD_HEADER_LEN].try_into().expect("40 bytes");
+        let payload = &tail[RECORD_HEADER_LEN..RECORD_HEADER_LEN + 32];
+        if h[4] != RecordKind::Seal as u8 || record_crc(&h, payload)[..] != tail[RECORD_HEADER_LEN + 32..] {
+            return Err(damaged(FormatError::NotSealed));
+        }
+        let field = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        Ok(SealedSegment {
+            path: path.to_owned(),
+            first_seq: header.first_seq,
+            last_seq: field(8),
+            records: field(16),
+            bytes,
+        })
+    }
+
+    fn check_ids(path: &Path, cfg: &JournalConfig, h: &SegmentHeader) -> Result<()> {
+        if h.vm_id != cfg.vm_id || h.disk_id != cfg.disk_id {
+            return Err(JournalError::ForeignSegment {
+                path: path.to_owned(),
+                expected: format!("{}/{}", cfg.vm_id, cfg.disk_id),
+                found: format!("{}/{}", h.vm_id, h.disk_id),
+            });
+        }
+        Ok(())
+    }
+
+    /// Scans an active segment, redoes its records onto the image, and cuts a
+    /// torn tail. `None` when even the header is unreadable.
+    fn recover_active(
+        path: &Path,
+        cfg: &JournalConfig,
+        image: &File,
+        recovery: &mut Recovery,
+    ) -> Result<Recovered> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let size = file.metadata().map_err(io_err(path))?.len();
+        let mut reader = match SegmentReader::new(BufReader::with_capacity(1 << 20, file)) {
+            Ok(r) => r,
+            Err(FormatError::Truncated { .. } | FormatError::HeaderChecksum | FormatError::BadMagic) => {
+                return Ok(Recovered::Unreadable);
+            }
+            Err(source) => return Err(JournalError::Damaged { path: path.to_owned(), source }),
+        };
+        Self::check_ids(path, cfg, &reader.header)?;
+        loop {
+            match reader.next_record() {
+                Ok(Some(record)) => {
+                    apply_record(image, cfg.disk_size, &record).map_err(io_err(path))?;
+                    recovery.redone += 1;
+                }
+                Ok(None) => break,
+                // A torn or garbled tail: everything before it is intact (each
+                // record has its own CRC), nothing after it was acknowledged.
+                Err(FormatError::Io(e)) => return Err(JournalError::Io { path: path.to_owned(), source: e }),
+                Err(_) => break,
+            }
+        }
+        if reader.is_sealed() {
+            // Sealed, then the crash came before the rename: finish the rename.
+            let info = reader.seal_info();
+            let first_seq = reader.header.first_seq;
+            let valid = reader.position;
+            drop(reader);
+            let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+            f.set_len(valid).and_then(|()| f.sync_all()).map_err(io_err(path))?;
+            let sealed_path = path.with_extension("seg");
+            fs::rename(path, &sealed_path).map_err(io_err(path))?;
+            sync_dir(sealed_path.parent().expect("segments live in a directory"))?;
+            return Ok(Recovered::Sealed(SealedSegment {
+                path: sealed_path,
+                first_seq,
+                last_seq: info.last_seq,
+                records: info.records,
+                bytes: valid,
+            }));
+        }
+        let valid = reader.position;
+        if valid < size {
+            recovery.torn_bytes += size - valid;
+            let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
+            f.set_len(valid).and_then(|()| f.sync_all()).map_err(io_err(path))?;
+        }
+        Ok(Recovered::Open(Box::new(reader), valid))
+    }
+
+    fn create_active(dir: &Path, cfg: &JournalConfig, epoch: u64, first_seq: u64) -> Result<Active> {
+        let path = dir.join(segment_name(first_seq, false));
+        let header = SegmentHeader {
+            epoch,
+            first_seq,
+            created_unix_ms: now_ms(),
+            vm_id: cfg.vm_id.clone(),
+            disk_id: cfg.disk_id.clone(),
+        }
+        .encode();
+        let mut file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err(&path))?;
+        file.write_all(&header).and_then(|()| file.sync_all()).map_err(io_err(&path))?;
+        sync_dir(dir)?;
+        Ok(Active { file, path, first_seq, len: header.len() as u64 })
+    }
+
+    /// Bytes a write record of `payload_len` bytes needs around its payload:
+    /// callers read the payload into `buf[RECORD_HEADER_LEN..]` of a buffer
+    /// this long so the record is written without a copy.
+    pub const fn record_len(payload_len: usize) -> usize {
+        RECORD_HEADER_LEN + payload_len + RECORD_TRAILER_LEN
+    }
+
+    /// Appends a write whose payload sits in `buf[RECORD_HEADER_LEN..len - 4]`.
+    pub fn append_write(&mut self, buf: &mut [u8], offset: u64) -> Result<Logged> {
+        let payload_len = buf.len() - RECORD_HEADER_LEN - RECORD_TRAILER_LEN;
+        if self.must_track_only(buf.len() as u64)? {
+            self.state.dirty.mark(offset, payload_len as u64);
+            return Ok(Logged::Dirty);
+        }
+        let h =
+            record_header(RecordKind::Write, self.next_seq, offset, payload_len as u64, payload_len as u32);
+        let crc = record_crc(&h, &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload_len]);
+        buf[..RECORD_HEADER_LEN].copy_from_slice(&h);
+        buf[RECORD_HEADER_LEN + payload_len..].copy_from_slice(&crc);
+        self.write_active(buf)
+    }
+
+    /// Appends a WRITE_ZEROES or TRIM.
+    pub fn append_zeroes(&mut self, kind: RecordKind, offset: u64, len: u64) -> Result<Logged> {
+        let record = encode_record(kind, self.next_seq, offset, len, &[]);
+        if self.must_track_only(record.len() as u64)? {
+            self.state.dirty.mark(offset, len);
+            return Ok(Logged::Dirty);
+        }
+        self.write_active(&record)
+    }
+
+    fn write_active(&mut self, record: &[u8]) -> Result<Logged> {
+        if let Err(e) = self.active.file.write_all(record) {
+            // Cut whatever part reached the file, so the next record follows a
+            // complete one; the caller fails the write and leaves the image alone.
+            let _ = self.active.file.set_len(self.active.len);
+            return Err(JournalError::Io { path: self.active.path.clone(), source: e });
+        }
+        self.active.len += record.len() as u64;
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Ok(Logged::Record(seq))
+    }
+
+    /// Whether the next change of `record_len` bytes goes to the dirty map only,
+    /// switching to that mode when the pending log would pass the threshold.
+    fn must_track_only(&mut self, record_len: u64) -> Result<bool> {
+        if !self.state.resync_required && self.pending_bytes() + record_len > self.cfg.resync_threshold {
+            self.state.resync_required = true;
+            self.drop_pending_into_dirty_map()?;
+        }
+        Ok(self.state.resync_required)
+    }
+
+    /// Marks every range the pending log touches as dirty, persists the map, and
+    /// deletes the log it no longer needs. The sequence continues after the gap,
+    /// so the replica sees that a resync must follow.
+    fn drop_pending_into_dirty_map(&mut self) -> Result<()> {
+        let mut paths: Vec<PathBuf> = self.sealed.iter().map(|s| s.path.clone()).collect();
+        paths.push(self.active.path.clone());
+        for path in &paths {
+            let file = File::open(path).map_err(io_err(path))?;
+            let mut reader = SegmentReader::new(BufReader::with_capacity(1 << 20, file))
+                .map_err(|source| JournalError::Damaged { path: path.clone(), source })?;
+            while let Some(r) =
+                reader.next_record().map_err(|source| JournalError::Damaged { path: path.clone(), source })?
+            {
+                self.state.dirty.mark(r.offset, r.length);
+            }
+        }
+        self.state.store(&self.dir).map_err(io_err(&self.dir))?;
+        let had_records = self.active.len > 0;
+        for path in &paths {
+            fs::remove_file(path).map_err(io_err(path))?;
+        }
+        self.sealed.clear();
+        if had_records {
+            self.active = Self::create_active(&self.dir, &self.cfg, self.state.epoch, self.next_seq)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new active segment and hands back the old one for
+    /// [`finish_seal`], or `None` when the active segment holds no record.
+    pub fn rotate(&mut self) -> Result<Option<Rotation>> {
+        if self.next_seq == self.active.first_seq || self.state.resync_required {
+            return Ok(None);
+        }
+        let next = Self::create_active(&self.dir, &self.cfg, self.state.epoch, self.next_seq)?;
+        let old = std::mem::replace(&mut self.active, next);
+        self.rotating_bytes += old.len;
+        Ok(Some(Rotation { path: old.path, len: old.len }))
+    }
+
+    /// Records a segment [`finish_seal`] sealed.
+    pub fn register_sealed(&mut self, segment: SealedSegment, rotated_len: u64) {
+        self.rotating_bytes -= rotated_len;
+        let at = self.sealed.partition_point(|s| s.first_seq < segment.first_seq);
+        self.sealed.insert(at, segment);
+    }
+
+    /// Makes every appended record durable; in resync mode, the dirty map.
+    pub fn sync(&mut self) -> Result<()> {
+        self.active.file.sync_data().map_err(io_err(&self.active.path))?;
+        if self.state.resync_required {
+            self.state.store(&self.dir).map_err(io_err(&self.dir))?;
+        }
+        Ok(())
+    }
+
+    /// Syncs and marks the shutdown clean (the dirty map is complete).
+    pub fn shutdown(&mut self) -> Result<()> {
+        self.active.file.sync_data().map_err(io_err(&self.active.path))?;
+        self.state.clean_shutdown = true;
+        self.state.store(&self.dir).map_err(io_err(&self.dir))
+    }
+
+    /// Deletes sealed segments whose records all have `seq <= through` (the
+    /// replica acknowledged them).
+    pub fn acknowledge(&mut self, through: u64) -> Result<()> {
+        while let Some(s) = self.sealed.first().filter(|s| s.last_seq <= through) {
+            fs::remove_file(&s.path).map_err(io_err(&s.path))?;
+            self.sealed.remove(0);
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Sealed segments, oldest first.
+    pub fn sealed(&self) -> &[SealedSegment] {
+        &self.sealed
+    }
+
+    /// Log bytes not yet acknowledged by the replica.
+    pub fn pending_bytes(&self) -> u64 {
+        self.sealed.iter().map(|s| s.bytes).sum::<u64>() + self.rotating_bytes + self.active.len
+    }
+
+    /// Sequence number the next record gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn resync_required(&self) -> bool {
+        self.state.resync_required
+    }
+
+    pub fn state(&self) -> &JournalState {
+        &self.state
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Seals a rotated segment: the caller made the image durable first; this reads
+/// the segment back (verifying every record), appends the seal, fsyncs and
+/// renames it. Runs without the disk's lock.
+pub fn finish_seal(rotation: Rotation) -> Result<SealedSegment> {
+    let file = File::open(&rotation.path).map_err(io_err(&rotation.path))?;
+    let damaged = |source| JournalError::Damaged { path: rotation.path.clone(), source };
+    let mut reader = SegmentReader::new(BufReader::with_capacity(1 << 20, file)).map_err(damaged)?;
+    while reader.next_record().map_err(damaged)?.is_some() {}
+    if reader.position != rotation.len {
+        return Err(damaged(FormatError::Truncated { at: reader.position }));
+    }
+    finish_seal_with(rotation, reader)
+}
+
+fn finish_seal_with<R: io::Read>(rotation: Rotation, reader: SegmentReader<R>) -> Result<SealedSegment> {
+    let info = reader.seal_info();
+    let seal = encode_seal(info.last_seq, info.records, info.data_bytes, &reader.digest());
+    let path = &rotation.path;
+    let mut file = OpenOptions::new().append(true).open(path).map_err(io_err(path))?;
+    file.write_all(&seal).and_then(|()| file.sync_all()).map_err(io_err(path))?;
+    let sealed_path = path.with_extension("seg");
+    fs::rename(path, &sealed_path).map_err(io_err(path))?;
+    sync_dir(sealed_path.parent().expect("segments live in a directory"))?;
+    Ok(SealedSegment {
+        path: sealed_path,
+        first_seq: reader.header.first_seq,
+        last_seq: info.last_seq,
+        records: info.records,
+        bytes: rotation.len + seal.len() as u64,
+    })
+}
+
+impl Rotation {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
