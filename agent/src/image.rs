@@ -35,3 +35,49 @@ fn write_zeroes(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// The ranges of `file` that hold data, by `SEEK_DATA`/`SEEK_HOLE` (a sparse
+/// file's holes are left out; a filesystem without the calls reports one range).
+pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::{SeekFrom, seek};
+    let mut extents = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let start = match seek(file, SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break, // no data after pos
+            Err(e) => return Err(e.into()),
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(file, SeekFrom::Hole(start))?.min(len);
+        extents.push((start, end - start));
+        pos = end;
+    }
+    Ok(extents)
+}
+
+/// Copies `src` into a new file at `dst` of the same length: a reflink where the
+/// filesystem can share blocks, else only the data ranges (holes stay holes).
+pub fn sparse_copy(src: &File, dst_path: &std::path::Path) -> io::Result<()> {
+    let len = src.metadata()?.len();
+    let dst = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(dst_path)?;
+    if rustix::fs::ioctl_ficlone(&dst, src).is_ok() {
+        return dst.sync_all();
+    }
+    dst.set_len(len)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (mut off, mut n) in data_extents(src, len)? {
+        while n > 0 {
+            let k = n.min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..k], off)?;
+            if buf[..k].iter().any(|&b| b != 0) {
+                dst.write_all_at(&buf[..k], off)?;
+            }
+            off += k as u64;
+            n -= k as u64;
+        }
+    }
+    dst.sync_all()
+}

@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub mod disk;
+pub mod failpoint;
 pub mod image;
 pub mod log;
 pub mod nbd;
+pub mod replica;

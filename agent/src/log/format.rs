@@ -10,7 +10,7 @@
 //!            | payload | crc32c u32           (crc over magic..payload)
 //!  seal    = a record of kind Seal: seq = last record's seq, offset = record
 //!            count, length = bytes written, payload = BLAKE3 of every byte of
-//!            the segment before the seal record
+//!            the segment before the seal record | sealed_unix_ms u64
 //! ```
 //! All integers little-endian. The CRC catches a torn or flipped record; the
 //! seal's digest catches anything else (a record dropped, reordered, or a
@@ -35,6 +35,10 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 pub const MAX_ID_LEN: usize = 255;
 const HEADER_FIXED_LEN: usize = 42;
 const DIGEST_LEN: usize = 32;
+/// Payload of a seal record: digest and seal time.
+pub const SEAL_PAYLOAD_LEN: usize = DIGEST_LEN + 8;
+/// Bytes of a whole seal record.
+pub const SEAL_RECORD_LEN: usize = RECORD_HEADER_LEN + SEAL_PAYLOAD_LEN + RECORD_TRAILER_LEN;
 
 /// What a segment or record failed on. Every variant means "do not apply".
 #[derive(Debug, thiserror::Error)]
@@ -212,8 +216,67 @@ pub fn encode_record(kind: RecordKind, seq: u64, offset: u64, length: u64, paylo
 }
 
 /// The seal record for a segment whose bytes so far hash to `digest`.
-pub fn encode_seal(last_seq: u64, record_count: u64, data_bytes: u64, digest: &[u8; DIGEST_LEN]) -> Vec<u8> {
-    encode_record(RecordKind::Seal, last_seq, record_count, data_bytes, digest)
+pub fn encode_seal(
+    last_seq: u64,
+    record_count: u64,
+    data_bytes: u64,
+    digest: &[u8; DIGEST_LEN],
+    sealed_unix_ms: u64,
+) -> Vec<u8> {
+    let mut payload = [0u8; SEAL_PAYLOAD_LEN];
+    payload[..DIGEST_LEN].copy_from_slice(digest);
+    payload[DIGEST_LEN..].copy_from_slice(&sealed_unix_ms.to_le_bytes());
+    encode_record(RecordKind::Seal, last_seq, record_count, data_bytes, &payload)
+}
+
+/// Writes a whole segment (undo files, folded undo, tests): header, records, seal.
+pub struct SegmentWriter<W: std::io::Write> {
+    out: W,
+    hasher: blake3::Hasher,
+    next_seq: u64,
+    records: u64,
+    data_bytes: u64,
+    len: u64,
+}
+
+impl<W: std::io::Write> SegmentWriter<W> {
+    pub fn new(mut out: W, header: &SegmentHeader) -> io::Result<Self> {
+        let h = header.encode();
+        out.write_all(&h)?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&h);
+        Ok(Self { out, hasher, next_seq: header.first_seq, records: 0, data_bytes: 0, len: h.len() as u64 })
+    }
+
+    pub fn write_record(
+        &mut self,
+        kind: RecordKind,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let r = encode_record(kind, self.next_seq, offset, length, payload);
+        self.out.write_all(&r)?;
+        self.hasher.update(&r);
+        self.next_seq += 1;
+        self.records += 1;
+        self.data_bytes += payload.len() as u64;
+        self.len += r.len() as u64;
+        Ok(())
+    }
+
+    /// Writes the seal and returns the writer and the segment's length.
+    pub fn finish(mut self, sealed_unix_ms: u64) -> io::Result<(W, u64)> {
+        let seal = encode_seal(
+            self.next_seq.wrapping_sub(1),
+            self.records,
+            self.data_bytes,
+            self.hasher.finalize().as_bytes(),
+            sealed_unix_ms,
+        );
+        self.out.write_all(&seal)?;
+        Ok((self.out, self.len + seal.len() as u64))
+    }
 }
 
 /// Reads a segment record by record, checking each as it goes and hashing
@@ -228,6 +291,7 @@ pub struct SegmentReader<R> {
     data_bytes: u64,
     hasher: blake3::Hasher,
     sealed: bool,
+    seal_time: Option<u64>,
 }
 
 /// What a seal said, once it verified.
@@ -236,6 +300,8 @@ pub struct SealInfo {
     pub last_seq: u64,
     pub records: u64,
     pub data_bytes: u64,
+    /// When the segment was sealed (ms since the Unix epoch); 0 before it is.
+    pub sealed_unix_ms: u64,
 }
 
 impl<R: Read> SegmentReader<R> {
@@ -252,6 +318,7 @@ impl<R: Read> SegmentReader<R> {
             data_bytes: 0,
             hasher,
             sealed: false,
+            seal_time: None,
         })
     }
 
@@ -292,7 +359,7 @@ impl<R: Read> SegmentReader<R> {
                 length
             }
             RecordKind::WriteZeroes | RecordKind::Trim => 0,
-            RecordKind::Seal => DIGEST_LEN as u64,
+            RecordKind::Seal => SEAL_PAYLOAD_LEN as u64,
         };
         if payload_len as u64 != expected_payload {
             return Err(FormatError::BadRecord { at, what: "payload length does not match the record kind" });
@@ -310,8 +377,9 @@ impl<R: Read> SegmentReader<R> {
             return Err(FormatError::RecordChecksum { at });
         }
         if kind == RecordKind::Seal {
-            let info = SealInfo { last_seq: seq, records: offset, data_bytes: length };
-            if self.hasher.finalize().as_bytes()[..] != payload[..] {
+            let sealed_unix_ms = u64_at(&payload, DIGEST_LEN);
+            let info = SealInfo { last_seq: seq, records: offset, data_bytes: length, sealed_unix_ms };
+            if self.hasher.finalize().as_bytes()[..] != payload[..DIGEST_LEN] {
                 return Err(FormatError::DigestMismatch);
             }
             if info.last_seq != self.next_seq.wrapping_sub(1) {
@@ -321,6 +389,7 @@ impl<R: Read> SegmentReader<R> {
                 return Err(FormatError::SealMismatch("record count or byte count"));
             }
             self.sealed = true;
+            self.seal_time = Some(sealed_unix_ms);
             self.position += (RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN) as u64;
             return Ok(None);
         }
@@ -347,12 +416,13 @@ impl<R: Read> SegmentReader<R> {
         *self.hasher.finalize().as_bytes()
     }
 
-    /// Counts for a seal written now.
+    /// Counts for a seal written now (or, after a seal was read, what it said).
     pub fn seal_info(&self) -> SealInfo {
         SealInfo {
             last_seq: self.next_seq.wrapping_sub(1),
             records: self.records,
             data_bytes: self.data_bytes,
+            sealed_unix_ms: self.seal_time.unwrap_or(0),
         }
     }
 
@@ -435,7 +505,13 @@ mod tests {
             data += payload.len() as u64;
         }
         let digest = *blake3::hash(&b).as_bytes();
-        b.extend(encode_seal(100 + writes.len() as u64 - 1, writes.len() as u64, data, &digest));
+        b.extend(encode_seal(
+            100 + writes.len() as u64 - 1,
+            writes.len() as u64,
+            data,
+            &digest,
+            1_700_000_001_000,
+        ));
         b
     }
 
@@ -447,7 +523,10 @@ mod tests {
         assert_eq!(records.len(), 2);
         assert_eq!(records[1].offset, 4096);
         assert_eq!(records[1].payload, vec![2; 100]);
-        assert_eq!(seal, SealInfo { last_seq: 101, records: 2, data_bytes: 612 });
+        assert_eq!(
+            seal,
+            SealInfo { last_seq: 101, records: 2, data_bytes: 612, sealed_unix_ms: 1_700_000_001_000 }
+        );
     }
 
     #[test]
@@ -493,9 +572,7 @@ mod tests {
                 |e| matches!(e, FormatError::RecordChecksum { .. }),
             ),
             ("truncated", seg[..seg.len() - 10].to_vec(), |e| matches!(e, FormatError::Truncated { .. })),
-            ("no seal", seg[..seg.len() - (RECORD_HEADER_LEN + 32 + 4)].to_vec(), |e| {
-                matches!(e, FormatError::NotSealed)
-            }),
+            ("no seal", seg[..seg.len() - SEAL_RECORD_LEN].to_vec(), |e| matches!(e, FormatError::NotSealed)),
             (
                 "trailing",
                 {

@@ -32,8 +32,8 @@ use super::{
     apply::apply_record,
     dirty::JournalState,
     format::{
-        FormatError, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SegmentHeader, SegmentReader,
-        encode_record, encode_seal, record_crc, record_header,
+        FormatError, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SEAL_RECORD_LEN, SegmentHeader,
+        SegmentReader, encode_record, encode_seal, record_crc, record_header,
     },
 };
 
@@ -248,14 +248,16 @@ impl Journal {
         let (header, _) = SegmentHeader::read_from(&mut BufReader::new(&file)).map_err(damaged)?;
         Self::check_ids(path, cfg, &header)?;
         // The seal is the last record: its seq and count say what the segment holds.
-        let seal_len = (RECORD_HEADER_LEN + 32 + RECORD_TRAILER_LEN) as u64;
-        let mut tail = vec![0u8; seal_len as usize];
+        let seal_len = SEAL_RECORD_LEN as u64;
+        let mut tail = vec![0u8; SEAL_RECORD_LEN];
         use std::os::unix::fs::FileExt;
         file.read_exact_at(&mut tail, bytes.checked_sub(seal_len).ok_or(damaged(FormatError::NotSealed))?)
             .map_err(io_err(path))?;
         let h: [u8; RECORD_HEADER_LEN] = tail[..RECORD_HEADER_LEN].try_into().expect("40 bytes");
-        let payload = &tail[RECORD_HEADER_LEN..RECORD_HEADER_LEN + 32];
-        if h[4] != RecordKind::Seal as u8 || record_crc(&h, payload)[..] != tail[RECORD_HEADER_LEN + 32..] {
+        let payload = &tail[RECORD_HEADER_LEN..SEAL_RECORD_LEN - RECORD_TRAILER_LEN];
+        if h[4] != RecordKind::Seal as u8
+            || record_crc(&h, payload)[..] != tail[SEAL_RECORD_LEN - RECORD_TRAILER_LEN..]
+        {
             return Err(damaged(FormatError::NotSealed));
         }
         let field = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
@@ -526,7 +528,7 @@ pub fn finish_seal(rotation: Rotation) -> Result<SealedSegment> {
 
 fn finish_seal_with<R: io::Read>(rotation: Rotation, reader: SegmentReader<R>) -> Result<SealedSegment> {
     let info = reader.seal_info();
-    let seal = encode_seal(info.last_seq, info.records, info.data_bytes, &reader.digest());
+    let seal = encode_seal(info.last_seq, info.records, info.data_bytes, &reader.digest(), now_ms());
     let path = &rotation.path;
     let mut file = OpenOptions::new().append(true).open(path).map_err(io_err(path))?;
     file.write_all(&seal).and_then(|()| file.sync_all()).map_err(io_err(path))?;

@@ -1,0 +1,721 @@
+//! One disk on the replica side: received segments, the replica image, undo
+//! files, and the recovery points they make.
+//!
+//! ```text
+//!  <storage>/<vm>/<disk>/
+//!    disk.img              the replica image, at the newest applied point
+//!    incoming/<seq>.part   a segment being received (discarded on restart)
+//!    log/<seq>.seg         received, durable and verified, not yet applied
+//!    undo/<seq>.undo       what segment <seq> overwrote: rolls a point back to the one before
+//!    replica.json          identity, trust group, epoch, sequence positions, points
+//! ```
+//!
+//! Applying a segment, and why each crash point is safe:
+//! 1. its undo file is written from the image's current contents, fsynced and
+//!    renamed into place (crash before the rename: the image is untouched; the
+//!    partial undo is deleted and rebuilt);
+//! 2. its records are applied and the image fsynced (crash here: the undo file
+//!    is complete, and applying again from the start is idempotent);
+//! 3. `replica.json` records the new point (crash before: step 2 repeats);
+//! 4. the segment file is deleted (crash before: it is recognised as applied).
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, BufReader, BufWriter, Write},
+    os::unix::fs::{FileExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::ranges::{RangeMap, Source};
+use crate::{
+    image::sparse_copy,
+    log::{
+        FormatError, RecordKind, SegmentHeader, SegmentReader,
+        apply::apply_record,
+        format::{MAX_PAYLOAD, RECORD_HEADER_LEN, SegmentWriter},
+    },
+};
+
+/// Why a replica operation failed. Each says what was refused; none leaves a
+/// partly written file behind.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("segment {first_seq} failed verification and was discarded: {source}")]
+    Verification { first_seq: u64, source: FormatError },
+    #[error("segment {first_seq} does not match what was announced: {what}")]
+    Mismatch { first_seq: u64, what: String },
+    #[error("segment starts at sequence {found}, but the replica expects {expected}")]
+    OutOfOrder { expected: u64, found: u64 },
+    #[error(
+        "segment is from epoch {found}, older than the replica's epoch {current}: a newer primary exists"
+    )]
+    StaleEpoch { current: u64, found: u64 },
+    #[error("the replica has no initial copy yet")]
+    NoInitialCopy,
+    #[error("chunk at byte {found} of {what}; expected byte {expected}")]
+    ChunkOutOfOrder { what: &'static str, expected: u64, found: u64 },
+    #[error("{what} of {len} bytes exceeds the limit of {limit}")]
+    TooLarge { what: &'static str, len: u64, limit: u64 },
+    #[error("recovery point {0} does not exist")]
+    NoSuchPoint(u64),
+    #[error("replica state file {path} is unreadable: {why}")]
+    BadState { path: PathBuf, why: String },
+}
+
+type Result<T, E = ReplicaError> = std::result::Result<T, E>;
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ReplicaError + '_ {
+    move |source| ReplicaError::Io { path: path.to_owned(), source }
+}
+
+fn fail(name: &str) -> Result<()> {
+    crate::failpoint::hit(name).map_err(|source| ReplicaError::Io { path: PathBuf::from(name), source })
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// How a recovery point came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PointKind {
+    Standard,
+    Hourly,
+    ApplicationConsistent,
+}
+
+/// One recovery point: the image as it was after applying sequence `seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Point {
+    pub seq: u64,
+    /// When the primary sealed the segment ending here (ms since the epoch).
+    pub time_ms: u64,
+    pub kind: PointKind,
+    /// Undo file (in `undo/`) that takes this point back to the previous one;
+    /// `None` for the oldest point.
+    pub undo: Option<String>,
+}
+
+/// What `replica.json` holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaState {
+    pub vm_id: String,
+    pub disk_id: String,
+    pub disk_size: u64,
+    pub epoch: u64,
+    /// Trust group of the authorisation that created this replica.
+    pub trust_group: String,
+    /// The primary server name that created it.
+    pub primary: String,
+    pub has_copy: bool,
+    /// Points ending before this sequence are not crash-consistent (the initial
+    /// copy was read while the VM kept writing).
+    pub consistent_from: u64,
+    pub received_through: u64,
+    pub applied_through: u64,
+    pub points: Vec<Point>,
+}
+
+/// Limits on what a sender may make the replica write.
+pub const MAX_SEGMENT_LEN: u64 = 64 << 30;
+
+/// A replica disk. Reception and application lock separately, so receiving
+/// continues while a point is materialised.
+pub struct ReplicaDisk {
+    dir: PathBuf,
+    state: Mutex<ReplicaState>,
+    apply_lock: Mutex<()>,
+}
+
+fn open_nofollow(path: &Path, write: bool, create_new: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .create_new(create_new)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_at(dir))
+}
+
+fn seq_files(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_at(dir))? {
+        let path = e.map_err(io_at(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if let Some(seq) = name.strip_suffix(ext).and_then(|n| n.parse::<u64>().ok()) {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl ReplicaDisk {
+    /// Opens the replica in `dir` (which the store made, confined), creating it
+    /// with `init` when there is none, and recovers from any crash.
+    pub fn open(dir: &Path, init: impl FnOnce() -> ReplicaState) -> Result<Self> {
+        for sub in ["incoming", "log", "undo"] {
+            let d = dir.join(sub);
+            fs::create_dir_all(&d).map_err(io_at(&d))?;
+        }
+        let state_path = dir.join("replica.json");
+        let state = match fs::read(&state_path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| ReplicaError::BadState { path: state_path.clone(), why: e.to_string() })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let s = init();
+                store_state(dir, &s)?;
+                s
+            }
+            Err(e) => return Err(ReplicaError::Io { path: state_path, source: e }),
+        };
+        let disk = Self { dir: dir.to_owned(), state: Mutex::new(state), apply_lock: Mutex::new(()) };
+        disk.recover()?;
+        Ok(disk)
+    }
+
+    fn recover(&self) -> Result<()> {
+        // Partial receptions and partial undo files never counted for anything.
+        for (_, p) in seq_files(&self.dir.join("incoming"), ".part")?
+            .into_iter()
+            .chain(seq_files(&self.dir.join("undo"), ".undo.part")?)
+        {
+            fs::remove_file(&p).map_err(io_at(&p))?;
+        }
+        let applied = self.state().applied_through;
+        for (first, p) in seq_files(&self.dir.join("log"), ".seg")? {
+            if first <= applied {
+                fs::remove_file(&p).map_err(io_at(&p))?; // applied; step 4 was cut short
+            }
+        }
+        // Undo files no point refers to, of segments already applied: left by a
+        // prune or a first point whose delete was cut short. (Those of segments
+        // not yet applied are complete and reused by the next apply.)
+        let referenced: Vec<String> = self.state().points.iter().filter_map(|p| p.undo.clone()).collect();
+        for (first, p) in undo_files(&self.dir.join("undo"))? {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if first <= applied && !referenced.iter().any(|r| r == name) {
+                fs::remove_file(&p).map_err(io_at(&p))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, ReplicaState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn image_path(&self) -> PathBuf {
+        self.dir.join("disk.img")
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ReplicaState)) -> Result<()> {
+        let mut s = self.state();
+        let mut next = s.clone();
+        f(&mut next);
+        store_state(&self.dir, &next)?;
+        *s = next;
+        Ok(())
+    }
+
+    /// Starts receiving the initial copy: a fresh sparse image of the disk's size.
+    pub fn begin_copy(&self, disk_size: u64, epoch: u64) -> Result<IncomingCopy> {
+        let s = self.state();
+        if epoch < s.epoch {
+            return Err(ReplicaError::StaleEpoch { current: s.epoch, found: epoch });
+        }
+        if disk_size != s.disk_size {
+            return Err(ReplicaError::Mismatch {
+                first_seq: 0,
+                what: format!("disk size {disk_size}, replica has {}", s.disk_size),
+            });
+        }
+        drop(s);
+        let path = self.dir.join("incoming").join("disk.img.part");
+        let _ = fs::remove_file(&path);
+        let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
+        file.set_len(disk_size).map_err(io_at(&path))?;
+        Ok(IncomingCopy { path, file, size: disk_size, received: 0 })
+    }
+
+    /// Makes a received initial copy the replica image. Replication resumes at
+    /// `next_seq`; points become consistent from `consistent_from`.
+    pub fn finish_copy(
+        &self,
+        copy: IncomingCopy,
+        next_seq: u64,
+        consistent_from: u64,
+        epoch: u64,
+    ) -> Result<()> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        copy.file.sync_all().map_err(io_at(&copy.path))?;
+        let image = self.image_path();
+        fs::rename(&copy.path, &image).map_err(io_at(&copy.path))?;
+        sync_dir(&self.dir)?;
+        for (_, p) in
+            seq_files(&self.dir.join("log"), ".seg")?.into_iter().chain(undo_files(&self.dir.join("undo"))?)
+        {
+            fs::remove_file(&p).map_err(io_at(&p))?;
+        }
+        self.update(|s| {
+            s.has_copy = true;
+            s.epoch = s.epoch.max(epoch);
+            s.received_through = next_seq - 1;
+            s.applied_through = next_seq - 1;
+            s.consistent_from = consistent_from;
+            s.points.clear();
+        })
+    }
+
+    /// The sequence the replica expects next, or `None` before an initial copy.
+    pub fn next_seq(&self) -> Option<u64> {
+        let s = self.state();
+        s.has_copy.then_some(s.received_through + 1)
+    }
+
+    /// Starts receiving a segment announced as `[first_seq, last_seq]`, `len` bytes.
+    pub fn begin_segment(&self, first_seq: u64, last_seq: u64, epoch: u64, len: u64) -> Result<Incoming> {
+        let s = self.state();
+        if !s.has_copy {
+            return Err(ReplicaError::NoInitialCopy);
+        }
+        if epoch < s.epoch {
+            return Err(ReplicaError::StaleEpoch { current: s.epoch, found: epoch });
+        }
+        if len > MAX_SEGMENT_LEN {
+            return Err(ReplicaError::TooLarge { what: "segment", len, limit: MAX_SEGMENT_LEN });
+        }
+        if last_seq <= s.received_through {
+            return Ok(Incoming::Duplicate { durable_through: s.received_through });
+        }
+        if first_seq != s.received_through + 1 {
+            return Err(ReplicaError::OutOfOrder { expected: s.received_through + 1, found: first_seq });
+        }
+        drop(s);
+        let path = self.dir.join("incoming").join(format!("{first_seq:020}.part"));
+        let _ = fs::remove_file(&path);
+        let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
+        Ok(Incoming::New(IncomingSegment {
+            path,
+            file: BufWriter::with_capacity(1 << 20, file),
+            first_seq,
+            last_seq,
+            epoch,
+            len,
+            received: 0,
+        }))
+    }
+
+    /// Verifies a fully received segment, makes it durable and queues it for
+    /// apply; returns the sequence the replica is durable through.
+    pub fn finish_segment(&self, seg: IncomingSegment) -> Result<u64> {
+        let IncomingSegment { path, file, first_seq, last_seq, epoch, len, received } = seg;
+        let discard = |e: ReplicaError| {
+            let _ = fs::remove_file(&path);
+            e
+        };
+        if received != len {
+            return Err(discard(ReplicaError::Mismatch {
+                first_seq,
+                what: format!("{received} bytes received, {len} announced"),
+            }));
+        }
+        let file = file
+            .into_inner()
+            .map_err(|e| discard(ReplicaError::Io { path: path.clone(), source: e.into_error() }))?;
+        file.sync_all().map_err(|e| discard(ReplicaError::Io { path: path.clone(), source: e }))?;
+        let (header, seal) =
+            verify_file(&path).map_err(|e| discard(ReplicaError::Verification { first_seq, source: e }))?;
+        let s = self.state().clone();
+        let what =
+            if (header.vm_id.as_str(), header.disk_id.as_str()) != (s.vm_id.as_str(), s.disk_id.as_str()) {
+                Some(format!("segment is for {}/{}", header.vm_id, header.disk_id))
+            } else if header.first_seq != first_seq || seal.last_seq != last_seq {
+                Some(format!("holds {}..={}", header.first_seq, seal.last_seq))
+            } else if header.epoch != epoch {
+                Some(format!("epoch {} inside, {epoch} announced", header.epoch))
+            } else {
+                None
+            };
+        if let Some(what) = what {
+            return Err(discard(ReplicaError::Mismatch { first_seq, what }));
+        }
+        let dest = self.dir.join("log").join(format!("{first_seq:020}.seg"));
+        fs::rename(&path, &dest).map_err(io_at(&path))?;
+        sync_dir(dest.parent().expect("log dir"))?;
+        self.update(|s| {
+            s.received_through = last_seq;
+            s.epoch = s.epoch.max(epoch);
+        })?;
+        Ok(last_seq)
+    }
+
+    /// Applies every received segment not yet applied; returns how many.
+    pub fn apply_pending(&self) -> Result<usize> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for (first, seg) in seq_files(&self.dir.join("log"), ".seg")? {
+            if first <= self.state().applied_through {
+                continue;
+            }
+            self.apply_one(first, &seg)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn apply_one(&self, first: u64, seg: &Path) -> Result<()> {
+        let image_path = self.image_path();
+        let image = open_nofollow(&image_path, true, false).map_err(io_at(&image_path))?;
+        let size = self.state().disk_size;
+        let verification = |source| ReplicaError::Verification { first_seq: first, source };
+        // Pass 1: the union of ranges the segment touches (and a full verification).
+        let mut touched = RangeMap::default();
+        let mut reader = open_reader(seg).map_err(verification)?;
+        let header = reader.header.clone();
+        while let Some(r) = reader.next_record().map_err(verification)? {
+            // The image is input 0; its byte at disk offset X is at file offset X.
+            touched.insert(r.offset, r.offset + r.length, Source::File { file: 0, offset: r.offset });
+        }
+        let seal = reader.finish_sealed().map_err(verification)?;
+        // Step 1: the undo file.
+        let undo_name = format!("{first:020}.undo");
+        let undo_path = self.dir.join("undo").join(&undo_name);
+        if verify_file(&undo_path).is_err() {
+            let part = self.dir.join("undo").join(format!("{undo_name}.part"));
+            let _ = fs::remove_file(&part);
+            let f = open_nofollow(&part, true, true).map_err(io_at(&part))?;
+            let mut w =
+                SegmentWriter::new(BufWriter::new(f), &SegmentHeader { first_seq: first, ..header.clone() })
+                    .map_err(io_at(&part))?;
+            write_ranges(&mut w, &touched, &[&image], &image_path, size)?;
+            let (out, _) = w.finish(now_ms()).map_err(io_at(&part))?;
+            let f = out
+                .into_inner()
+                .map_err(|e| ReplicaError::Io { path: part.clone(), source: e.into_error() })?;
+            f.sync_all().map_err(io_at(&part))?;
+            fs::rename(&part, &undo_path).map_err(io_at(&part))?;
+            sync_dir(&self.dir.join("undo"))?;
+        }
+        fail("apply.after-undo")?;
+        // Step 2: apply.
+        let mut reader = open_reader(seg).map_err(verification)?;
+        let mut applied = 0;
+        while let Some(r) = reader.next_record().map_err(verification)? {
+            apply_record(&image, size, &r).map_err(io_at(&image_path))?;
+            applied += 1;
+            if applied == seal.records.div_ceil(2) {
+                fail("apply.mid-records")?;
+            }
+        }
+        image.sync_all().map_err(io_at(&image_path))?;
+        fail("apply.before-point")?;
+        // Step 3: the point.
+        self.update(|s| {
+            s.applied_through = seal.last_seq;
+            if seal.last_seq + 1 >= s.consistent_from {
+                let undo = if s.points.is_empty() { None } else { Some(undo_name.clone()) };
+                s.points.push(Point {
+                    seq: seal.last_seq,
+                    time_ms: seal.sealed_unix_ms,
+                    kind: PointKind::Standard,
+                    undo,
+                });
+            }
+        })?;
+        // Kept only when the new point refers to it: the oldest point needs no
+        // undo, and segments before the first consistent point make no point.
+        if self.state().points.last().is_none_or(|p| p.undo.as_deref() != Some(undo_name.as_str())) {
+            fs::remove_file(&undo_path).map_err(io_at(&undo_path))?;
+        }
+        fail("apply.before-delete")?;
+        // Step 4.
+        fs::remove_file(seg).map_err(io_at(seg))?;
+        Ok(())
+    }
+
+    /// Recovery points, oldest first.
+    pub fn points(&self) -> Vec<Point> {
+        self.state().points.clone()
+    }
+
+    /// Writes the image as it was at point `seq` to a new sparse file at `dest`
+    /// (a reflink where the filesystem allows). Application waits meanwhile;
+    /// reception does not.
+    pub fn materialize(&self, seq: u64, dest: &Path) -> Result<()> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let points = self.points();
+        let at = points.iter().position(|p| p.seq == seq).ok_or(ReplicaError::NoSuchPoint(seq))?;
+        let image_path = self.image_path();
+        let image = open_nofollow(&image_path, false, false).map_err(io_at(&image_path))?;
+        sparse_copy(&image, dest).map_err(io_at(dest))?;
+        let out = OpenOptions::new().read(true).write(true).open(dest).map_err(io_at(dest))?;
+        let size = self.state().disk_size;
+        // Newest first: each undo takes a point back to the one before it.
+        for p in points[at + 1..].iter().rev() {
+            let undo =
+                self.dir.join("undo").join(p.undo.as_deref().expect("only the oldest point lacks an undo"));
+            let verification = |source| ReplicaError::Verification { first_seq: p.seq, source };
+            let mut reader = open_reader(&undo).map_err(verification)?;
+            while let Some(r) = reader.next_record().map_err(verification)? {
+                apply_record(&out, size, &r).map_err(io_at(dest))?;
+            }
+            reader.finish_sealed().map_err(verification)?;
+        }
+        out.sync_all().map_err(io_at(dest))
+    }
+
+    /// Drops the points `keep` rejects (never the newest), folding their undo
+    /// files into their successors' so the remaining points stay reachable and
+    /// storage is the union of what changed between the remaining points.
+    pub fn prune(&self, keep: impl Fn(&Point) -> bool) -> Result<usize> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut points = self.points();
+        let mut removed = 0;
+        let mut i = 0;
+        while i + 1 < points.len() {
+            if keep(&points[i]) {
+                i += 1;
+                continue;
+            }
+            // Removing point i: point i+1's undo must now reach point i-1, i.e.
+            // undo(i+1) then undo(i). The oldest point has no predecessor: its
+            // successor's undo simply goes.
+            let next_undo = points[i + 1].undo.clone().expect("not the oldest");
+            let new_undo = match points[i].undo.clone() {
+                None => None,
+                Some(this_undo) => Some(self.fold(&next_undo, &this_undo)?),
+            };
+            let old = [points[i].undo.clone(), Some(next_undo)];
+            points[i + 1].undo = new_undo;
+            points.remove(i);
+            self.update(|s| s.points = points.clone())?;
+            for name in old.into_iter().flatten() {
+                if points.iter().all(|p| p.undo.as_deref() != Some(name.as_str())) {
+                    let p = self.dir.join("undo").join(&name);
+                    fs::remove_file(&p).map_err(io_at(&p))?;
+                }
+            }
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// One undo file equal to applying `first` then `second`; returns its name.
+    fn fold(&self, first: &str, second: &str) -> Result<String> {
+        let undo_dir = self.dir.join("undo");
+        let paths = [undo_dir.join(first), undo_dir.join(second)];
+        let mut map = RangeMap::default();
+        let mut header = None;
+        for (i, path) in paths.iter().enumerate() {
+            let verification = |source| ReplicaError::Verification { first_seq: 0, source };
+            let mut reader = open_reader(path).map_err(verification)?;
+            header.get_or_insert_with(|| reader.header.clone());
+            loop {
+                let at = reader.position;
+                let Some(r) = reader.next_record().map_err(verification)? else { break };
+                let src = match r.kind {
+                    RecordKind::Write => Source::File { file: i, offset: at + RECORD_HEADER_LEN as u64 },
+                    _ => Source::Zero,
+                };
+                map.insert(r.offset, r.offset + r.length, src);
+            }
+            reader.finish_sealed().map_err(verification)?;
+        }
+        let files: Vec<File> =
+            paths.iter().map(|p| File::open(p).map_err(io_at(p))).collect::<Result<_>>()?;
+        // Named after the newer file, with a fold counter so names never repeat.
+        let name = format!("{}.f{}.undo", first.trim_end_matches(".undo"), now_ms());
+        let part = undo_dir.join(format!("{name}.part"));
+        let f = open_nofollow(&part, true, true).map_err(io_at(&part))?;
+        let mut w =
+            SegmentWriter::new(BufWriter::new(f), &header.expect("two files read")).map_err(io_at(&part))?;
+        let size = self.state().disk_size;
+        let inputs: Vec<&File> = files.iter().collect();
+        write_ranges(&mut w, &map, &inputs, &part, size)?;
+        let (out, _) = w.finish(now_ms()).map_err(io_at(&part))?;
+        let f =
+            out.into_inner().map_err(|e| ReplicaError::Io { path: part.clone(), source: e.into_error() })?;
+        f.sync_all().map_err(io_at(&part))?;
+        let dest = undo_dir.join(&name);
+        fs::rename(&part, &dest).map_err(io_at(&part))?;
+        sync_dir(&undo_dir)?;
+        Ok(name)
+    }
+
+    /// Bytes held by undo files (the storage recovery points cost).
+    pub fn undo_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for (_, path) in undo_files(&self.dir.join("undo"))? {
+            total += fs::metadata(&path).map_err(io_at(&path))?.len();
+        }
+        Ok(total)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn image(&self) -> PathBuf {
+        self.image_path()
+    }
+}
+
+/// Writes `map`'s ranges as records, reading bytes from `inputs` (the image
+/// when building an undo, undo files when folding); all-zero chunks become
+/// WriteZeroes records, which carry no payload.
+fn write_ranges<W: Write>(
+    w: &mut SegmentWriter<W>,
+    map: &RangeMap,
+    inputs: &[&File],
+    path: &Path,
+    size: u64,
+) -> Result<()> {
+    let mut buf = vec![0u8; MAX_PAYLOAD as usize / 8];
+    for (start, end, src) in map.iter() {
+        let end = end.min(size);
+        let mut off = start;
+        while off < end {
+            let n = (end - off).min(buf.len() as u64);
+            let chunk = &mut buf[..n as usize];
+            match src {
+                Source::Zero => chunk.fill(0),
+                Source::File { file, offset } => {
+                    inputs[file].read_exact_at(chunk, offset + (off - start)).map_err(io_at(path))?;
+                }
+            }
+            if chunk.iter().all(|&b| b == 0) {
+                w.write_record(RecordKind::WriteZeroes, off, n, &[]).map_err(io_at(path))?;
+            } else {
+                w.write_record(RecordKind::Write, off, n, chunk).map_err(io_at(path))?;
+            }
+            off += n;
+        }
+    }
+    Ok(())
+}
+
+/// Complete undo files (`<seq>.undo`, or `<seq>.f<n>.undo` for folds) with the
+/// sequence their name starts with.
+fn undo_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).map_err(io_at(dir))? {
+        let path = e.map_err(io_at(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if let Some(seq) = name.strip_suffix(".undo").and_then(|n| n.split('.').next()?.parse::<u64>().ok()) {
+            out.push((seq, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn open_reader(path: &Path) -> Result<SegmentReader<BufReader<File>>, FormatError> {
+    let f = open_nofollow(path, false, false)?;
+    SegmentReader::new(BufReader::with_capacity(1 << 20, f))
+}
+
+fn verify_file(path: &Path) -> Result<(SegmentHeader, crate::log::format::SealInfo), FormatError> {
+    let mut r = open_reader(path)?;
+    while r.next_record()?.is_some() {}
+    let h = r.header.clone();
+    Ok((h, r.finish_sealed()?))
+}
+
+fn store_state(dir: &Path, s: &ReplicaState) -> Result<()> {
+    let tmp = dir.join("replica.json.tmp");
+    let body = serde_json::to_vec_pretty(s).expect("state serialises");
+    fs::write(&tmp, body).and_then(|()| File::open(&tmp)?.sync_all()).map_err(io_at(&tmp))?;
+    fs::rename(&tmp, dir.join("replica.json")).map_err(io_at(&tmp))?;
+    sync_dir(dir)
+}
+
+/// A segment being received, or one the replica already has.
+pub enum Incoming {
+    New(IncomingSegment),
+    Duplicate { durable_through: u64 },
+}
+
+/// The file a segment is received into.
+pub struct IncomingSegment {
+    path: PathBuf,
+    file: BufWriter<File>,
+    first_seq: u64,
+    last_seq: u64,
+    epoch: u64,
+    len: u64,
+    received: u64,
+}
+
+impl IncomingSegment {
+    /// Appends the chunk that starts at byte `offset` of the segment.
+    pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if offset != self.received {
+            return Err(ReplicaError::ChunkOutOfOrder {
+                what: "segment",
+                expected: self.received,
+                found: offset,
+            });
+        }
+        if self.received + data.len() as u64 > self.len {
+            return Err(ReplicaError::TooLarge {
+                what: "segment data",
+                len: self.received + data.len() as u64,
+                limit: self.len,
+            });
+        }
+        self.file.write_all(data).map_err(io_at(&self.path))?;
+        self.received += data.len() as u64;
+        Ok(())
+    }
+
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// The sparse image an initial copy is received into.
+pub struct IncomingCopy {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    received: u64,
+}
+
+impl IncomingCopy {
+    /// Writes a data range of the copy. Ranges arrive in increasing order.
+    pub fn write_range(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if offset < self.received {
+            return Err(ReplicaError::ChunkOutOfOrder {
+                what: "initial copy",
+                expected: self.received,
+                found: offset,
+            });
+        }
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= self.size);
+        let Some(end) = end else {
+            return Err(ReplicaError::TooLarge {
+                what: "copy range end",
+                len: offset.saturating_add(data.len() as u64),
+                limit: self.size,
+            });
+        };
+        self.file.write_all_at(data, offset).map_err(io_at(&self.path))?;
+        self.received = end;
+        Ok(())
+    }
+
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}

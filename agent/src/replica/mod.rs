@@ -1,0 +1,8 @@
+//! The replica side: where received segments land, are applied with undo, and
+//! become recovery points.
+
+pub mod disk;
+pub mod names;
+pub mod ranges;
+
+pub use disk::{Incoming, Point, PointKind, ReplicaDisk, ReplicaError, ReplicaState};
