@@ -6,6 +6,12 @@
 use std::{collections::HashSet, io, sync::Mutex};
 
 static ARMED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+static ONCE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Arms `name` to fire at its next hit only.
+pub fn arm_once(name: &str) {
+    ONCE.lock().unwrap_or_else(|p| p.into_inner()).push(name.to_owned());
+}
 
 /// Arms `name` in this process.
 pub fn arm(name: &str) {
@@ -15,6 +21,7 @@ pub fn arm(name: &str) {
 /// Disarms every fail point of this process.
 pub fn disarm_all() {
     *ARMED.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    ONCE.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
 /// Called at a fail point: errors if armed in-process, aborts if named in the environment.
@@ -23,6 +30,12 @@ pub fn hit(name: &str) -> io::Result<()> {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }
+    let mut once = ONCE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = once.iter().position(|n| n == name) {
+        once.remove(i);
+        return Err(io::Error::other(format!("failpoint {name}")));
+    }
+    drop(once);
     if ARMED.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|s| s.contains(name)) {
         return Err(io::Error::other(format!("failpoint {name}")));
     }

@@ -14,3 +14,4 @@ pub mod image;
 pub mod log;
 pub mod nbd;
 pub mod replica;
+pub mod replication;

@@ -16,6 +16,13 @@ use vmreplica_agent::{
 
 const MIB: u64 = 1 << 20;
 
+/// Fail points are process-wide: tests of this file run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A primary with `rounds` sealed segments and a snapshot of its image after each.
 struct Primary {
     served: Served,
@@ -92,6 +99,7 @@ fn send(replica: &ReplicaDisk, seg: &SealedSegment, tamper: bool) -> Result<u64,
 
 #[test]
 fn every_point_materialises_to_the_primarys_bytes_at_that_point() {
+    let _serial = serial();
     let p = primary(5, 11);
     let dir = tempfile::tempdir().unwrap();
     let replica = new_replica(dir.path(), &p.served.base);
@@ -124,6 +132,7 @@ fn every_point_materialises_to_the_primarys_bytes_at_that_point() {
 
 #[test]
 fn resends_gaps_stale_epochs_and_tampering_are_each_handled() {
+    let _serial = serial();
     let p = primary(3, 5);
     let dir = tempfile::tempdir().unwrap();
     let replica = new_replica(dir.path(), &p.served.base);
@@ -172,6 +181,7 @@ fn resends_gaps_stale_epochs_and_tampering_are_each_handled() {
 
 #[test]
 fn pruning_folds_undo_so_remaining_points_stay_exact_and_storage_is_the_union() {
+    let _serial = serial();
     let p = primary(6, 23);
     let dir = tempfile::tempdir().unwrap();
     let replica = new_replica(dir.path(), &p.served.base);
@@ -207,6 +217,7 @@ fn pruning_folds_undo_so_remaining_points_stay_exact_and_storage_is_the_union() 
 
 #[test]
 fn a_crash_at_any_apply_step_is_recovered_exactly() {
+    let _serial = serial();
     let p = primary(3, 77);
     for fp in ["apply.after-undo", "apply.mid-records", "apply.before-point", "apply.before-delete"] {
         let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,8 @@
 //! socket, and the real NBD clients from qemu-utils.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::{
     fs,
     os::unix::net::UnixListener,

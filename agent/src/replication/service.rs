@@ -1,0 +1,386 @@
+//! The replica's gRPC service (`vmreplica.replication.v1.Replication`).
+//!
+//! Every call: the client certificate's DNS names are authorised against the
+//! site's rules (nothing is created or written before that), names from the
+//! wire are checked before they become paths, and chunk and decompressed sizes
+//! are bounded. A segment is acknowledged only once durable and verified;
+//! applying it happens after, in the background.
+
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+};
+
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{
+    authz::{Denied, SiteConfig},
+    proto::{
+        CopyAck, CopyChunk, OpenReply, OpenRequest, SegmentAck, SegmentChunk, replication_server::Replication,
+    },
+    tls::dns_names,
+};
+use crate::replica::{Incoming, ReplicaDisk, ReplicaError, ReplicaState, names};
+
+/// Largest chunk, raw or compressed, a sender may send.
+pub const MAX_CHUNK: usize = 4 << 20;
+/// Largest gRPC message accepted (a chunk plus its envelope).
+pub const MAX_FRAME: usize = MAX_CHUNK + (64 << 10);
+
+/// The replica side of one agent.
+pub struct ReplicaService {
+    site: RwLock<SiteConfig>,
+    /// Open replicas by directory.
+    disks: Mutex<HashMap<PathBuf, Arc<ReplicaDisk>>>,
+    /// Hyper-V's MaximumActiveTransfers: streams beyond it wait.
+    transfers: Semaphore,
+}
+
+fn denied(d: Denied) -> Status {
+    Status::permission_denied(d.to_string())
+}
+
+/// The gRPC status for a replica error: what the sender should do differs per kind.
+pub fn status(e: ReplicaError) -> Status {
+    let msg = e.to_string();
+    match e {
+        ReplicaError::Verification { .. } => Status::data_loss(msg),
+        ReplicaError::OutOfOrder { .. } | ReplicaError::ChunkOutOfOrder { .. } => Status::out_of_range(msg),
+        ReplicaError::StaleEpoch { .. } | ReplicaError::NoInitialCopy => Status::failed_precondition(msg),
+        ReplicaError::Mismatch { .. } => Status::invalid_argument(msg),
+        ReplicaError::TooLarge { .. } => Status::resource_exhausted(msg),
+        ReplicaError::NoSuchPoint(_) => Status::not_found(msg),
+        ReplicaError::Io { .. } | ReplicaError::BadState { .. } => Status::internal(msg),
+    }
+}
+
+fn peer_names<T>(req: &Request<T>) -> Vec<String> {
+    req.peer_certs().and_then(|c| c.first().map(|c| dns_names(c.as_ref()))).unwrap_or_default()
+}
+
+/// `<root>/<vm>/<disk>`, refusing names that are not plain labels and any
+/// component that is a symlink (it could lead out of the storage location).
+pub fn replica_dir(root: &Path, vm: &str, disk: &str, create: bool) -> Result<PathBuf, Status> {
+    names::check("VM id", vm).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    names::check("disk id", disk).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if !root.is_absolute() {
+        return Err(Status::failed_precondition(format!(
+            "storage location {} is not absolute",
+            root.display()
+        )));
+    }
+    let mut dir = root.to_path_buf();
+    for part in [vm, disk] {
+        dir.push(part);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_dir() => {}
+            Ok(_) => {
+                return Err(Status::permission_denied(format!(
+                    "{} is not a plain directory (a symlink could escape the storage location {})",
+                    dir.display(),
+                    root.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => {
+                fs::create_dir_all(&dir).map_err(|e| Status::internal(format!("{}: {e}", dir.display())))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Status::not_found("no replica"));
+            }
+            Err(e) => return Err(Status::internal(format!("{}: {e}", dir.display()))),
+        }
+    }
+    Ok(dir)
+}
+
+impl ReplicaService {
+    pub fn new(site: SiteConfig, max_transfers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            site: RwLock::new(site),
+            disks: Mutex::default(),
+            transfers: Semaphore::new(max_transfers.max(1)),
+        })
+    }
+
+    /// Replaces the site's rules (the controller pushes these).
+    pub fn set_site(&self, site: SiteConfig) {
+        *self.site.write().unwrap_or_else(|p| p.into_inner()) = site;
+    }
+
+    fn site(&self) -> SiteConfig {
+        self.site.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The replica of `vm`/`disk` if one is open (tests, control API).
+    pub fn replica(&self, vm: &str, disk: &str) -> Option<Arc<ReplicaDisk>> {
+        let disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
+        disks.values().find(|d| d.state().vm_id == vm && d.state().disk_id == disk).cloned()
+    }
+
+    /// The existing replica this authorised primary may write to, if any.
+    fn existing(&self, names: &[String], vm: &str, disk: &str) -> Result<Option<Arc<ReplicaDisk>>, Status> {
+        let site = self.site();
+        // Where it could be: every storage location a rule matching these names
+        // points at (whatever its trust group), and the default one.
+        let mut roots: Vec<PathBuf> = site
+            .entries
+            .iter()
+            .filter(|e| names.iter().any(|n| super::authz::matches(&e.allowed_primary_server, n)))
+            .map(|e| e.storage.clone())
+            .collect();
+        roots.extend(site.default_storage.clone().filter(|_| site.allow_any_server));
+        for root in roots {
+            let dir = match replica_dir(&root, vm, disk, false) {
+                Ok(d) => d,
+                Err(s) if s.code() == tonic::Code::NotFound => continue,
+                Err(s) => return Err(s),
+            };
+            if !dir.join("replica.json").exists() {
+                continue;
+            }
+            let replica = self.open_dir(&dir, || unreachable!("replica.json exists"))?;
+            site.authorize_for(names, &replica.state().trust_group).map_err(denied)?;
+            return Ok(Some(replica));
+        }
+        Ok(None)
+    }
+
+    fn open_dir(&self, dir: &Path, init: impl FnOnce() -> ReplicaState) -> Result<Arc<ReplicaDisk>, Status> {
+        let mut disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = disks.get(dir) {
+            return Ok(d.clone());
+        }
+        let d = Arc::new(ReplicaDisk::open(dir, init).map_err(status)?);
+        disks.insert(dir.to_owned(), d.clone());
+        Ok(d)
+    }
+
+    fn require(&self, names: &[String], vm: &str, disk: &str) -> Result<Arc<ReplicaDisk>, Status> {
+        if names.is_empty() {
+            return Err(denied(Denied::NoDnsName));
+        }
+        // Refuse strangers before saying whether anything exists.
+        let site = self.site();
+        site.authorize(names).map_err(denied)?;
+        self.existing(names, vm, disk)?.ok_or_else(|| {
+            Status::failed_precondition(format!("no replica of {vm}/{disk} here: call Open first"))
+        })
+    }
+}
+
+fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Result<Vec<u8>, Status> {
+    let raw_len = raw_len as usize;
+    if raw_len > MAX_CHUNK || data.len() > MAX_CHUNK {
+        return Err(Status::resource_exhausted(format!(
+            "chunk of {raw_len} bytes exceeds the {MAX_CHUNK}-byte limit"
+        )));
+    }
+    if !compressed {
+        if data.len() != raw_len {
+            return Err(Status::invalid_argument("chunk length differs from its raw_len"));
+        }
+        return Ok(data);
+    }
+    // Decompression into a buffer of the announced size: a frame that would
+    // expand beyond it (a zstd bomb) fails instead of allocating.
+    let out = zstd::bulk::decompress(&data, raw_len).map_err(|e| {
+        Status::resource_exhausted(format!(
+            "compressed chunk does not decompress to its announced {raw_len} bytes: {e}"
+        ))
+    })?;
+    if out.len() != raw_len {
+        return Err(Status::invalid_argument(format!(
+            "chunk decompressed to {} bytes, {raw_len} announced",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+#[tonic::async_trait]
+impl Replication for Arc<ReplicaService> {
+    #[tracing::instrument(skip_all, fields(vm, disk))]
+    async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        let names = peer_names(&req);
+        let r = req.into_inner();
+        let d = r.disk.ok_or_else(|| Status::invalid_argument("disk is required"))?;
+        tracing::Span::current().record("vm", &d.vm_id).record("disk", &d.disk_id);
+        names::check("VM id", &d.vm_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        names::check("disk id", &d.disk_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let grant = self.site().authorize(&names).map_err(denied)?;
+        let replica = match self.existing(&names, &d.vm_id, &d.disk_id)? {
+            Some(r) => r,
+            None => {
+                let dir = replica_dir(&grant.storage, &d.vm_id, &d.disk_id, true)?;
+                let (vm_id, disk_id, size, epoch) =
+                    (d.vm_id.clone(), d.disk_id.clone(), r.disk_size, r.epoch);
+                tracing::info!(primary = %grant.primary, rule = %grant.rule, dir = %dir.display(), "new replica");
+                self.open_dir(&dir, move || ReplicaState {
+                    vm_id,
+                    disk_id,
+                    disk_size: size,
+                    epoch,
+                    trust_group: grant.trust_group,
+                    primary: grant.primary,
+                    has_copy: false,
+                    consistent_from: 0,
+                    received_through: 0,
+                    applied_through: 0,
+                    points: Vec::new(),
+                })?
+            }
+        };
+        let s = replica.state().clone();
+        if s.disk_size != r.disk_size {
+            return Err(Status::failed_precondition(format!(
+                "the replica is {} bytes, the primary disk {}: resize is not supported",
+                s.disk_size, r.disk_size
+            )));
+        }
+        if r.epoch < s.epoch {
+            return Err(status(ReplicaError::StaleEpoch { current: s.epoch, found: r.epoch }));
+        }
+        Ok(Response::new(OpenReply {
+            needs_initial_copy: !s.has_copy,
+            next_seq: s.received_through + 1,
+            epoch: s.epoch,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn push_segment(
+        &self,
+        req: Request<Streaming<SegmentChunk>>,
+    ) -> Result<Response<SegmentAck>, Status> {
+        let names = peer_names(&req);
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
+        let start = first
+            .start
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("the first chunk must carry start"))?;
+        let d = start.disk.clone().ok_or_else(|| Status::invalid_argument("start.disk is required"))?;
+        let replica = self.require(&names, &d.vm_id, &d.disk_id)?;
+        let _permit = self.transfers.acquire().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let r = replica.clone();
+        let incoming = tokio::task::spawn_blocking(move || {
+            r.begin_segment(start.first_seq, start.last_seq, start.epoch, start.length)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status)?;
+        let mut seg = match incoming {
+            Incoming::Duplicate { durable_through } => {
+                return Ok(Response::new(SegmentAck { durable_through, bytes_written: 0 }));
+            }
+            Incoming::New(seg) => seg,
+        };
+        let mut chunk = Some(first);
+        let mut written = 0u64;
+        while let Some(c) = chunk.take() {
+            let step = decode_chunk(c.data, c.compressed, c.raw_len)
+                .and_then(|raw| seg.write_chunk(c.offset, &raw).map(|()| raw.len()).map_err(status));
+            match step {
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    seg.discard();
+                    return Err(e);
+                }
+            }
+            match stream.message().await {
+                Ok(next) => chunk = next,
+                Err(e) => {
+                    seg.discard();
+                    return Err(e);
+                }
+            }
+        }
+        let r = replica.clone();
+        let durable_through = tokio::task::spawn_blocking(move || r.finish_segment(seg))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
+        // Apply after acknowledging: the segment is already durable and verified.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = replica.apply_pending() {
+                tracing::error!(error = %e, "applying received segments failed");
+            }
+        });
+        Ok(Response::new(SegmentAck { durable_through, bytes_written: written }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn push_initial_copy(
+        &self,
+        req: Request<Streaming<CopyChunk>>,
+    ) -> Result<Response<CopyAck>, Status> {
+        let names = peer_names(&req);
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
+        let start = first
+            .start
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("the first chunk must carry start"))?;
+        let d = start.disk.clone().ok_or_else(|| Status::invalid_argument("start.disk is required"))?;
+        let replica = self.require(&names, &d.vm_id, &d.disk_id)?;
+        let _permit = self.transfers.acquire().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let mut copy = replica.begin_copy(start.disk_size, start.epoch).map_err(status)?;
+        let mut chunk = Some(first);
+        let mut received = 0u64;
+        let mut consistent_from = None;
+        while let Some(c) = chunk.take() {
+            let step = decode_chunk(c.data, c.compressed, c.raw_len)
+                .and_then(|raw| copy.write_range(c.offset, &raw).map(|()| raw.len()).map_err(status));
+            match step {
+                Ok(n) => received += n as u64,
+                Err(e) => {
+                    copy.discard();
+                    return Err(e);
+                }
+            }
+            if c.last {
+                consistent_from = Some(c.consistent_from);
+                break;
+            }
+            chunk = match stream.message().await {
+                Ok(next) => next,
+                Err(e) => {
+                    copy.discard();
+                    return Err(e);
+                }
+            };
+        }
+        let Some(consistent_from) = consistent_from else {
+            copy.discard();
+            return Err(Status::aborted("the initial copy ended before its last chunk; send it again"));
+        };
+        let next_seq = start.next_seq;
+        tokio::task::spawn_blocking(move || {
+            replica.finish_copy(copy, next_seq, consistent_from, start.epoch)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status)?;
+        Ok(Response::new(CopyAck { bytes_received: received, next_seq }))
+    }
+}
+
+/// Serves `service` with mutual TLS on `listener` until `shutdown` completes.
+pub async fn serve(
+    service: Arc<ReplicaService>,
+    listener: tokio::net::TcpListener,
+    tls: &super::tls::TlsMaterial,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let svc = super::proto::replication_server::ReplicationServer::new(service)
+        .max_decoding_message_size(MAX_FRAME)
+        .max_encoding_message_size(MAX_FRAME);
+    tonic::transport::Server::builder()
+        .tls_config(tls.server())?
+        .add_service(svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,419 @@
+//! The primary side: ships one disk's sealed segments (and first its initial
+//! copy) to the replica, deleting each segment only once the replica says it is
+//! durable.
+//!
+//! ```text
+//!  run():  every interval: seal ─▶ sync_once ─ error ─▶ back off (1, 2, 4, 8 min, then 30)
+//!  sync_once(): Open ─▶ [initial copy] ─▶ drop what the replica has ─▶ push the rest, in order
+//!  push:   reader thread: read 1 MiB ─▶ zstd ─▶ bandwidth limit ─▶ channel ─▶ gRPC stream
+//! ```
+
+use std::{
+    fs::File,
+    io::{self, Read},
+    os::unix::fs::FileExt,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{
+    proto::{
+        CopyChunk, CopyStart, DiskRef, OpenRequest, SegmentChunk, SegmentStart,
+        replication_client::ReplicationClient,
+    },
+    tls::TlsMaterial,
+};
+use crate::{disk::ProtectedDisk, failpoint, image::data_extents, log::SealedSegment};
+
+/// Why a sync failed; all are retried with back-off.
+#[derive(Debug, thiserror::Error)]
+pub enum ShipError {
+    #[error("replica refused: {}: {}", .0.code(), .0.message())]
+    Rpc(#[from] tonic::Status),
+    #[error("reading {what}: {source}")]
+    Read { what: String, source: io::Error },
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
+}
+
+/// Opens a lazily connecting mTLS channel to a replica agent at `addr`
+/// (`host:port`), verifying it as `server_name`.
+pub fn channel(addr: &str, server_name: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.client(server_name))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect_lazy())
+}
+
+/// A token bucket in bytes per second, shared by an agent's transfers.
+pub struct RateLimiter {
+    rate: u64,
+    state: Mutex<(Instant, f64)>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_second: u64) -> Self {
+        Self { rate: bytes_per_second.max(1), state: Mutex::new((Instant::now(), 0.0)) }
+    }
+
+    /// Blocks the calling (non-async) thread until `n` bytes may go.
+    pub fn acquire_blocking(&self, n: usize) {
+        let wait = {
+            let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            // At most one second of burst.
+            let tokens =
+                (s.1 + now.duration_since(s.0).as_secs_f64() * self.rate as f64).min(self.rate as f64);
+            let left = tokens - n as f64;
+            *s = (now, left);
+            if left >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-left / self.rate as f64) }
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// How a disk is shipped.
+#[derive(Clone, Debug)]
+pub struct ShipperConfig {
+    pub compression: bool,
+    pub chunk_size: usize,
+    /// Waits between failed attempts; the last repeats.
+    pub backoff: Vec<Duration>,
+}
+
+impl Default for ShipperConfig {
+    fn default() -> Self {
+        let min = |m: u64| Duration::from_secs(60 * m);
+        Self {
+            compression: true,
+            chunk_size: 1 << 20,
+            backoff: vec![min(1), min(2), min(4), min(8), min(30)],
+        }
+    }
+}
+
+/// Per-replication statistics (Measure-VMReplication's numbers).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShipStats {
+    pub segments_sent: u64,
+    pub raw_bytes_sent: u64,
+    pub wire_bytes_sent: u64,
+    pub max_segment_bytes: u64,
+    pub last_latency: Duration,
+    pub total_latency: Duration,
+    pub errors: u64,
+    pub successful_cycles: u64,
+    pub last_error: Option<String>,
+    pub last_replication: Option<SystemTime>,
+    pub durable_through: u64,
+    pub initial_copy_bytes: u64,
+}
+
+/// Ships one protected disk to one replica.
+pub struct Shipper {
+    vm_id: String,
+    disk: Arc<ProtectedDisk>,
+    client: ReplicationClient<Channel>,
+    cfg: ShipperConfig,
+    limiter: Option<Arc<RateLimiter>>,
+    transfers: Arc<Semaphore>,
+    epoch: u64,
+    stats: Mutex<ShipStats>,
+}
+
+/// What one chunk producer hands the gRPC stream.
+type Chunks<T> = mpsc::Receiver<T>;
+
+impl Shipper {
+    pub fn new(
+        vm_id: &str,
+        disk: Arc<ProtectedDisk>,
+        channel: Channel,
+        cfg: ShipperConfig,
+        limiter: Option<Arc<RateLimiter>>,
+        transfers: Arc<Semaphore>,
+    ) -> Self {
+        let client = ReplicationClient::new(channel)
+            .max_decoding_message_size(super::service::MAX_FRAME)
+            .max_encoding_message_size(super::service::MAX_FRAME);
+        Self {
+            vm_id: vm_id.to_owned(),
+            disk,
+            client,
+            cfg,
+            limiter,
+            transfers,
+            epoch: 0,
+            stats: Mutex::default(),
+        }
+    }
+
+    pub fn stats(&self) -> ShipStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn disk_ref(&self) -> DiskRef {
+        DiskRef { vm_id: self.vm_id.clone(), disk_id: self.disk.name().to_owned() }
+    }
+
+    /// Brings the replica up to date with every sealed segment; returns the
+    /// sequence the replica is durable through.
+    pub async fn sync_once(&self) -> Result<u64, ShipError> {
+        let result = self.sync_inner().await;
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(through) => {
+                s.successful_cycles += 1;
+                s.durable_through = *through;
+                s.last_replication = Some(SystemTime::now());
+                s.last_error = None;
+            }
+            Err(e) => {
+                s.errors += 1;
+                s.last_error = Some(e.to_string());
+            }
+        }
+        result
+    }
+
+    async fn sync_inner(&self) -> Result<u64, ShipError> {
+        let mut client = self.client.clone();
+        let open =
+            OpenRequest { disk: Some(self.disk_ref()), disk_size: self.disk.size(), epoch: self.epoch };
+        let reply = client.open(open).await?.into_inner();
+        let mut next = reply.next_seq;
+        if reply.needs_initial_copy {
+            next = self.initial_copy().await?;
+        }
+        // What the replica already has is no longer needed here.
+        self.disk.acknowledge(next - 1)?;
+        let mut through = next - 1;
+        for seg in self.disk.log_status().sealed {
+            let started = Instant::now();
+            through = self.push(&seg).await?;
+            self.disk.acknowledge(through)?;
+            let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            s.segments_sent += 1;
+            s.max_segment_bytes = s.max_segment_bytes.max(seg.bytes);
+            let latency = started.elapsed();
+            s.last_latency = latency;
+            s.total_latency += latency;
+        }
+        Ok(through)
+    }
+
+    /// Streams `produce`'s chunks from a blocking reader thread.
+    /// The producer returns the bytes it put on the wire.
+    fn spawn_producer<T: Send + 'static>(
+        &self,
+        produce: impl FnOnce(&mpsc::Sender<T>) -> Result<u64, ShipError> + Send + 'static,
+    ) -> (Chunks<T>, tokio::task::JoinHandle<Result<u64, ShipError>>) {
+        let (tx, rx) = mpsc::channel(4);
+        let handle = tokio::task::spawn_blocking(move || produce(&tx));
+        (rx, handle)
+    }
+
+    /// Reads, compresses and rate-limits one chunk: `(data, compressed, raw_len)`.
+    fn encode(raw: &mut [u8], compression: bool, limiter: &Option<Arc<RateLimiter>>) -> (Vec<u8>, bool, u32) {
+        // Test hook: corrupt what is sent (the replica must notice).
+        if failpoint::hit("ship.tamper-chunk").is_err() && !raw.is_empty() {
+            raw[raw.len() / 2] ^= 0x20;
+        }
+        let raw_len = raw.len() as u32;
+        let (data, compressed) = match compression.then(|| zstd::bulk::compress(raw, 1)) {
+            Some(Ok(c)) if c.len() < raw.len() => (c, true),
+            _ => (raw.to_vec(), false),
+        };
+        if let Some(l) = limiter {
+            l.acquire_blocking(data.len());
+        }
+        (data, compressed, raw_len)
+    }
+
+    async fn push(&self, seg: &SealedSegment) -> Result<u64, ShipError> {
+        let _permit = self.transfers.acquire().await.expect("the semaphore is never closed");
+        let start = SegmentStart {
+            disk: Some(self.disk_ref()),
+            first_seq: seg.first_seq,
+            last_seq: seg.last_seq,
+            epoch: self.epoch,
+            length: seg.bytes,
+        };
+        let (path, chunk, compression, limiter) =
+            (seg.path.clone(), self.cfg.chunk_size, self.cfg.compression, self.limiter.clone());
+        let (rx, producer) = self.spawn_producer(move |tx| {
+            let read_err = |source| ShipError::Read { what: path.display().to_string(), source };
+            let mut file = File::open(&path).map_err(read_err)?;
+            let mut offset = 0u64;
+            let mut wire = 0u64;
+            let mut start = Some(start);
+            let mut buf = vec![0u8; chunk];
+            loop {
+                let n = read_full(&mut file, &mut buf).map_err(read_err)?;
+                if n == 0 {
+                    return Ok(wire);
+                }
+                // Test hook: end the stream early, as a dropped connection would.
+                if offset > 0 && failpoint::hit("ship.cut-stream").is_err() {
+                    return Ok(wire);
+                }
+                let (data, compressed, raw_len) = Self::encode(&mut buf[..n], compression, &limiter);
+                wire += data.len() as u64;
+                let c = SegmentChunk { start: start.take(), offset, data, compressed, raw_len };
+                if tx.blocking_send(c).is_err() {
+                    return Ok(wire); // the call ended; its status says why
+                }
+                offset += n as u64;
+            }
+        });
+        let call = self.client.clone().push_segment(ReceiverStream::new(rx)).await;
+        let wire = producer
+            .await
+            .map_err(|e| ShipError::Read { what: "segment reader".into(), source: io::Error::other(e) })??;
+        let ack = call?.into_inner();
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.raw_bytes_sent += seg.bytes;
+        s.wire_bytes_sent += wire;
+        Ok(ack.durable_through)
+    }
+
+    /// Sends every non-zero block of the disk; returns the sequence replication
+    /// resumes at. Writes go on meanwhile and are shipped after.
+    async fn initial_copy(&self) -> Result<u64, ShipError> {
+        let _permit = self.transfers.acquire().await.expect("the semaphore is never closed");
+        // Everything written so far is in the image or in sealed segments; the
+        // copy covers both, so replication resumes after them.
+        self.disk.seal()?;
+        let next_seq = self.disk.log_status().next_seq;
+        let start = CopyStart {
+            disk: Some(self.disk_ref()),
+            disk_size: self.disk.size(),
+            epoch: self.epoch,
+            next_seq,
+        };
+        let (path, size, chunk, compression, limiter, disk) = (
+            self.disk.path().to_owned(),
+            self.disk.size(),
+            self.cfg.chunk_size,
+            self.cfg.compression,
+            self.limiter.clone(),
+            self.disk.clone(),
+        );
+        let (rx, producer) = self.spawn_producer(move |tx| {
+            let read_err = |source| ShipError::Read { what: path.display().to_string(), source };
+            let file = File::open(&path).map_err(read_err)?;
+            let mut start = Some(start);
+            let mut buf = vec![0u8; chunk];
+            // Runs of non-zero 64 KiB blocks, up to a chunk each: holes and zero
+            // blocks inside allocated extents are not sent.
+            const BLOCK: u64 = 64 << 10;
+            let mut wire = 0u64;
+            let mut send = |off: u64, data: &mut [u8]| {
+                let (data, compressed, raw_len) = Self::encode(data, compression, &limiter);
+                wire += data.len() as u64;
+                let c = CopyChunk {
+                    start: start.take(),
+                    offset: off,
+                    data,
+                    compressed,
+                    raw_len,
+                    ..Default::default()
+                };
+                tx.blocking_send(c).is_ok()
+            };
+            let mut run_start = 0u64;
+            let mut run_len = 0usize;
+            for (ext_off, ext_len) in data_extents(&file, size).map_err(read_err)? {
+                let mut off = ext_off;
+                while off < ext_off + ext_len {
+                    let n = (ext_off + ext_len - off).min(BLOCK) as usize;
+                    let at = if run_len > 0 && run_start + run_len as u64 == off && run_len + n <= chunk {
+                        run_len
+                    } else {
+                        if run_len > 0 && !send(run_start, &mut buf[..run_len]) {
+                            return Ok(0);
+                        }
+                        run_start = off;
+                        run_len = 0;
+                        0
+                    };
+                    file.read_exact_at(&mut buf[at..at + n], off).map_err(read_err)?;
+                    if buf[at..at + n].iter().any(|&b| b != 0) {
+                        run_len = at + n;
+                    } else if run_len > 0 {
+                        if !send(run_start, &mut buf[..run_len]) {
+                            return Ok(0);
+                        }
+                        run_len = 0;
+                    }
+                    off += n as u64;
+                }
+            }
+            if run_len > 0 && !send(run_start, &mut buf[..run_len]) {
+                return Ok(0);
+            }
+            let last = CopyChunk {
+                start: start.take(),
+                last: true,
+                consistent_from: disk.log_status().next_seq,
+                offset: size,
+                ..Default::default()
+            };
+            let _ = tx.blocking_send(last);
+            Ok(wire)
+        });
+        let call = self.client.clone().push_initial_copy(ReceiverStream::new(rx)).await;
+        let wire = producer
+            .await
+            .map_err(|e| ShipError::Read { what: "image reader".into(), source: io::Error::other(e) })??;
+        let ack = call?.into_inner();
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        s.initial_copy_bytes += ack.bytes_received;
+        s.wire_bytes_sent += wire;
+        Ok(ack.next_seq)
+    }
+
+    /// Seals and syncs every `interval` until `stop` fires, backing off after
+    /// failures as configured.
+    pub async fn run(&self, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut failures = 0usize;
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return,
+            }
+            if let Err(e) = self.disk.seal() {
+                tracing::error!(disk = self.disk.name(), error = %e, "sealing failed");
+            }
+            match self.sync_once().await {
+                Ok(_) => {
+                    failures = 0;
+                    wait = interval;
+                }
+                Err(e) => {
+                    wait = self.cfg.backoff[failures.min(self.cfg.backoff.len() - 1)];
+                    failures += 1;
+                    tracing::warn!(disk = self.disk.name(), error = %e, retry_in = ?wait, "replication failed");
+                }
+            }
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

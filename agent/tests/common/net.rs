@@ -1,0 +1,100 @@
+//! Two agents on loopback: a replica service with mutual TLS, and primaries
+//! with certificates from the same (or another) CA.
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use tokio::sync::{Semaphore, oneshot};
+use vmreplica_agent::{
+    disk::ProtectedDisk,
+    replication::{
+        authz::{Entry, SiteConfig},
+        service::{ReplicaService, serve},
+        shipper::{RateLimiter, Shipper, ShipperConfig, channel},
+        tls::TlsMaterial,
+    },
+};
+use vmreplica_tests::pki::Ca;
+
+pub const REPLICA_NAME: &str = "replica.site-b.example.com";
+
+pub struct Site {
+    pub ca: Ca,
+    pub storage: tempfile::TempDir,
+    pub service: Arc<ReplicaService>,
+    pub addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+pub fn material(ca: &Ca, names: &[&str]) -> TlsMaterial {
+    let leaf = ca.leaf(names[0], names).unwrap();
+    TlsMaterial { cert_pem: leaf.cert_pem, key_pem: leaf.key_pem, ca_pem: ca.cert_pem.clone() }
+}
+
+/// Site B: accepts `*.site-a.example.com` into trust group finance, and
+/// `*.hr.example.com` into trust group hr, both under the same storage.
+pub async fn replica_site() -> Site {
+    let ca = Ca::new("vmreplica-test-ca").unwrap();
+    let storage = tempfile::tempdir().unwrap();
+    let root: PathBuf = storage.path().join("replicas");
+    let site = SiteConfig {
+        entries: vec![
+            Entry {
+                name: "site-a-finance".into(),
+                allowed_primary_server: "*.site-a.example.com".into(),
+                storage: root.clone(),
+                trust_group: "finance".into(),
+            },
+            Entry {
+                name: "hr".into(),
+                allowed_primary_server: "*.hr.example.com".into(),
+                storage: root,
+                trust_group: "hr".into(),
+            },
+        ],
+        ..Default::default()
+    };
+    let service = ReplicaService::new(site, 6);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = material(&ca, &[REPLICA_NAME, "127.0.0.1"]);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let svc = service.clone();
+    tokio::spawn(async move {
+        serve(svc, listener, &tls, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    Site { ca, storage, service, addr, _stop: stop }
+}
+
+pub fn shipper(
+    site: &Site,
+    tls: &TlsMaterial,
+    disk: Arc<ProtectedDisk>,
+    cfg: ShipperConfig,
+    limit: Option<u64>,
+) -> Shipper {
+    let ch = channel(&site.addr.to_string(), REPLICA_NAME, tls).unwrap();
+    Shipper::new(
+        "vm1",
+        disk,
+        ch,
+        cfg,
+        limit.map(|l| Arc::new(RateLimiter::new(l))),
+        Arc::new(Semaphore::new(6)),
+    )
+}
+
+/// Waits until the replica has applied everything through `seq`.
+pub async fn applied(site: &Site, seq: u64) -> Arc<vmreplica_agent::replica::ReplicaDisk> {
+    for _ in 0..400 {
+        if let Some(r) = site.service.replica("vm1", "root").filter(|r| r.state().applied_through >= seq) {
+            return r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("replica never applied through {seq}");
+}

@@ -1,0 +1,202 @@
+//! Replication between two agents on loopback with real certificates: the
+//! primary's writes (through qemu-io) arrive at the replica, every recovery
+//! point materialises to the primary's bytes at the same sequence, the initial
+//! copy skips zeroes, and every kind of bad sender gets its own refusal with
+//! nothing written.
+
+mod common;
+
+use std::{fs, time::Instant};
+
+use common::{net::*, *};
+use vmreplica_agent::replication::{
+    proto::{
+        CopyChunk, CopyStart, DiskRef, OpenRequest, SegmentChunk, SegmentStart,
+        replication_client::ReplicationClient,
+    },
+    shipper::{ShipperConfig, channel},
+    tls::TlsMaterial,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn fast() -> ShipperConfig {
+    ShipperConfig { backoff: vec![std::time::Duration::from_millis(100)], ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_the_replica_and_each_point_equals_the_primary_at_that_sequence() {
+    let site = replica_site().await;
+    // 1 MiB of data at the start of a 256 MiB disk: the rest must not travel.
+    let mut content = Rng(3).bytes(MIB as usize);
+    content[128 * 1024..192 * 1024].fill(0); // one zero 64 KiB block inside the data
+    let p = tokio::task::spawn_blocking(move || serve_new_image(256 * MIB, &content)).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = shipper(&site, &tls, p.disk.clone(), fast(), None);
+    let through = ship.sync_once().await.unwrap();
+    assert_eq!(through, 0);
+    let stats = ship.stats();
+    assert_eq!(stats.initial_copy_bytes, MIB - 64 * 1024, "only non-zero blocks are sent");
+    let replica = applied(&site, 0).await;
+    assert!(identical(path_str(&replica.image()), path_str(&p.image)), "initial copy");
+
+    let mut rng = Rng(8);
+    let mut snapshots = Vec::new();
+    for round in 0..4 {
+        let mut cmds: Vec<String> = (0..10)
+            .map(|_| {
+                format!("write -P {} {} {}", rng.below(255) + 1, rng.below(250 * MIB), 1 + rng.below(300_000))
+            })
+            .collect();
+        cmds.push(format!("write -z {} 65536", rng.below(250 * MIB)));
+        cmds.push(format!("discard {} 8192", rng.below(250 * MIB)));
+        let url = p.url();
+        tokio::task::spawn_blocking(move || qemu_io(&url, &cmds)).await.unwrap();
+        let sealed = p.disk.seal().unwrap().unwrap();
+        let snap = p.dir.path().join(format!("snap{round}.img"));
+        fs::copy(&p.image, &snap).unwrap();
+        snapshots.push((sealed.last_seq, snap));
+        assert_eq!(ship.sync_once().await.unwrap(), sealed.last_seq);
+        assert!(p.disk.log_status().sealed.is_empty(), "acknowledged segments are deleted on the primary");
+        let replica = applied(&site, sealed.last_seq).await;
+        assert!(identical(path_str(&replica.image()), path_str(&p.image)), "round {round}");
+    }
+    let replica = applied(&site, snapshots.last().unwrap().0).await;
+    assert_eq!(replica.state().trust_group, "finance");
+    assert_eq!(replica.state().primary, "host1.site-a.example.com");
+    let points = replica.points();
+    assert_eq!(points.len(), 4);
+    for (pt, (seq, snap)) in points.iter().zip(&snapshots) {
+        assert_eq!(pt.seq, *seq);
+        let out = site.storage.path().join(format!("mat-{seq}.img"));
+        let r = replica.clone();
+        let (s, o) = (pt.seq, out.clone());
+        tokio::task::spawn_blocking(move || r.materialize(s, &o)).await.unwrap().unwrap();
+        assert!(identical(path_str(&out), path_str(snap)), "point at seq {seq}");
+    }
+    let stats = ship.stats();
+    assert_eq!(stats.segments_sent, 4);
+    assert!(stats.successful_cycles >= 5 && stats.errors == 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bandwidth_limit_holds() {
+    let site = replica_site().await;
+    // 12 MiB of incompressible data at 4 MiB/s (1 s of burst): at least 2 s.
+    let content = Rng(5).bytes(12 * MIB as usize);
+    let p = tokio::task::spawn_blocking(move || serve_new_image(64 * MIB, &content)).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = shipper(&site, &tls, p.disk.clone(), fast(), Some(4 * MIB));
+    let t = Instant::now();
+    ship.sync_once().await.unwrap();
+    let took = t.elapsed().as_secs_f64();
+    assert!(took >= 2.0, "12 MiB at 4 MiB/s went in {took:.2}s");
+    assert!(identical(path_str(&applied(&site, 0).await.image()), path_str(&p.image)));
+}
+
+async fn client(site: &Site, tls: &TlsMaterial) -> ReplicationClient<tonic::transport::Channel> {
+    ReplicationClient::new(channel(&site.addr.to_string(), REPLICA_NAME, tls).unwrap())
+        .max_encoding_message_size(64 << 20)
+        .max_decoding_message_size(64 << 20)
+}
+
+fn disk(vm: &str) -> Option<DiskRef> {
+    Some(DiskRef { vm_id: vm.into(), disk_id: "root".into() })
+}
+
+fn files_under(dir: &std::path::Path) -> usize {
+    fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { 1 + files_under(&p) } else { 1 }).sum())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
+    let site = replica_site().await;
+    let root = site.storage.path().join("replicas");
+    let open = |vm: &str| OpenRequest { disk: disk(vm), disk_size: 8 * MIB, epoch: 0 };
+
+    // Not authorised: no entry matches site-c.
+    let stranger = material(&site.ca, &["host1.site-c.example.com"]);
+    let err = client(&site, &stranger).await.open(open("vm1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("no AuthorizationEntry matches host1.site-c.example.com"), "{err}");
+    assert_eq!(files_under(site.storage.path()), 0, "nothing written for a stranger");
+
+    // A certificate from another CA does not even get through TLS.
+    let other_ca = vmreplica_tests::pki::Ca::new("another-ca").unwrap();
+    let mut forged = material(&other_ca, &["host1.site-a.example.com"]);
+    forged.ca_pem = site.ca.cert_pem.clone();
+    let err = client(&site, &forged).await.open(open("vm1")).await.unwrap_err();
+    assert!(matches!(err.code(), tonic::Code::Unavailable | tonic::Code::Cancelled), "{err}");
+    assert_eq!(files_under(site.storage.path()), 0);
+
+    // Path traversal in a name from the wire.
+    let primary = material(&site.ca, &["host1.site-a.example.com"]);
+    let mut c = client(&site, &primary).await;
+    for bad in ["../../etc", "/etc", "a/b", ".."] {
+        let err = c.open(open(bad)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}: {err}");
+        assert!(err.message().contains("is not allowed"), "{err}");
+    }
+    assert_eq!(files_under(site.storage.path()), 0, "nothing written for a traversal");
+
+    // A symlink planted in the storage location cannot lead out of it.
+    let outside = tempfile::tempdir().unwrap();
+    fs::create_dir_all(&root).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("vm-link")).unwrap();
+    let err = c.open(open("vm-link")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("not a plain directory"), "{err}");
+    assert_eq!(files_under(outside.path()), 0, "nothing written through the symlink");
+
+    // The finance primary creates vm1; an hr primary may not write into it.
+    c.open(open("vm1")).await.unwrap();
+    let hr = material(&site.ca, &["db.hr.example.com"]);
+    let err = client(&site, &hr).await.open(open("vm1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("trust group \"finance\""), "{err}");
+    let before = files_under(&root.join("vm1"));
+
+    // A frame over the limit: refused by the transport.
+    let start = CopyStart { disk: disk("vm1"), disk_size: 8 * MIB, epoch: 0, next_seq: 1 };
+    let huge = CopyChunk {
+        start: Some(start.clone()),
+        offset: 0,
+        data: vec![7; 6 << 20],
+        raw_len: 6 << 20,
+        ..Default::default()
+    };
+    let err = c.push_initial_copy(tokio_stream::iter(vec![huge])).await.unwrap_err();
+    assert!(matches!(err.code(), tonic::Code::ResourceExhausted | tonic::Code::OutOfRange), "{err}");
+
+    // A zstd bomb: 1 KiB that would expand to 64 MiB, announced as 4 KiB.
+    let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 19).unwrap();
+    assert!(bomb.len() < 8192);
+    let chunk = CopyChunk {
+        start: Some(start),
+        offset: 0,
+        data: bomb,
+        compressed: true,
+        raw_len: 4096,
+        ..Default::default()
+    };
+    let err = c.push_initial_copy(tokio_stream::iter(vec![chunk])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("does not decompress to its announced 4096 bytes"), "{err}");
+
+    // A segment before any initial copy, and one announcing an absurd length.
+    let seg = |len| SegmentChunk {
+        start: Some(SegmentStart { disk: disk("vm1"), first_seq: 1, last_seq: 1, epoch: 0, length: len }),
+        offset: 0,
+        data: vec![1; 10],
+        compressed: false,
+        raw_len: 10,
+    };
+    let err = c.push_segment(tokio_stream::iter(vec![seg(10)])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("no initial copy"), "{err}");
+    assert_eq!(files_under(&root.join("vm1")), before, "no refused request left a file behind");
+    let replica = site.service.replica("vm1", "root").unwrap();
+    assert!(!replica.state().has_copy);
+}
