@@ -15,3 +15,4 @@ pub mod log;
 pub mod nbd;
 pub mod replica;
 pub mod replication;
+pub mod run;

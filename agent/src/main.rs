@@ -1,9 +1,17 @@
 //! `vmreplica-agent`: one per node.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{Args as ClapArgs, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use vmreplica_agent::{disk::ProtectedDisk, log, nbd::NbdServer};
+use vmreplica_agent::{
+    log,
+    replication::{
+        authz::{Entry, SiteConfig},
+        shipper::ShipperConfig,
+        tls::TlsMaterial,
+    },
+    run,
+};
 
 /// vmreplica's node agent.
 #[derive(Parser)]
@@ -15,25 +23,10 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve protected disks over NBD, logging every write.
-    Serve {
-        /// The protected VM's id (written into every log segment).
-        #[arg(long)]
-        vm: String,
-        /// A disk to protect, as NAME=PATH of an existing raw image. Repeatable.
-        #[arg(long = "disk", value_parser = parse_disk, required = true)]
-        disks: Vec<(String, PathBuf)>,
-        /// Unix socket to serve NBD on (`nbd+unix:///NAME?socket=PATH`).
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Also serve NBD over TCP on this loopback address.
-        #[arg(long)]
-        tcp: Option<SocketAddr>,
-        /// Seal every disk's active segment this often (seconds). Without it,
-        /// segments are sealed only when asked (by the controller, later).
-        #[arg(long)]
-        seal_interval: Option<u64>,
-    },
+    /// Serve protected disks over NBD, logging every write; optionally replicate them.
+    Serve(Serve),
+    /// Accept replication from authorised primaries (a replica site's server).
+    Receive(Receive),
     /// Apply sealed segments, in order, to a copy of the base image. Every
     /// segment is verified before anything is written.
     Replay {
@@ -51,15 +44,104 @@ enum Command {
     },
 }
 
+#[derive(ClapArgs)]
+struct Serve {
+    /// The protected VM's id (written into every log segment).
+    #[arg(long)]
+    vm: String,
+    /// A disk to protect, as NAME=PATH of an existing raw image. Repeatable.
+    #[arg(long = "disk", value_parser = parse_disk, required = true)]
+    disks: Vec<(String, PathBuf)>,
+    /// Unix socket to serve NBD on (`nbd+unix:///NAME?socket=PATH`).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Also serve NBD over TCP on this loopback address.
+    #[arg(long)]
+    tcp: Option<SocketAddr>,
+    /// Seconds between replication cycles (sealing, and shipping when replicating).
+    #[arg(long = "interval", alias = "seal-interval")]
+    interval: Option<u64>,
+    /// Replicate to the replica site's server at HOST:PORT.
+    #[arg(long)]
+    replicate_to: Option<String>,
+    /// The replica server's name in its certificate (default: the host of --replicate-to).
+    #[arg(long)]
+    replica_server_name: Option<String>,
+    /// Directory with tls.crt, tls.key and ca.crt (needed to replicate).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Send segments uncompressed.
+    #[arg(long)]
+    no_compression: bool,
+    /// Replication bandwidth limit, bytes per second.
+    #[arg(long)]
+    bandwidth_limit: Option<u64>,
+    /// Most transfers at once (Hyper-V's MaximumActiveTransfers).
+    #[arg(long, default_value_t = 6)]
+    max_transfers: usize,
+    /// Waits after failed cycles, in seconds; the last repeats.
+    #[arg(long, value_delimiter = ',', default_values_t = [60, 120, 240, 480, 1800])]
+    retry_seconds: Vec<u64>,
+}
+
+#[derive(ClapArgs)]
+struct Receive {
+    /// Address to listen on for replication (mutual TLS).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Directory with tls.crt, tls.key and ca.crt.
+    #[arg(long)]
+    tls_dir: PathBuf,
+    /// An authorised primary, as `pattern=*.site-a.example.com,storage=/dir,trust-group=NAME`. Repeatable.
+    #[arg(long = "authorize", value_parser = parse_entry)]
+    entries: Vec<Entry>,
+    /// Accept any primary the CA signed, storing its replicas under --storage.
+    #[arg(long)]
+    allow_any_server: bool,
+    /// Storage for replicas accepted through --allow-any-server.
+    #[arg(long)]
+    storage: Option<PathBuf>,
+    /// Trust group of replicas accepted through --allow-any-server.
+    #[arg(long, default_value = "default")]
+    default_trust_group: String,
+    /// Most transfers at once.
+    #[arg(long, default_value_t = 6)]
+    max_transfers: usize,
+}
+
 fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
     let (name, path) = s.split_once('=').ok_or("expected NAME=PATH")?;
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !valid {
-        return Err(format!("disk name {name:?} must be a lower-case RFC 1123 label"));
-    }
+    vmreplica_agent::replica::names::check("disk name", name).map_err(|e| e.to_string())?;
     Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+fn parse_entry(s: &str) -> Result<Entry, String> {
+    let mut e = Entry {
+        name: String::new(),
+        allowed_primary_server: String::new(),
+        storage: PathBuf::new(),
+        trust_group: String::new(),
+    };
+    for kv in s.split(',') {
+        match kv.split_once('=') {
+            Some(("pattern", v)) => e.allowed_primary_server = v.to_ascii_lowercase(),
+            Some(("storage", v)) => e.storage = PathBuf::from(v),
+            Some(("trust-group", v)) => e.trust_group = v.to_owned(),
+            Some(("name", v)) => e.name = v.to_owned(),
+            _ => {
+                return Err(format!(
+                    "unknown part {kv:?}: expected pattern=, storage=, trust-group= (and name=)"
+                ));
+            }
+        }
+    }
+    if e.allowed_primary_server.is_empty() || e.trust_group.is_empty() || !e.storage.is_absolute() {
+        return Err("pattern, trust-group and an absolute storage are required".into());
+    }
+    if e.name.is_empty() {
+        e.name = e.allowed_primary_server.clone();
+    }
+    Ok(e)
 }
 
 fn main() -> ExitCode {
@@ -67,10 +149,10 @@ fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    let rt = || tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = match Args::parse().command {
-        Command::Serve { vm, disks, socket, tcp, seal_interval } => {
-            serve(vm, disks, socket, tcp, seal_interval)
-        }
+        Command::Serve(s) => serve_options(s).and_then(|o| rt().block_on(run::serve(o))),
+        Command::Receive(r) => receive_options(r).and_then(|o| rt().block_on(run::receive(o))),
         Command::Replay { image, segments } => log::replay::replay(&image, &segments)
             .map(|r| {
                 println!(
@@ -92,6 +174,54 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
+    let replicate = match s.replicate_to {
+        None => None,
+        Some(addr) => {
+            let dir = s.tls_dir.ok_or("--replicate-to needs --tls-dir")?;
+            let tls = TlsMaterial::from_dir(&dir).map_err(|e| e.to_string())?;
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).to_owned();
+            Some(run::ReplicateTo {
+                server_name: s.replica_server_name.unwrap_or(host),
+                addr,
+                tls,
+                shipper: ShipperConfig {
+                    compression: !s.no_compression,
+                    backoff: s.retry_seconds.iter().map(|&x| Duration::from_secs(x)).collect(),
+                    ..Default::default()
+                },
+                bandwidth: s.bandwidth_limit,
+                max_transfers: s.max_transfers,
+            })
+        }
+    };
+    Ok(run::ServeOptions {
+        vm: s.vm,
+        disks: s.disks,
+        socket: s.socket,
+        tcp: s.tcp,
+        interval: s.interval.map(|x| Duration::from_secs(x.max(1))),
+        replicate,
+    })
+}
+
+fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
+    if r.entries.is_empty() && !r.allow_any_server {
+        return Err("give --authorize entries or --allow-any-server: otherwise no primary is accepted".into());
+    }
+    Ok(run::ReceiveOptions {
+        listen: r.listen,
+        tls: TlsMaterial::from_dir(&r.tls_dir).map_err(|e| e.to_string())?,
+        site: SiteConfig {
+            allow_any_server: r.allow_any_server,
+            default_storage: r.storage,
+            default_trust_group: r.default_trust_group,
+            entries: r.entries,
+        },
+        max_transfers: r.max_transfers,
+    })
 }
 
 fn inspect(segments: &[PathBuf]) -> Result<(), String> {
@@ -122,77 +252,4 @@ fn inspect(segments: &[PathBuf]) -> Result<(), String> {
         }
     }
     if failed { Err("some segments are damaged".into()) } else { Ok(()) }
-}
-
-fn serve(
-    vm: String,
-    disks: Vec<(String, PathBuf)>,
-    socket: Option<PathBuf>,
-    tcp: Option<SocketAddr>,
-    seal_interval: Option<u64>,
-) -> Result<(), String> {
-    if socket.is_none() && tcp.is_none() {
-        return Err("give --socket, --tcp, or both".into());
-    }
-    if let Some(addr) = tcp.filter(|a| !a.ip().is_loopback()) {
-        return Err(format!("NBD over TCP is unauthenticated: {addr} is not a loopback address"));
-    }
-    let mut opened = Vec::new();
-    for (name, path) in &disks {
-        let (disk, recovery) = ProtectedDisk::open(&vm, name, path).map_err(|e| e.to_string())?;
-        tracing::info!(disk = name, image = %path.display(), size = disk.size(), ?recovery, "disk opened");
-        opened.push(Arc::new(disk));
-    }
-    let server = NbdServer::new(opened.iter().cloned());
-    if let Some(path) = &socket {
-        // A socket file left by a previous run would make bind fail.
-        let _ = std::fs::remove_file(path);
-        let listener = std::os::unix::net::UnixListener::bind(path)
-            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        server.serve_unix(listener);
-        tracing::info!(socket = %path.display(), "serving NBD");
-    }
-    if let Some(addr) = tcp {
-        let listener =
-            std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "serving NBD over TCP");
-        server.serve_tcp(listener);
-    }
-    if let Some(secs) = seal_interval {
-        let disks = opened.clone();
-        std::thread::spawn(move || {
-            loop {
-                std::thread::sleep(Duration::from_secs(secs.max(1)));
-                for d in &disks {
-                    match d.seal() {
-                        Ok(Some(s)) => {
-                            tracing::info!(disk = d.name(), first = s.first_seq, last = s.last_seq, "sealed")
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::error!(disk = d.name(), error = %e, "sealing failed"),
-                    }
-                }
-            }
-        });
-    }
-    println!("ready");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        Ok::<(), String>(())
-    })?;
-    for d in &opened {
-        if let Err(e) = d.shutdown() {
-            tracing::error!(disk = d.name(), error = %e, "clean shutdown failed");
-        }
-    }
-    if let Some(path) = &socket {
-        let _ = std::fs::remove_file(path);
-    }
-    Ok(())
 }

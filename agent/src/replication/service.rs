@@ -384,3 +384,39 @@ pub async fn serve(
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await
 }
+
+impl ReplicaService {
+    /// Opens every replica under the site's storage locations (recovering any
+    /// crash) and applies what they received but had not applied; returns how
+    /// many replicas were found.
+    pub fn recover_all(&self) -> Result<usize, ReplicaError> {
+        let site = self.site();
+        let mut roots: Vec<PathBuf> = site.entries.iter().map(|e| e.storage.clone()).collect();
+        roots.extend(site.default_storage.clone());
+        roots.sort();
+        roots.dedup();
+        let mut found = 0;
+        for root in roots {
+            let Ok(vms) = fs::read_dir(&root) else { continue };
+            for vm in vms.flatten() {
+                let Ok(disks) = fs::read_dir(vm.path()) else { continue };
+                for disk in disks.flatten() {
+                    let dir = disk.path();
+                    // Only plain directories holding a replica count.
+                    if !fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())
+                        || !dir.join("replica.json").exists()
+                    {
+                        continue;
+                    }
+                    let replica =
+                        self.open_dir(&dir, || unreachable!("replica.json exists")).map_err(|s| {
+                            ReplicaError::BadState { path: dir.clone(), why: s.message().to_owned() }
+                        })?;
+                    replica.apply_pending()?;
+                    found += 1;
+                }
+            }
+        }
+        Ok(found)
+    }
+}

@@ -1,0 +1,165 @@
+//! What the `vmreplica-agent` binary runs: `serve` (a primary: NBD export,
+//! log, and optionally shipping to a replica) and `receive` (a replica site's
+//! replication server). The controller drives the same pieces later through
+//! the control API; these entry points let an agent run on its own.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::sync::{Semaphore, watch};
+
+use crate::{
+    disk::ProtectedDisk,
+    nbd::NbdServer,
+    replication::{
+        authz::SiteConfig,
+        service::{ReplicaService, serve as serve_replication},
+        shipper::{RateLimiter, Shipper, ShipperConfig, channel},
+        tls::TlsMaterial,
+    },
+};
+
+/// Where a primary replicates to.
+pub struct ReplicateTo {
+    pub addr: String,
+    pub server_name: String,
+    pub tls: TlsMaterial,
+    pub shipper: ShipperConfig,
+    pub bandwidth: Option<u64>,
+    pub max_transfers: usize,
+}
+
+/// A primary agent's options.
+pub struct ServeOptions {
+    pub vm: String,
+    pub disks: Vec<(String, PathBuf)>,
+    pub socket: Option<PathBuf>,
+    pub tcp: Option<SocketAddr>,
+    /// Seal (and ship, when replicating) this often.
+    pub interval: Option<Duration>,
+    pub replicate: Option<ReplicateTo>,
+}
+
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs a primary until SIGTERM/SIGINT, then shuts its disks down cleanly.
+pub async fn serve(opts: ServeOptions) -> Result<(), String> {
+    if opts.socket.is_none() && opts.tcp.is_none() {
+        return Err("give --socket, --tcp, or both".into());
+    }
+    if let Some(addr) = opts.tcp.filter(|a| !a.ip().is_loopback()) {
+        return Err(format!("NBD over TCP is unauthenticated: {addr} is not a loopback address"));
+    }
+    let mut disks = Vec::new();
+    for (name, path) in &opts.disks {
+        let (disk, recovery) = ProtectedDisk::open(&opts.vm, name, path).map_err(|e| e.to_string())?;
+        tracing::info!(disk = name, image = %path.display(), size = disk.size(), ?recovery, "disk opened");
+        disks.push(Arc::new(disk));
+    }
+    let server = NbdServer::new(disks.iter().cloned());
+    if let Some(path) = &opts.socket {
+        // A socket file left by a previous run would make bind fail.
+        let _ = std::fs::remove_file(path);
+        let listener = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+        server.serve_unix(listener);
+        tracing::info!(socket = %path.display(), "serving NBD");
+    }
+    if let Some(addr) = opts.tcp {
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "serving NBD over TCP");
+        server.serve_tcp(listener);
+    }
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    match (&opts.replicate, opts.interval) {
+        (Some(r), interval) => {
+            let interval = interval.unwrap_or(Duration::from_secs(300));
+            let ch = channel(&r.addr, &r.server_name, &r.tls)
+                .map_err(|e| format!("replica address {}: {e}", r.addr))?;
+            let limiter = r.bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
+            let transfers = Arc::new(Semaphore::new(r.max_transfers.max(1)));
+            for d in &disks {
+                let shipper = Shipper::new(
+                    &opts.vm,
+                    d.clone(),
+                    ch.clone(),
+                    r.shipper.clone(),
+                    limiter.clone(),
+                    transfers.clone(),
+                );
+                let stopped = stopped.clone();
+                tasks.push(tokio::spawn(async move { shipper.run(interval, stopped).await }));
+            }
+            tracing::info!(replica = %r.addr, ?interval, "replicating");
+        }
+        (None, Some(interval)) => {
+            for d in disks.clone() {
+                let mut stopped = stopped.clone();
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(interval) => {}
+                            _ = stopped.changed() => return,
+                        }
+                        let d = d.clone();
+                        match tokio::task::spawn_blocking(move || d.seal()).await {
+                            Ok(Ok(Some(s))) => {
+                                tracing::info!(first = s.first_seq, last = s.last_seq, "sealed")
+                            }
+                            Ok(Ok(None)) => {}
+                            Ok(Err(e)) => tracing::error!(error = %e, "sealing failed"),
+                            Err(e) => tracing::error!(error = %e, "sealing panicked"),
+                        }
+                    }
+                }));
+            }
+        }
+        (None, None) => {}
+    }
+    println!("ready");
+    terminated().await;
+    let _ = stop.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    for d in &disks {
+        if let Err(e) = d.shutdown() {
+            tracing::error!(disk = d.name(), error = %e, "clean shutdown failed");
+        }
+    }
+    if let Some(path) = &opts.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// A replica site's options.
+pub struct ReceiveOptions {
+    pub listen: SocketAddr,
+    pub tls: TlsMaterial,
+    pub site: SiteConfig,
+    pub max_transfers: usize,
+}
+
+/// Runs a replica site's replication server until SIGTERM/SIGINT.
+pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
+    let service = ReplicaService::new(opts.site, opts.max_transfers);
+    // Finish what a previous run left: recover and apply received segments.
+    let s = service.clone();
+    let recovered = tokio::task::spawn_blocking(move || s.recover_all()).await.map_err(|e| e.to_string())?;
+    tracing::info!(replicas = recovered.map_err(|e| e.to_string())?, "replicas recovered");
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
+    tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "receiving replication");
+    println!("ready");
+    serve_replication(service, listener, &opts.tls, terminated()).await.map_err(|e| e.to_string())
+}
