@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The run command (README): a local control plane with vmreplica's API and the
-# examples applied, then an agent serving a disk over NBD: writes through the
-# export are logged, sealed into segments, and replaying the segments onto the
-# starting image gives the live disk byte for byte.
+# examples applied, then two agents: site A's serves a disk over NBD and
+# replicates every write to site B's over mutual TLS, and site B's replica ends
+# up equal to site A's disk, with a recovery point per replication cycle.
 #   hack/local-up.sh          show it and tear everything down
 #   hack/local-up.sh --keep   keep it running; prints a KUBECONFIG to use; Ctrl-C ends it
 set -euo pipefail
@@ -12,13 +12,13 @@ keep=false; [ "${1:-}" = "--keep" ] && keep=true
 KUBEBUILDER_ASSETS="${KUBEBUILDER_ASSETS:-$(hack/test-deps.sh)}"
 export KUBEBUILDER_ASSETS
 target="${CARGO_TARGET_DIR:-target}"
-cargo build -q --locked -p vmreplica-tests --bin vmreplica-testenv -p vmreplica-controller -p vmreplica-agent
+cargo build -q --locked -p vmreplica-tests -p vmreplica-controller -p vmreplica-agent --bins
 
 run=$(mktemp -d -t vmreplica-local.XXXXXX)
 "$target/debug/vmreplica-testenv" "$run/kubeconfig" 2>"$run/control-plane.log" &
 env_pid=$!
-agent_pid=""
-trap 'kill $env_pid $agent_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$run"' EXIT
+agent_pid=""; replica_pid=""
+trap 'kill $env_pid $agent_pid $replica_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$run"' EXIT
 for _ in $(seq 1 240); do
   [ -f "$run/kubeconfig" ] && break
   kill -0 "$env_pid" 2>/dev/null || { cat "$run/control-plane.log" >&2; exit 1; }
@@ -47,25 +47,49 @@ spec:
   disks: [{name: root, path: /var/lib/vm/../../etc/shadow}]
 YAML
 agent="$target/debug/vmreplica-agent"
-disk="$run/ledger-db-root.img"
-say "an agent serves a 256 MiB disk over NBD and seals its log every second"
-truncate -s 256M "$disk" && cp "$disk" "$run/base.img"
-"$agent" serve --vm ledger-db --disk "root=$disk" --socket "$run/nbd.sock" --seal-interval 1 \
-  >/dev/null 2>"$run/agent.log" &
+"$target/debug/vmreplica-devcerts" "$run/certs" \
+  replica=replica.site-b.example.com,127.0.0.1 primary=host1.site-a.example.com
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+disk="$run/site-a/ledger-db-root.img"
+mkdir -p "$run/site-a" "$run/site-b"
+wait_ready() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return; sleep 0.1; done; cat "$1" >&2; exit 1; }
+
+say "site B: a replica agent accepts *.site-a.example.com (trust group finance), mutual TLS on :$port"
+"$agent" receive --listen "127.0.0.1:$port" --tls-dir "$run/certs/replica" \
+  --authorize "pattern=*.site-a.example.com,storage=$run/site-b,trust-group=finance" \
+  >"$run/replica.out" 2>"$run/replica.log" &
+replica_pid=$!
+wait_ready "$run/replica.out" ready
+
+say "site A: an agent serves a 256 MiB disk over NBD and replicates it every 2 seconds"
+truncate -s 256M "$disk"
+"$agent" serve --vm ledger-db --disk "root=$disk" --socket "$run/nbd.sock" --interval 2 \
+  --replicate-to "127.0.0.1:$port" --replica-server-name replica.site-b.example.com \
+  --tls-dir "$run/certs/primary" --retry-seconds 1 >"$run/primary.out" 2>"$run/primary.log" &
 agent_pid=$!
-for _ in $(seq 50); do [ -S "$run/nbd.sock" ] && break; sleep 0.1; done
+wait_ready "$run/primary.out" ready
 url="nbd+unix:///root?socket=$run/nbd.sock"
+
 say "qemu-io writes through the export (what the VM's QEMU would do)"
 qemu-io -f raw -c 'write -P 0xa1 0 1M' -c 'write -P 0xb2 64M 4M' -c 'write -z 1M 1M' -c flush "$url" | grep -v ops
-sleep 2
+sleep 3
 qemu-io -f raw -c 'write -P 0xc3 128M 8M' -c 'discard 64M 1M' "$url" | grep -v ops
-sleep 2
-kill "$agent_pid"; wait "$agent_pid" 2>/dev/null || true; agent_pid=""
-say "the sealed log segments (verified: CRC per record, BLAKE3 per segment)"
-"$agent" inspect "$disk.vmrlog"/*.seg
-say "replaying them onto the starting image reproduces the disk"
-"$agent" replay --image "$run/base.img" "$disk.vmrlog"/*.seg
-qemu-img compare -f raw -F raw "$run/base.img" "$disk"
+replica="$run/site-b/ledger-db/root"
+for _ in $(seq 100); do
+  qemu-img compare -q -f raw -F raw "$replica/disk.img" "$disk" 2>/dev/null && break; sleep 0.2
+done
+say "site B's replica equals site A's disk"
+qemu-img compare -f raw -F raw "$replica/disk.img" "$disk"
+say "its recovery points (one per replication cycle)"
+python3 - "$replica/replica.json" <<'PY'
+import json, sys, datetime
+s = json.load(open(sys.argv[1]))
+print(f"replica of {s['vmId']}/{s['diskId']} from {s['primary']} (trust group {s['trustGroup']}), applied through sequence {s['appliedThrough']}")
+for p in s["points"]:
+    t = datetime.datetime.fromtimestamp(p["timeMs"] / 1000, datetime.timezone.utc).strftime("%H:%M:%S")
+    print(f"  point at sequence {p['seq']:>3}  sealed {t}  {p['kind']}")
+PY
+kill "$agent_pid" "$replica_pid"; wait "$agent_pid" "$replica_pid" 2>/dev/null || true; agent_pid=""
 
 if $keep; then
   say "running; in another shell: export KUBECONFIG=$KUBECONFIG   (Ctrl-C ends it)"

@@ -92,6 +92,7 @@ pub enum PointKind {
 
 /// One recovery point: the image as it was after applying sequence `seq`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Point {
     pub seq: u64,
     /// When the primary sealed the segment ending here (ms since the epoch).
