@@ -24,7 +24,7 @@ use crate::{
     image::zero_range,
     log::{
         Journal, JournalConfig, JournalError, Logged, RecordKind, Recovery, SealedSegment,
-        journal::finish_seal,
+        journal::{Rotation, finish_seal},
     },
 };
 
@@ -168,14 +168,38 @@ impl ProtectedDisk {
     /// Seals the active segment (if it holds any record) and opens the next one.
     /// Writers wait only for the rotation, not for the hashing and syncing.
     pub fn seal(&self) -> Result<Option<SealedSegment>> {
-        let Some(rotation) = self.journal().rotate()? else { return Ok(None) };
+        match self.rotate(false)? {
+            Some(rotation) => self.finish(rotation).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Seals what is logged and returns the first sequence after the cut, taken
+    /// under the same lock as the rotation (so no write can slip between).
+    /// An initial copy resumes replication exactly there.
+    pub fn cut(&self) -> Result<(u64, Option<SealedSegment>)> {
+        let (next, rotation) = {
+            let mut j = self.journal();
+            (j.next_seq(), j.rotate(false)?)
+        };
+        Ok((next, rotation.map(|r| self.finish(r)).transpose()?))
+    }
+
+    /// The first half of [`Self::seal`]: the cut point. Quiescing for an
+    /// application-consistent point needs to cover only this.
+    pub fn rotate(&self, app_consistent: bool) -> Result<Option<Rotation>> {
+        Ok(self.journal().rotate(app_consistent)?)
+    }
+
+    /// The second half of [`Self::seal`]: hashing and syncing, off the lock.
+    pub fn finish(&self, rotation: Rotation) -> Result<SealedSegment> {
         // Everything in the rotated segment is in the image; make it durable so a
         // sealed segment never describes writes the image could lose.
         self.image.sync_data().map_err(self.image_err())?;
         let len = rotation.len();
         let sealed = finish_seal(rotation)?;
         self.journal().register_sealed(sealed.clone(), len);
-        Ok(Some(sealed))
+        Ok(sealed)
     }
 
     /// Deletes sealed segments the replica acknowledged, through sequence `through`.

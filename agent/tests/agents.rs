@@ -85,10 +85,23 @@ fn write_blocks(url: &str, first: u64, count: u64) -> Vec<(u64, u8)> {
         .collect()
 }
 
-fn wait_until(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+/// Waits for `ok`; on a timeout, fails with every agent log of `dir` attached.
+fn wait_until(dir: &Path, what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() > deadline {
+            let mut logs = String::new();
+            for e in fs::read_dir(dir).unwrap().flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    logs += &format!(
+                        "--- {}\n{}\n",
+                        e.path().display(),
+                        fs::read_to_string(e.path()).unwrap_or_default()
+                    );
+                }
+            }
+            panic!("timed out waiting for {what}\n{logs}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -151,7 +164,7 @@ fn kill_9_of_either_agent_mid_transfer_or_mid_apply_loses_no_acknowledged_write(
     let mut replica = agent(&receive, None, &d.join("replica.log"));
     let mut primary = agent(&serve, None, &d.join("primary.log"));
     let mut acked = write_blocks(&url, 0, 64);
-    wait_until("the initial copy and first segments", 20, || applied_through(&replica_dir) > 0);
+    wait_until(d, "the initial copy and first segments", 20, || applied_through(&replica_dir) > 0);
 
     // 1. The replica dies mid-transfer and comes back.
     acked.extend(write_blocks(&url, 64, 128));
@@ -172,7 +185,7 @@ fn kill_9_of_either_agent_mid_transfer_or_mid_apply_loses_no_acknowledged_write(
     replica.kill9();
     let mut aborting = agent(&receive, Some("apply.mid-records"), &d.join("replica3.log"));
     acked.extend(write_blocks(&url, 400, 32));
-    wait_until("the replica to abort mid-apply", 20, || aborting.0.try_wait().unwrap().is_some());
+    wait_until(d, "the replica to abort mid-apply", 20, || aborting.0.try_wait().unwrap().is_some());
     assert!(fs::read_to_string(d.join("replica3.log")).unwrap().contains("failpoint apply.mid-records"));
     let _replica = agent(&receive, None, &d.join("replica4.log"));
     acked.extend(write_blocks(&url, 432, 16));
@@ -180,7 +193,7 @@ fn kill_9_of_either_agent_mid_transfer_or_mid_apply_loses_no_acknowledged_write(
     // The replica catches up with the primary, byte for byte.
     assert!(acked.len() > 250, "only {} writes were acknowledged", acked.len());
     let replica_image = replica_dir.join("disk.img");
-    wait_until("the replica to equal the primary", 60, || {
+    wait_until(d, "the replica to equal the primary", 60, || {
         replica_image.exists() && identical(path_str(&replica_image), path_str(&image))
     });
     let f = fs::File::open(&replica_image).unwrap();

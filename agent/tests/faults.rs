@@ -224,7 +224,7 @@ fn a_crash_between_rotation_and_seal_is_finished_by_recovery() {
         let mut buf = vec![7u8; Journal::record_len(65536)];
         j.append_write(&mut buf, 0).unwrap();
         img.write_all_at(&buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + 65536], 0).unwrap();
-        let rotation = j.rotate().unwrap().expect("one record to seal");
+        let rotation = j.rotate(false).unwrap().expect("one record to seal");
         drop(rotation); // crash: never sealed
         let mut buf = vec![8u8; Journal::record_len(4096)];
         j.append_write(&mut buf, 1 << 20).unwrap();

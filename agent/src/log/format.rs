@@ -37,6 +37,9 @@ const HEADER_FIXED_LEN: usize = 42;
 const DIGEST_LEN: usize = 32;
 /// Payload of a seal record: digest and seal time.
 pub const SEAL_PAYLOAD_LEN: usize = DIGEST_LEN + 8;
+/// Seal record flag: the segment was rotated with the guest quiesced, so the
+/// point it ends is application-consistent.
+pub const SEAL_FLAG_APP_CONSISTENT: u8 = 1;
 /// Bytes of a whole seal record.
 pub const SEAL_RECORD_LEN: usize = RECORD_HEADER_LEN + SEAL_PAYLOAD_LEN + RECORD_TRAILER_LEN;
 
@@ -222,11 +225,18 @@ pub fn encode_seal(
     data_bytes: u64,
     digest: &[u8; DIGEST_LEN],
     sealed_unix_ms: u64,
+    flags: u8,
 ) -> Vec<u8> {
     let mut payload = [0u8; SEAL_PAYLOAD_LEN];
     payload[..DIGEST_LEN].copy_from_slice(digest);
     payload[DIGEST_LEN..].copy_from_slice(&sealed_unix_ms.to_le_bytes());
-    encode_record(RecordKind::Seal, last_seq, record_count, data_bytes, &payload)
+    let mut h = record_header(RecordKind::Seal, last_seq, record_count, data_bytes, SEAL_PAYLOAD_LEN as u32);
+    h[5] = flags;
+    let mut b = Vec::with_capacity(SEAL_RECORD_LEN);
+    b.extend_from_slice(&h);
+    b.extend_from_slice(&payload);
+    b.extend_from_slice(&record_crc(&h, &payload));
+    b
 }
 
 /// Writes a whole segment (undo files, folded undo, tests): header, records, seal.
@@ -273,6 +283,7 @@ impl<W: std::io::Write> SegmentWriter<W> {
             self.data_bytes,
             self.hasher.finalize().as_bytes(),
             sealed_unix_ms,
+            0,
         );
         self.out.write_all(&seal)?;
         Ok((self.out, self.len + seal.len() as u64))
@@ -292,6 +303,7 @@ pub struct SegmentReader<R> {
     hasher: blake3::Hasher,
     sealed: bool,
     seal_time: Option<u64>,
+    app_consistent: bool,
 }
 
 /// What a seal said, once it verified.
@@ -302,6 +314,8 @@ pub struct SealInfo {
     pub data_bytes: u64,
     /// When the segment was sealed (ms since the Unix epoch); 0 before it is.
     pub sealed_unix_ms: u64,
+    /// Rotated with the guest quiesced.
+    pub app_consistent: bool,
 }
 
 impl<R: Read> SegmentReader<R> {
@@ -319,6 +333,7 @@ impl<R: Read> SegmentReader<R> {
             hasher,
             sealed: false,
             seal_time: None,
+            app_consistent: false,
         })
     }
 
@@ -346,7 +361,8 @@ impl<R: Read> SegmentReader<R> {
         }
         let kind =
             RecordKind::from_u8(h[4]).ok_or(FormatError::BadRecord { at, what: "unknown record kind" })?;
-        if h[5..8] != [0, 0, 0] || h[36..40] != [0, 0, 0, 0] {
+        let allowed_flags = if kind == RecordKind::Seal { SEAL_FLAG_APP_CONSISTENT } else { 0 };
+        if h[5] & !allowed_flags != 0 || h[6..8] != [0, 0] || h[36..40] != [0, 0, 0, 0] {
             return Err(FormatError::BadRecord { at, what: "reserved bytes are not zero" });
         }
         let (seq, offset, length) = (u64_at(&h, 8), u64_at(&h, 16), u64_at(&h, 24));
@@ -378,7 +394,14 @@ impl<R: Read> SegmentReader<R> {
         }
         if kind == RecordKind::Seal {
             let sealed_unix_ms = u64_at(&payload, DIGEST_LEN);
-            let info = SealInfo { last_seq: seq, records: offset, data_bytes: length, sealed_unix_ms };
+            let app_consistent = h[5] & SEAL_FLAG_APP_CONSISTENT != 0;
+            let info = SealInfo {
+                last_seq: seq,
+                records: offset,
+                data_bytes: length,
+                sealed_unix_ms,
+                app_consistent,
+            };
             if self.hasher.finalize().as_bytes()[..] != payload[..DIGEST_LEN] {
                 return Err(FormatError::DigestMismatch);
             }
@@ -390,6 +413,7 @@ impl<R: Read> SegmentReader<R> {
             }
             self.sealed = true;
             self.seal_time = Some(sealed_unix_ms);
+            self.app_consistent = app_consistent;
             self.position += (RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN) as u64;
             return Ok(None);
         }
@@ -423,6 +447,7 @@ impl<R: Read> SegmentReader<R> {
             records: self.records,
             data_bytes: self.data_bytes,
             sealed_unix_ms: self.seal_time.unwrap_or(0),
+            app_consistent: self.app_consistent,
         }
     }
 
@@ -511,6 +536,7 @@ mod tests {
             data,
             &digest,
             1_700_000_001_000,
+            SEAL_FLAG_APP_CONSISTENT,
         ));
         b
     }
@@ -525,7 +551,13 @@ mod tests {
         assert_eq!(records[1].payload, vec![2; 100]);
         assert_eq!(
             seal,
-            SealInfo { last_seq: 101, records: 2, data_bytes: 612, sealed_unix_ms: 1_700_000_001_000 }
+            SealInfo {
+                last_seq: 101,
+                records: 2,
+                data_bytes: 612,
+                sealed_unix_ms: 1_700_000_001_000,
+                app_consistent: true
+            }
         );
     }
 

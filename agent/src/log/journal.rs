@@ -32,8 +32,8 @@ use super::{
     apply::apply_record,
     dirty::JournalState,
     format::{
-        FormatError, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SEAL_RECORD_LEN, SegmentHeader,
-        SegmentReader, encode_record, encode_seal, record_crc, record_header,
+        FormatError, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SEAL_FLAG_APP_CONSISTENT,
+        SEAL_RECORD_LEN, SegmentHeader, SegmentReader, encode_record, encode_seal, record_crc, record_header,
     },
 };
 
@@ -65,6 +65,8 @@ pub struct SealedSegment {
     pub last_seq: u64,
     pub records: u64,
     pub bytes: u64,
+    /// Rotated while the guest was quiesced.
+    pub app_consistent: bool,
 }
 
 /// What [`Journal::append`] did with a change.
@@ -106,6 +108,7 @@ enum Recovered {
 pub struct Rotation {
     path: PathBuf,
     len: u64,
+    app_consistent: bool,
 }
 
 /// Names and sizes of one disk's log.
@@ -214,7 +217,8 @@ impl Journal {
                         let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
                         active = Some(Active { file, path, first_seq: first, len });
                     } else {
-                        sealed.push(finish_seal_with(Rotation { path, len }, *reader)?);
+                        sealed
+                            .push(finish_seal_with(Rotation { path, len, app_consistent: false }, *reader)?);
                         recovery.sealed += 1;
                     }
                 }
@@ -267,6 +271,7 @@ impl Journal {
             last_seq: field(8),
             records: field(16),
             bytes,
+            app_consistent: h[5] & SEAL_FLAG_APP_CONSISTENT != 0,
         })
     }
 
@@ -329,6 +334,7 @@ impl Journal {
                 last_seq: info.last_seq,
                 records: info.records,
                 bytes: valid,
+                app_consistent: info.app_consistent,
             }));
         }
         let valid = reader.position;
@@ -441,14 +447,14 @@ impl Journal {
 
     /// Starts a new active segment and hands back the old one for
     /// [`finish_seal`], or `None` when the active segment holds no record.
-    pub fn rotate(&mut self) -> Result<Option<Rotation>> {
+    pub fn rotate(&mut self, app_consistent: bool) -> Result<Option<Rotation>> {
         if self.next_seq == self.active.first_seq || self.state.resync_required {
             return Ok(None);
         }
         let next = Self::create_active(&self.dir, &self.cfg, self.state.epoch, self.next_seq)?;
         let old = std::mem::replace(&mut self.active, next);
         self.rotating_bytes += old.len;
-        Ok(Some(Rotation { path: old.path, len: old.len }))
+        Ok(Some(Rotation { path: old.path, len: old.len, app_consistent }))
     }
 
     /// Records a segment [`finish_seal`] sealed.
@@ -528,7 +534,8 @@ pub fn finish_seal(rotation: Rotation) -> Result<SealedSegment> {
 
 fn finish_seal_with<R: io::Read>(rotation: Rotation, reader: SegmentReader<R>) -> Result<SealedSegment> {
     let info = reader.seal_info();
-    let seal = encode_seal(info.last_seq, info.records, info.data_bytes, &reader.digest(), now_ms());
+    let flags = if rotation.app_consistent { SEAL_FLAG_APP_CONSISTENT } else { 0 };
+    let seal = encode_seal(info.last_seq, info.records, info.data_bytes, &reader.digest(), now_ms(), flags);
     let path = &rotation.path;
     let mut file = OpenOptions::new().append(true).open(path).map_err(io_err(path))?;
     file.write_all(&seal).and_then(|()| file.sync_all()).map_err(io_err(path))?;
@@ -541,6 +548,7 @@ fn finish_seal_with<R: io::Read>(rotation: Rotation, reader: SegmentReader<R>) -
         last_seq: info.last_seq,
         records: info.records,
         bytes: rotation.len + seal.len() as u64,
+        app_consistent: rotation.app_consistent,
     })
 }
 

@@ -38,6 +38,11 @@ pub enum ShipError {
     Read { what: String, source: io::Error },
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
+    #[error(
+        "the replica expects sequence {expected}, inside local segment {first}..={last}: \
+         logs cannot bring it up to date; a resynchronisation is required"
+    )]
+    ResyncRequired { expected: u64, first: u64, last: u64 },
 }
 
 /// Opens a lazily connecting mTLS channel to a replica agent at `addr`
@@ -195,6 +200,13 @@ impl Shipper {
         self.disk.acknowledge(next - 1)?;
         let mut through = next - 1;
         for seg in self.disk.log_status().sealed {
+            if seg.first_seq < next && seg.last_seq >= next {
+                return Err(ShipError::ResyncRequired {
+                    expected: next,
+                    first: seg.first_seq,
+                    last: seg.last_seq,
+                });
+            }
             let started = Instant::now();
             through = self.push(&seg).await?;
             self.disk.acknowledge(through)?;
@@ -287,10 +299,10 @@ impl Shipper {
     /// resumes at. Writes go on meanwhile and are shipped after.
     async fn initial_copy(&self) -> Result<u64, ShipError> {
         let _permit = self.transfers.acquire().await.expect("the semaphore is never closed");
-        // Everything written so far is in the image or in sealed segments; the
-        // copy covers both, so replication resumes after them.
-        self.disk.seal()?;
-        let next_seq = self.disk.log_status().next_seq;
+        // Everything logged before the cut is in the image, so the copy covers
+        // it; replication resumes at the cut. (Reading next_seq after sealing
+        // instead would race with writes landing in the new segment.)
+        let (next_seq, _) = self.disk.cut()?;
         let start = CopyStart {
             disk: Some(self.disk_ref()),
             disk_size: self.disk.size(),
