@@ -13,6 +13,7 @@ pub mod failpoint;
 pub mod image;
 pub mod log;
 pub mod nbd;
+pub mod quiesce;
 pub mod replica;
 pub mod replication;
 pub mod run;

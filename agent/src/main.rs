@@ -5,6 +5,8 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use vmreplica_agent::{
     log,
+    quiesce::Quiesce,
+    replica::retention::Policy,
     replication::{
         authz::{Entry, SiteConfig},
         shipper::ShipperConfig,
@@ -82,6 +84,19 @@ struct Serve {
     /// Waits after failed cycles, in seconds; the last repeats.
     #[arg(long, value_delimiter = ',', default_values_t = [60, 120, 240, 480, 1800])]
     retry_seconds: Vec<u64>,
+    /// Take an application-consistent point this often (seconds), quiescing
+    /// with --freeze-command/--thaw-command or --guest-agent-socket.
+    #[arg(long)]
+    app_consistent_every: Option<u64>,
+    /// Freeze command, run with `sh -c`.
+    #[arg(long, requires = "thaw_command")]
+    freeze_command: Option<String>,
+    /// Thaw command, run with `sh -c` after every freeze attempt.
+    #[arg(long, requires = "freeze_command")]
+    thaw_command: Option<String>,
+    /// The QEMU guest agent's socket (guest-fsfreeze-freeze / -thaw).
+    #[arg(long, conflicts_with = "freeze_command")]
+    guest_agent_socket: Option<PathBuf>,
 }
 
 #[derive(ClapArgs)]
@@ -107,6 +122,12 @@ struct Receive {
     /// Most transfers at once.
     #[arg(long, default_value_t = 6)]
     max_transfers: usize,
+    /// Every replication cycle within this many seconds is a recovery point.
+    #[arg(long, default_value_t = 3600)]
+    window_seconds: u64,
+    /// Beyond the window, keep one point per hour for this many hours (0-168).
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=168))]
+    hourly_points: u32,
 }
 
 fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
@@ -197,7 +218,19 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
             })
         }
     };
+    let sh = |c: String| vec!["sh".to_owned(), "-c".to_owned(), c];
+    let quiesce = match (s.freeze_command, s.thaw_command, s.guest_agent_socket) {
+        (Some(f), Some(t), None) => Some(Quiesce::Command { freeze: sh(f), thaw: sh(t) }),
+        (None, None, Some(socket)) => Some(Quiesce::GuestAgent { socket }),
+        _ => None,
+    };
+    let app_consistent = match (s.app_consistent_every, quiesce) {
+        (Some(every), Some(q)) => Some((q, Duration::from_secs(every))),
+        (Some(_), None) => return Err("--app-consistent-every needs a way to quiesce: --freeze-command and --thaw-command, or --guest-agent-socket".into()),
+        (None, _) => None,
+    };
     Ok(run::ServeOptions {
+        app_consistent,
         vm: s.vm,
         disks: s.disks,
         socket: s.socket,
@@ -221,6 +254,7 @@ fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
             entries: r.entries,
         },
         max_transfers: r.max_transfers,
+        retention: Policy { window_ms: r.window_seconds * 1000, hourly: r.hourly_points },
     })
 }
 

@@ -10,8 +10,11 @@ use tokio::sync::{Semaphore, watch};
 use crate::{
     disk::ProtectedDisk,
     nbd::NbdServer,
+    quiesce::Quiesce,
+    replica::retention::Policy,
     replication::{
         authz::SiteConfig,
+        cycle::VmReplication,
         service::{ReplicaService, serve as serve_replication},
         shipper::{RateLimiter, Shipper, ShipperConfig, channel},
         tls::TlsMaterial,
@@ -36,6 +39,8 @@ pub struct ServeOptions {
     pub tcp: Option<SocketAddr>,
     /// Seal (and ship, when replicating) this often.
     pub interval: Option<Duration>,
+    /// Quiesce the guest for an application-consistent point this often.
+    pub app_consistent: Option<(Quiesce, Duration)>,
     pub replicate: Option<ReplicateTo>,
 }
 
@@ -86,18 +91,29 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 .map_err(|e| format!("replica address {}: {e}", r.addr))?;
             let limiter = r.bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
             let transfers = Arc::new(Semaphore::new(r.max_transfers.max(1)));
-            for d in &disks {
-                let shipper = Shipper::new(
-                    &opts.vm,
-                    d.clone(),
-                    ch.clone(),
-                    r.shipper.clone(),
-                    limiter.clone(),
-                    transfers.clone(),
-                );
-                let stopped = stopped.clone();
-                tasks.push(tokio::spawn(async move { shipper.run(interval, stopped).await }));
-            }
+            let shippers = disks
+                .iter()
+                .map(|d| {
+                    Shipper::new(
+                        &opts.vm,
+                        d.clone(),
+                        ch.clone(),
+                        r.shipper.clone(),
+                        limiter.clone(),
+                        transfers.clone(),
+                    )
+                })
+                .collect();
+            let vm = VmReplication::new(
+                shippers,
+                interval,
+                r.shipper.backoff.clone(),
+                opts.app_consistent.clone(),
+            );
+            let stopped = stopped.clone();
+            tasks.push(tokio::spawn(async move {
+                vm.run(stopped).await;
+            }));
             tracing::info!(replica = %r.addr, ?interval, "replicating");
         }
         (None, Some(interval)) => {
@@ -147,11 +163,13 @@ pub struct ReceiveOptions {
     pub tls: TlsMaterial,
     pub site: SiteConfig,
     pub max_transfers: usize,
+    pub retention: Policy,
 }
 
 /// Runs a replica site's replication server until SIGTERM/SIGINT.
 pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
     let service = ReplicaService::new(opts.site, opts.max_transfers);
+    service.set_retention(opts.retention);
     // Finish what a previous run left: recover and apply received segments.
     let s = service.clone();
     let recovered = tokio::task::spawn_blocking(move || s.recover_all()).await.map_err(|e| e.to_string())?;

@@ -128,7 +128,13 @@ async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
     let mut forged = material(&other_ca, &["host1.site-a.example.com"]);
     forged.ca_pem = site.ca.cert_pem.clone();
     let err = client(&site, &forged).await.open(open("vm1")).await.unwrap_err();
-    assert!(matches!(err.code(), tonic::Code::Unavailable | tonic::Code::Cancelled), "{err}");
+    // How the refused handshake surfaces depends on timing; it is refused either way.
+    let refused = match err.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled => true,
+        tonic::Code::Unknown => format!("{err:?}").contains("UnknownCA"),
+        _ => false,
+    };
+    assert!(refused, "{err:?}");
     assert_eq!(files_under(site.storage.path()), 0);
 
     // Path traversal in a name from the wire.

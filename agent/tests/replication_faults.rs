@@ -66,11 +66,14 @@ async fn tampering_and_cut_streams_are_refused_then_recovered_and_failures_back_
         None,
         std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
     );
+    let vm = vmreplica_agent::replication::cycle::VmReplication::new(
+        vec![lost],
+        Duration::from_millis(50),
+        vec![Duration::from_millis(100)],
+        None,
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let runner = tokio::spawn(async move {
-        lost.run(Duration::from_millis(50), stopped).await;
-        lost.stats()
-    });
+    let runner = tokio::spawn(async move { vm.run(stopped).await.shippers()[0].stats() });
     tokio::time::sleep(Duration::from_millis(600)).await;
     stop.send(true).unwrap();
     let stats = runner.await.unwrap();

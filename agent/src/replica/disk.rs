@@ -78,7 +78,7 @@ fn fail(name: &str) -> Result<()> {
     crate::failpoint::hit(name).map_err(|source| ReplicaError::Io { path: PathBuf::from(name), source })
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -426,12 +426,9 @@ impl ReplicaDisk {
             s.applied_through = seal.last_seq;
             if seal.last_seq + 1 >= s.consistent_from {
                 let undo = if s.points.is_empty() { None } else { Some(undo_name.clone()) };
-                s.points.push(Point {
-                    seq: seal.last_seq,
-                    time_ms: seal.sealed_unix_ms,
-                    kind: PointKind::Standard,
-                    undo,
-                });
+                let kind =
+                    if seal.app_consistent { PointKind::ApplicationConsistent } else { PointKind::Standard };
+                s.points.push(Point { seq: seal.last_seq, time_ms: seal.sealed_unix_ms, kind, undo });
             }
         })?;
         // Kept only when the new point refers to it: the oldest point needs no
@@ -510,6 +507,25 @@ impl ReplicaDisk {
             removed += 1;
         }
         Ok(removed)
+    }
+
+    /// Applies a recovery-history policy as of `now_ms`: drops (folding) what
+    /// it rejects and relabels kept points (Standard points beyond the window
+    /// become Hourly). Returns how many points were dropped.
+    pub fn apply_retention(&self, policy: &super::retention::Policy, now_ms: u64) -> Result<usize> {
+        let points = self.points();
+        let plan = super::retention::plan(&points, now_ms, policy);
+        let decided: std::collections::HashMap<u64, Option<PointKind>> =
+            points.iter().zip(&plan).map(|(p, k)| (p.seq, *k)).collect();
+        let dropped = self.prune(|p| decided.get(&p.seq).is_some_and(|k| k.is_some()))?;
+        self.update(|s| {
+            for p in &mut s.points {
+                if let Some(Some(kind)) = decided.get(&p.seq) {
+                    p.kind = *kind;
+                }
+            }
+        })?;
+        Ok(dropped)
     }
 
     /// One undo file equal to applying `first` then `second`; returns its name.

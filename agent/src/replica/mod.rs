@@ -4,5 +4,6 @@
 pub mod disk;
 pub mod names;
 pub mod ranges;
+pub mod retention;
 
 pub use disk::{Incoming, Point, PointKind, ReplicaDisk, ReplicaError, ReplicaState};

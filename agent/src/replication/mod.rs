@@ -2,6 +2,7 @@
 //! service, the primary's shipper, and the authorisation rules between them.
 
 pub mod authz;
+pub mod cycle;
 pub mod service;
 pub mod shipper;
 pub mod tls;

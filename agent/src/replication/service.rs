@@ -23,7 +23,7 @@ use super::{
     },
     tls::dns_names,
 };
-use crate::replica::{Incoming, ReplicaDisk, ReplicaError, ReplicaState, names};
+use crate::replica::{Incoming, ReplicaDisk, ReplicaError, ReplicaState, names, retention::Policy};
 
 /// Largest chunk, raw or compressed, a sender may send.
 pub const MAX_CHUNK: usize = 4 << 20;
@@ -37,6 +37,8 @@ pub struct ReplicaService {
     disks: Mutex<HashMap<PathBuf, Arc<ReplicaDisk>>>,
     /// Hyper-V's MaximumActiveTransfers: streams beyond it wait.
     transfers: Semaphore,
+    /// Recovery history kept for every replica of this site.
+    retention: RwLock<Policy>,
 }
 
 fn denied(d: Denied) -> Status {
@@ -102,7 +104,20 @@ impl ReplicaService {
             site: RwLock::new(site),
             disks: Mutex::default(),
             transfers: Semaphore::new(max_transfers.max(1)),
+            retention: RwLock::new(Policy::default()),
         })
+    }
+
+    /// Sets the recovery history kept for this site's replicas.
+    pub fn set_retention(&self, policy: Policy) {
+        *self.retention.write().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    fn apply_and_retain(&self, replica: &ReplicaDisk) -> Result<(), ReplicaError> {
+        replica.apply_pending()?;
+        let policy = *self.retention.read().unwrap_or_else(|p| p.into_inner());
+        replica.apply_retention(&policy, crate::replica::disk::now_ms())?;
+        Ok(())
     }
 
     /// Replaces the site's rules (the controller pushes these).
@@ -304,8 +319,9 @@ impl Replication for Arc<ReplicaService> {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(status)?;
         // Apply after acknowledging: the segment is already durable and verified.
+        let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = replica.apply_pending() {
+            if let Err(e) = this.apply_and_retain(&replica) {
                 tracing::error!(error = %e, "applying received segments failed");
             }
         });
@@ -412,7 +428,7 @@ impl ReplicaService {
                         self.open_dir(&dir, || unreachable!("replica.json exists")).map_err(|s| {
                             ReplicaError::BadState { path: dir.clone(), why: s.message().to_owned() }
                         })?;
-                    replica.apply_pending()?;
+                    self.apply_and_retain(&replica)?;
                     found += 1;
                 }
             }

@@ -3,7 +3,6 @@
 //! durable.
 //!
 //! ```text
-//!  run():  every interval: seal ─▶ sync_once ─ error ─▶ back off (1, 2, 4, 8 min, then 30)
 //!  sync_once(): Open ─▶ [initial copy] ─▶ drop what the replica has ─▶ push the rest, in order
 //!  push:   reader thread: read 1 MiB ─▶ zstd ─▶ bandwidth limit ─▶ channel ─▶ gRPC stream
 //! ```
@@ -157,6 +156,10 @@ impl Shipper {
             epoch: 0,
             stats: Mutex::default(),
         }
+    }
+
+    pub fn disk(&self) -> &Arc<ProtectedDisk> {
+        &self.disk
     }
 
     pub fn stats(&self) -> ShipStats {
@@ -389,33 +392,6 @@ impl Shipper {
         s.initial_copy_bytes += ack.bytes_received;
         s.wire_bytes_sent += wire;
         Ok(ack.next_seq)
-    }
-
-    /// Seals and syncs every `interval` until `stop` fires, backing off after
-    /// failures as configured.
-    pub async fn run(&self, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut failures = 0usize;
-        let mut wait = Duration::ZERO;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.changed() => return,
-            }
-            if let Err(e) = self.disk.seal() {
-                tracing::error!(disk = self.disk.name(), error = %e, "sealing failed");
-            }
-            match self.sync_once().await {
-                Ok(_) => {
-                    failures = 0;
-                    wait = interval;
-                }
-                Err(e) => {
-                    wait = self.cfg.backoff[failures.min(self.cfg.backoff.len() - 1)];
-                    failures += 1;
-                    tracing::warn!(disk = self.disk.name(), error = %e, retry_in = ?wait, "replication failed");
-                }
-            }
-        }
     }
 }
 

@@ -1,0 +1,134 @@
+//! One VM's replication cycle, every interval:
+//!
+//! ```text
+//!  [freeze, if an application-consistent point is due]
+//!  cut every disk's log (rotate)          ── the only step under the freeze
+//!  [thaw — after any freeze attempt, even a failed one]
+//!  finish the seals, then ship every disk
+//! ```
+//! Cutting all disks together under one freeze makes the point consistent
+//! across the VM's disks. After a failed cycle the next one waits on the
+//! back-off schedule instead of the interval.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+
+use super::shipper::{ShipError, Shipper};
+use crate::{disk::ProtectedDisk, quiesce::Quiesce};
+
+/// What one cycle did.
+#[derive(Debug, Default)]
+pub struct CycleReport {
+    /// The cut was taken with the guest quiesced.
+    pub app_consistent: bool,
+    /// Why an application-consistent point was due but not taken.
+    pub quiesce_error: Option<String>,
+    /// Errors per disk that failed to seal or ship.
+    pub errors: Vec<String>,
+}
+
+/// Replicates one VM: its disks and a shipper for each.
+pub struct VmReplication {
+    disks: Vec<Arc<ProtectedDisk>>,
+    shippers: Vec<Shipper>,
+    interval: Duration,
+    backoff: Vec<Duration>,
+    /// Quiesce and how often an application-consistent point is taken.
+    app_consistent: Option<(Quiesce, Duration)>,
+    last_app: Option<Instant>,
+}
+
+impl VmReplication {
+    pub fn new(
+        shippers: Vec<Shipper>,
+        interval: Duration,
+        backoff: Vec<Duration>,
+        app_consistent: Option<(Quiesce, Duration)>,
+    ) -> Self {
+        let disks = shippers.iter().map(|s| s.disk().clone()).collect();
+        Self { disks, shippers, interval, backoff, app_consistent, last_app: None }
+    }
+
+    pub fn shippers(&self) -> &[Shipper] {
+        &self.shippers
+    }
+
+    /// Cuts every disk (quiesced when due), then ships them all.
+    pub async fn cycle_once(&mut self) -> CycleReport {
+        let mut report = CycleReport::default();
+        let due = self
+            .app_consistent
+            .as_ref()
+            .filter(|(_, every)| self.last_app.is_none_or(|t| t.elapsed() >= *every));
+        let frozen = match due {
+            Some((q, _)) => match q.freeze().await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "freeze failed: this point is crash-consistent only");
+                    report.quiesce_error = Some(e.to_string());
+                    false
+                }
+            },
+            None => false,
+        };
+        let disks = self.disks.clone();
+        let rotations =
+            tokio::task::spawn_blocking(move || disks.iter().map(|d| d.rotate(frozen)).collect::<Vec<_>>())
+                .await
+                .expect("rotation does not panic");
+        // After any freeze attempt, even a failed one.
+        let thawed = match due {
+            Some((q, _)) => q.thaw().await,
+            None => Ok(()),
+        };
+        if let Err(e) = thawed {
+            tracing::error!(error = %e, "thaw failed");
+            report.quiesce_error.get_or_insert(e.to_string());
+        }
+        if frozen {
+            self.last_app = Some(Instant::now());
+            report.app_consistent = true;
+        }
+        for (disk, rotation) in self.disks.clone().into_iter().zip(rotations) {
+            let finished = match rotation {
+                Ok(Some(r)) => {
+                    tokio::task::spawn_blocking(move || disk.finish(r).map(|_| ())).await.expect("no panic")
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = finished {
+                report.errors.push(e.to_string());
+            }
+        }
+        let results: Vec<Result<u64, ShipError>> =
+            futures::future::join_all(self.shippers.iter().map(|s| s.sync_once())).await;
+        report.errors.extend(results.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()));
+        report
+    }
+
+    /// Runs cycles until `stop` fires.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Self {
+        let mut failures = 0usize;
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => return self,
+            }
+            let report = self.cycle_once().await;
+            if report.errors.is_empty() {
+                failures = 0;
+                wait = self.interval;
+            } else {
+                wait = self.backoff[failures.min(self.backoff.len().saturating_sub(1))];
+                failures += 1;
+                tracing::warn!(errors = ?report.errors, retry_in = ?wait, "replication cycle failed");
+            }
+        }
+    }
+}
