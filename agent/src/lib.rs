@@ -12,6 +12,7 @@ pub mod disk;
 pub mod failpoint;
 pub mod image;
 pub mod log;
+pub mod metrics;
 pub mod nbd;
 pub mod quiesce;
 pub mod replica;

@@ -97,6 +97,9 @@ struct Serve {
     /// The QEMU guest agent's socket (guest-fsfreeze-freeze / -thaw).
     #[arg(long, conflicts_with = "freeze_command")]
     guest_agent_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics (/metrics) and /healthz on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(ClapArgs)]
@@ -128,6 +131,9 @@ struct Receive {
     /// Beyond the window, keep one point per hour for this many hours (0-168).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=168))]
     hourly_points: u32,
+    /// Serve Prometheus metrics (/metrics) and /healthz on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
@@ -231,6 +237,7 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
     };
     Ok(run::ServeOptions {
         app_consistent,
+        metrics: s.metrics,
         vm: s.vm,
         disks: s.disks,
         socket: s.socket,
@@ -255,6 +262,7 @@ fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
         },
         max_transfers: r.max_transfers,
         retention: Policy { window_ms: r.window_seconds * 1000, hourly: r.hourly_points },
+        metrics: r.metrics,
     })
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::{
     disk::ProtectedDisk,
+    metrics::Metrics,
     nbd::NbdServer,
     quiesce::Quiesce,
     replica::retention::Policy,
@@ -41,6 +42,8 @@ pub struct ServeOptions {
     pub interval: Option<Duration>,
     /// Quiesce the guest for an application-consistent point this often.
     pub app_consistent: Option<(Quiesce, Duration)>,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
     pub replicate: Option<ReplicateTo>,
 }
 
@@ -82,6 +85,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "serving NBD over TCP");
         server.serve_tcp(listener);
     }
+    let metrics = metrics_endpoint(opts.metrics).await?;
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     match (&opts.replicate, opts.interval) {
@@ -102,6 +106,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                         limiter.clone(),
                         transfers.clone(),
                     )
+                    .with_metrics(metrics.clone())
                 })
                 .collect();
             let vm = VmReplication::new(
@@ -164,12 +169,32 @@ pub struct ReceiveOptions {
     pub site: SiteConfig,
     pub max_transfers: usize,
     pub retention: Policy,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Starts the metrics endpoint when asked; it stops with the process.
+async fn metrics_endpoint(addr: Option<SocketAddr>) -> Result<Arc<Metrics>, String> {
+    let metrics = Metrics::new();
+    if let Some(addr) = addr {
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "serving metrics");
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(m, listener, terminated()).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
+    Ok(metrics)
 }
 
 /// Runs a replica site's replication server until SIGTERM/SIGINT.
 pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
     let service = ReplicaService::new(opts.site, opts.max_transfers);
     service.set_retention(opts.retention);
+    service.set_metrics(metrics_endpoint(opts.metrics).await?);
     // Finish what a previous run left: recover and apply received segments.
     let s = service.clone();
     let recovered = tokio::task::spawn_blocking(move || s.recover_all()).await.map_err(|e| e.to_string())?;

@@ -206,3 +206,72 @@ async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
     let replica = site.service.replica("vm1", "root").unwrap();
     assert!(!replica.state().has_copy);
 }
+
+/// GET `path` from `addr` with a minimal HTTP/1.0 request; returns the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_are_exported_as_prometheus_metrics() {
+    use vmreplica_agent::metrics::{Metrics, serve};
+    let site = replica_site().await;
+    let metrics = Metrics::new();
+    site.service.set_metrics(metrics.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(metrics.clone(), listener, std::future::pending()));
+
+    let p = tokio::task::spawn_blocking(|| serve_new_image(32 * MIB, b"boot")).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = shipper(&site, &tls, p.disk.clone(), fast(), None).with_metrics(metrics.clone());
+    ship.sync_once().await.unwrap();
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 7 0 2M".into()])).await.unwrap();
+    let seg = p.disk.seal().unwrap().unwrap();
+    ship.sync_once().await.unwrap();
+    applied(&site, seg.last_seq).await;
+    // A refused request counts by its code.
+    let stranger = material(&site.ca, &["x.site-c.example.com"]);
+    let open = OpenRequest { disk: disk("vm1"), disk_size: 32 * MIB, epoch: 0 };
+    client(&site, &stranger).await.open(open).await.unwrap_err();
+
+    let body = http_get(addr, "/metrics").await;
+    let line = |name: &str| {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+            .to_owned()
+    };
+    let value = |name: &str| line(name).rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    assert_eq!(value("vmreplica_agent_segments_sent_total{disk=\"root\",vm=\"vm1\"}"), 1.0);
+    assert_eq!(
+        value("vmreplica_agent_replication_cycles_total{disk=\"root\",result=\"successful\",vm=\"vm1\"}"),
+        2.0
+    );
+    assert_eq!(
+        value("vmreplica_agent_bytes_sent_total{disk=\"root\",kind=\"raw\",vm=\"vm1\"}"),
+        seg.bytes as f64
+    );
+    let wire = value("vmreplica_agent_bytes_sent_total{disk=\"root\",kind=\"wire\",vm=\"vm1\"}");
+    assert!(wire > 0.0 && wire < seg.bytes as f64, "a 2 MiB pattern compresses: {wire}");
+    assert_eq!(value("vmreplica_agent_transfer_seconds_count{disk=\"root\",vm=\"vm1\"}"), 1.0);
+    assert!(
+        value("vmreplica_agent_pending_bytes{disk=\"root\",vm=\"vm1\"}") < 4096.0,
+        "acknowledged log is gone"
+    );
+    assert!(value("vmreplica_agent_last_replication_timestamp_seconds{disk=\"root\",vm=\"vm1\"}") > 1.7e9);
+    assert_eq!(
+        value("vmreplica_agent_replica_applied_sequence{disk=\"root\",vm=\"vm1\"}"),
+        seg.last_seq as f64
+    );
+    assert_eq!(value("vmreplica_agent_replica_recovery_points{disk=\"root\",vm=\"vm1\"}"), 1.0);
+    assert_eq!(value("vmreplica_agent_refused_requests_total{code=\"PermissionDenied\"}"), 1.0);
+    assert_eq!(http_get(addr, "/healthz").await, "ok");
+}

@@ -23,7 +23,10 @@ use super::{
     },
     tls::dns_names,
 };
-use crate::replica::{Incoming, ReplicaDisk, ReplicaError, ReplicaState, names, retention::Policy};
+use crate::{
+    metrics::Metrics,
+    replica::{Incoming, ReplicaDisk, ReplicaError, ReplicaState, names, retention::Policy},
+};
 
 /// Largest chunk, raw or compressed, a sender may send.
 pub const MAX_CHUNK: usize = 4 << 20;
@@ -39,6 +42,7 @@ pub struct ReplicaService {
     transfers: Semaphore,
     /// Recovery history kept for every replica of this site.
     retention: RwLock<Policy>,
+    metrics: RwLock<Option<Arc<Metrics>>>,
 }
 
 fn denied(d: Denied) -> Status {
@@ -105,7 +109,25 @@ impl ReplicaService {
             disks: Mutex::default(),
             transfers: Semaphore::new(max_transfers.max(1)),
             retention: RwLock::new(Policy::default()),
+            metrics: RwLock::new(None),
         })
+    }
+
+    /// Also reports to these Prometheus metrics.
+    pub fn set_metrics(&self, metrics: Arc<Metrics>) {
+        *self.metrics.write().unwrap_or_else(|p| p.into_inner()) = Some(metrics);
+    }
+
+    fn metrics(&self) -> Option<Arc<Metrics>> {
+        self.metrics.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Counts a refusal by its gRPC code (a bounded label).
+    fn counted<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
+        if let (Err(s), Some(m)) = (&r, self.metrics()) {
+            m.refused.with_label_values(&[&format!("{:?}", s.code())]).inc();
+        }
+        r
     }
 
     /// Sets the recovery history kept for this site's replicas.
@@ -117,6 +139,12 @@ impl ReplicaService {
         replica.apply_pending()?;
         let policy = *self.retention.read().unwrap_or_else(|p| p.into_inner());
         replica.apply_retention(&policy, crate::replica::disk::now_ms())?;
+        if let Some(m) = self.metrics() {
+            let s = replica.state();
+            let l = [s.vm_id.as_str(), s.disk_id.as_str()];
+            m.replica_applied.with_label_values(&l).set(s.applied_through as i64);
+            m.replica_points.with_label_values(&l).set(s.points.len() as i64);
+        }
         Ok(())
     }
 
@@ -217,8 +245,31 @@ fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Result<Vec<u8>
 
 #[tonic::async_trait]
 impl Replication for Arc<ReplicaService> {
-    #[tracing::instrument(skip_all, fields(vm, disk))]
     async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        let r = self.open_inner(req).await;
+        self.counted(r)
+    }
+
+    async fn push_segment(
+        &self,
+        req: Request<Streaming<SegmentChunk>>,
+    ) -> Result<Response<SegmentAck>, Status> {
+        let r = self.push_segment_inner(req).await;
+        self.counted(r)
+    }
+
+    async fn push_initial_copy(
+        &self,
+        req: Request<Streaming<CopyChunk>>,
+    ) -> Result<Response<CopyAck>, Status> {
+        let r = self.push_initial_copy_inner(req).await;
+        self.counted(r)
+    }
+}
+
+impl ReplicaService {
+    #[tracing::instrument(skip_all, fields(vm, disk))]
+    async fn open_inner(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
         let names = peer_names(&req);
         let r = req.into_inner();
         let d = r.disk.ok_or_else(|| Status::invalid_argument("disk is required"))?;
@@ -266,8 +317,8 @@ impl Replication for Arc<ReplicaService> {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn push_segment(
-        &self,
+    async fn push_segment_inner(
+        self: &Arc<Self>,
         req: Request<Streaming<SegmentChunk>>,
     ) -> Result<Response<SegmentAck>, Status> {
         let names = peer_names(&req);
@@ -329,7 +380,7 @@ impl Replication for Arc<ReplicaService> {
     }
 
     #[tracing::instrument(skip_all)]
-    async fn push_initial_copy(
+    async fn push_initial_copy_inner(
         &self,
         req: Request<Streaming<CopyChunk>>,
     ) -> Result<Response<CopyAck>, Status> {

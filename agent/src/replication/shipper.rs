@@ -26,7 +26,7 @@ use super::{
     },
     tls::TlsMaterial,
 };
-use crate::{disk::ProtectedDisk, failpoint, image::data_extents, log::SealedSegment};
+use crate::{disk::ProtectedDisk, failpoint, image::data_extents, log::SealedSegment, metrics::Metrics};
 
 /// Why a sync failed; all are retried with back-off.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +113,8 @@ pub struct ShipStats {
     pub total_latency: Duration,
     pub errors: u64,
     pub successful_cycles: u64,
+    /// Cycles that did not complete (each failed sync is one).
+    pub missed_cycles: u64,
     pub last_error: Option<String>,
     pub last_replication: Option<SystemTime>,
     pub durable_through: u64,
@@ -129,6 +131,7 @@ pub struct Shipper {
     transfers: Arc<Semaphore>,
     epoch: u64,
     stats: Mutex<ShipStats>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// What one chunk producer hands the gRPC stream.
@@ -155,7 +158,18 @@ impl Shipper {
             transfers,
             epoch: 0,
             stats: Mutex::default(),
+            metrics: None,
         }
+    }
+
+    /// Also reports to these Prometheus metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [self.vm_id.as_str(), self.disk.name()]
     }
 
     pub fn disk(&self) -> &Arc<ProtectedDisk> {
@@ -175,17 +189,30 @@ impl Shipper {
     pub async fn sync_once(&self) -> Result<u64, ShipError> {
         let result = self.sync_inner().await;
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let [vm, disk] = self.labels();
         match &result {
             Ok(through) => {
                 s.successful_cycles += 1;
                 s.durable_through = *through;
                 s.last_replication = Some(SystemTime::now());
                 s.last_error = None;
+                if let Some(m) = &self.metrics {
+                    m.cycles.with_label_values(&[vm, disk, "successful"]).inc();
+                    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    m.last_replication.with_label_values(&[vm, disk]).set(now.as_secs_f64());
+                }
             }
             Err(e) => {
                 s.errors += 1;
+                s.missed_cycles += 1;
                 s.last_error = Some(e.to_string());
+                if let Some(m) = &self.metrics {
+                    m.cycles.with_label_values(&[vm, disk, "missed"]).inc();
+                }
             }
+        }
+        if let Some(m) = &self.metrics {
+            m.pending_bytes.with_label_values(&[vm, disk]).set(self.disk.log_status().pending_bytes as i64);
         }
         result
     }
@@ -219,6 +246,12 @@ impl Shipper {
             let latency = started.elapsed();
             s.last_latency = latency;
             s.total_latency += latency;
+            if let Some(m) = &self.metrics {
+                let l = self.labels();
+                m.segments_sent.with_label_values(&l).inc();
+                m.transfer_seconds.with_label_values(&l).observe(latency.as_secs_f64());
+                m.segment_bytes.with_label_values(&l).observe(seg.bytes as f64);
+            }
         }
         Ok(through)
     }
@@ -295,6 +328,11 @@ impl Shipper {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         s.raw_bytes_sent += seg.bytes;
         s.wire_bytes_sent += wire;
+        if let Some(m) = &self.metrics {
+            let [vm, disk] = self.labels();
+            m.bytes_sent.with_label_values(&[vm, disk, "raw"]).inc_by(seg.bytes);
+            m.bytes_sent.with_label_values(&[vm, disk, "wire"]).inc_by(wire);
+        }
         Ok(ack.durable_through)
     }
 
@@ -391,6 +429,11 @@ impl Shipper {
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         s.initial_copy_bytes += ack.bytes_received;
         s.wire_bytes_sent += wire;
+        if let Some(m) = &self.metrics {
+            let [vm, disk] = self.labels();
+            m.initial_copy_bytes.with_label_values(&[vm, disk]).inc_by(ack.bytes_received);
+            m.bytes_sent.with_label_values(&[vm, disk, "wire"]).inc_by(wire);
+        }
         Ok(ack.next_seq)
     }
 }

@@ -1,0 +1,319 @@
+//! Replication benchmarks (issue: replication between agents). Run with
+//! `cargo bench -p vmreplica-agent --bench replication [apply|ship|copy]`;
+//! each prints a Markdown row with its reference measured in the same run.
+//!
+//! 1. Apply: applying logged 1 MiB writes on the replica (undo file, apply,
+//!    fsync) vs `dd oflag=direct` writing the same bytes.
+//! 2. Shipping: real files (from /usr) written through the write path, shipped
+//!    over loopback mTLS with and without zstd: throughput and ratio.
+//! 3. Initial copy: an 8 GiB sparse image holding 1 GiB of real files: bytes
+//!    sent and time vs `cp --sparse=always` of the same image.
+//!
+//! Work files go to `$BENCH_DIR` (default /var/tmp) and are removed.
+
+use std::{
+    fs,
+    io::Read,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{Semaphore, oneshot};
+use vmreplica_agent::{
+    disk::ProtectedDisk,
+    log::Journal,
+    replica::{Incoming, ReplicaDisk, ReplicaState},
+    replication::{
+        authz::{Entry, SiteConfig},
+        service::{ReplicaService, serve},
+        shipper::{Shipper, ShipperConfig, channel},
+        tls::TlsMaterial,
+    },
+};
+use vmreplica_tests::pki::Ca;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn work_dir() -> tempfile::TempDir {
+    let base = std::env::var_os("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp".into());
+    tempfile::Builder::new().prefix("vmreplica-bench-").tempdir_in(base).unwrap()
+}
+
+fn mkdir(p: PathBuf) -> PathBuf {
+    fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// `len` bytes of real file contents from /usr (compressible as a VM disk's are).
+fn real_data(len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut stack = vec![PathBuf::from("/usr/share"), PathBuf::from("/usr/lib")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let mut entries: Vec<_> = entries.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                if let Ok(f) = fs::File::open(e.path()) {
+                    let _ = f.take((len - out.len()) as u64).read_to_end(&mut out);
+                }
+                if out.len() >= len {
+                    return out;
+                }
+            }
+        }
+    }
+    assert!(out.len() >= len / 2, "not enough files under /usr for the benchmark");
+    let n = out.len();
+    out.extend_from_within(..len - n);
+    out
+}
+
+fn new_image(path: &Path, size: u64) {
+    fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+fn log_writes(disk: &ProtectedDisk, data: &[u8], at: u64) {
+    for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+        let mut buf = vec![0u8; Journal::record_len(chunk.len())];
+        buf[40..40 + chunk.len()].copy_from_slice(chunk);
+        disk.write(&mut buf, at + i as u64 * MIB, false).unwrap();
+    }
+}
+
+fn replica_state(size: u64) -> ReplicaState {
+    ReplicaState {
+        vm_id: "bench".into(),
+        disk_id: "root".into(),
+        disk_size: size,
+        epoch: 0,
+        trust_group: "bench".into(),
+        primary: "bench".into(),
+        has_copy: false,
+        consistent_from: 0,
+        received_through: 0,
+        applied_through: 0,
+        points: Vec::new(),
+    }
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / d.as_secs_f64()
+}
+
+fn bench_apply(dir: &Path) {
+    // 2 GiB of log stays below the resync threshold (half the disk).
+    let size = 8 * GIB;
+    let data = real_data(GIB as usize);
+    let img = dir.join("primary.img");
+    new_image(&img, size);
+    let (disk, _) = ProtectedDisk::open("bench", "root", &img).unwrap();
+    // Two rounds over the same 1 GiB: the first lands on an empty replica, the
+    // second's undo must save a full GiB of real data first.
+    let mut rounds = Vec::new();
+    for round in 0..2u8 {
+        let mut d = data.clone();
+        d.iter_mut().step_by(4096).for_each(|b| *b = b.wrapping_add(round));
+        log_writes(&disk, &d, 0);
+        rounds.push(disk.seal().unwrap().unwrap());
+    }
+    let rdir = dir.join("replica");
+    fs::create_dir_all(&rdir).unwrap();
+    let replica = ReplicaDisk::open(&rdir, || replica_state(size)).unwrap();
+    let copy = replica.begin_copy(size, 0).unwrap();
+    replica.finish_copy(copy, 1, 1, 0).unwrap();
+    let mut times = Vec::new();
+    for seg in &rounds {
+        let bytes = fs::read(&seg.path).unwrap();
+        let Incoming::New(mut inc) =
+            replica.begin_segment(seg.first_seq, seg.last_seq, 0, bytes.len() as u64).unwrap()
+        else {
+            unreachable!("a new segment")
+        };
+        inc.write_chunk(0, &bytes).unwrap();
+        replica.finish_segment(inc).unwrap();
+        let t = Instant::now();
+        replica.apply_pending().unwrap();
+        times.push(t.elapsed());
+    }
+    drop(disk);
+    fs::remove_file(&img).unwrap();
+    // Reference: the same bytes with dd oflag=direct into a fresh file, twice.
+    let src = dir.join("dd-src.bin");
+    fs::write(&src, &data).unwrap();
+    let dst = dir.join("dd-dst.bin");
+    let mut dd = Duration::ZERO;
+    for _ in 0..2 {
+        let t = Instant::now();
+        let st = Command::new("dd")
+            .args(["bs=1M", "oflag=direct", "conv=notrunc"])
+            .arg(format!("if={}", src.display()))
+            .arg(format!("of={}", dst.display()))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        dd += t.elapsed();
+    }
+    let r = mbps(2 * GIB, dd);
+    for (what, t) in [("onto an empty replica", times[0]), ("over data (1 GiB of undo first)", times[1])] {
+        let a = mbps(GIB, t);
+        println!(
+            "| apply 1 GiB of 1 MiB writes {what} | {a:.0} MiB/s | dd oflag=direct: {r:.0} MiB/s | {:.2}x |",
+            a / r
+        );
+    }
+    let a = mbps(2 * GIB, times[0] + times[1]);
+    println!("| apply, both rounds | {a:.0} MiB/s | dd oflag=direct: {r:.0} MiB/s | {:.2}x |", a / r);
+}
+
+struct Site {
+    service: Arc<ReplicaService>,
+    addr: String,
+    client_tls: TlsMaterial,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn site(storage: &Path) -> Site {
+    let ca = Ca::new("bench-ca").unwrap();
+    let leaf = |names: &[&str]| {
+        let l = ca.leaf(names[0], names).unwrap();
+        TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() }
+    };
+    let cfg = SiteConfig {
+        entries: vec![Entry {
+            name: "bench".into(),
+            allowed_primary_server: "*.site-a.example.com".into(),
+            storage: storage.to_owned(),
+            trust_group: "bench".into(),
+        }],
+        ..Default::default()
+    };
+    let service = ReplicaService::new(cfg, 6);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server_tls = leaf(&["replica.site-b.example.com"]);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let svc = service.clone();
+    tokio::spawn(async move {
+        serve(svc, listener, &server_tls, async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap()
+    });
+    Site { service, addr, client_tls: leaf(&["host1.site-a.example.com"]), _stop: stop }
+}
+
+fn shipper(site: &Site, disk: Arc<ProtectedDisk>, compression: bool) -> Shipper {
+    let ch = channel(&site.addr, "replica.site-b.example.com", &site.client_tls).unwrap();
+    let cfg = ShipperConfig { compression, ..Default::default() };
+    Shipper::new("bench", disk, ch, cfg, None, Arc::new(Semaphore::new(6)))
+}
+
+async fn bench_shipping(dir: &Path) {
+    let data = real_data(512 * MIB as usize);
+    for compression in [false, true] {
+        let sub = mkdir(dir.join(if compression { "zstd" } else { "raw" }));
+        let storage = mkdir(sub.join("replicas"));
+        let img = sub.join("primary.img");
+        new_image(&img, 4 * GIB);
+        let disk = Arc::new(ProtectedDisk::open("bench", "root", &img).unwrap().0);
+        let site = site(&storage).await;
+        let ship = shipper(&site, disk.clone(), compression);
+        ship.sync_once().await.unwrap(); // initial copy of the empty disk
+        let (d, data) = (disk.clone(), data.clone());
+        tokio::task::spawn_blocking(move || {
+            log_writes(&d, &data, 0);
+            d.seal().unwrap();
+        })
+        .await
+        .unwrap();
+        let before = ship.stats();
+        let t = Instant::now();
+        ship.sync_once().await.unwrap();
+        let took = t.elapsed();
+        let s = ship.stats();
+        let (raw, wire) =
+            (s.raw_bytes_sent - before.raw_bytes_sent, s.wire_bytes_sent - before.wire_bytes_sent);
+        println!(
+            "| ship 512 MiB of /usr files as 1 MiB writes, zstd {} | {:.0} MiB/s | {:.0} MiB on the wire | {:.2} (raw/wire) |",
+            if compression { "on" } else { "off" },
+            mbps(raw, took),
+            wire as f64 / MIB as f64,
+            raw as f64 / wire as f64
+        );
+        drop(site);
+        fs::remove_dir_all(&sub).unwrap();
+    }
+}
+
+async fn bench_initial_copy(dir: &Path) {
+    let size = 8 * GIB;
+    let img = dir.join("sparse.img");
+    new_image(&img, size);
+    let data = real_data(GIB as usize);
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    // 1 GiB of data in 8 runs of 128 MiB, one per GiB of the disk.
+    for (i, chunk) in data.chunks(128 * MIB as usize).enumerate() {
+        std::os::unix::fs::FileExt::write_all_at(&f, chunk, i as u64 * GIB).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let cp_to = dir.join("cp.img");
+    let t = Instant::now();
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cp --sparse=always {} {} && sync -f {}",
+            img.display(),
+            cp_to.display(),
+            cp_to.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cp = t.elapsed();
+    fs::remove_file(&cp_to).unwrap();
+    let storage = mkdir(dir.join("replicas"));
+    let disk = Arc::new(ProtectedDisk::open("bench", "root", &img).unwrap().0);
+    let site = site(&storage).await;
+    let ship = shipper(&site, disk, true);
+    let t = Instant::now();
+    ship.sync_once().await.unwrap();
+    let took = t.elapsed();
+    let s = ship.stats();
+    assert!(site.service.replica("bench", "root").is_some());
+    println!(
+        "| initial copy of an 8 GiB sparse image holding 1 GiB of /usr files | {:.1} s; {:.0} MiB sent, {:.0} MiB on the wire | cp --sparse=always: {:.1} s | {:.2}x the time |",
+        took.as_secs_f64(),
+        s.initial_copy_bytes as f64 / MIB as f64,
+        s.wire_bytes_sent as f64 / MIB as f64,
+        cp.as_secs_f64(),
+        took.as_secs_f64() / cp.as_secs_f64()
+    );
+}
+
+fn main() {
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let dir = work_dir();
+    println!("| benchmark | vmreplica | reference | ratio |");
+    println!("|---|---:|---:|---:|");
+    if want("apply") {
+        bench_apply(&mkdir(dir.path().join("apply")));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if want("ship") {
+        rt.block_on(bench_shipping(&mkdir(dir.path().join("ship"))));
+    }
+    if want("copy") {
+        rt.block_on(bench_initial_copy(&mkdir(dir.path().join("copy"))));
+    }
+}

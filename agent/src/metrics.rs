@@ -1,0 +1,147 @@
+//! The agent's Prometheus metrics and its `/metrics` + `/healthz` endpoint.
+//! Labels come from bounded sets: the protected VM and disk, a byte kind, a
+//! cycle result, and a gRPC status code name for refusals.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Log bytes not yet acknowledged by the replica.
+    pub pending_bytes: IntGaugeVec,
+    pub segments_sent: IntCounterVec,
+    /// `kind`: `raw` (segment bytes) or `wire` (after compression).
+    pub bytes_sent: IntCounterVec,
+    /// `result`: `successful` or `missed`.
+    pub cycles: IntCounterVec,
+    pub transfer_seconds: HistogramVec,
+    pub segment_bytes: HistogramVec,
+    pub last_replication: GaugeVec,
+    pub initial_copy_bytes: IntCounterVec,
+    /// Replica side: the sequence applied through, and points kept.
+    pub replica_applied: IntGaugeVec,
+    pub replica_points: IntGaugeVec,
+    /// Replica side: requests refused, by gRPC code.
+    pub refused: IntCounterVec,
+}
+
+fn labels(help: &str, name: &str) -> Opts {
+    Opts::new(name, help).namespace("vmreplica_agent")
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let vd = &["vm", "disk"];
+        let m = Self {
+            registry: Registry::new(),
+            pending_bytes: IntGaugeVec::new(
+                labels("Log bytes not yet acknowledged by the replica", "pending_bytes"),
+                vd,
+            )
+            .expect("valid metric"),
+            segments_sent: IntCounterVec::new(
+                labels("Segments the replica acknowledged", "segments_sent_total"),
+                vd,
+            )
+            .expect("valid metric"),
+            bytes_sent: IntCounterVec::new(
+                labels("Segment bytes shipped: raw, and on the wire after compression", "bytes_sent_total"),
+                &["vm", "disk", "kind"],
+            )
+            .expect("valid metric"),
+            cycles: IntCounterVec::new(
+                labels("Replication cycles, successful or missed", "replication_cycles_total"),
+                &["vm", "disk", "result"],
+            )
+            .expect("valid metric"),
+            transfer_seconds: HistogramVec::new(
+                HistogramOpts::new("transfer_seconds", "Time to ship a segment and have it acknowledged")
+                    .namespace("vmreplica_agent")
+                    .buckets(prometheus::exponential_buckets(0.005, 2.0, 14).expect("valid buckets")),
+                vd,
+            )
+            .expect("valid metric"),
+            segment_bytes: HistogramVec::new(
+                HistogramOpts::new("segment_bytes", "Size of shipped log segments")
+                    .namespace("vmreplica_agent")
+                    .buckets(prometheus::exponential_buckets(4096.0, 4.0, 12).expect("valid buckets")),
+                vd,
+            )
+            .expect("valid metric"),
+            last_replication: GaugeVec::new(
+                labels(
+                    "Unix time of the last successful replication cycle",
+                    "last_replication_timestamp_seconds",
+                ),
+                vd,
+            )
+            .expect("valid metric"),
+            initial_copy_bytes: IntCounterVec::new(
+                labels("Bytes sent by initial copies (zero blocks are not sent)", "initial_copy_bytes_total"),
+                vd,
+            )
+            .expect("valid metric"),
+            replica_applied: IntGaugeVec::new(
+                labels("Sequence the replica has applied through", "replica_applied_sequence"),
+                vd,
+            )
+            .expect("valid metric"),
+            replica_points: IntGaugeVec::new(
+                labels("Recovery points kept on the replica", "replica_recovery_points"),
+                vd,
+            )
+            .expect("valid metric"),
+            refused: IntCounterVec::new(
+                labels("Replication requests refused, by gRPC code", "refused_requests_total"),
+                &["code"],
+            )
+            .expect("valid metric"),
+        };
+        m.register();
+        Arc::new(m)
+    }
+
+    fn register(&self) {
+        let r = &self.registry;
+        let all: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(self.pending_bytes.clone()),
+            Box::new(self.segments_sent.clone()),
+            Box::new(self.bytes_sent.clone()),
+            Box::new(self.cycles.clone()),
+            Box::new(self.transfer_seconds.clone()),
+            Box::new(self.segment_bytes.clone()),
+            Box::new(self.last_replication.clone()),
+            Box::new(self.initial_copy_bytes.clone()),
+            Box::new(self.replica_applied.clone()),
+            Box::new(self.replica_points.clone()),
+            Box::new(self.refused.clone()),
+        ];
+        for c in all {
+            r.register(c).expect("metric names are unique");
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to memory");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` completes.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::{Router, routing::get};
+    let app = Router::new()
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .route("/healthz", get(|| std::future::ready("ok")));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
