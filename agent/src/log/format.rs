@@ -304,6 +304,8 @@ pub struct SegmentReader<R> {
     sealed: bool,
     seal_time: Option<u64>,
     app_consistent: bool,
+    /// Off for segments verified before: CRCs are still checked, the digest not.
+    hash: bool,
 }
 
 /// What a seal said, once it verified.
@@ -334,7 +336,17 @@ impl<R: Read> SegmentReader<R> {
             sealed: false,
             seal_time: None,
             app_consistent: false,
+            hash: true,
         })
+    }
+
+    /// Reads a segment already verified in full (e.g. when it was received):
+    /// every record's CRC is still checked, but the BLAKE3 digest is not
+    /// recomputed, which is most of the cost of reading.
+    pub fn new_verified(inner: R) -> Result<Self, FormatError> {
+        let mut r = Self::new(inner)?;
+        r.hash = false;
+        Ok(r)
     }
 
     /// Sequence number the next record must carry.
@@ -402,7 +414,7 @@ impl<R: Read> SegmentReader<R> {
                 sealed_unix_ms,
                 app_consistent,
             };
-            if self.hasher.finalize().as_bytes()[..] != payload[..DIGEST_LEN] {
+            if self.hash && self.hasher.finalize().as_bytes()[..] != payload[..DIGEST_LEN] {
                 return Err(FormatError::DigestMismatch);
             }
             if info.last_seq != self.next_seq.wrapping_sub(1) {
@@ -420,9 +432,11 @@ impl<R: Read> SegmentReader<R> {
         if seq != self.next_seq {
             return Err(FormatError::SequenceGap { at, expected: self.next_seq, found: seq });
         }
-        self.hasher.update(&h);
-        self.hasher.update(&payload);
-        self.hasher.update(&crc);
+        if self.hash {
+            self.hasher.update(&h);
+            self.hasher.update(&payload);
+            self.hasher.update(&crc);
+        }
         self.position += (RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN) as u64;
         self.next_seq += 1;
         self.records += 1;
@@ -462,6 +476,55 @@ impl<R: Read> SegmentReader<R> {
             return Err(FormatError::TrailingBytes(rest.len() as u64));
         }
         Ok(self.seal_info())
+    }
+}
+
+/// What [`scan_ranges`] finds: the header, each record's `[start, end)`, the seal.
+pub type ScannedRanges = (SegmentHeader, Vec<(u64, u64)>, SealInfo);
+
+/// The ranges a segment verified before touches, and its seal, read from the
+/// record headers alone (payloads are skipped with a seek).
+pub fn scan_ranges<R: Read + io::Seek>(mut r: io::BufReader<R>) -> Result<ScannedRanges, FormatError> {
+    let (header, len) = SegmentHeader::read_from(&mut r)?;
+    let mut at = len as u64;
+    let mut ranges = Vec::new();
+    let (mut records, mut data_bytes) = (0u64, 0u64);
+    loop {
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        read_exact_or(&mut r, &mut h, at)?;
+        if u32_at(&h, 0) != RECORD_MAGIC {
+            return Err(FormatError::BadRecord { at, what: "bad record magic" });
+        }
+        let kind =
+            RecordKind::from_u8(h[4]).ok_or(FormatError::BadRecord { at, what: "unknown record kind" })?;
+        let (offset, length, payload_len) = (u64_at(&h, 16), u64_at(&h, 24), u32_at(&h, 32) as u64);
+        if kind == RecordKind::Seal {
+            let mut p = [0u8; SEAL_PAYLOAD_LEN];
+            read_exact_or(&mut r, &mut p, at)?;
+            let info = SealInfo {
+                last_seq: u64_at(&h, 8),
+                records,
+                data_bytes,
+                sealed_unix_ms: u64_at(&p, DIGEST_LEN),
+                app_consistent: h[5] & SEAL_FLAG_APP_CONSISTENT != 0,
+            };
+            if (offset, length) != (records, data_bytes) {
+                return Err(FormatError::SealMismatch("record count or byte count"));
+            }
+            return Ok((header, ranges, info));
+        }
+        ranges.push((
+            offset,
+            offset
+                .checked_add(length)
+                .ok_or(FormatError::BadRecord { at, what: "offset + length overflows" })?,
+        ));
+        records += 1;
+        data_bytes += payload_len;
+        let skip = payload_len + RECORD_TRAILER_LEN as u64;
+        // Within the buffer where possible: small records cost no syscall.
+        r.seek_relative(skip as i64)?;
+        at += RECORD_HEADER_LEN as u64 + skip;
     }
 }
 
@@ -619,6 +682,16 @@ mod tests {
             let err = verify_sealed(&bytes).expect_err(what);
             assert!(check(&err), "{what}: got {err}");
         }
+    }
+
+    #[test]
+    fn the_header_scan_agrees_with_full_verification() {
+        let seg = sealed_segment(&[(0, vec![1; 512]), (4096, vec![2; 100]), (1 << 20, vec![3; 7])]);
+        let (h, records, seal) = verify_sealed(&seg).unwrap();
+        let (h2, ranges, seal2) =
+            scan_ranges(std::io::BufReader::with_capacity(64, std::io::Cursor::new(&seg))).unwrap();
+        assert_eq!((h, seal), (h2, seal2));
+        assert_eq!(ranges, records.iter().map(|r| (r.offset, r.offset + r.length)).collect::<Vec<_>>());
     }
 
     #[test]

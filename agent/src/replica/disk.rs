@@ -380,15 +380,17 @@ impl ReplicaDisk {
         let image = open_nofollow(&image_path, true, false).map_err(io_at(&image_path))?;
         let size = self.state().disk_size;
         let verification = |source| ReplicaError::Verification { first_seq: first, source };
-        // Pass 1: the union of ranges the segment touches (and a full verification).
+        // Pass 1: the union of ranges the segment touches, from its record
+        // headers (it was verified in full when it was received).
+        let file = open_nofollow(seg, false, false).map_err(io_at(seg))?;
+        let (header, ranges, seal) =
+            crate::log::format::scan_ranges(BufReader::with_capacity(64 << 10, file))
+                .map_err(verification)?;
         let mut touched = RangeMap::default();
-        let mut reader = open_reader(seg).map_err(verification)?;
-        let header = reader.header.clone();
-        while let Some(r) = reader.next_record().map_err(verification)? {
+        for (start, end) in ranges {
             // The image is input 0; its byte at disk offset X is at file offset X.
-            touched.insert(r.offset, r.offset + r.length, Source::File { file: 0, offset: r.offset });
+            touched.insert(start, end, Source::File { file: 0, offset: start });
         }
-        let seal = reader.finish_sealed().map_err(verification)?;
         // Step 1: the undo file.
         let undo_name = format!("{first:020}.undo");
         let undo_path = self.dir.join("undo").join(&undo_name);
@@ -409,16 +411,40 @@ impl ReplicaDisk {
             sync_dir(&self.dir.join("undo"))?;
         }
         fail("apply.after-undo")?;
-        // Step 2: apply.
-        let mut reader = open_reader(seg).map_err(verification)?;
-        let mut applied = 0;
-        while let Some(r) = reader.next_record().map_err(verification)? {
-            apply_record(&image, size, &r).map_err(io_at(&image_path))?;
-            applied += 1;
-            if applied == seal.records.div_ceil(2) {
-                fail("apply.mid-records")?;
+        // Step 2: apply, checking each record's CRC as it goes.
+        let f = open_nofollow(seg, false, false).map_err(io_at(seg))?;
+        let mut reader =
+            SegmentReader::new_verified(BufReader::with_capacity(1 << 20, f)).map_err(verification)?;
+        // A helper thread flushes the image every WRITEBACK_STEP bytes applied,
+        // so the disk writes while records are still being applied and the final
+        // fsync has little left to do.
+        const WRITEBACK_STEP: u64 = 64 << 20;
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let image = &image;
+            let flusher = scope.spawn(move || {
+                while rx.recv().is_ok() {
+                    let _ = image.sync_data();
+                }
+            });
+            let mut applied = 0;
+            let mut since_flush = 0u64;
+            while let Some(r) = reader.next_record().map_err(verification)? {
+                apply_record(&image, size, &r).map_err(io_at(&image_path))?;
+                applied += 1;
+                since_flush += r.payload.len() as u64;
+                if since_flush >= WRITEBACK_STEP {
+                    let _ = tx.try_send(()); // skipped when a flush is still running
+                    since_flush = 0;
+                }
+                if applied == seal.records.div_ceil(2) {
+                    fail("apply.mid-records")?;
+                }
             }
-        }
+            drop(tx);
+            flusher.join().expect("the flusher does not panic");
+            Ok(())
+        })?;
         image.sync_all().map_err(io_at(&image_path))?;
         fail("apply.before-point")?;
         // Step 3: the point.
