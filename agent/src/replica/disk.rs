@@ -430,7 +430,7 @@ impl ReplicaDisk {
             let mut applied = 0;
             let mut since_flush = 0u64;
             while let Some(r) = reader.next_record().map_err(verification)? {
-                apply_record(&image, size, &r).map_err(io_at(&image_path))?;
+                apply_record(image, size, &r).map_err(io_at(&image_path))?;
                 applied += 1;
                 since_flush += r.payload.len() as u64;
                 if since_flush >= WRITEBACK_STEP {
