@@ -40,6 +40,7 @@ pub struct ReplicaService {
     disks: Mutex<HashMap<PathBuf, Arc<ReplicaDisk>>>,
     /// Hyper-V's MaximumActiveTransfers: streams beyond it wait.
     transfers: Semaphore,
+    max_transfers: usize,
     /// Recovery history kept for every replica of this site.
     retention: RwLock<Policy>,
     metrics: RwLock<Option<Arc<Metrics>>>,
@@ -108,6 +109,7 @@ impl ReplicaService {
             site: RwLock::new(site),
             disks: Mutex::default(),
             transfers: Semaphore::new(max_transfers.max(1)),
+            max_transfers: max_transfers.max(1),
             retention: RwLock::new(Policy::default()),
             metrics: RwLock::new(None),
         })
@@ -128,6 +130,11 @@ impl ReplicaService {
             m.refused.with_label_values(&[&format!("{:?}", s.code())]).inc();
         }
         r
+    }
+
+    /// Transfers running now (at most the limit given to [`Self::new`]).
+    pub fn active_transfers(&self) -> usize {
+        self.max_transfers - self.transfers.available_permits()
     }
 
     /// Sets the recovery history kept for this site's replicas.

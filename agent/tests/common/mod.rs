@@ -33,6 +33,11 @@ impl Served {
 /// Creates a sparse image of `size` bytes (optionally with `content` at 0),
 /// keeps a copy as the base, and serves it as export `root`.
 pub fn serve_new_image(size: u64, content: &[u8]) -> Served {
+    serve_new_image_for("vm1", size, content)
+}
+
+/// [`serve_new_image`] for a VM of another id.
+pub fn serve_new_image_for(vm: &str, size: u64, content: &[u8]) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("root.img");
     let f = fs::File::create(&image).unwrap();
@@ -40,7 +45,7 @@ pub fn serve_new_image(size: u64, content: &[u8]) -> Served {
     std::os::unix::fs::FileExt::write_all_at(&f, content, 0).unwrap();
     let base = dir.path().join("base.img");
     fs::copy(&image, &base).unwrap();
-    let (disk, _) = ProtectedDisk::open("vm1", "root", &image).unwrap();
+    let (disk, _) = ProtectedDisk::open(vm, "root", &image).unwrap();
     let disk = Arc::new(disk);
     let socket = dir.path().join("nbd.sock");
     NbdServer::new([disk.clone()]).serve_unix(UnixListener::bind(&socket).unwrap());

@@ -34,6 +34,11 @@ pub fn material(ca: &Ca, names: &[&str]) -> TlsMaterial {
 /// Site B: accepts `*.site-a.example.com` into trust group finance, and
 /// `*.hr.example.com` into trust group hr, both under the same storage.
 pub async fn replica_site() -> Site {
+    replica_site_with(6).await
+}
+
+/// [`replica_site`] with another limit on concurrent transfers.
+pub async fn replica_site_with(max_transfers: usize) -> Site {
     let ca = Ca::new("vmreplica-test-ca").unwrap();
     let storage = tempfile::tempdir().unwrap();
     let root: PathBuf = storage.path().join("replicas");
@@ -54,7 +59,7 @@ pub async fn replica_site() -> Site {
         ],
         ..Default::default()
     };
-    let service = ReplicaService::new(site, 6);
+    let service = ReplicaService::new(site, max_transfers);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = material(&ca, &[REPLICA_NAME, "127.0.0.1"]);
