@@ -19,7 +19,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{
     authz::{Denied, SiteConfig},
     proto::{
-        CopyAck, CopyChunk, OpenReply, OpenRequest, SegmentAck, SegmentChunk, replication_server::Replication,
+        CopyAck, CopyChunk, DiskRef, OpenReply, OpenRequest, SegmentAck, SegmentChunk,
+        replication_server::Replication,
     },
     tls::dns_names,
 };
@@ -323,6 +324,24 @@ impl ReplicaService {
         }))
     }
 
+    /// Reads a stream's first chunk and its start, authorises the sender for
+    /// the replica it names, and waits for a transfer slot.
+    async fn begin_stream<C, S>(
+        &self,
+        names: &[String],
+        stream: &mut Streaming<C>,
+        start_of: impl Fn(&C) -> Option<S>,
+        disk_of: impl Fn(&S) -> Option<DiskRef>,
+    ) -> Result<(C, S, Arc<ReplicaDisk>, tokio::sync::SemaphorePermit<'_>), Status> {
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
+        let start =
+            start_of(&first).ok_or_else(|| Status::invalid_argument("the first chunk must carry start"))?;
+        let d = disk_of(&start).ok_or_else(|| Status::invalid_argument("start.disk is required"))?;
+        let replica = self.require(names, &d.vm_id, &d.disk_id)?;
+        let permit = self.transfers.acquire().await.map_err(|_| Status::unavailable("shutting down"))?;
+        Ok((first, start, replica, permit))
+    }
+
     #[tracing::instrument(skip_all)]
     async fn push_segment_inner(
         self: &Arc<Self>,
@@ -330,14 +349,8 @@ impl ReplicaService {
     ) -> Result<Response<SegmentAck>, Status> {
         let names = peer_names(&req);
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
-        let start = first
-            .start
-            .clone()
-            .ok_or_else(|| Status::invalid_argument("the first chunk must carry start"))?;
-        let d = start.disk.clone().ok_or_else(|| Status::invalid_argument("start.disk is required"))?;
-        let replica = self.require(&names, &d.vm_id, &d.disk_id)?;
-        let _permit = self.transfers.acquire().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let (first, start, replica, _permit) =
+            self.begin_stream(&names, &mut stream, |c| c.start.clone(), |s| s.disk.clone()).await?;
         let r = replica.clone();
         let incoming = tokio::task::spawn_blocking(move || {
             r.begin_segment(start.first_seq, start.last_seq, start.epoch, start.length)
@@ -393,14 +406,8 @@ impl ReplicaService {
     ) -> Result<Response<CopyAck>, Status> {
         let names = peer_names(&req);
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
-        let start = first
-            .start
-            .clone()
-            .ok_or_else(|| Status::invalid_argument("the first chunk must carry start"))?;
-        let d = start.disk.clone().ok_or_else(|| Status::invalid_argument("start.disk is required"))?;
-        let replica = self.require(&names, &d.vm_id, &d.disk_id)?;
-        let _permit = self.transfers.acquire().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let (first, start, replica, _permit) =
+            self.begin_stream(&names, &mut stream, |c| c.start.clone(), |s| s.disk.clone()).await?;
         let mut copy = replica.begin_copy(start.disk_size, start.epoch).map_err(status)?;
         let mut chunk = Some(first);
         let mut received = 0u64;
