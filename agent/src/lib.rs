@@ -8,6 +8,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod control;
 pub mod disk;
 pub mod failpoint;
 pub mod image;

@@ -100,6 +100,9 @@ struct Serve {
     /// Serve Prometheus metrics (/metrics) and /healthz on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Serve the control API (mutual TLS, certificates from --tls-dir) on this address.
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
 }
 
 #[derive(ClapArgs)]
@@ -134,6 +137,9 @@ struct Receive {
     /// Serve Prometheus metrics (/metrics) and /healthz on this address.
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// Serve the control API (mutual TLS, certificates from --tls-dir) on this address.
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
 }
 
 fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
@@ -238,6 +244,7 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
     Ok(run::ServeOptions {
         app_consistent,
         metrics: s.metrics,
+        control: s.control_listen,
         vm: s.vm,
         disks: s.disks,
         socket: s.socket,
@@ -263,6 +270,7 @@ fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
         max_transfers: r.max_transfers,
         retention: Policy { window_ms: r.window_seconds * 1000, hourly: r.hourly_points },
         metrics: r.metrics,
+        control: r.control_listen,
     })
 }
 

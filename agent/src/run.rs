@@ -8,6 +8,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use tokio::sync::{Semaphore, watch};
 
 use crate::{
+    control::ControlService,
     disk::ProtectedDisk,
     metrics::Metrics,
     nbd::NbdServer,
@@ -44,7 +45,22 @@ pub struct ServeOptions {
     pub app_consistent: Option<(Quiesce, Duration)>,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
+    /// Serve the control API (mutual TLS) here.
+    pub control: Option<SocketAddr>,
     pub replicate: Option<ReplicateTo>,
+}
+
+/// Starts the control API on `addr`; it stops with the process.
+async fn spawn_control(control: ControlService, addr: SocketAddr, tls: TlsMaterial) -> Result<(), String> {
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "serving the control API");
+    tokio::spawn(async move {
+        if let Err(e) = crate::control::serve(Arc::new(control), listener, &tls, terminated()).await {
+            tracing::error!(error = %e, "control API failed");
+        }
+    });
+    Ok(())
 }
 
 async fn terminated() {
@@ -86,6 +102,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         server.serve_tcp(listener);
     }
     let metrics = metrics_endpoint(opts.metrics).await?;
+    let mut control = ControlService::default();
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     match (&opts.replicate, opts.interval) {
@@ -108,7 +125,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                     )
                     .with_metrics(metrics.clone())
                 })
-                .collect();
+                .map(Arc::new)
+                .collect::<Vec<_>>();
+            control.shippers = shippers.clone();
             let vm = VmReplication::new(
                 shippers,
                 interval,
@@ -145,6 +164,10 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         }
         (None, None) => {}
     }
+    if let Some(addr) = opts.control {
+        let tls = opts.replicate.as_ref().map(|r| r.tls.clone()).ok_or("--control-listen needs --tls-dir")?;
+        spawn_control(control, addr, tls).await?;
+    }
     println!("ready");
     terminated().await;
     let _ = stop.send(true);
@@ -171,6 +194,8 @@ pub struct ReceiveOptions {
     pub retention: Policy,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,
+    /// Serve the control API (mutual TLS) here.
+    pub control: Option<SocketAddr>,
 }
 
 /// Starts the metrics endpoint when asked; it stops with the process.
@@ -195,6 +220,10 @@ pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
     let service = ReplicaService::new(opts.site, opts.max_transfers);
     service.set_retention(opts.retention);
     service.set_metrics(metrics_endpoint(opts.metrics).await?);
+    if let Some(addr) = opts.control {
+        let control = ControlService { replicas: Some(service.clone()), ..Default::default() };
+        spawn_control(control, addr, opts.tls.clone()).await?;
+    }
     // Finish what a previous run left: recover and apply received segments.
     let s = service.clone();
     let recovered = tokio::task::spawn_blocking(move || s.recover_all()).await.map_err(|e| e.to_string())?;

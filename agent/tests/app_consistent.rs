@@ -39,6 +39,7 @@ async fn a_quiesced_cut_makes_application_consistent_points_on_every_disk() {
         .map(|d| {
             Shipper::new("vm1", d.clone(), ch.clone(), ShipperConfig::default(), None, transfers.clone())
         })
+        .map(Arc::new)
         .collect();
     // The freeze and thaw commands record what the logs held when they ran.
     let log = dir.path().join("quiesce.log");
@@ -76,11 +77,12 @@ async fn a_quiesced_cut_makes_application_consistent_points_on_every_disk() {
     // A freeze that fails: thawed anyway, and the point is crash-consistent only.
     fs::write(&log, "").unwrap();
     let failing = Quiesce::Command { freeze: q("freeze", "3"), thaw: q("thaw", "0") };
-    let shippers: Vec<Shipper> = disks
+    let shippers: Vec<Arc<Shipper>> = disks
         .iter()
         .map(|d| {
             Shipper::new("vm1", d.clone(), ch.clone(), ShipperConfig::default(), None, transfers.clone())
         })
+        .map(Arc::new)
         .collect();
     let mut vm = VmReplication::new(
         shippers,

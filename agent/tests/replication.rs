@@ -373,3 +373,52 @@ async fn a_point_materialises_while_replication_continues() {
     let replica = applied(&site, last).await;
     assert!(identical(path_str(&replica.image()), path_str(&p.image)), "replication went on meanwhile");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
+    use vmreplica_agent::control::{
+        ControlService,
+        proto::{GetStatusRequest, control_client::ControlClient},
+        serve,
+    };
+    let site = replica_site().await;
+    let p = tokio::task::spawn_blocking(|| serve_new_image(32 * MIB, b"boot")).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = std::sync::Arc::new(shipper(&site, &tls, p.disk.clone(), fast(), None));
+    ship.sync_once().await.unwrap();
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 3 0 1M".into()])).await.unwrap();
+    let seg = p.disk.seal().unwrap().unwrap();
+    ship.sync_once().await.unwrap();
+    applied(&site, seg.last_seq).await;
+
+    let control = std::sync::Arc::new(ControlService {
+        shippers: vec![ship.clone()],
+        replicas: Some(site.service.clone()),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server_tls = material(&site.ca, &["agent.site-b.example.com", "127.0.0.1"]);
+    tokio::spawn(async move { serve(control, listener, &server_tls, std::future::pending()).await.unwrap() });
+    let controller = material(&site.ca, &["vmreplica-controller.vmreplica.svc"]);
+    let ch = channel(&addr.to_string(), "agent.site-b.example.com", &controller).unwrap();
+    let status = ControlClient::new(ch).get_status(GetStatusRequest {}).await.unwrap().into_inner();
+
+    let d = &status.primaries[0];
+    assert_eq!((d.vm_id.as_str(), d.disk_id.as_str()), ("vm1", "root"));
+    assert_eq!((d.segments_sent, d.successful_cycles, d.errors, d.durable_through), (1, 2, 0, seg.last_seq));
+    assert_eq!(d.raw_bytes_sent, seg.bytes);
+    assert!(d.wire_bytes_sent > 0 && d.last_replication_unix_ms > 1_700_000_000_000, "{d:?}");
+    assert!(d.pending_bytes < 4096 && !d.resync_required, "{d:?}");
+    let r = &status.replicas[0];
+    assert_eq!((r.trust_group.as_str(), r.primary.as_str()), ("finance", "host1.site-a.example.com"));
+    assert_eq!((r.applied_through, r.points.len()), (seg.last_seq, 1));
+    assert_eq!(r.points[0].kind, "Standard");
+
+    // A client without a certificate from the site CA gets nothing.
+    let other = vmreplica_tests::pki::Ca::new("other").unwrap();
+    let mut stranger = material(&other, &["x"]);
+    stranger.ca_pem = site.ca.cert_pem.clone();
+    let ch = channel(&addr.to_string(), "agent.site-b.example.com", &stranger).unwrap();
+    assert!(ControlClient::new(ch).get_status(GetStatusRequest {}).await.is_err());
+}

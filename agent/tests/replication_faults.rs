@@ -67,7 +67,7 @@ async fn tampering_and_cut_streams_are_refused_then_recovered_and_failures_back_
         std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
     );
     let vm = vmreplica_agent::replication::cycle::VmReplication::new(
-        vec![lost],
+        vec![std::sync::Arc::new(lost)],
         Duration::from_millis(50),
         vec![Duration::from_millis(100)],
         None,

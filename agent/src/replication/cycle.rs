@@ -34,7 +34,7 @@ pub struct CycleReport {
 /// Replicates one VM: its disks and a shipper for each.
 pub struct VmReplication {
     disks: Vec<Arc<ProtectedDisk>>,
-    shippers: Vec<Shipper>,
+    shippers: Vec<Arc<Shipper>>,
     interval: Duration,
     backoff: Vec<Duration>,
     /// Quiesce and how often an application-consistent point is taken.
@@ -44,7 +44,7 @@ pub struct VmReplication {
 
 impl VmReplication {
     pub fn new(
-        shippers: Vec<Shipper>,
+        shippers: Vec<Arc<Shipper>>,
         interval: Duration,
         backoff: Vec<Duration>,
         app_consistent: Option<(Quiesce, Duration)>,
@@ -53,7 +53,7 @@ impl VmReplication {
         Self { disks, shippers, interval, backoff, app_consistent, last_app: None }
     }
 
-    pub fn shippers(&self) -> &[Shipper] {
+    pub fn shippers(&self) -> &[Arc<Shipper>] {
         &self.shippers
     }
 

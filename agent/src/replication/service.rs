@@ -165,6 +165,15 @@ impl ReplicaService {
         self.site.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Every open replica, in directory order.
+    pub fn replicas(&self) -> Vec<Arc<ReplicaDisk>> {
+        let disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(PathBuf, Arc<ReplicaDisk>)> =
+            disks.iter().map(|(k, d)| (k.clone(), d.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.into_iter().map(|(_, d)| d).collect()
+    }
+
     /// The replica of `vm`/`disk` if one is open (tests, control API).
     pub fn replica(&self, vm: &str, disk: &str) -> Option<Arc<ReplicaDisk>> {
         let disks = self.disks.lock().unwrap_or_else(|p| p.into_inner());

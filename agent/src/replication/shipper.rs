@@ -172,6 +172,10 @@ impl Shipper {
         [self.vm_id.as_str(), self.disk.name()]
     }
 
+    pub fn vm_id(&self) -> &str {
+        &self.vm_id
+    }
+
     pub fn disk(&self) -> &Arc<ProtectedDisk> {
         &self.disk
     }
