@@ -12,6 +12,7 @@ pub mod control;
 pub mod disk;
 pub mod failpoint;
 pub mod image;
+pub mod lease;
 pub mod log;
 pub mod metrics;
 pub mod nbd;

@@ -46,6 +46,46 @@ enum Command {
     },
 }
 
+/// How the agent announces itself in the cluster (a Lease per node).
+#[derive(ClapArgs, Clone)]
+struct AnnounceArgs {
+    /// Keep a Lease in this namespace announcing the agent to the controller.
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// This agent's node name.
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
+    /// A label of this node (`key=value`, repeatable), copied onto the Lease.
+    #[arg(long = "node-label", value_parser = parse_label)]
+    node_labels: Vec<(String, String)>,
+    /// Kubeconfig to reach the apiserver (default: in-cluster or $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Host the controller and peers reach this agent at (default: the node name).
+    #[arg(long)]
+    advertise_host: Option<String>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
+}
+
+impl AnnounceArgs {
+    fn resolve(self) -> Result<Option<run::Announce>, String> {
+        let Some(namespace) = self.lease_namespace else { return Ok(None) };
+        let node = self.node.ok_or("--lease-namespace needs --node (or NODE_NAME)")?;
+        Ok(Some(run::Announce {
+            kubeconfig: self.kubeconfig,
+            namespace,
+            host: self.advertise_host.unwrap_or_else(|| node.clone()),
+            node,
+            labels: self.node_labels.into_iter().collect(),
+        }))
+    }
+}
+
 #[derive(ClapArgs)]
 struct Serve {
     /// The protected VM's id (written into every log segment).
@@ -103,6 +143,8 @@ struct Serve {
     /// Serve the control API (mutual TLS, certificates from --tls-dir) on this address.
     #[arg(long)]
     control_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    announce: AnnounceArgs,
 }
 
 #[derive(ClapArgs)]
@@ -140,6 +182,8 @@ struct Receive {
     /// Serve the control API (mutual TLS, certificates from --tls-dir) on this address.
     #[arg(long)]
     control_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    announce: AnnounceArgs,
 }
 
 fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
@@ -245,6 +289,7 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
         app_consistent,
         metrics: s.metrics,
         control: s.control_listen,
+        announce: s.announce.resolve()?,
         vm: s.vm,
         disks: s.disks,
         socket: s.socket,
@@ -271,6 +316,7 @@ fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
         retention: Policy { window_ms: r.window_seconds * 1000, hourly: r.hourly_points },
         metrics: r.metrics,
         control: r.control_listen,
+        announce: r.announce.resolve()?,
     })
 }
 

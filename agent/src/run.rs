@@ -48,6 +48,61 @@ pub struct ServeOptions {
     /// Serve the control API (mutual TLS) here.
     pub control: Option<SocketAddr>,
     pub replicate: Option<ReplicateTo>,
+    /// Keep a Lease announcing this agent.
+    pub announce: Option<Announce>,
+}
+
+/// How an agent announces itself in the cluster (see [`crate::lease`]).
+#[derive(Clone, Debug)]
+pub struct Announce {
+    pub kubeconfig: Option<PathBuf>,
+    pub namespace: String,
+    pub node: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Host the controller and peers reach this agent at.
+    pub host: String,
+}
+
+/// Starts renewing this agent's Lease; the returned handle deletes it on stop.
+async fn announce(
+    a: &Announce,
+    capability: &str,
+    control: Option<SocketAddr>,
+    replication: Option<SocketAddr>,
+    stopped: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let client = match &a.kubeconfig {
+        Some(path) => {
+            let kc =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            kube::Client::try_from(cfg).map_err(|e| e.to_string())?
+        }
+        None => kube::Client::try_default()
+            .await
+            .map_err(|e| format!("no kubeconfig or in-cluster config: {e}"))?,
+    };
+    let mut annotations = std::collections::BTreeMap::new();
+    annotations.insert(crate::lease::CAPABILITIES.to_owned(), capability.to_owned());
+    for (key, addr) in
+        [(crate::lease::CONTROL_ENDPOINT, control), (crate::lease::REPLICATION_ENDPOINT, replication)]
+    {
+        if let Some(addr) = addr {
+            annotations.insert(key.to_owned(), format!("{}:{}", a.host, addr.port()));
+        }
+    }
+    let presence = crate::lease::Presence {
+        namespace: a.namespace.clone(),
+        node: a.node.clone(),
+        annotations,
+        labels: a.labels.clone(),
+        duration: Duration::from_secs(15),
+    };
+    crate::lease::announce(client, presence, stopped)
+        .await
+        .map_err(|e| format!("cannot write the agent Lease in namespace {}: {e}", a.namespace))
 }
 
 /// Starts the control API on `addr`; it stops with the process.
@@ -168,6 +223,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         let tls = opts.replicate.as_ref().map(|r| r.tls.clone()).ok_or("--control-listen needs --tls-dir")?;
         spawn_control(control, addr, tls).await?;
     }
+    if let Some(a) = &opts.announce {
+        tasks.push(announce(a, "primary", opts.control, None, stopped.clone()).await?);
+    }
     println!("ready");
     terminated().await;
     let _ = stop.send(true);
@@ -196,6 +254,8 @@ pub struct ReceiveOptions {
     pub metrics: Option<SocketAddr>,
     /// Serve the control API (mutual TLS) here.
     pub control: Option<SocketAddr>,
+    /// Keep a Lease announcing this agent.
+    pub announce: Option<Announce>,
 }
 
 /// Starts the metrics endpoint when asked; it stops with the process.
@@ -232,6 +292,17 @@ pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
     tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "receiving replication");
+    let (stop, stopped) = watch::channel(false);
+    let lease = match &opts.announce {
+        Some(a) => Some(announce(a, "replica", opts.control, Some(opts.listen), stopped).await?),
+        None => None,
+    };
     println!("ready");
-    serve_replication(service, listener, &opts.tls, terminated()).await.map_err(|e| e.to_string())
+    let served =
+        serve_replication(service, listener, &opts.tls, terminated()).await.map_err(|e| e.to_string());
+    let _ = stop.send(true);
+    if let Some(l) = lease {
+        let _ = l.await;
+    }
+    served
 }

@@ -5,4 +5,5 @@
 //! `kubectl apply -f charts/vmreplica/crds/` does): it checks they are served
 //! and exits with a hint when they are not.
 
+pub mod agents;
 pub mod preflight;

@@ -1,0 +1,103 @@
+//! The agent's presence in the cluster: a `coordination.k8s.io/v1` Lease per
+//! node, renewed every third of its duration, whose annotations say where the
+//! agent listens and what it can do. The controller finds agents, and tells
+//! live ones from dead ones, by these Leases; it works the same for agents in
+//! a DaemonSet and for agents run as plain processes (tests, `hack/local-up.sh`).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams},
+};
+use tokio::sync::watch;
+
+/// Label every agent Lease carries (the controller lists by it).
+pub const LEASE_LABEL: &str = "app.kubernetes.io/component";
+pub const LEASE_LABEL_VALUE: &str = "vmreplica-agent";
+/// Annotation: `host:port` of the agent's control API.
+pub const CONTROL_ENDPOINT: &str = "vmreplica.io/control-endpoint";
+/// Annotation: `host:port` of the agent's replication server.
+pub const REPLICATION_ENDPOINT: &str = "vmreplica.io/replication-endpoint";
+/// Annotation: comma-separated capabilities (`primary`, `replica`).
+pub const CAPABILITIES: &str = "vmreplica.io/capabilities";
+
+/// What an agent announces.
+#[derive(Clone, Debug)]
+pub struct Presence {
+    pub namespace: String,
+    pub node: String,
+    pub annotations: BTreeMap<String, String>,
+    /// Extra labels (the node's, when the agent is not on a Kubernetes node).
+    pub labels: BTreeMap<String, String>,
+    pub duration: Duration,
+}
+
+/// The Lease name of a node's agent.
+pub fn lease_name(node: &str) -> String {
+    format!("vmreplica-agent-{node}")
+}
+
+impl Presence {
+    fn lease(&self) -> Lease {
+        let mut labels = self.labels.clone();
+        labels.insert(LEASE_LABEL.into(), LEASE_LABEL_VALUE.into());
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(lease_name(&self.node)),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(labels),
+                annotations: Some(self.annotations.clone()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(self.node.clone()),
+                lease_duration_seconds: Some(self.duration.as_secs().max(1) as i32),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                ..Default::default()
+            }),
+        }
+    }
+}
+
+async fn renew(api: &Api<Lease>, presence: &Presence) -> Result<(), kube::Error> {
+    let pp = PatchParams::apply("vmreplica-agent").force();
+    api.patch(&lease_name(&presence.node), &pp, &Patch::Apply(presence.lease())).await.map(|_| ())
+}
+
+/// Writes the Lease once (so an agent that says it is ready has announced
+/// itself, and a bad kubeconfig or missing RBAC stops it with a clear error),
+/// then keeps renewing it in the background until `stop` fires, and deletes it
+/// so the controller sees a clean departure at once.
+pub async fn announce(
+    client: Client,
+    presence: Presence,
+    stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, &presence.namespace);
+    renew(&api, &presence).await?;
+    Ok(tokio::spawn(keep(api, presence, stop)))
+}
+
+async fn keep(api: Api<Lease>, presence: Presence, mut stop: watch::Receiver<bool>) {
+    let name = lease_name(&presence.node);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(presence.duration / 3) => {}
+            _ = stop.changed() => break,
+        }
+        // Failed renewals are retried at the next tick; the Lease's duration
+        // is three ticks, so one failure does not make the agent look dead.
+        if let Err(e) = renew(&api, &presence).await {
+            tracing::warn!(lease = %name, error = %e, "renewing the agent lease failed");
+        }
+    }
+    if let Err(e) = api.delete(&name, &DeleteParams::default()).await {
+        tracing::warn!(lease = %name, error = %e, "releasing the agent lease failed");
+    }
+}

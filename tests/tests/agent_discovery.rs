@@ -1,0 +1,120 @@
+//! Agents announce themselves with Leases in the real apiserver, and the
+//! controller's discovery finds them: endpoints, capabilities and node labels
+//! from the Lease, live while it is renewed, gone when the agent stops cleanly.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use vmreplica_controller::agents::discover;
+use vmreplica_tests::{client, pki::Ca, shared_kubeconfig, test_namespace};
+
+/// `vmreplica-agent`, built next to this test's own executable (`hack/test.sh`
+/// builds every binary of the workspace first).
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("vmreplica-agent");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p vmreplica-agent` first", bin.display());
+    bin
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn agents_are_found_by_their_leases_and_their_liveness_follows_renewal() {
+    let client = client().await;
+    let ns = test_namespace(&client, "discovery").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("discovery-ca").unwrap();
+    let leaf = ca.leaf("agent", &["127.0.0.1"]).unwrap();
+    fs::write(dir.path().join("tls.crt"), leaf.cert_pem).unwrap();
+    fs::write(dir.path().join("tls.key"), leaf.key_pem).unwrap();
+    fs::write(dir.path().join("ca.crt"), &ca.cert_pem).unwrap();
+    let (repl, ctl) = (free_port(), free_port());
+    let start = || {
+        let mut child = Command::new(agent_bin())
+            .args([
+                "receive",
+                "--listen",
+                &format!("127.0.0.1:{repl}"),
+                "--control-listen",
+                &format!("127.0.0.1:{ctl}"),
+            ])
+            .arg("--tls-dir")
+            .arg(dir.path())
+            .args(["--allow-any-server", "--storage"])
+            .arg(dir.path().join("replicas"))
+            .args([
+                "--lease-namespace",
+                &ns,
+                "--node",
+                "node-a",
+                "--node-label",
+                "topology.kubernetes.io/zone=z1",
+            ])
+            .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
+            .arg(shared_kubeconfig())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        Agent(child)
+    };
+
+    let mut agent = start();
+    let now = Timestamp::now();
+    let found = discover(&client, &ns, now).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let a = &found[0];
+    assert_eq!(a.node, "node-a");
+    assert!(a.live);
+    assert_eq!(a.control_endpoint.as_deref(), Some(format!("127.0.0.1:{ctl}").as_str()));
+    assert_eq!(a.replication_endpoint.as_deref(), Some(format!("127.0.0.1:{repl}").as_str()));
+    assert_eq!(a.capabilities, vec!["replica".to_owned()]);
+    assert_eq!(a.labels.get("topology.kubernetes.io/zone").map(String::as_str), Some("z1"));
+
+    // kill -9: the Lease stays but stops being renewed; past its duration the
+    // agent counts as dead.
+    agent.0.kill().unwrap();
+    agent.0.wait().unwrap();
+    let later = now.checked_add(SignedDuration::from_secs(20)).unwrap();
+    let found = discover(&client, &ns, later).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(!found[0].live, "a Lease not renewed for longer than its duration is not live");
+
+    // A clean stop deletes the Lease: the agent is gone at once.
+    let agent = start();
+    assert!(discover(&client, &ns, Timestamp::now()).await.unwrap()[0].live, "renewed again on restart");
+    let pid = rustix::process::Pid::from_raw(agent.0.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let mut agent = agent;
+    assert!(agent.0.wait().unwrap().success());
+    let mut gone = false;
+    for _ in 0..50 {
+        if discover(&client, &ns, Timestamp::now()).await.unwrap().is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the Lease is deleted on a clean stop");
+}
