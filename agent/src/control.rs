@@ -15,8 +15,62 @@ pub mod proto {
 }
 
 use proto::{
-    AgentStatus, GetStatusRequest, PrimaryDisk, RecoveryPoint, ReplicaDisk, control_server::Control,
+    AgentStatus, ConfigureReply, GetStatusRequest, PrimaryDisk, RecoveryPoint, ReplicaDisk,
+    SiteConfiguration, control_server::Control,
 };
+
+use crate::replication::authz::{Entry, SiteConfig};
+
+/// Checks a pushed site configuration and turns it into the agent's rules;
+/// the error says what to fix.
+pub fn site_config(c: &SiteConfiguration) -> Result<(SiteConfig, crate::replica::retention::Policy), String> {
+    let absolute = |what: &str, p: &str| {
+        let path = std::path::Path::new(p);
+        if path.is_absolute() && !path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            Ok(path.to_path_buf())
+        } else {
+            Err(format!("{what} {p:?} is not an absolute path without '..'"))
+        }
+    };
+    let mut entries = Vec::new();
+    for r in &c.rules {
+        let pattern = r.allowed_primary_server.to_ascii_lowercase();
+        let label_ok = |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let body = pattern.strip_prefix("*.").unwrap_or(&pattern);
+        if !body.split('.').all(label_ok) {
+            return Err(format!(
+                "AuthorizationEntry {}: allowedPrimaryServer {:?} is not a DNS name or *.suffix",
+                r.name, r.allowed_primary_server
+            ));
+        }
+        entries.push(Entry {
+            name: r.name.clone(),
+            allowed_primary_server: pattern,
+            storage: absolute(&format!("AuthorizationEntry {}: replicaStorageLocation", r.name), &r.storage)?,
+            trust_group: r.trust_group.clone(),
+        });
+    }
+    let default_storage = match c.default_storage.as_str() {
+        "" if c.allow_any_server => {
+            return Err(
+                "allowAnyServer is on but defaultStorageLocation is empty: set where those replicas go"
+                    .into(),
+            );
+        }
+        "" => None,
+        p => Some(absolute("defaultStorageLocation", p)?),
+    };
+    let default_trust_group =
+        if c.default_trust_group.is_empty() { "default".to_owned() } else { c.default_trust_group.clone() };
+    let policy = crate::replica::retention::Policy {
+        window_ms: if c.window_seconds == 0 { 3_600_000 } else { c.window_seconds * 1000 },
+        hourly: c.hourly_points.min(168),
+    };
+    Ok((
+        SiteConfig { allow_any_server: c.allow_any_server, default_storage, default_trust_group, entries },
+        policy,
+    ))
+}
 
 /// What the control API reports on.
 #[derive(Default)]
@@ -99,6 +153,30 @@ impl ControlService {
 impl Control for Arc<ControlService> {
     async fn get_status(&self, _req: Request<GetStatusRequest>) -> Result<Response<AgentStatus>, Status> {
         Ok(Response::new(self.status()))
+    }
+
+    async fn configure_site(
+        &self,
+        req: Request<SiteConfiguration>,
+    ) -> Result<Response<ConfigureReply>, Status> {
+        let c = req.into_inner();
+        let reply =
+            |accepted, message: String| ConfigureReply { accepted, message, revision: c.revision.clone() };
+        let Some(svc) = &self.replicas else {
+            return Ok(Response::new(reply(
+                false,
+                "this agent does not receive replication (it was not started with `receive`)".into(),
+            )));
+        };
+        Ok(Response::new(match site_config(&c) {
+            Ok((site, policy)) => {
+                tracing::info!(rules = site.entries.len(), allow_any = site.allow_any_server, revision = %c.revision, "site configured");
+                svc.set_site(site);
+                svc.set_retention(policy);
+                reply(true, String::new())
+            }
+            Err(why) => reply(false, why),
+        }))
     }
 }
 

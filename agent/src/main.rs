@@ -300,8 +300,13 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
 }
 
 fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
-    if r.entries.is_empty() && !r.allow_any_server {
-        return Err("give --authorize entries or --allow-any-server: otherwise no primary is accepted".into());
+    let announce = r.announce.resolve()?;
+    if r.entries.is_empty() && !r.allow_any_server && announce.is_none() {
+        return Err(
+            "give --authorize entries, --allow-any-server, or --lease-namespace (the controller then \
+                    configures the site): otherwise no primary is accepted"
+                .into(),
+        );
     }
     Ok(run::ReceiveOptions {
         listen: r.listen,
@@ -316,7 +321,7 @@ fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
         retention: Policy { window_ms: r.window_seconds * 1000, hourly: r.hourly_points },
         metrics: r.metrics,
         control: r.control_listen,
-        announce: r.announce.resolve()?,
+        announce,
     })
 }
 

@@ -6,4 +6,6 @@
 //! and exits with a hint when they are not.
 
 pub mod agents;
+pub mod conditions;
 pub mod preflight;
+pub mod site;

@@ -22,7 +22,9 @@ pub mod vm_replication;
 pub use authorization_entry::{AuthorizationEntry, AuthorizationEntrySpec, AuthorizationEntryStatus};
 pub use common::*;
 pub use recovery_plan::{RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus};
-pub use replication_server::{ReplicationServer, ReplicationServerSpec, ReplicationServerStatus};
+pub use replication_server::{
+    AgentAcceptance, ReplicationServer, ReplicationServerSpec, ReplicationServerStatus,
+};
 pub use vm_replication::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -1,0 +1,196 @@
+//! The site: a ReplicationServer and every AuthorizationEntry become one
+//! configuration pushed to each agent the ReplicationServer selects, and the
+//! ReplicationServer's status says which agents accepted it.
+//!
+//! ```text
+//!  observe: RS, all AuthorizationEntries, agent Leases
+//!  decide:  site_configuration() and selected()            (pure)
+//!  act:     Control.ConfigureSite on every selected live agent
+//!  report:  status.agents / agentsSummary / Ready — written only when changed
+//! ```
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+};
+use vmreplica_agent::{
+    control::proto::{AuthorizationRule, SiteConfiguration, control_client::ControlClient},
+    replication::{shipper::channel, tls::TlsMaterial},
+};
+use vmreplica_crds::{AgentAcceptance, AuthorizationEntry, ReplicationServer, ReplicationServerStatus};
+
+use crate::{
+    agents::{Agent, discover},
+    conditions,
+};
+
+/// The field manager of everything the controller writes.
+pub const MANAGER: &str = "vmreplica-controller";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading from the apiserver")]
+    Read(#[source] kube::Error),
+    #[error("writing ReplicationServer status")]
+    WriteStatus(#[source] kube::Error),
+}
+
+/// What the site reconciler needs.
+pub struct Context {
+    pub client: Client,
+    /// Namespace of the agents' Leases (the controller's own).
+    pub agents_namespace: String,
+    /// The controller's client certificate for agents' control APIs.
+    pub tls: TlsMaterial,
+    pub now: fn() -> Timestamp,
+}
+
+/// The configuration every agent of `rs` gets: its rules and all entries.
+pub fn site_configuration(rs: &ReplicationServer, entries: &[AuthorizationEntry]) -> SiteConfiguration {
+    let mut rules: Vec<AuthorizationRule> = entries
+        .iter()
+        .map(|e| AuthorizationRule {
+            name: e.name_any(),
+            allowed_primary_server: e.spec.allowed_primary_server.clone(),
+            storage: e.spec.replica_storage_location.clone(),
+            trust_group: e.spec.trust_group.clone(),
+        })
+        .collect();
+    rules.sort_by(|a, b| a.name.cmp(&b.name));
+    // What was sent, for the agent to echo: every object's UID and generation.
+    let mut revision = format!("{}/{}", rs.uid().unwrap_or_default(), rs.metadata.generation.unwrap_or(0));
+    for e in entries {
+        revision += &format!(",{}/{}", e.uid().unwrap_or_default(), e.metadata.generation.unwrap_or(0));
+    }
+    SiteConfiguration {
+        allow_any_server: rs.spec.allow_any_server,
+        default_storage: rs.spec.default_storage_location.clone().unwrap_or_default(),
+        default_trust_group: rs.spec.default_trust_group.clone(),
+        rules,
+        window_seconds: 0,
+        hourly_points: 24,
+        revision,
+    }
+}
+
+/// The agents `rs` selects: replica-capable, with every nodeSelector label.
+pub fn selected<'a>(rs: &ReplicationServer, agents: &'a [Agent]) -> Vec<&'a Agent> {
+    agents
+        .iter()
+        .filter(|a| a.capabilities.iter().any(|c| c == "replica"))
+        .filter(|a| rs.spec.node_selector.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
+        .collect()
+}
+
+async fn push(agent: &Agent, cfg: &SiteConfiguration, tls: &TlsMaterial) -> AgentAcceptance {
+    let refuse = |message: String| AgentAcceptance {
+        node: agent.node.clone(),
+        accepted: false,
+        message: Some(message),
+    };
+    if !agent.live {
+        return refuse("the agent's Lease expired: it is not running or cannot reach the apiserver".into());
+    }
+    let Some(endpoint) = &agent.control_endpoint else {
+        return refuse("the agent announces no control endpoint (start it with --control-listen)".into());
+    };
+    let host = endpoint.rsplit_once(':').map_or(endpoint.as_str(), |(h, _)| h);
+    let call = async {
+        let ch = channel(endpoint, host, tls).map_err(|e| e.to_string())?;
+        let reply =
+            ControlClient::new(ch).configure_site(cfg.clone()).await.map_err(|s| s.message().to_owned())?;
+        Ok::<_, String>(reply.into_inner())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(r)) if r.accepted => {
+            AgentAcceptance { node: agent.node.clone(), accepted: true, message: None }
+        }
+        Ok(Ok(r)) => refuse(format!("the agent refused the configuration: {}", r.message)),
+        Ok(Err(e)) => refuse(format!("cannot reach the agent's control API at {endpoint}: {e}")),
+        Err(_) => refuse(format!("the agent's control API at {endpoint} did not answer within 10s")),
+    }
+}
+
+/// Reconciles one ReplicationServer.
+#[tracing::instrument(skip_all, fields(name = %rs.name_any()))]
+pub async fn reconcile(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let entries = Api::<AuthorizationEntry>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Read)?;
+    let agents = discover(&ctx.client, &ctx.agents_namespace, (ctx.now)()).await.map_err(Error::Read)?;
+    let cfg = site_configuration(&rs, &entries.items);
+    let chosen = selected(&rs, &agents);
+    let results = futures::future::join_all(chosen.iter().map(|a| push(a, &cfg, &ctx.tls))).await;
+    let accepted = results.iter().filter(|a| a.accepted).count();
+    let previous = rs.status.clone().unwrap_or_default();
+    let (ready, reason, message) = match (chosen.len(), accepted) {
+        (0, _) => (
+            false,
+            "NoAgents",
+            "no agent matches nodeSelector: check the selector and that agents run with --lease-namespace"
+                .to_owned(),
+        ),
+        (n, a) if a == n => (true, "Accepted", format!("all {n} agents enforce this configuration")),
+        (n, a) => {
+            (false, "NotAccepted", format!("{a} of {n} agents accepted the configuration; see status.agents"))
+        }
+    };
+    let mut status = ReplicationServerStatus {
+        observed_generation: rs.metadata.generation,
+        agents: results,
+        agents_summary: Some(format!("{accepted}/{}", chosen.len())),
+        conditions: Vec::new(),
+    };
+    conditions::set(
+        &mut status.conditions,
+        &previous.conditions,
+        conditions::Update { type_: "Ready", status: ready, reason, message },
+        rs.metadata.generation,
+        (ctx.now)(),
+    );
+    if status != previous {
+        let patch = serde_json::json!({
+            "apiVersion": "vmreplica.io/v1alpha1",
+            "kind": "ReplicationServer",
+            "status": status,
+        });
+        Api::<ReplicationServer>::all(ctx.client.clone())
+            .patch_status(&rs.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(Error::WriteStatus)?;
+    }
+    // Agents come and go without an event on this object: look again soon.
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+fn error_policy(_rs: Arc<ReplicationServer>, e: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %e, "reconciling a ReplicationServer failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the ReplicationServer controller until `shutdown` completes. Any
+/// AuthorizationEntry change reconciles every ReplicationServer.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let servers = Api::<ReplicationServer>::all(ctx.client.clone());
+    let entries = Api::<AuthorizationEntry>::all(ctx.client.clone());
+    let controller = Controller::new(servers, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .watches(entries, watcher::Config::default(), move |_entry| {
+            store.state().iter().map(|rs| ObjectRef::from_obj(rs.as_ref())).collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,201 @@
+//! The site end to end: a ReplicationServer and AuthorizationEntries applied to
+//! the real apiserver reach a real agent through the controller, the agent
+//! enforces them on replication traffic, and the ReplicationServer's status
+//! says which agents accepted them, or why not.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use serde_json::json;
+use vmreplica_agent::replication::{
+    proto::{DiskRef, OpenRequest, replication_client::ReplicationClient},
+    shipper::channel,
+    tls::TlsMaterial,
+};
+use vmreplica_controller::site;
+use vmreplica_crds::{AuthorizationEntry, ReplicationServer};
+use vmreplica_tests::{FIELD_MANAGER, client, pki::Ca, shared_kubeconfig, test_namespace};
+
+fn agent_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("vmreplica-agent");
+    assert!(bin.exists(), "{} is missing: run `cargo build -p vmreplica-agent` first", bin.display());
+    bin
+}
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn material(ca: &Ca, names: &[&str]) -> TlsMaterial {
+    let l = ca.leaf(names[0], names).unwrap();
+    TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() }
+}
+
+fn write_tls(dir: &Path, m: &TlsMaterial) {
+    fs::create_dir_all(dir).unwrap();
+    fs::write(dir.join("tls.crt"), &m.cert_pem).unwrap();
+    fs::write(dir.join("tls.key"), &m.key_pem).unwrap();
+    fs::write(dir.join("ca.crt"), &m.ca_pem).unwrap();
+}
+
+async fn open(addr: &str, tls: &TlsMaterial) -> Result<(), tonic::Status> {
+    let ch = channel(addr, "127.0.0.1", tls).unwrap();
+    let req = OpenRequest {
+        disk: Some(DiskRef { vm_id: "vm1".into(), disk_id: "root".into() }),
+        disk_size: 1 << 20,
+        epoch: 0,
+    };
+    ReplicationClient::new(ch).open(req).await.map(|_| ())
+}
+
+async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..150 {
+        if let Some(v) = f().await {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_configures_agents_and_reports_what_they_accepted() {
+    let client = client().await;
+    let ns = test_namespace(&client, "site").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("site-ca").unwrap();
+    write_tls(&dir.path().join("agent"), &material(&ca, &["127.0.0.1"]));
+    let (repl, ctl) = (free_port(), free_port());
+    let _agent = {
+        let mut child = Command::new(agent_bin())
+            .args([
+                "receive",
+                "--listen",
+                &format!("127.0.0.1:{repl}"),
+                "--control-listen",
+                &format!("127.0.0.1:{ctl}"),
+            ])
+            .arg("--tls-dir")
+            .arg(dir.path().join("agent"))
+            .args([
+                "--lease-namespace",
+                &ns,
+                "--node",
+                "node-b",
+                "--node-label",
+                &format!("vmreplica-test={ns}"),
+            ])
+            .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
+            .arg(shared_kubeconfig())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        Agent(child)
+    };
+    let addr = format!("127.0.0.1:{repl}");
+    let primary = material(&ca, &[&format!("host1.{ns}.example.com")]);
+    // Before the controller configures it, the agent accepts nobody.
+    let err = open(&addr, &primary).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    let ctx = Arc::new(site::Context {
+        client: client.clone(),
+        agents_namespace: ns.clone(),
+        tls: material(&ca, &["vmreplica-controller"]),
+        now: k8s_openapi::jiff::Timestamp::now,
+    });
+    tokio::spawn(site::run(ctx, std::future::pending()));
+
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let (rs_name, ae_name) = (format!("rs-{ns}"), format!("ae-{ns}"));
+    let entries: Api<AuthorizationEntry> = Api::all(client.clone());
+    entries
+        .patch(&ae_name, &pp, &Patch::Apply(json!({
+            "apiVersion": "vmreplica.io/v1alpha1", "kind": "AuthorizationEntry", "metadata": {"name": ae_name},
+            "spec": {"allowedPrimaryServer": format!("*.{ns}.example.com"), "trustGroup": "finance",
+                     "replicaStorageLocation": dir.path().join("replicas"), "replicaNamespace": ns},
+        })))
+        .await
+        .unwrap();
+    let servers: Api<ReplicationServer> = Api::all(client.clone());
+    servers
+        .patch(&rs_name, &pp, &Patch::Apply(json!({
+            "apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": rs_name},
+            "spec": {"tlsSecretName": "agent-tls", "nodeSelector": {"vmreplica-test": ns}},
+        })))
+        .await
+        .unwrap();
+
+    // The status says the one selected agent accepted it.
+    let status = wait_for("the agent to accept", async || {
+        let s = servers.get(&rs_name).await.ok()?.status?;
+        (s.agents_summary.as_deref() == Some("1/1")).then_some(s)
+    })
+    .await;
+    assert_eq!(status.agents[0].node, "node-b");
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Accepted"));
+    // ...and the agent enforces it: the entry's primaries in, strangers out.
+    open(&addr, &primary).await.unwrap();
+    let stranger = material(&ca, &["x.nowhere.example.org"]);
+    assert_eq!(open(&addr, &stranger).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    // A configuration the agent cannot enforce: refused, with the reason, and
+    // the rules it had stay in force.
+    servers
+        .patch(&rs_name, &pp, &Patch::Apply(json!({
+            "apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": rs_name},
+            "spec": {"tlsSecretName": "agent-tls", "nodeSelector": {"vmreplica-test": ns}, "allowAnyServer": true},
+        })))
+        .await
+        .unwrap();
+    let status = wait_for("the refusal", async || {
+        let s = servers.get(&rs_name).await.ok()?.status?;
+        (s.agents_summary.as_deref() == Some("0/1")).then_some(s)
+    })
+    .await;
+    let why = status.agents[0].message.clone().unwrap_or_default();
+    assert!(why.contains("defaultStorageLocation"), "{why}");
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "NotAccepted"));
+    open(&addr, &primary).await.unwrap();
+
+    // Deleting the entry (with a valid server again) withdraws the permission.
+    servers
+        .patch(&rs_name, &pp, &Patch::Apply(json!({
+            "apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": rs_name},
+            "spec": {"tlsSecretName": "agent-tls", "nodeSelector": {"vmreplica-test": ns}},
+        })))
+        .await
+        .unwrap();
+    entries.delete(&ae_name, &DeleteParams::default()).await.unwrap();
+    wait_for("the entry's removal to reach the agent", async || {
+        (open(&addr, &primary).await.err()?.code() == tonic::Code::PermissionDenied).then_some(())
+    })
+    .await;
+    servers.delete(&rs_name, &DeleteParams::default()).await.unwrap();
+}
