@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The run command (README): a local control plane with vmreplica's API and the
-# examples applied, then two agents: site A's serves a disk over NBD and
-# replicates every write to site B's over mutual TLS, and site B's replica ends
-# up equal to site A's disk, with a recovery point per replication cycle.
+# examples applied; the controller configures site B's agent from a
+# ReplicationServer and an AuthorizationEntry; site A's agent serves a disk over
+# NBD and replicates every write to site B over mutual TLS; site B's replica
+# ends up equal to site A's disk, with a recovery point per replication cycle.
 #   hack/local-up.sh          show it and tear everything down
 #   hack/local-up.sh --keep   keep it running; prints a KUBECONFIG to use; Ctrl-C ends it
 set -euo pipefail
@@ -17,8 +18,8 @@ cargo build -q --locked -p vmreplica-tests -p vmreplica-controller -p vmreplica-
 run=$(mktemp -d -t vmreplica-local.XXXXXX)
 "$target/debug/vmreplica-testenv" "$run/kubeconfig" 2>"$run/control-plane.log" &
 env_pid=$!
-agent_pid=""; replica_pid=""
-trap 'kill $env_pid $agent_pid $replica_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$run"' EXIT
+agent_pid=""; replica_pid=""; controller_pid=""
+trap 'kill $env_pid $agent_pid $replica_pid $controller_pid 2>/dev/null; wait 2>/dev/null; rm -rf "$run"' EXIT
 for _ in $(seq 1 240); do
   [ -f "$run/kubeconfig" ] && break
   kill -0 "$env_pid" 2>/dev/null || { cat "$run/control-plane.log" >&2; exit 1; }
@@ -29,8 +30,6 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "control plane up; vmreplica CRDs installed"
 kubectl get crds
-say "the controller checks its CRDs before it starts"
-"$target/debug/vmreplica-controller" || true
 say "applying examples/ (site A: the protected VM; site B: replica server and authorisation)"
 kubectl create namespace finance >/dev/null
 kubectl apply --server-side -n finance -f examples/
@@ -47,19 +46,49 @@ spec:
   disks: [{name: root, path: /var/lib/vm/../../etc/shadow}]
 YAML
 agent="$target/debug/vmreplica-agent"
-"$target/debug/vmreplica-devcerts" "$run/certs" \
-  replica=replica.site-b.example.com,127.0.0.1 primary=host1.site-a.example.com
+"$target/debug/vmreplica-devcerts" "$run/certs" replica=replica.site-b.example.com,127.0.0.1 \
+  primary=host1.site-a.example.com controller=vmreplica-controller
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 disk="$run/site-a/ledger-db-root.img"
 mkdir -p "$run/site-a" "$run/site-b"
 wait_ready() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return; sleep 0.1; done; cat "$1" >&2; exit 1; }
 
-say "site B: a replica agent accepts *.site-a.example.com (trust group finance), mutual TLS on :$port"
-"$agent" receive --listen "127.0.0.1:$port" --tls-dir "$run/certs/replica" \
-  --authorize "pattern=*.site-a.example.com,storage=$run/site-b,trust-group=finance" \
-  >"$run/replica.out" 2>"$run/replica.log" &
+say "the controller starts; site B's replica agent announces itself with a Lease and waits for its rules"
+kubectl create namespace vmreplica-system >/dev/null
+"$target/debug/vmreplica-controller" --namespace vmreplica-system --tls-dir "$run/certs/controller" \
+  2>"$run/controller.log" &
+controller_pid=$!
+ctl_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$agent" receive --listen "127.0.0.1:$port" --tls-dir "$run/certs/replica" --control-listen "127.0.0.1:$ctl_port" \
+  --lease-namespace vmreplica-system --node site-b-node1 --node-label vmreplica.io/site=b \
+  --advertise-host 127.0.0.1 >"$run/replica.out" 2>"$run/replica.log" &
 replica_pid=$!
 wait_ready "$run/replica.out" ready
+kubectl get lease -n vmreplica-system
+
+say "site B's ReplicationServer and an AuthorizationEntry for *.site-a.example.com (trust group finance)"
+kubectl apply --server-side -f - <<YAML
+apiVersion: vmreplica.io/v1alpha1
+kind: ReplicationServer
+metadata: {name: local-site-b}
+spec:
+  nodeSelector: {vmreplica.io/site: b}
+  tlsSecretName: vmreplica-agent-tls
+---
+apiVersion: vmreplica.io/v1alpha1
+kind: AuthorizationEntry
+metadata: {name: local-site-a}
+spec:
+  allowedPrimaryServer: "*.site-a.example.com"
+  replicaStorageLocation: $run/site-b
+  trustGroup: finance
+  replicaNamespace: finance
+YAML
+for _ in $(seq 100); do
+  [ "$(kubectl get rsrv local-site-b -o jsonpath='{.status.agentsSummary}')" = 1/1 ] && break; sleep 0.2
+done
+say "the controller pushed them to the agent, which accepted (kubectl get rsrv)"
+kubectl get rsrv local-site-b
 
 say "site A: an agent serves a 256 MiB disk over NBD and replicates it every 2 seconds"
 truncate -s 256M "$disk"
@@ -89,7 +118,8 @@ for p in s["points"]:
     t = datetime.datetime.fromtimestamp(p["timeMs"] / 1000, datetime.timezone.utc).strftime("%H:%M:%S")
     print(f"  point at sequence {p['seq']:>3}  sealed {t}  {p['kind']}")
 PY
-kill "$agent_pid" "$replica_pid"; wait "$agent_pid" "$replica_pid" 2>/dev/null || true; agent_pid=""
+kill "$agent_pid" "$replica_pid" "$controller_pid"; wait "$agent_pid" "$replica_pid" "$controller_pid" 2>/dev/null || true
+agent_pid=""
 
 if $keep; then
   say "running; in another shell: export KUBECONFIG=$KUBECONFIG   (Ctrl-C ends it)"
