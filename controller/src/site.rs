@@ -36,7 +36,7 @@ pub const MANAGER: &str = "vmreplica-controller";
 pub enum Error {
     #[error("reading from the apiserver")]
     Read(#[source] kube::Error),
-    #[error("writing ReplicationServer status")]
+    #[error("writing status")]
     WriteStatus(#[source] kube::Error),
 }
 
@@ -165,8 +165,67 @@ pub async fn reconcile(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Result<
             .await
             .map_err(Error::WriteStatus)?;
     }
+    report_entries(&ctx, &entries.items).await?;
     // Agents come and go without an event on this object: look again soon.
     Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// An entry is enforced where every ReplicationServer's agents accepted the
+/// configuration it is part of: its Ready condition sums them over all servers.
+async fn report_entries(ctx: &Context, entries: &[AuthorizationEntry]) -> Result<(), Error> {
+    let servers = Api::<ReplicationServer>::all(ctx.client.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Read)?;
+    let (mut accepted, mut selected, mut refusals) = (0usize, 0usize, Vec::new());
+    for rs in &servers.items {
+        for a in rs.status.iter().flat_map(|s| &s.agents) {
+            selected += 1;
+            if a.accepted {
+                accepted += 1;
+            } else {
+                refusals.push(format!(
+                    "{} ({}): {}",
+                    a.node,
+                    rs.name_any(),
+                    a.message.as_deref().unwrap_or("refused")
+                ));
+            }
+        }
+    }
+    let (ready, reason, message) = match (selected, accepted) {
+        (0, _) => (false, "NoAgents", "no ReplicationServer selects a live agent yet".to_owned()),
+        (n, a) if a == n => (true, "Enforced", format!("enforced by all {n} agents")),
+        (n, a) => (false, "NotEnforced", format!("{a} of {n} agents enforce it; {}", refusals.join("; "))),
+    };
+    let api = Api::<AuthorizationEntry>::all(ctx.client.clone());
+    for e in entries {
+        let previous = e.status.clone().unwrap_or_default();
+        let mut status = vmreplica_crds::AuthorizationEntryStatus {
+            observed_generation: e.metadata.generation,
+            conditions: Vec::new(),
+            replica_count: previous.replica_count,
+        };
+        let update = conditions::Update { type_: "Ready", status: ready, reason, message: message.clone() };
+        conditions::set(
+            &mut status.conditions,
+            &previous.conditions,
+            update,
+            e.metadata.generation,
+            (ctx.now)(),
+        );
+        if status != previous {
+            let patch = serde_json::json!({
+                "apiVersion": "vmreplica.io/v1alpha1",
+                "kind": "AuthorizationEntry",
+                "status": status,
+            });
+            api.patch_status(&e.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+                .await
+                .map_err(Error::WriteStatus)?;
+        }
+    }
+    Ok(())
 }
 
 fn error_policy(_rs: Arc<ReplicationServer>, e: &Error, _ctx: Arc<Context>) -> Action {

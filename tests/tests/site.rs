@@ -159,6 +159,14 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     assert_eq!(status.agents[0].node, "node-b");
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "Accepted"));
+    // The entry reports it is enforced.
+    let entry_ready = wait_for("the entry's status", async || {
+        let s = entries.get(&ae_name).await.ok()?.status?;
+        let c = s.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (c.status == "True").then_some(c)
+    })
+    .await;
+    assert_eq!(entry_ready.reason, "Enforced", "{entry_ready:?}");
     // ...and the agent enforces it: the entry's primaries in, strangers out.
     open(&addr, &primary).await.unwrap();
     let stranger = material(&ca, &["x.nowhere.example.org"]);
@@ -182,6 +190,16 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     assert!(why.contains("defaultStorageLocation"), "{why}");
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "NotAccepted"));
+    let entry_ready = wait_for("the entry to report the refusal", async || {
+        let s = entries.get(&ae_name).await.ok()?.status?;
+        let c = s.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (c.status == "False").then_some(c)
+    })
+    .await;
+    assert!(
+        entry_ready.message.contains("node-b") && entry_ready.message.contains("defaultStorageLocation"),
+        "{entry_ready:?}"
+    );
     open(&addr, &primary).await.unwrap();
 
     // Deleting the entry (with a valid server again) withdraws the permission.
