@@ -9,3 +9,4 @@ pub mod agents;
 pub mod conditions;
 pub mod preflight;
 pub mod site;
+pub mod telemetry;

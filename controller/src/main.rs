@@ -18,6 +18,9 @@ struct Args {
     /// certificate for the agents' control APIs.
     #[arg(long)]
     tls_dir: PathBuf,
+    /// Serve /metrics, /healthz and /readyz on this address.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics: std::net::SocketAddr,
 }
 
 #[tokio::main]
@@ -34,6 +37,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let metrics = vmreplica_controller::telemetry::Metrics::new();
+    match tokio::net::TcpListener::bind(args.metrics).await {
+        Ok(l) => {
+            tokio::spawn(vmreplica_controller::telemetry::serve(metrics.clone(), l, std::future::pending()));
+        }
+        Err(e) => {
+            eprintln!("vmreplica-controller: cannot listen on {}: {e}", args.metrics);
+            return ExitCode::FAILURE;
+        }
+    }
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
         Err(e) => {
@@ -54,7 +67,9 @@ async fn main() -> ExitCode {
         agents_namespace: args.namespace,
         tls,
         now: k8s_openapi::jiff::Timestamp::now,
+        metrics: metrics.clone(),
     });
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     site::run(ctx, async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");

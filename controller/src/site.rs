@@ -48,6 +48,7 @@ pub struct Context {
     /// The controller's client certificate for agents' control APIs.
     pub tls: TlsMaterial,
     pub now: fn() -> Timestamp,
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 /// The configuration every agent of `rs` gets: its rules and all entries.
@@ -116,9 +117,20 @@ async fn push(agent: &Agent, cfg: &SiteConfiguration, tls: &TlsMaterial) -> Agen
     }
 }
 
-/// Reconciles one ReplicationServer.
+/// Reconciles one ReplicationServer, recording it in the metrics.
 #[tracing::instrument(skip_all, fields(name = %rs.name_any()))]
 pub async fn reconcile(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(rs, ctx.clone()).await;
+    let class = result.as_ref().err().map(|e| match e {
+        Error::Read(_) => "read",
+        Error::WriteStatus(_) => "write",
+    });
+    ctx.metrics.observe("ReplicationServer", started, class);
+    result
+}
+
+async fn reconcile_inner(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Result<Action, Error> {
     let entries = Api::<AuthorizationEntry>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await

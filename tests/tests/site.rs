@@ -122,11 +122,18 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     let err = open(&addr, &primary).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
 
+    let metrics = vmreplica_controller::telemetry::Metrics::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = listener.local_addr().unwrap();
+    tokio::spawn(vmreplica_controller::telemetry::serve(metrics.clone(), listener, std::future::pending()));
+    assert_eq!(code(&http_get(metrics_addr, "/readyz").await), "503", "not ready before the controllers run");
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let ctx = Arc::new(site::Context {
         client: client.clone(),
         agents_namespace: ns.clone(),
         tls: material(&ca, &["vmreplica-controller"]),
         now: k8s_openapi::jiff::Timestamp::now,
+        metrics: metrics.clone(),
     });
     tokio::spawn(site::run(ctx, std::future::pending()));
 
@@ -216,4 +223,33 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     })
     .await;
     servers.delete(&rs_name, &DeleteParams::default()).await.unwrap();
+
+    // The controller's own endpoint: ready, and counting its reconciliations.
+    assert_eq!(code(&http_get(metrics_addr, "/readyz").await), "200");
+    assert_eq!(code(&http_get(metrics_addr, "/healthz").await), "200");
+    let body = http_get(metrics_addr, "/metrics").await;
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("vmreplica_controller_reconciles_total{kind=\"ReplicationServer\"}"))
+        .unwrap_or_else(|| panic!("{body}"));
+    let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 3.0, "{line}");
+    assert!(
+        body.contains("vmreplica_controller_reconcile_duration_seconds_count{kind=\"ReplicationServer\"}")
+    );
+}
+
+/// The status code of an HTTP response.
+fn code(response: &str) -> &str {
+    response.split_whitespace().nth(1).unwrap_or("")
+}
+
+/// GET `path` with a minimal HTTP/1.0 request; returns the whole response.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
