@@ -55,7 +55,7 @@ wait_ready() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return; 
 
 say "the controller starts; site B's replica agent announces itself with a Lease and waits for its rules"
 kubectl create namespace vmreplica-system >/dev/null
-"$target/debug/vmreplica-controller" --namespace vmreplica-system --tls-dir "$run/certs/controller" \
+"$target/debug/vmreplica-controller" --namespace vmreplica-system --tls-dir "$run/certs/controller" --metrics 127.0.0.1:0 \
   2>"$run/controller.log" &
 controller_pid=$!
 ctl_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
