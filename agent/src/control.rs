@@ -1,7 +1,7 @@
 //! The agent's control API (`vmreplica.control.v1.Control`), served with the
 //! same mutual TLS as replication: the controller reads statistics, sequence
-//! positions and recovery points here. Read-only for now; the controller adds
-//! the calls that configure the agent.
+//! positions and recovery points here, configures the site, and enables,
+//! updates and removes the replication of VMs (see [`crate::node`]).
 
 use std::sync::Arc;
 
@@ -15,8 +15,8 @@ pub mod proto {
 }
 
 use proto::{
-    AgentStatus, ConfigureReply, GetStatusRequest, PrimaryDisk, RecoveryPoint, ReplicaDisk,
-    SiteConfiguration, control_server::Control,
+    AgentStatus, ConfigureReply, EnableReply, GetStatusRequest, PrimaryDisk, RecoveryPoint, RemoveReply,
+    RemoveRequest, ReplicaDisk, SiteConfiguration, VmReplicationSpec, control_server::Control,
 };
 
 use crate::replication::authz::{Entry, SiteConfig};
@@ -77,13 +77,20 @@ pub fn site_config(c: &SiteConfiguration) -> Result<(SiteConfig, crate::replica:
 pub struct ControlService {
     pub shippers: Vec<Arc<Shipper>>,
     pub replicas: Option<Arc<ReplicaService>>,
+    /// VMs protected on the controller's request.
+    pub node: Option<Arc<crate::node::Node>>,
 }
 
 impl ControlService {
     /// The status of every disk and replica, as the controller reads it.
-    pub fn status(&self) -> AgentStatus {
-        let primaries = self
-            .shippers
+    pub async fn status(&self) -> AgentStatus {
+        let mut shippers = self.shippers.clone();
+        let mut vms = Vec::new();
+        if let Some(node) = &self.node {
+            shippers.extend(node.all_shippers().await);
+            vms = node.protected().await;
+        }
+        let primaries = shippers
             .iter()
             .map(|s| {
                 let st = s.stats();
@@ -109,8 +116,10 @@ impl ControlService {
                         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                         .map_or(0, ms),
                     last_error: st.last_error.unwrap_or_default(),
+                    last_error_code: st.last_error_code.unwrap_or_default(),
                     durable_through: st.durable_through,
                     initial_copy_bytes: st.initial_copy_bytes,
+                    disk_size: s.disk().size(),
                 }
             })
             .collect();
@@ -145,14 +154,14 @@ impl ControlService {
                     .collect()
             })
             .unwrap_or_default();
-        AgentStatus { primaries, replicas }
+        AgentStatus { primaries, replicas, vms }
     }
 }
 
 #[tonic::async_trait]
 impl Control for Arc<ControlService> {
     async fn get_status(&self, _req: Request<GetStatusRequest>) -> Result<Response<AgentStatus>, Status> {
-        Ok(Response::new(self.status()))
+        Ok(Response::new(self.status().await))
     }
 
     async fn configure_site(
@@ -177,6 +186,27 @@ impl Control for Arc<ControlService> {
             }
             Err(why) => reply(false, why),
         }))
+    }
+
+    async fn enable_replication(
+        &self,
+        req: Request<VmReplicationSpec>,
+    ) -> Result<Response<EnableReply>, Status> {
+        let Some(node) = &self.node else {
+            return Err(Status::failed_precondition(
+                "this agent does not protect VMs (it was started with `receive` or with fixed --disk)",
+            ));
+        };
+        Ok(Response::new(node.enable(req.into_inner()).await))
+    }
+
+    async fn remove_replication(&self, req: Request<RemoveRequest>) -> Result<Response<RemoveReply>, Status> {
+        let r = req.into_inner();
+        let removed = match &self.node {
+            Some(node) => node.remove(&r.vm_id, &r.uid).await,
+            None => false,
+        };
+        Ok(Response::new(RemoveReply { removed }))
     }
 }
 

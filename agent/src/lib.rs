@@ -16,6 +16,7 @@ pub mod lease;
 pub mod log;
 pub mod metrics;
 pub mod nbd;
+pub mod node;
 pub mod quiesce;
 pub mod replica;
 pub mod replication;

@@ -26,9 +26,9 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Serve protected disks over NBD, logging every write; optionally replicate them.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Accept replication from authorised primaries (a replica site's server).
-    Receive(Receive),
+    Receive(Box<Receive>),
     /// Apply sealed segments, in order, to a copy of the base image. Every
     /// segment is verified before anything is written.
     Replay {
@@ -88,12 +88,20 @@ impl AnnounceArgs {
 
 #[derive(ClapArgs)]
 struct Serve {
-    /// The protected VM's id (written into every log segment).
-    #[arg(long)]
-    vm: String,
+    /// The protected VM's id (written into every log segment) of the --disk images.
+    #[arg(long, requires = "disks")]
+    vm: Option<String>,
     /// A disk to protect, as NAME=PATH of an existing raw image. Repeatable.
-    #[arg(long = "disk", value_parser = parse_disk, required = true)]
+    /// Without any, the agent protects what the controller enables through
+    /// the control API (--control-listen).
+    #[arg(long = "disk", value_parser = parse_disk, required_unless_present = "control_listen")]
     disks: Vec<(String, PathBuf)>,
+    /// A directory whose images the controller may ask this agent to serve. Repeatable.
+    #[arg(long = "disk-root", default_value = "/var/lib/vmreplica/disks")]
+    disk_roots: Vec<PathBuf>,
+    /// Resolve HOST to ADDRESS instead of asking DNS (`HOST=ADDRESS`, repeatable).
+    #[arg(long, value_parser = parse_resolve)]
+    resolve: Vec<(String, std::net::IpAddr)>,
     /// Unix socket to serve NBD on (`nbd+unix:///NAME?socket=PATH`).
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -192,6 +200,11 @@ fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_owned(), PathBuf::from(path)))
 }
 
+fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (host, ip) = s.split_once('=').ok_or("expected HOST=ADDRESS")?;
+    Ok((host.to_ascii_lowercase(), ip.parse().map_err(|e| format!("{ip:?}: {e}"))?))
+}
+
 fn parse_entry(s: &str) -> Result<Entry, String> {
     let mut e = Entry {
         name: String::new(),
@@ -228,8 +241,8 @@ fn main() -> ExitCode {
         .init();
     let rt = || tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = match Args::parse().command {
-        Command::Serve(s) => serve_options(s).and_then(|o| rt().block_on(run::serve(o))),
-        Command::Receive(r) => receive_options(r).and_then(|o| rt().block_on(run::receive(o))),
+        Command::Serve(s) => serve_options(*s).and_then(|o| rt().block_on(run::serve(o))),
+        Command::Receive(r) => receive_options(*r).and_then(|o| rt().block_on(run::receive(o))),
         Command::Replay { image, segments } => log::replay::replay(&image, &segments)
             .map(|r| {
                 println!(
@@ -254,11 +267,15 @@ fn main() -> ExitCode {
 }
 
 fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
+    let tls = s.tls_dir.as_deref().map(TlsMaterial::from_dir).transpose().map_err(|e| e.to_string())?;
+    if !s.disks.is_empty() && s.vm.is_none() {
+        return Err("--disk needs --vm (the protected VM's id)".into());
+    }
+    let retry: Vec<Duration> = s.retry_seconds.iter().map(|&x| Duration::from_secs(x)).collect();
     let replicate = match s.replicate_to {
         None => None,
         Some(addr) => {
-            let dir = s.tls_dir.ok_or("--replicate-to needs --tls-dir")?;
-            let tls = TlsMaterial::from_dir(&dir).map_err(|e| e.to_string())?;
+            let tls = tls.clone().ok_or("--replicate-to needs --tls-dir")?;
             let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).to_owned();
             Some(run::ReplicateTo {
                 server_name: s.replica_server_name.unwrap_or(host),
@@ -266,7 +283,7 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
                 tls,
                 shipper: ShipperConfig {
                     compression: !s.no_compression,
-                    backoff: s.retry_seconds.iter().map(|&x| Duration::from_secs(x)).collect(),
+                    backoff: retry.clone(),
                     ..Default::default()
                 },
                 bandwidth: s.bandwidth_limit,
@@ -290,8 +307,14 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
         metrics: s.metrics,
         control: s.control_listen,
         announce: s.announce.resolve()?,
-        vm: s.vm,
+        vm: s.vm.unwrap_or_default(),
         disks: s.disks,
+        tls,
+        disk_roots: s.disk_roots,
+        resolve: s.resolve.into_iter().collect(),
+        retry,
+        bandwidth: s.bandwidth_limit,
+        max_transfers: s.max_transfers,
         socket: s.socket,
         tcp: s.tcp,
         interval: s.interval.map(|x| Duration::from_secs(x.max(1))),

@@ -50,6 +50,15 @@ pub struct ServeOptions {
     pub replicate: Option<ReplicateTo>,
     /// Keep a Lease announcing this agent.
     pub announce: Option<Announce>,
+    /// Certificates for the control API and for replication the controller enables.
+    pub tls: Option<TlsMaterial>,
+    /// Where images the controller names may lie.
+    pub disk_roots: Vec<PathBuf>,
+    /// Host names resolved without DNS.
+    pub resolve: std::collections::BTreeMap<String, std::net::IpAddr>,
+    pub retry: Vec<Duration>,
+    pub bandwidth: Option<u64>,
+    pub max_transfers: usize,
 }
 
 /// How an agent announces itself in the cluster (see [`crate::lease`]).
@@ -158,6 +167,19 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     }
     let metrics = metrics_endpoint(opts.metrics).await?;
     let mut control = ControlService::default();
+    if let (Some(tls), Some(_)) = (&opts.tls, opts.control) {
+        let cfg = crate::node::NodeConfig {
+            tls: tls.clone(),
+            disk_roots: opts.disk_roots.clone(),
+            resolve: opts.resolve.clone(),
+            socket: opts.socket.clone(),
+            backoff: opts.retry.clone(),
+            bandwidth: opts.bandwidth,
+            max_transfers: opts.max_transfers,
+        };
+        control.node = Some(crate::node::Node::new(cfg, server.clone(), metrics.clone()));
+    }
+    let node = control.node.clone();
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     match (&opts.replicate, opts.interval) {
@@ -220,7 +242,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         (None, None) => {}
     }
     if let Some(addr) = opts.control {
-        let tls = opts.replicate.as_ref().map(|r| r.tls.clone()).ok_or("--control-listen needs --tls-dir")?;
+        let tls = opts.tls.clone().ok_or("--control-listen needs --tls-dir")?;
         spawn_control(control, addr, tls).await?;
     }
     if let Some(a) = &opts.announce {
@@ -231,6 +253,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let _ = stop.send(true);
     for t in tasks {
         let _ = t.await;
+    }
+    if let Some(node) = node {
+        node.shutdown().await;
     }
     for d in &disks {
         if let Err(e) = d.shutdown() {

@@ -395,6 +395,7 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
     let control = std::sync::Arc::new(ControlService {
         shippers: vec![ship.clone()],
         replicas: Some(site.service.clone()),
+        node: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

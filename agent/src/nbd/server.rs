@@ -12,7 +12,7 @@ use std::{
     io::{self, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     os::unix::net::{UnixListener, UnixStream},
-    sync::Arc,
+    sync::{Arc, RwLock},
     thread,
 };
 
@@ -40,13 +40,34 @@ impl Stream for TcpStream {
 }
 
 /// Serves a set of protected disks, each as the export of its name.
+/// Exports can be added and removed while it serves (the control API does);
+/// connections already open keep their disk.
 pub struct NbdServer {
-    exports: BTreeMap<String, Arc<ProtectedDisk>>,
+    exports: RwLock<BTreeMap<String, Arc<ProtectedDisk>>>,
 }
 
 impl NbdServer {
     pub fn new(disks: impl IntoIterator<Item = Arc<ProtectedDisk>>) -> Arc<Self> {
-        Arc::new(Self { exports: disks.into_iter().map(|d| (d.name().to_owned(), d)).collect() })
+        Arc::new(Self { exports: RwLock::new(disks.into_iter().map(|d| (d.name().to_owned(), d)).collect()) })
+    }
+
+    fn exports(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<ProtectedDisk>>> {
+        self.exports.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves `disk` as export `name`; false when the name is taken.
+    pub fn add_export(&self, name: &str, disk: Arc<ProtectedDisk>) -> bool {
+        let mut exports = self.exports.write().unwrap_or_else(|p| p.into_inner());
+        if exports.contains_key(name) {
+            return false;
+        }
+        exports.insert(name.to_owned(), disk);
+        true
+    }
+
+    /// Stops offering export `name` to new connections.
+    pub fn remove_export(&self, name: &str) -> Option<Arc<ProtectedDisk>> {
+        self.exports.write().unwrap_or_else(|p| p.into_inner()).remove(name)
     }
 
     /// Accepts connections on `listener` in a background thread.
@@ -126,7 +147,7 @@ impl NbdServer {
             match option {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data);
-                    let Some(disk) = self.exports.get(name.as_ref()) else {
+                    let Some(disk) = self.exports().get(name.as_ref()).cloned() else {
                         // This option has no error reply: closing is the answer.
                         return Err(protocol("unknown export requested with NBD_OPT_EXPORT_NAME"));
                     };
@@ -137,7 +158,7 @@ impl NbdServer {
                         reply.extend_from_slice(&[0u8; 124]);
                     }
                     w.write_all(&reply)?;
-                    return Ok(Some(disk.clone()));
+                    return Ok(Some(disk));
                 }
                 OPT_ABORT => {
                     w.write_all(&option_reply(option, REP_ACK, &[]))?;
@@ -147,7 +168,9 @@ impl NbdServer {
                     w.write_all(&option_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"))?;
                 }
                 OPT_LIST => {
-                    for name in self.exports.keys() {
+                    // Not under the lock while writing: a slow client must not stall add/remove.
+                    let names: Vec<String> = self.exports().keys().cloned().collect();
+                    for name in names {
                         let mut d = (name.len() as u32).to_be_bytes().to_vec();
                         d.extend_from_slice(name.as_bytes());
                         w.write_all(&option_reply(option, REP_SERVER, &d))?;
@@ -156,7 +179,7 @@ impl NbdServer {
                 }
                 OPT_INFO | OPT_GO => match parse_info_request(&data) {
                     Err(why) => w.write_all(&option_reply(option, REP_ERR_INVALID, why.as_bytes()))?,
-                    Ok((name, infos)) => match self.exports.get(&name) {
+                    Ok((name, infos)) => match self.exports().get(&name).cloned() {
                         None => {
                             let msg = format!("no export named {name:?}");
                             w.write_all(&option_reply(option, REP_ERR_UNKNOWN, msg.as_bytes()))?;
@@ -180,7 +203,7 @@ impl NbdServer {
                             }
                             w.write_all(&option_reply(option, REP_ACK, &[]))?;
                             if option == OPT_GO {
-                                return Ok(Some(disk.clone()));
+                                return Ok(Some(disk));
                             }
                         }
                     },

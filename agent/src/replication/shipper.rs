@@ -44,6 +44,19 @@ pub enum ShipError {
     ResyncRequired { expected: u64, first: u64, last: u64 },
 }
 
+impl ShipError {
+    /// A short, stable name of the kind of failure, for the controller to act on:
+    /// the gRPC code name for a refusal (`PermissionDenied`, `Unavailable`, ...).
+    pub fn code(&self) -> String {
+        match self {
+            ShipError::Rpc(s) => format!("{:?}", s.code()),
+            ShipError::Read { .. } => "LocalRead".into(),
+            ShipError::Disk(_) => "LocalDisk".into(),
+            ShipError::ResyncRequired { .. } => "ResyncRequired".into(),
+        }
+    }
+}
+
 /// Opens a lazily connecting mTLS channel to a replica agent at `addr`
 /// (`host:port`), verifying it as `server_name`.
 pub fn channel(addr: &str, server_name: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
@@ -116,6 +129,8 @@ pub struct ShipStats {
     /// Cycles that did not complete (each failed sync is one).
     pub missed_cycles: u64,
     pub last_error: Option<String>,
+    /// [`ShipError::code`] of `last_error`.
+    pub last_error_code: Option<String>,
     pub last_replication: Option<SystemTime>,
     pub durable_through: u64,
     pub initial_copy_bytes: u64,
@@ -200,6 +215,7 @@ impl Shipper {
                 s.durable_through = *through;
                 s.last_replication = Some(SystemTime::now());
                 s.last_error = None;
+                s.last_error_code = None;
                 if let Some(m) = &self.metrics {
                     m.cycles.with_label_values(&[vm, disk, "successful"]).inc();
                     let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -210,6 +226,7 @@ impl Shipper {
                 s.errors += 1;
                 s.missed_cycles += 1;
                 s.last_error = Some(e.to_string());
+                s.last_error_code = Some(e.code());
                 if let Some(m) = &self.metrics {
                     m.cycles.with_label_values(&[vm, disk, "missed"]).inc();
                 }

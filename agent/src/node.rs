@@ -1,0 +1,438 @@
+//! The VMs an agent protects because the controller asked it to
+//! (`EnableReplication` / `RemoveReplication` on the control API).
+//!
+//! ```text
+//!  EnableReplication(spec) ─▶ check ─▶ open disks ─▶ NBD exports "<vm>/<disk>"
+//!                                               └─▶ shippers ─▶ cycle task (unless suspended)
+//!  same uid + generation again: nothing changes    new generation: apply the difference
+//!  RemoveReplication ─▶ stop the cycle ─▶ drop exports ─▶ clean shutdown ─▶ forget the logs
+//! ```
+//! Every refusal says what to fix and leaves what ran before untouched.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::sync::{Mutex, Semaphore, watch};
+
+use crate::{
+    control::proto::{EnableReply, ProtectedVm, VmReplicationSpec},
+    disk::{ProtectedDisk, log_dir_for},
+    metrics::Metrics,
+    nbd::NbdServer,
+    replica::names,
+    replication::{
+        cycle::VmReplication,
+        shipper::{RateLimiter, Shipper, ShipperConfig, channel},
+        tls::TlsMaterial,
+    },
+};
+
+/// How this agent protects VMs for the controller.
+#[derive(Clone)]
+pub struct NodeConfig {
+    pub tls: TlsMaterial,
+    /// Disk images must lie under one of these (after resolving symlinks).
+    pub disk_roots: Vec<PathBuf>,
+    /// Host names resolved here instead of by DNS (as `curl --resolve`).
+    pub resolve: BTreeMap<String, IpAddr>,
+    /// The NBD unix socket, for the export URIs in replies.
+    pub socket: Option<PathBuf>,
+    pub backoff: Vec<Duration>,
+    pub bandwidth: Option<u64>,
+    pub max_transfers: usize,
+}
+
+struct Managed {
+    spec: VmReplicationSpec,
+    disks: Vec<Arc<ProtectedDisk>>,
+    shippers: Vec<Arc<Shipper>>,
+    running: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+}
+
+/// The VMs protected on this node.
+pub struct Node {
+    cfg: NodeConfig,
+    nbd: Arc<NbdServer>,
+    metrics: Arc<Metrics>,
+    limiter: Option<Arc<RateLimiter>>,
+    transfers: Arc<Semaphore>,
+    vms: Mutex<BTreeMap<String, Managed>>,
+}
+
+fn export_name(vm: &str, disk: &str) -> String {
+    format!("{vm}/{disk}")
+}
+
+/// Checks a spec before anything is touched; the disks' resolved paths.
+pub fn check_spec(spec: &VmReplicationSpec, roots: &[PathBuf]) -> Result<Vec<(String, PathBuf)>, String> {
+    names::check("vm id", &spec.vm_id).map_err(|e| e.to_string())?;
+    if spec.uid.is_empty() {
+        return Err("the request carries no uid".into());
+    }
+    if spec.disks.is_empty() {
+        return Err("no disks to protect".into());
+    }
+    if !(1..=3600).contains(&spec.interval_seconds) {
+        return Err(format!("replication interval {}s is outside 1-3600s", spec.interval_seconds));
+    }
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for d in &spec.disks {
+        names::check("disk name", &d.name).map_err(|e| e.to_string())?;
+        if out.iter().any(|(n, _)| *n == d.name) {
+            return Err(format!("disk {:?} is listed twice", d.name));
+        }
+        let given = Path::new(&d.path);
+        if !given.is_absolute() {
+            return Err(format!("disk {}: path {:?} is not absolute", d.name, d.path));
+        }
+        let real = given.canonicalize().map_err(|e| format!("disk {}: {}: {e}", d.name, d.path))?;
+        let inside = roots.iter().filter_map(|r| r.canonicalize().ok()).any(|r| real.starts_with(&r));
+        if !inside {
+            let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            return Err(format!(
+                "disk {}: {} is outside the directories this agent may serve ({}); move the image or \
+                 start the agent with --disk-root for its directory",
+                d.name,
+                real.display(),
+                roots.join(", ")
+            ));
+        }
+        if !real.is_file() {
+            return Err(format!("disk {}: {} is not a regular file", d.name, real.display()));
+        }
+        out.push((d.name.clone(), real));
+    }
+    Ok(out)
+}
+
+impl Node {
+    pub fn new(cfg: NodeConfig, nbd: Arc<NbdServer>, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            limiter: cfg.bandwidth.map(|b| Arc::new(RateLimiter::new(b))),
+            transfers: Arc::new(Semaphore::new(cfg.max_transfers.max(1))),
+            cfg,
+            nbd,
+            metrics,
+            vms: Mutex::default(),
+        })
+    }
+
+    /// Where the replica server is, and the name its certificate must carry.
+    async fn replica_endpoint(&self, address: &str) -> Result<(String, String), String> {
+        let (host, port) = address
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|p| *p > 0)?)))
+            .ok_or_else(|| format!("replica server {address:?} is not HOST:PORT"))?;
+        if let Some(ip) = self.cfg.resolve.get(host) {
+            return Ok((format!("{ip}:{port}"), host.to_owned()));
+        }
+        match tokio::net::lookup_host((host, port)).await.map(|mut a| a.next()) {
+            Ok(Some(_)) => Ok((address.to_owned(), host.to_owned())),
+            Ok(None) => Err(format!("replica server {host} has no address")),
+            Err(e) => {
+                Err(format!("replica server {host} does not resolve: {e}; check spec.replicaServer.name"))
+            }
+        }
+    }
+
+    fn shippers(
+        &self,
+        spec: &VmReplicationSpec,
+        disks: &[Arc<ProtectedDisk>],
+        addr: &str,
+        name: &str,
+    ) -> Result<Vec<Arc<Shipper>>, String> {
+        let ch = channel(addr, name, &self.cfg.tls).map_err(|e| format!("replica server {addr}: {e}"))?;
+        let cfg = ShipperConfig {
+            compression: spec.compression,
+            backoff: self.cfg.backoff.clone(),
+            ..Default::default()
+        };
+        Ok(disks
+            .iter()
+            .map(|d| {
+                Arc::new(
+                    Shipper::new(
+                        &spec.vm_id,
+                        d.clone(),
+                        ch.clone(),
+                        cfg.clone(),
+                        self.limiter.clone(),
+                        self.transfers.clone(),
+                    )
+                    .with_metrics(self.metrics.clone()),
+                )
+            })
+            .collect())
+    }
+
+    fn start(&self, m: &mut Managed) {
+        if m.spec.suspended || m.running.is_some() {
+            return;
+        }
+        let (stop, stopped) = watch::channel(false);
+        let vm = VmReplication::new(
+            m.shippers.clone(),
+            Duration::from_secs(u64::from(m.spec.interval_seconds)),
+            self.cfg.backoff.clone(),
+            None,
+        );
+        let task = tokio::spawn(async move {
+            vm.run(stopped).await;
+        });
+        m.running = Some((stop, task));
+    }
+
+    async fn stop(m: &mut Managed) {
+        if let Some((stop, task)) = m.running.take() {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+    }
+
+    fn export_uris(&self, spec: &VmReplicationSpec) -> Vec<String> {
+        let socket = self.cfg.socket.as_ref().map(|s| s.display().to_string()).unwrap_or_default();
+        spec.disks
+            .iter()
+            .map(|d| format!("nbd+unix:///{}?socket={socket}", export_name(&spec.vm_id, &d.name)))
+            .collect()
+    }
+
+    /// Protects and replicates a VM, or brings it to a new generation.
+    pub async fn enable(&self, spec: VmReplicationSpec) -> EnableReply {
+        let refuse = |message: String| EnableReply {
+            accepted: false,
+            message,
+            generation: spec.generation,
+            exports: Vec::new(),
+        };
+        let paths = match check_spec(&spec, &self.cfg.disk_roots) {
+            Ok(p) => p,
+            Err(why) => return refuse(why),
+        };
+        let (addr, server_name) = match self.replica_endpoint(&spec.replica_address).await {
+            Ok(e) => e,
+            Err(why) => return refuse(why),
+        };
+        let mut vms = self.vms.lock().await;
+        if let Some(m) = vms.get_mut(&spec.vm_id) {
+            if m.spec.uid != spec.uid {
+                return refuse(format!(
+                    "VM id {} is protected here for another object (uid {}); remove that one first",
+                    spec.vm_id, m.spec.uid
+                ));
+            }
+            if m.spec.generation >= spec.generation {
+                // Already there (or newer): nothing to do.
+                return EnableReply {
+                    accepted: true,
+                    message: String::new(),
+                    generation: m.spec.generation,
+                    exports: self.export_uris(&m.spec),
+                };
+            }
+            if m.spec.disks != spec.disks {
+                return refuse(
+                    "the disks of a protected VM cannot change: delete the VMReplication and create it again"
+                        .into(),
+                );
+            }
+            let rebuild =
+                m.spec.replica_address != spec.replica_address || m.spec.compression != spec.compression;
+            let new_shippers = if rebuild {
+                match self.shippers(&spec, &m.disks, &addr, &server_name) {
+                    Ok(s) => Some(s),
+                    Err(why) => return refuse(why),
+                }
+            } else {
+                None
+            };
+            Self::stop(m).await;
+            if let Some(s) = new_shippers {
+                m.shippers = s;
+            }
+            m.spec = spec;
+            self.start(m);
+            tracing::info!(vm = %m.spec.vm_id, generation = m.spec.generation, suspended = m.spec.suspended, "replication updated");
+            return EnableReply {
+                accepted: true,
+                message: String::new(),
+                generation: m.spec.generation,
+                exports: self.export_uris(&m.spec),
+            };
+        }
+        // A disk protected for another VM cannot be taken.
+        for (name, path) in &paths {
+            if vms.values().flat_map(|m| &m.disks).any(|d| d.path() == path) {
+                return refuse(format!(
+                    "disk {name}: {} is already protected for another VM",
+                    path.display()
+                ));
+            }
+        }
+        let vm_id = spec.vm_id.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            paths
+                .iter()
+                .map(|(name, path)| {
+                    ProtectedDisk::open(&vm_id, name, path)
+                        .map(|(d, _)| Arc::new(d))
+                        .map_err(|e| format!("disk {name}: {e}"))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .await;
+        let disks = match opened {
+            Ok(Ok(d)) => d,
+            Ok(Err(why)) => return refuse(why),
+            Err(e) => return refuse(format!("opening the disks failed: {e}")),
+        };
+        let shippers = match self.shippers(&spec, &disks, &addr, &server_name) {
+            Ok(s) => s,
+            Err(why) => return refuse(why),
+        };
+        for d in &disks {
+            if !self.nbd.add_export(&export_name(&spec.vm_id, d.name()), d.clone()) {
+                for d in &disks {
+                    self.nbd.remove_export(&export_name(&spec.vm_id, d.name()));
+                }
+                return refuse(format!("export {} is already served", export_name(&spec.vm_id, d.name())));
+            }
+        }
+        let exports = self.export_uris(&spec);
+        let mut m = Managed { spec, disks, shippers, running: None };
+        self.start(&mut m);
+        tracing::info!(vm = %m.spec.vm_id, generation = m.spec.generation, disks = m.disks.len(), suspended = m.spec.suspended, "replication enabled");
+        let generation = m.spec.generation;
+        vms.insert(m.spec.vm_id.clone(), m);
+        EnableReply { accepted: true, message: String::new(), generation, exports }
+    }
+
+    /// Stops replicating `vm_id` (only when `uid` matches) and forgets its logs.
+    pub async fn remove(&self, vm_id: &str, uid: &str) -> bool {
+        let mut vms = self.vms.lock().await;
+        if vms.get(vm_id).is_none_or(|m| m.spec.uid != uid) {
+            return false;
+        }
+        let mut m = vms.remove(vm_id).expect("checked above");
+        drop(vms);
+        Self::stop(&mut m).await;
+        for d in &m.disks {
+            self.nbd.remove_export(&export_name(vm_id, d.name()));
+        }
+        drop(m.shippers);
+        for d in m.disks {
+            let d2 = d.clone();
+            let _ = tokio::task::spawn_blocking(move || d2.shutdown()).await;
+            // A client still connected keeps the disk (and its log) alive;
+            // the log is deleted only when nothing can write to it any more.
+            match Arc::try_unwrap(d) {
+                Ok(d) => {
+                    let dir = log_dir_for(d.path());
+                    drop(d);
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "removing the log");
+                    }
+                }
+                Err(d) => tracing::warn!(
+                    disk = d.name(),
+                    "a client is still connected: its log stays until the agent restarts"
+                ),
+            }
+        }
+        tracing::info!(vm = vm_id, "replication removed");
+        true
+    }
+
+    /// Every shipper of every protected VM.
+    pub async fn all_shippers(&self) -> Vec<Arc<Shipper>> {
+        self.vms.lock().await.values().flat_map(|m| m.shippers.iter().cloned()).collect()
+    }
+
+    pub async fn protected(&self) -> Vec<ProtectedVm> {
+        self.vms
+            .lock()
+            .await
+            .values()
+            .map(|m| ProtectedVm {
+                vm_id: m.spec.vm_id.clone(),
+                uid: m.spec.uid.clone(),
+                generation: m.spec.generation,
+                suspended: m.spec.suspended,
+            })
+            .collect()
+    }
+
+    /// Stops every cycle and shuts every disk down cleanly.
+    pub async fn shutdown(&self) {
+        let mut vms = self.vms.lock().await;
+        for m in vms.values_mut() {
+            Self::stop(m).await;
+            for d in &m.disks {
+                let d = d.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || d.shutdown()).await {
+                    tracing::error!(error = %e, "clean shutdown failed");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::proto::DiskSpec;
+
+    fn spec(path: &str) -> VmReplicationSpec {
+        VmReplicationSpec {
+            vm_id: "ns.vm".into(),
+            uid: "u1".into(),
+            generation: 1,
+            disks: vec![DiskSpec { name: "root".into(), path: path.into() }],
+            replica_address: "replica:9443".into(),
+            interval_seconds: 30,
+            compression: true,
+            suspended: false,
+        }
+    }
+
+    #[test]
+    fn disk_paths_are_confined_to_the_roots() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let img = root.path().join("root.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let escape = outside.path().join("secret.img");
+        std::fs::write(&escape, [0u8; 512]).unwrap();
+        let roots = vec![root.path().to_owned()];
+        assert!(check_spec(&spec(img.to_str().unwrap()), &roots).is_ok());
+
+        let err = check_spec(&spec(escape.to_str().unwrap()), &roots).unwrap_err();
+        assert!(err.contains("outside the directories"), "{err}");
+        let dotdot = format!(
+            "{}/../{}/secret.img",
+            root.path().display(),
+            outside.path().file_name().unwrap().to_str().unwrap()
+        );
+        let err = check_spec(&spec(&dotdot), &roots).unwrap_err();
+        assert!(err.contains("outside the directories"), "{err}");
+        let link = root.path().join("link.img");
+        std::os::unix::fs::symlink(&escape, &link).unwrap();
+        let err = check_spec(&spec(link.to_str().unwrap()), &roots).unwrap_err();
+        assert!(err.contains("outside the directories"), "symlink escape: {err}");
+        let err = check_spec(&spec("relative.img"), &roots).unwrap_err();
+        assert!(err.contains("not absolute"), "{err}");
+
+        let mut bad = spec(img.to_str().unwrap());
+        bad.interval_seconds = 0;
+        assert!(check_spec(&bad, &roots).unwrap_err().contains("1-3600"));
+        bad = spec(img.to_str().unwrap());
+        bad.vm_id = "../x".into();
+        assert!(check_spec(&bad, &roots).unwrap_err().contains("is not allowed"));
+    }
+}
