@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The run command (README): a local control plane with vmreplica's API and the
 # examples applied; the controller configures site B's agent from a
-# ReplicationServer and an AuthorizationEntry; site A's agent serves a disk over
-# NBD and replicates every write to site B over mutual TLS; site B's replica
-# ends up equal to site A's disk, with a recovery point per replication cycle.
+# ReplicationServer and an AuthorizationEntry; a VMReplication makes site A's
+# agent serve a disk over NBD and replicate every write to site B over mutual
+# TLS; `kubectl get vmr` follows it to Replicating; site B's replica ends up
+# equal to site A's disk, with a recovery point per replication cycle.
 #   hack/local-up.sh          show it and tear everything down
 #   hack/local-up.sh --keep   keep it running; prints a KUBECONFIG to use; Ctrl-C ends it
 set -euo pipefail
@@ -47,7 +48,7 @@ spec:
 YAML
 agent="$target/debug/vmreplica-agent"
 "$target/debug/vmreplica-devcerts" "$run/certs" replica=replica.site-b.example.com,127.0.0.1 \
-  primary=host1.site-a.example.com controller=vmreplica-controller
+  primary=host1.site-a.example.com,127.0.0.1 controller=vmreplica-controller
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 disk="$run/site-a/ledger-db-root.img"
 mkdir -p "$run/site-a" "$run/site-b"
@@ -56,7 +57,7 @@ wait_ready() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return; 
 say "the controller starts; site B's replica agent announces itself with a Lease and waits for its rules"
 kubectl create namespace vmreplica-system >/dev/null
 "$target/debug/vmreplica-controller" --namespace vmreplica-system --tls-dir "$run/certs/controller" --metrics 127.0.0.1:0 \
-  2>"$run/controller.log" &
+  --poll-seconds 2 --watch-namespace site-a 2>"$run/controller.log" &
 controller_pid=$!
 ctl_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$agent" receive --listen "127.0.0.1:$port" --tls-dir "$run/certs/replica" --control-listen "127.0.0.1:$ctl_port" \
@@ -90,20 +91,40 @@ done
 say "the controller pushed them to the agent, which accepted (kubectl get rsrv)"
 kubectl get rsrv local-site-b
 
-say "site A: an agent serves a 256 MiB disk over NBD and replicates it every 2 seconds"
+say "site A: its agent announces itself and waits for the controller to name VMs to protect"
 truncate -s 256M "$disk"
-"$agent" serve --vm ledger-db --disk "root=$disk" --socket "$run/nbd.sock" --interval 2 \
-  --replicate-to "127.0.0.1:$port" --replica-server-name replica.site-b.example.com \
-  --tls-dir "$run/certs/primary" --retry-seconds 1 >"$run/primary.out" 2>"$run/primary.log" &
+ctl_a=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$agent" serve --control-listen "127.0.0.1:$ctl_a" --tls-dir "$run/certs/primary" --socket "$run/nbd.sock" \
+  --disk-root "$run/site-a" --resolve replica.site-b.example.com=127.0.0.1 --retry-seconds 1 \
+  --lease-namespace vmreplica-system --node site-a-node1 --advertise-host 127.0.0.1 \
+  >"$run/primary.out" 2>"$run/primary.log" &
 agent_pid=$!
 wait_ready "$run/primary.out" ready
-url="nbd+unix:///root?socket=$run/nbd.sock"
+
+say "site A: a VMReplication protects the 256 MiB disk, replicated every 2 seconds to site B"
+kubectl create namespace site-a >/dev/null
+kubectl apply --server-side -n site-a -f - <<YAML
+apiVersion: vmreplica.io/v1alpha1
+kind: VMReplication
+metadata: {name: ledger-db}
+spec:
+  role: Primary
+  disks: [{name: root, path: $disk}]
+  replicaServer: {name: replica.site-b.example.com, port: $port}
+  replicationFrequencySeconds: 2
+YAML
+for _ in $(seq 150); do
+  [ "$(kubectl get vmr -n site-a ledger-db -o jsonpath='{.status.state}')" = Replicating ] && break; sleep 0.2
+done
+say "the initial copy is done: kubectl get vmr -n site-a"
+kubectl get vmr -n site-a
+url="nbd+unix:///site-a.ledger-db/root?socket=$run/nbd.sock"
 
 say "qemu-io writes through the export (what the VM's QEMU would do)"
 qemu-io -f raw -c 'write -P 0xa1 0 1M' -c 'write -P 0xb2 64M 4M' -c 'write -z 1M 1M' -c flush "$url" | grep -v ops
 sleep 3
 qemu-io -f raw -c 'write -P 0xc3 128M 8M' -c 'discard 64M 1M' "$url" | grep -v ops
-replica="$run/site-b/ledger-db/root"
+replica="$run/site-b/site-a.ledger-db/root"
 for _ in $(seq 100); do
   qemu-img compare -q -f raw -F raw "$replica/disk.img" "$disk" 2>/dev/null && break; sleep 0.2
 done
@@ -118,6 +139,8 @@ for p in s["points"]:
     t = datetime.datetime.fromtimestamp(p["timeMs"] / 1000, datetime.timezone.utc).strftime("%H:%M:%S")
     print(f"  point at sequence {p['seq']:>3}  sealed {t}  {p['kind']}")
 PY
+say "its status as an operator sees it: kubectl describe vmr -n site-a ledger-db (events at the end)"
+kubectl describe vmr -n site-a ledger-db | sed -n '/^Status:/,$p'
 kill "$agent_pid" "$replica_pid" "$controller_pid"; wait "$agent_pid" "$replica_pid" "$controller_pid" 2>/dev/null || true
 agent_pid=""
 

@@ -7,6 +7,33 @@
 
 pub mod agents;
 pub mod conditions;
+pub mod leader;
 pub mod preflight;
 pub mod site;
 pub mod telemetry;
+pub mod vmr;
+
+/// Why a reconciliation failed; every kind is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading from the apiserver")]
+    Read(#[source] kube::Error),
+    #[error("writing status")]
+    WriteStatus(#[source] kube::Error),
+    #[error("removing replication from the agent on {node}: {message}")]
+    Remove { node: String, message: String },
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// The bounded error class the metrics count by.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Error::Read(_) => "read",
+            Error::WriteStatus(_) => "write",
+            Error::Remove { .. } => "agent",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}

@@ -1,17 +1,17 @@
 //! `vmreplica-controller`: the cluster-side half of vmreplica.
-use std::{path::PathBuf, process::ExitCode, sync::Arc};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
-use clap::Parser;
+use clap::{ArgAction, Parser};
 use tracing_subscriber::EnvFilter;
 use vmreplica_agent::replication::tls::TlsMaterial;
-use vmreplica_controller::{preflight, site};
+use vmreplica_controller::{leader::Election, preflight, site, telemetry::Metrics, vmr};
 
 /// Reconciles vmreplica's resources in the cluster of the current kubeconfig
 /// (or the in-cluster service account).
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Namespace of the agents' Leases (the controller's own).
+    /// Namespace of the agents' Leases and of the leader Lease (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "vmreplica-system")]
     namespace: String,
     /// Directory with tls.crt, tls.key and ca.crt: the controller's client
@@ -21,6 +21,38 @@ struct Args {
     /// Serve /metrics, /healthz and /readyz on this address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics: std::net::SocketAddr,
+    /// Seconds between readings of a steadily replicating VM's agent; its
+    /// status is written at most this often (state and health changes at once).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    poll_seconds: u64,
+    /// Reconcile the namespaced kinds of this namespace only. The cluster-scoped
+    /// kinds (ReplicationServer, AuthorizationEntry) are then left to a
+    /// controller that watches all namespaces.
+    #[arg(long)]
+    watch_namespace: Option<String>,
+    /// Act only while holding the leader Lease, so several replicas can run.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    leader_elect: bool,
+    /// Seconds a leader's Lease lasts without renewal (a standby takes over after it).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..=300))]
+    leader_lease_seconds: u64,
+    /// This replica's identity in the leader Lease (default: POD_NAME, else host and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("vmreplica-controller: {msg}");
+    ExitCode::FAILURE
+}
+
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 #[tokio::main]
@@ -32,52 +64,86 @@ async fn main() -> ExitCode {
         .init();
     let tls = match TlsMaterial::from_dir(&args.tls_dir) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("vmreplica-controller: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(e),
     };
-    let metrics = vmreplica_controller::telemetry::Metrics::new();
+    let metrics = Metrics::new();
     match tokio::net::TcpListener::bind(args.metrics).await {
         Ok(l) => {
             tokio::spawn(vmreplica_controller::telemetry::serve(metrics.clone(), l, std::future::pending()));
         }
-        Err(e) => {
-            eprintln!("vmreplica-controller: cannot listen on {}: {e}", args.metrics);
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(format!("cannot listen on {}: {e}", args.metrics)),
     }
     let client = match kube::Client::try_default().await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("vmreplica-controller: no usable kubeconfig or in-cluster config: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return fail(format!("no usable kubeconfig or in-cluster config: {e}")),
     };
     if let Err(e) = preflight::check_crds(&client).await {
-        eprintln!("vmreplica-controller: {e}");
-        return ExitCode::FAILURE;
+        return fail(e);
     }
-    // So far the ReplicationServer controller runs (it configures the agents
-    // from ReplicationServers and AuthorizationEntries); the VMReplication and
-    // RecoveryPlan controllers come next.
-    tracing::info!(namespace = %args.namespace, "running the ReplicationServer controller");
+    // A standby is ready too: it is healthy and waiting (the leader gauge says who acts).
+    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let mut election = args.leader_elect.then(|| {
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let lease = Duration::from_secs(args.leader_lease_seconds);
+        Election::new(client.clone(), &args.namespace, "vmreplica-controller", &identity, lease)
+    });
+    if let Some(e) = election.as_mut() {
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = terminated() => return ExitCode::SUCCESS,
+        }
+    }
+    metrics.leader.set(1);
+
     let ctx = Arc::new(site::Context {
         client,
-        agents_namespace: args.namespace,
+        agents_namespace: args.namespace.clone(),
         tls,
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: metrics.clone(),
     });
-    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    site::run(ctx, async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    let vm_ctx =
+        vmr::Context::new(ctx.clone(), Duration::from_secs(args.poll_seconds), args.watch_namespace.clone());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let on_stop = || {
+        let mut s = stopped.clone();
+        async move {
+            let _ = s.changed().await;
         }
-    })
-    .await;
+    };
+    let cluster_scoped = args.watch_namespace.is_none();
+    tracing::info!(namespace = %args.namespace, watch = ?args.watch_namespace, cluster_scoped, "running the controllers");
+    let sites = async {
+        if cluster_scoped {
+            site::run(ctx, on_stop()).await
+        }
+    };
+    let controllers = futures::future::join(sites, vmr::run(vm_ctx, on_stop()));
+    tokio::pin!(controllers);
+    {
+        let leadership = async {
+            match election.as_mut() {
+                Some(e) => e.hold().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = &mut controllers => return ExitCode::SUCCESS,
+            _ = leadership => {
+                // Another replica may act from now on: stop at once, as client-go does.
+                return fail("lost the leader lease; exiting so a fresh start competes again");
+            }
+            _ = terminated() => {}
+        }
+    }
+    let _ = stop.send(true);
+    controllers.await;
+    if let Some(e) = &election {
+        e.release().await;
+    }
     ExitCode::SUCCESS
 }

@@ -32,13 +32,7 @@ use crate::{
 /// The field manager of everything the controller writes.
 pub const MANAGER: &str = "vmreplica-controller";
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("reading from the apiserver")]
-    Read(#[source] kube::Error),
-    #[error("writing status")]
-    WriteStatus(#[source] kube::Error),
-}
+pub use crate::Error;
 
 /// What the site reconciler needs.
 pub struct Context {
@@ -122,10 +116,7 @@ async fn push(agent: &Agent, cfg: &SiteConfiguration, tls: &TlsMaterial) -> Agen
 pub async fn reconcile(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let result = reconcile_inner(rs, ctx.clone()).await;
-    let class = result.as_ref().err().map(|e| match e {
-        Error::Read(_) => "read",
-        Error::WriteStatus(_) => "write",
-    });
+    let class = result.as_ref().err().map(Error::class);
     ctx.metrics.observe("ReplicationServer", started, class);
     result
 }

@@ -36,6 +36,11 @@ pub struct VMReplicationSpec {
     /// The VM's virtual disks. Names are unique; each is a raw image on the node.
     #[schemars(schema_with = "disks_schema")]
     pub disks: Vec<DiskSpec>,
+    /// The node whose agent serves the disks and keeps the log. May be left out
+    /// while the site runs a single agent that protects VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub node: Option<String>,
     /// The VM object whose power state failover drives. Unset: disks only.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "vm")]
     pub vm: Option<VmReference>,

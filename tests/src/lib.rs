@@ -8,6 +8,7 @@
 
 pub mod controlplane;
 pub mod pki;
+pub mod procs;
 
 use std::{
     path::PathBuf,

@@ -2,39 +2,16 @@
 //! controller's discovery finds them: endpoints, capabilities and node labels
 //! from the Lease, live while it is renewed, gone when the agent stops cleanly.
 
-use std::{
-    fs,
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{fs, process::Command, time::Duration};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use vmreplica_controller::agents::discover;
-use vmreplica_tests::{client, pki::Ca, shared_kubeconfig, test_namespace};
-
-/// `vmreplica-agent`, built next to this test's own executable (`hack/test.sh`
-/// builds every binary of the workspace first).
-fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("vmreplica-agent");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p vmreplica-agent` first", bin.display());
-    bin
-}
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use vmreplica_tests::{
+    client,
+    pki::Ca,
+    procs::{Process, bin, free_port},
+    shared_kubeconfig, test_namespace,
+};
 
 #[tokio::test]
 async fn agents_are_found_by_their_leases_and_their_liveness_follows_renewal() {
@@ -48,36 +25,29 @@ async fn agents_are_found_by_their_leases_and_their_liveness_follows_renewal() {
     fs::write(dir.path().join("ca.crt"), &ca.cert_pem).unwrap();
     let (repl, ctl) = (free_port(), free_port());
     let start = || {
-        let mut child = Command::new(agent_bin())
-            .args([
-                "receive",
-                "--listen",
-                &format!("127.0.0.1:{repl}"),
-                "--control-listen",
-                &format!("127.0.0.1:{ctl}"),
-            ])
-            .arg("--tls-dir")
-            .arg(dir.path())
-            .args(["--allow-any-server", "--storage"])
-            .arg(dir.path().join("replicas"))
-            .args([
-                "--lease-namespace",
-                &ns,
-                "--node",
-                "node-a",
-                "--node-label",
-                "topology.kubernetes.io/zone=z1",
-            ])
-            .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
-            .arg(shared_kubeconfig())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        Agent(child)
+        let mut cmd = Command::new(bin("vmreplica-agent"));
+        cmd.args([
+            "receive",
+            "--listen",
+            &format!("127.0.0.1:{repl}"),
+            "--control-listen",
+            &format!("127.0.0.1:{ctl}"),
+        ])
+        .arg("--tls-dir")
+        .arg(dir.path())
+        .args(["--allow-any-server", "--storage"])
+        .arg(dir.path().join("replicas"))
+        .args([
+            "--lease-namespace",
+            &ns,
+            "--node",
+            "node-a",
+            "--node-label",
+            "topology.kubernetes.io/zone=z1",
+        ])
+        .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
+        .arg(shared_kubeconfig());
+        Process::spawn_ready(cmd, &dir.path().join("agent.log"))
     };
 
     let mut agent = start();

@@ -3,14 +3,7 @@
 //! enforces them on replication traffic, and the ReplicationServer's status
 //! says which agents accepted them, or why not.
 
-use std::{
-    fs,
-    io::{BufRead, BufReader},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{process::Command, sync::Arc};
 
 use kube::{
     Api,
@@ -24,39 +17,12 @@ use vmreplica_agent::replication::{
 };
 use vmreplica_controller::site;
 use vmreplica_crds::{AuthorizationEntry, ReplicationServer};
-use vmreplica_tests::{FIELD_MANAGER, client, pki::Ca, shared_kubeconfig, test_namespace};
-
-fn agent_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(|deps| deps.parent()).unwrap().join("vmreplica-agent");
-    assert!(bin.exists(), "{} is missing: run `cargo build -p vmreplica-agent` first", bin.display());
-    bin
-}
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn material(ca: &Ca, names: &[&str]) -> TlsMaterial {
-    let l = ca.leaf(names[0], names).unwrap();
-    TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() }
-}
-
-fn write_tls(dir: &Path, m: &TlsMaterial) {
-    fs::create_dir_all(dir).unwrap();
-    fs::write(dir.join("tls.crt"), &m.cert_pem).unwrap();
-    fs::write(dir.join("tls.key"), &m.key_pem).unwrap();
-    fs::write(dir.join("ca.crt"), &m.ca_pem).unwrap();
-}
+use vmreplica_tests::{
+    FIELD_MANAGER, client,
+    pki::Ca,
+    procs::{Process, bin, code, free_port, http_get, material, wait_for, write_tls},
+    shared_kubeconfig, test_namespace,
+};
 
 async fn open(addr: &str, tls: &TlsMaterial) -> Result<(), tonic::Status> {
     let ch = channel(addr, "127.0.0.1", tls).unwrap();
@@ -68,16 +34,6 @@ async fn open(addr: &str, tls: &TlsMaterial) -> Result<(), tonic::Status> {
     ReplicationClient::new(ch).open(req).await.map(|_| ())
 }
 
-async fn wait_for<T>(what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    for _ in 0..150 {
-        if let Some(v) = f().await {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     let client = client().await;
@@ -87,34 +43,20 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     write_tls(&dir.path().join("agent"), &material(&ca, &["127.0.0.1"]));
     let (repl, ctl) = (free_port(), free_port());
     let _agent = {
-        let mut child = Command::new(agent_bin())
-            .args([
-                "receive",
-                "--listen",
-                &format!("127.0.0.1:{repl}"),
-                "--control-listen",
-                &format!("127.0.0.1:{ctl}"),
-            ])
-            .arg("--tls-dir")
-            .arg(dir.path().join("agent"))
-            .args([
-                "--lease-namespace",
-                &ns,
-                "--node",
-                "node-b",
-                "--node-label",
-                &format!("vmreplica-test={ns}"),
-            ])
-            .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
-            .arg(shared_kubeconfig())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
-        Agent(child)
+        let mut cmd = Command::new(bin("vmreplica-agent"));
+        cmd.args([
+            "receive",
+            "--listen",
+            &format!("127.0.0.1:{repl}"),
+            "--control-listen",
+            &format!("127.0.0.1:{ctl}"),
+        ])
+        .arg("--tls-dir")
+        .arg(dir.path().join("agent"))
+        .args(["--lease-namespace", &ns, "--node", "node-b", "--node-label", &format!("vmreplica-test={ns}")])
+        .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
+        .arg(shared_kubeconfig());
+        Process::spawn_ready(cmd, &dir.path().join("agent.log"))
     };
     let addr = format!("127.0.0.1:{repl}");
     let primary = material(&ca, &[&format!("host1.{ns}.example.com")]);
@@ -237,19 +179,4 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     assert!(
         body.contains("vmreplica_controller_reconcile_duration_seconds_count{kind=\"ReplicationServer\"}")
     );
-}
-
-/// The status code of an HTTP response.
-fn code(response: &str) -> &str {
-    response.split_whitespace().nth(1).unwrap_or("")
-}
-
-/// GET `path` with a minimal HTTP/1.0 request; returns the whole response.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }

@@ -1,0 +1,825 @@
+//! VMReplication, primary side: the object asks the agent on its node to
+//! protect and replicate the VM's disks, and its status reports what the agent
+//! measures (Measure-VMReplication).
+//!
+//! ```text
+//!  observe: the object, agent Leases, Control.GetStatus
+//!  decide:  agent_spec(), choose_agent(), state(), health()     (pure)
+//!  act:     Control.EnableReplication (idempotent by uid + generation)
+//!  report:  status (server-side apply, only when changed), Events on every
+//!           state and health change
+//!  delete:  the finalizer calls Control.RemoveReplication first
+//! ```
+//! The controller never writes `spec`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        finalizer::{Event as Finalizing, finalizer},
+        watcher,
+    },
+};
+use vmreplica_agent::{
+    control::proto::{
+        DiskSpec, EnableReply, GetStatusRequest, PrimaryDisk, RemoveRequest, VmReplicationSpec,
+        control_client::ControlClient,
+    },
+    replication::shipper::channel,
+};
+use vmreplica_crds::{
+    Health, Progress, ReplicationServer, ReplicationState, ReplicationStatistics, Role, VMReplication,
+    VMReplicationStatus,
+};
+
+use crate::{
+    agents::{Agent, discover},
+    conditions,
+    site::MANAGER,
+};
+
+/// Removes replication from the agent before the object goes.
+pub const FINALIZER: &str = "vmreplica.io/replication";
+
+pub use crate::Error;
+
+/// What the VMReplication reconciler needs.
+pub struct Context {
+    pub site: Arc<crate::site::Context>,
+    pub recorder: Recorder,
+    /// How often a steady replication is read again; its status is written at
+    /// most this often. Unsettled states are read every few seconds.
+    pub poll: Duration,
+    /// Reconcile only this namespace's objects (all namespaces when `None`).
+    pub namespace: Option<String>,
+    windows: Mutex<HashMap<String, Baseline>>,
+    samples: Mutex<HashMap<String, (i64, u64)>>,
+    /// When each object's status was last written (by uid).
+    written: Mutex<HashMap<String, std::time::Instant>>,
+}
+
+impl Context {
+    pub fn new(site: Arc<crate::site::Context>, poll: Duration, namespace: Option<String>) -> Arc<Self> {
+        let reporter = kube::runtime::events::Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Self {
+            recorder: Recorder::new(site.client.clone(), reporter),
+            site,
+            poll,
+            namespace,
+            windows: Mutex::default(),
+            samples: Mutex::default(),
+            written: Mutex::default(),
+        })
+    }
+}
+
+/// The agent's id of the VM: `<namespace>.<name>` (a namespace has no dots).
+pub fn vm_id(vmr: &VMReplication) -> String {
+    format!("{}.{}", vmr.namespace().unwrap_or_default(), vmr.name_any())
+}
+
+/// What to ask the agent for; the error says what to fix in the spec.
+pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
+    let Some(rs) = &vmr.spec.replica_server else {
+        return Err("spec.replicaServer is required for role Primary: name the replica site's server".into());
+    };
+    Ok(VmReplicationSpec {
+        vm_id: vm_id(vmr),
+        uid: vmr.uid().unwrap_or_default(),
+        generation: vmr.metadata.generation.unwrap_or(0),
+        disks: vmr
+            .spec
+            .disks
+            .iter()
+            .map(|d| DiskSpec { name: d.name.clone(), path: d.path.clone() })
+            .collect(),
+        replica_address: format!("{}:{}", rs.name, rs.port),
+        interval_seconds: vmr.spec.replication_frequency_seconds,
+        compression: vmr.spec.compression_enabled,
+        suspended: vmr.spec.suspended,
+    })
+}
+
+/// The agent that serves this VM's disks.
+pub fn choose_agent<'a>(vmr: &VMReplication, agents: &'a [Agent]) -> Result<&'a Agent, String> {
+    let protecting: Vec<&Agent> =
+        agents.iter().filter(|a| a.capabilities.iter().any(|c| c == "primary")).collect();
+    match (&vmr.spec.node, protecting.as_slice()) {
+        (Some(node), _) => protecting.iter().find(|a| &a.node == node).copied().ok_or_else(|| {
+            format!(
+                "no agent that protects VMs announces node {node:?}: check spec.node, and that the agent \
+                 there runs with --control-listen and --lease-namespace"
+            )
+        }),
+        (None, [one]) => Ok(one),
+        (None, []) => Err("no agent on this site protects VMs: start one with --control-listen and \
+                           --lease-namespace"
+            .into()),
+        (None, many) => Err(format!(
+            "{} agents protect VMs on this site: set spec.node to the node whose agent serves the disks",
+            many.len()
+        )),
+    }
+}
+
+/// One VM's disks as the agent reports them, summed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VmView {
+    pub disks: usize,
+    /// Disks whose initial replication finished (a cycle succeeded).
+    pub replicated: usize,
+    pub successful: u64,
+    pub missed: u64,
+    pub errors: u64,
+    pub segments: u64,
+    pub raw_bytes: u64,
+    pub max_segment: u64,
+    pub latency_total_ms: u64,
+    pub pending_bytes: u64,
+    /// The oldest of the disks' last replications; `None` until every disk has one.
+    pub last_replication_ms: Option<i64>,
+    pub copy_done: u64,
+    pub copy_total: u64,
+    pub resync_required: bool,
+    /// Code and message of a disk's last failure, when its last cycle failed.
+    pub failure: Option<(String, String)>,
+}
+
+pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
+    let mine: Vec<&PrimaryDisk> = disks.iter().filter(|d| d.vm_id == vm_id).collect();
+    let mut v = VmView { disks: mine.len(), ..Default::default() };
+    let mut oldest: Option<i64> = None;
+    let mut all_replicated = !mine.is_empty();
+    for d in &mine {
+        if d.successful_cycles > 0 {
+            v.replicated += 1;
+        }
+        v.successful =
+            if v.successful == 0 { d.successful_cycles } else { v.successful.min(d.successful_cycles) };
+        v.missed = v.missed.max(d.missed_cycles);
+        v.errors += d.errors;
+        v.segments += d.segments_sent;
+        v.raw_bytes += d.average_segment_bytes * d.segments_sent;
+        v.max_segment = v.max_segment.max(d.max_segment_bytes);
+        v.latency_total_ms += d.average_latency_ms * d.segments_sent;
+        v.pending_bytes += d.pending_bytes;
+        v.copy_done += d.initial_copy_bytes;
+        v.copy_total += d.disk_size;
+        v.resync_required |= d.resync_required;
+        if d.last_replication_unix_ms == 0 {
+            all_replicated = false;
+        } else {
+            let t = d.last_replication_unix_ms as i64;
+            oldest = Some(oldest.map_or(t, |o| o.min(t)));
+        }
+        if !d.last_error.is_empty() && v.failure.is_none() {
+            v.failure = Some((d.last_error_code.clone(), format!("disk {}: {}", d.disk_id, d.last_error)));
+        }
+    }
+    v.last_replication_ms = oldest.filter(|_| all_replicated);
+    v
+}
+
+/// A failure the primary cannot retry its way out of: the replica site refused it.
+fn refused_by_replica(v: &VmView) -> Option<&str> {
+    v.failure
+        .as_ref()
+        .filter(|(code, _)| code == "PermissionDenied" || code == "InvalidArgument")
+        .map(|(_, m)| m.as_str())
+}
+
+/// What the reconciler found out about the VM.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// The spec cannot be carried out; the message says what to fix.
+    Invalid { reason: &'static str, message: String },
+    /// The agent is gone or unreachable; replication may still run.
+    AgentUnavailable(String),
+    /// The agent protects the VM.
+    Enabled(VmView),
+}
+
+/// The replication state for what was observed.
+pub fn state(suspended: bool, outcome: &Outcome, previous: ReplicationState) -> ReplicationState {
+    use ReplicationState::*;
+    match outcome {
+        Outcome::Invalid { .. } => Error,
+        Outcome::AgentUnavailable(_) => previous,
+        Outcome::Enabled(v) if refused_by_replica(v).is_some() => Error,
+        Outcome::Enabled(v) if v.resync_required => WaitingForStartResynchronize,
+        Outcome::Enabled(_) if suspended => Suspended,
+        Outcome::Enabled(v) if v.disks > 0 && v.replicated == v.disks => Replicating,
+        Outcome::Enabled(v) if v.copy_done > 0 || v.errors > 0 => WaitingForInitialReplication,
+        Outcome::Enabled(_) => ReadyForInitialReplication,
+    }
+}
+
+/// Counters at the start of the current monitoring window.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Baseline {
+    pub window_start_ms: i64,
+    pub successful: u64,
+    pub missed: u64,
+    pub errors: u64,
+    pub segments: u64,
+    pub raw_bytes: u64,
+    pub latency_total_ms: u64,
+}
+
+/// Start of the monitoring window holding `now`: windows of `interval` laid
+/// from `start_of_day` (minutes after midnight UTC).
+pub fn window_start(now_ms: i64, interval: Duration, start_of_day_min: u32) -> i64 {
+    let step = (interval.as_millis() as i64).max(60_000);
+    let anchor = i64::from(start_of_day_min) * 60_000;
+    anchor + (now_ms - anchor).div_euclid(step) * step
+}
+
+/// Parses `12h` / `2d` (the schema admits nothing else).
+pub fn parse_interval(s: &str) -> Option<Duration> {
+    let (n, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    match unit {
+        "h" => Some(Duration::from_secs(n * 3600)),
+        "d" => Some(Duration::from_secs(n * 86_400)),
+        _ => None,
+    }
+}
+
+/// Parses `HH:MM` into minutes after midnight.
+pub fn parse_time_of_day(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+/// The counters within the window: the view minus the baseline (a counter
+/// that went backwards means the agent restarted: count from zero).
+pub fn in_window(v: &VmView, b: &Baseline) -> Baseline {
+    let sub = |now: u64, then: u64| if now >= then { now - then } else { now };
+    Baseline {
+        window_start_ms: b.window_start_ms,
+        successful: sub(v.successful, b.successful),
+        missed: sub(v.missed, b.missed),
+        errors: sub(v.errors, b.errors),
+        segments: sub(v.segments, b.segments),
+        raw_bytes: sub(v.raw_bytes, b.raw_bytes),
+        latency_total_ms: sub(v.latency_total_ms, b.latency_total_ms),
+    }
+}
+
+/// What the health rules need besides the observation.
+pub struct HealthInput<'a> {
+    pub state: ReplicationState,
+    pub outcome: &'a Outcome,
+    pub window: Baseline,
+    pub now_ms: i64,
+    /// Since when the VM should have replicated (the object's creation).
+    pub since_ms: i64,
+    pub frequency: Duration,
+    pub lag_warning: Duration,
+}
+
+/// Health and the rules that fired (DESIGN.md, "Resources").
+pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
+    let mut critical = Vec::new();
+    let mut warning = Vec::new();
+    match h.outcome {
+        Outcome::Invalid { message, .. } => critical.push(format!("Replication is in error: {message}")),
+        Outcome::AgentUnavailable(why) => {
+            critical.push(format!("Replication cannot be checked or carried out: {why}"))
+        }
+        Outcome::Enabled(v) => {
+            if let Some(m) = refused_by_replica(v) {
+                critical.push(format!(
+                    "The replica server refused this primary ({m}); on the replica site, add an \
+                     AuthorizationEntry whose allowedPrimaryServer matches this agent's certificate name"
+                ));
+            } else if v.resync_required {
+                critical.push(
+                    "Resynchronisation is required: the log could not keep the replica up to date".into(),
+                );
+            } else if let Some((_, m)) = &v.failure {
+                let since = v.last_replication_ms.unwrap_or(h.since_ms);
+                let failing = Duration::from_millis((h.now_ms - since).max(0) as u64);
+                if failing > h.frequency * 10 {
+                    critical.push(format!(
+                        "No replication cycle has succeeded for {} (ten intervals): {m}. Check that the \
+                         replica site's agent is running and reachable",
+                        humanize(failing)
+                    ));
+                }
+            }
+            let cycles = h.window.successful + h.window.missed;
+            if cycles > 0 && h.window.missed * 5 > cycles {
+                warning.push(format!(
+                    "{} of {cycles} replication cycles in this monitoring window were missed (more than 20%)",
+                    h.window.missed
+                ));
+            }
+            if let Some(lag) = lag(v, h.now_ms).filter(|l| *l > h.lag_warning) {
+                warning.push(format!(
+                    "The replica is {} behind, more than the {} threshold",
+                    humanize(lag),
+                    humanize(h.lag_warning)
+                ));
+            }
+        }
+    }
+    if h.state == ReplicationState::Suspended {
+        warning
+            .push("Replication is suspended (spec.suspended): writes are logged and sent on resume".into());
+    }
+    if !critical.is_empty() {
+        critical.extend(warning);
+        (Health::Critical, critical)
+    } else if !warning.is_empty() {
+        (Health::Warning, warning)
+    } else {
+        (Health::Normal, Vec::new())
+    }
+}
+
+fn lag(v: &VmView, now_ms: i64) -> Option<Duration> {
+    v.last_replication_ms.map(|t| Duration::from_millis((now_ms - t).max(0) as u64))
+}
+
+/// `42s`, `3m`, `2h5m`, `3d4h`.
+pub fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// Lag as status shows it: coarse, so that a caught-up replication does not
+/// rewrite status every pass.
+pub fn lag_text(lag: Duration) -> String {
+    if lag < Duration::from_secs(60) { "<1m".into() } else { humanize(lag) }
+}
+
+/// Calls the agent's control API with a deadline.
+async fn control<T>(
+    agent: &Agent,
+    ctx: &Context,
+    call: impl AsyncFnOnce(ControlClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
+) -> Result<T, String> {
+    if !agent.live {
+        return Err(format!(
+            "the agent on node {} is not running (its Lease expired); check the agent's pod",
+            agent.node
+        ));
+    }
+    let Some(endpoint) = &agent.control_endpoint else {
+        return Err(format!("the agent on node {} announces no control endpoint", agent.node));
+    };
+    let host = endpoint.rsplit_once(':').map_or(endpoint.as_str(), |(h, _)| h);
+    let ch = channel(endpoint, host, &ctx.site.tls).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), call(ControlClient::new(ch))).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(s)) => Err(format!("the agent on node {} at {endpoint}: {}", agent.node, s.message())),
+        Err(_) => Err(format!("the agent on node {} at {endpoint} did not answer within 10s", agent.node)),
+    }
+}
+
+/// Asks the agent to protect the VM and reads back what it measures.
+async fn observe(vmr: &VMReplication, ctx: &Context) -> Result<(Outcome, Option<Agent>), Error> {
+    let spec = match agent_spec(vmr) {
+        Ok(s) => s,
+        Err(message) => return Ok((Outcome::Invalid { reason: "InvalidSpec", message }, None)),
+    };
+    let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
+        .await
+        .map_err(Error::Read)?;
+    let agent = match choose_agent(vmr, &agents) {
+        Ok(a) => a,
+        Err(message) => return Ok((Outcome::Invalid { reason: "NoAgent", message }, None)),
+    };
+    let outcome = enable_and_read(agent, &spec, ctx).await;
+    Ok((outcome, Some(agent.clone())))
+}
+
+async fn enable_and_read(agent: &Agent, spec: &VmReplicationSpec, ctx: &Context) -> Outcome {
+    let enabled =
+        control(agent, ctx, async |mut c| c.enable_replication(spec.clone()).await.map(|r| r.into_inner()))
+            .await;
+    match enabled {
+        Err(why) => return Outcome::AgentUnavailable(why),
+        Ok(EnableReply { accepted: false, message, .. }) => {
+            return Outcome::Invalid {
+                reason: "AgentRefused",
+                message: format!("the agent on node {} refused: {message}", agent.node),
+            };
+        }
+        Ok(_) => {}
+    }
+    match control(agent, ctx, async |mut c| c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner()))
+        .await
+    {
+        Err(why) => Outcome::AgentUnavailable(why),
+        Ok(status) => Outcome::Enabled(view(&spec.vm_id, &status.primaries)),
+    }
+}
+
+/// The monitoring settings of the ReplicationServer that selects the VM's
+/// agent (Hyper-V's are per host); the defaults when none does.
+async fn monitoring(ctx: &Context, agent: Option<&Agent>) -> Result<(Duration, u32, Duration), Error> {
+    let servers = Api::<ReplicationServer>::all(ctx.site.client.clone())
+        .list(&Default::default())
+        .await
+        .map_err(Error::Read)?;
+    let rs = agent.and_then(|a| {
+        servers.items.iter().find(|rs| rs.spec.node_selector.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
+    });
+    let interval = rs
+        .and_then(|r| parse_interval(&r.spec.monitoring_interval))
+        .unwrap_or(Duration::from_secs(12 * 3600));
+    let start = rs.and_then(|r| parse_time_of_day(&r.spec.monitoring_start_time)).unwrap_or(9 * 60);
+    let lag = rs.map_or(3600, |r| u64::from(r.spec.lag_warning_threshold_seconds));
+    Ok((interval, start, Duration::from_secs(lag)))
+}
+
+/// The status for an observation; `previous` keeps transition times.
+fn build_status(
+    vmr: &VMReplication,
+    ctx: &Context,
+    outcome: &Outcome,
+    monitoring: (Duration, u32, Duration),
+) -> VMReplicationStatus {
+    let previous = vmr.status.clone().unwrap_or_default();
+    let now = (ctx.site.now)();
+    let now_ms = now.as_millisecond();
+    let uid = vmr.uid().unwrap_or_default();
+    let state = state(vmr.spec.suspended, outcome, previous.state);
+    let (interval, start_of_day, lag_warning) = monitoring;
+    let window_start_ms = window_start(now_ms, interval, start_of_day);
+    let window = match outcome {
+        Outcome::Enabled(v) => {
+            let mut windows = ctx.windows.lock().unwrap_or_else(|p| p.into_inner());
+            let b = windows.entry(uid.clone()).or_insert(Baseline { window_start_ms, ..Default::default() });
+            if b.window_start_ms != window_start_ms {
+                *b = Baseline {
+                    window_start_ms,
+                    successful: v.successful,
+                    missed: v.missed,
+                    errors: v.errors,
+                    segments: v.segments,
+                    raw_bytes: v.raw_bytes,
+                    latency_total_ms: v.latency_total_ms,
+                };
+            }
+            in_window(v, b)
+        }
+        _ => Baseline { window_start_ms, ..Default::default() },
+    };
+    let since_ms = vmr.metadata.creation_timestamp.as_ref().map_or(now_ms, |t| t.0.as_millisecond());
+    let frequency = Duration::from_secs(u64::from(vmr.spec.replication_frequency_seconds.max(1)));
+    let (health, health_details) =
+        health(&HealthInput { state, outcome, window, now_ms, since_ms, frequency, lag_warning });
+    let mut status = VMReplicationStatus {
+        observed_generation: vmr.metadata.generation,
+        state,
+        health,
+        health_details,
+        primary_server: previous.primary_server.clone(),
+        replica_server: vmr.spec.replica_server.as_ref().map(|r| r.name.clone()),
+        epoch: previous.epoch,
+        last_failover: previous.last_failover.clone(),
+        recovery_points: previous.recovery_points.clone(),
+        ..Default::default()
+    };
+    if let Outcome::Enabled(v) = outcome {
+        let ts = |ms: i64| Timestamp::from_millisecond(ms).ok().map(Time);
+        status.last_replication_time = v.last_replication_ms.and_then(ts);
+        status.pending_replication_bytes = v.pending_bytes;
+        status.lag = lag(v, now_ms).map(lag_text);
+        status.statistics = Some(ReplicationStatistics {
+            window_start: ts(window.window_start_ms),
+            average_log_size_bytes: window.raw_bytes.checked_div(window.segments).unwrap_or(0),
+            maximum_log_size_bytes: v.max_segment,
+            average_latency_milliseconds: window.latency_total_ms.checked_div(window.segments).unwrap_or(0),
+            errors: window.errors,
+            successful_cycles: window.successful,
+            missed_cycles: window.missed,
+        });
+        if state == ReplicationState::WaitingForInitialReplication {
+            let mut samples = ctx.samples.lock().unwrap_or_else(|p| p.into_inner());
+            let rate = match samples.insert(uid.clone(), (now_ms, v.copy_done)) {
+                Some((t, done)) if now_ms > t && v.copy_done >= done => {
+                    (v.copy_done - done) * 1000 / (now_ms - t) as u64
+                }
+                _ => previous.progress.as_ref().map_or(0, |p| p.bytes_per_second),
+            };
+            let left = v.copy_total.saturating_sub(v.copy_done);
+            status.progress = Some(Progress {
+                operation: "InitialReplication".into(),
+                bytes_done: v.copy_done,
+                bytes_total: v.copy_total,
+                bytes_per_second: rate,
+                eta: (rate > 0).then(|| ts(now_ms + (left / rate * 1000) as i64)).flatten(),
+            });
+        } else {
+            ctx.samples.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+        }
+    }
+    let generation = vmr.metadata.generation;
+    let (ready, reason, message) = match outcome {
+        Outcome::Invalid { reason, message } => (false, *reason, message.clone()),
+        Outcome::AgentUnavailable(why) => (false, "AgentUnavailable", why.clone()),
+        Outcome::Enabled(v) => match refused_by_replica(v) {
+            Some(m) => (false, "ReplicaRefused", format!("the replica server refused this primary: {m}")),
+            None => (true, "Enabled", format!("the agent protects {} disk(s)", v.disks)),
+        },
+    };
+    let mut conds = Vec::new();
+    conditions::set(
+        &mut conds,
+        &previous.conditions,
+        conditions::Update { type_: "Ready", status: ready, reason, message },
+        generation,
+        now,
+    );
+    let replicating = state == ReplicationState::Replicating;
+    conditions::set(
+        &mut conds,
+        &previous.conditions,
+        conditions::Update {
+            type_: "Replicating",
+            status: replicating,
+            reason: if replicating { "Replicating" } else { state_name(state) },
+            message: if replicating {
+                "logs reach the replica at the replication frequency".into()
+            } else {
+                format!("state is {}", state_name(state))
+            },
+        },
+        generation,
+        now,
+    );
+    let degraded = status.health != Health::Normal;
+    conditions::set(
+        &mut conds,
+        &previous.conditions,
+        conditions::Update {
+            type_: "Degraded",
+            status: degraded,
+            reason: if degraded { health_name(status.health) } else { "Normal" },
+            message: if degraded { status.health_details.join(" ") } else { "all health rules pass".into() },
+        },
+        generation,
+        now,
+    );
+    status.conditions = conds;
+    status
+}
+
+fn state_name(s: ReplicationState) -> &'static str {
+    use ReplicationState::*;
+    match s {
+        NotEnabled => "NotEnabled",
+        ReadyForInitialReplication => "ReadyForInitialReplication",
+        WaitingForInitialReplication => "WaitingForInitialReplication",
+        Replicating => "Replicating",
+        SyncedReplicationComplete => "SyncedReplicationComplete",
+        FailOverWaitingCompletion => "FailOverWaitingCompletion",
+        FailedOver => "FailedOver",
+        Suspended => "Suspended",
+        Error => "Error",
+        WaitingForStartResynchronize => "WaitingForStartResynchronize",
+        Resynchronizing => "Resynchronizing",
+        ResynchronizeSuspended => "ResynchronizeSuspended",
+    }
+}
+
+fn health_name(h: Health) -> &'static str {
+    match h {
+        Health::Normal => "Normal",
+        Health::Warning => "Warning",
+        Health::Critical => "Critical",
+    }
+}
+
+/// The Events a status change is worth: one per state transition and one per
+/// health change.
+pub fn transitions(previous: &VMReplicationStatus, next: &VMReplicationStatus) -> Vec<Event> {
+    let mut events = Vec::new();
+    if previous.state != next.state {
+        let why = next
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready" && c.status == "False")
+            .map(|c| format!(": {}", c.message))
+            .unwrap_or_default();
+        events.push(Event {
+            type_: if next.state == ReplicationState::Error { EventType::Warning } else { EventType::Normal },
+            reason: state_name(next.state).into(),
+            note: Some(truncate(format!(
+                "{} -> {}{why}",
+                state_name(previous.state),
+                state_name(next.state)
+            ))),
+            action: "Replicate".into(),
+            secondary: None,
+        });
+    }
+    if previous.health != next.health {
+        let details = if next.health_details.is_empty() {
+            "all health rules pass".into()
+        } else {
+            next.health_details.join(" ")
+        };
+        events.push(Event {
+            type_: if next.health == Health::Normal { EventType::Normal } else { EventType::Warning },
+            reason: format!("Health{}", health_name(next.health)),
+            note: Some(truncate(format!(
+                "health {} -> {}: {details}",
+                health_name(previous.health),
+                health_name(next.health)
+            ))),
+            action: "Monitor".into(),
+            secondary: None,
+        });
+    }
+    events
+}
+
+/// Event notes are limited to 1 kB.
+fn truncate(mut s: String) -> String {
+    if s.len() > 1000 {
+        let mut cut = 1000;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if vmr.spec.role != Role::Primary {
+        // Replica objects are reported by the replica site's reconciler.
+        return Ok(Action::await_change());
+    }
+    let (outcome, agent) = observe(&vmr, &ctx).await?;
+    let status = build_status(&vmr, &ctx, &outcome, monitoring(&ctx, agent.as_ref()).await?);
+    let previous = vmr.status.clone().unwrap_or_default();
+    let uid = vmr.uid().unwrap_or_default();
+    let due = ctx
+        .written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid)
+        .is_none_or(|t| t.elapsed() >= ctx.poll);
+    if status != previous && (due || settled_change(&previous, &status)) {
+        let patch = serde_json::json!({
+            "apiVersion": "vmreplica.io/v1alpha1",
+            "kind": "VMReplication",
+            "status": status,
+        });
+        Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default())
+            .patch_status(&vmr.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(Error::WriteStatus)?;
+        ctx.written.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), std::time::Instant::now());
+        let reference = vmr.object_ref(&());
+        for e in transitions(&previous, &status) {
+            if let Err(err) = ctx.recorder.publish(&e, &reference).await {
+                tracing::warn!(error = %err, "publishing an Event");
+            }
+        }
+    }
+    let (shipped, lag_seconds) = match &outcome {
+        Outcome::Enabled(v) => {
+            (v.raw_bytes, lag(v, (ctx.site.now)().as_millisecond()).map(|l| l.as_secs_f64()))
+        }
+        _ => (0, None),
+    };
+    ctx.site.metrics.vm(crate::telemetry::VmReport {
+        vm: &vm_id(&vmr),
+        state: state_name(status.state),
+        health: health_name(status.health),
+        health_level: status.health as i64,
+        bytes_shipped: shipped,
+        lag_seconds,
+    });
+    let settled = matches!(status.state, ReplicationState::Replicating | ReplicationState::Suspended)
+        && status.health == Health::Normal;
+    Ok(Action::requeue(if settled { ctx.poll } else { ctx.poll.min(Duration::from_secs(5)) }))
+}
+
+async fn cleanup(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.site.metrics.forget_vm(&vm_id(&vmr));
+    let uid = vmr.uid().unwrap_or_default();
+    ctx.windows.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+    ctx.samples.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+    ctx.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+    if vmr.spec.role != Role::Primary {
+        return Ok(Action::await_change());
+    }
+    let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
+        .await
+        .map_err(Error::Read)?;
+    let Ok(agent) = choose_agent(&vmr, &agents) else {
+        // No agent was ever chosen, or its node is gone with its Lease: nothing to remove.
+        return Ok(Action::await_change());
+    };
+    if !agent.live {
+        let note = format!(
+            "the agent on node {} is not running: replication is forgotten here, and its log stays on that node until the agent removes it",
+            agent.node
+        );
+        let e = Event {
+            type_: EventType::Warning,
+            reason: "RemovedWithoutAgent".into(),
+            note: Some(note),
+            action: "Remove".into(),
+            secondary: None,
+        };
+        let _ = ctx.recorder.publish(&e, &vmr.object_ref(&())).await;
+        return Ok(Action::await_change());
+    }
+    let req = RemoveRequest { vm_id: vm_id(&vmr), uid };
+    control(agent, &ctx, async |mut c| c.remove_replication(req.clone()).await.map(|r| r.into_inner()))
+        .await
+        .map_err(|message| Error::Remove { node: agent.node.clone(), message })?;
+    Ok(Action::await_change())
+}
+
+/// Reconciles one VMReplication, recording it in the metrics.
+#[tracing::instrument(skip_all, fields(namespace = vmr.namespace().unwrap_or_default(), name = %vmr.name_any()))]
+pub async fn reconcile(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let api = Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default());
+    let c = ctx.clone();
+    let result = finalizer(&api, FINALIZER, vmr, |event| async move {
+        match event {
+            Finalizing::Apply(o) => apply(o, c).await,
+            Finalizing::Cleanup(o) => cleanup(o, c).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    let class = result.as_ref().err().map(Error::class);
+    ctx.site.metrics.observe("VMReplication", started, class);
+    result
+}
+
+fn error_policy(_vmr: Arc<VMReplication>, e: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %e, "reconciling a VMReplication failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// Runs the VMReplication controller until `shutdown` completes.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let api = match &ctx.namespace {
+        Some(ns) => Api::<VMReplication>::namespaced(ctx.site.client.clone(), ns),
+        None => Api::<VMReplication>::all(ctx.site.client.clone()),
+    };
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}
+
+/// Whether `next` differs from `previous` in more than the counters that move
+/// at every cycle (last replication time, lag, statistics, pending bytes,
+/// progress): those are written at most once per poll interval.
+pub fn settled_change(previous: &VMReplicationStatus, next: &VMReplicationStatus) -> bool {
+    let strip = |s: &VMReplicationStatus| VMReplicationStatus {
+        last_replication_time: None,
+        lag: None,
+        statistics: None,
+        pending_replication_bytes: 0,
+        progress: None,
+        ..s.clone()
+    };
+    strip(previous) != strip(next)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,336 @@
+//! VMReplication end to end on one apiserver: the controller asks a real
+//! primary agent to protect a VM's disk and replicate it to a real replica
+//! agent; status, conditions and Events follow; writes made with qemu-io
+//! arrive at the replica; suspend, resume and delete do what they say; a bad
+//! spec gives Error with a reason to act on, and changes nothing else.
+
+use std::{path::Path, process::Command, sync::Arc, time::Duration};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde_json::json;
+use vmreplica_agent::control::proto::{GetStatusRequest, control_client::ControlClient};
+use vmreplica_controller::{site, telemetry::Metrics, vmr};
+use vmreplica_crds::{Health, ReplicationState, VMReplication};
+use vmreplica_tests::{
+    FIELD_MANAGER, client,
+    pki::Ca,
+    procs::{Process, bin, free_port, material, wait_secs, write_tls},
+    shared_kubeconfig, test_namespace,
+};
+
+fn qemu_io(target: &str, cmd: &str) -> Result<String, String> {
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, target]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() && !text.contains("Pattern verification failed") && !text.contains("failed") {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+fn qemu_img_create(path: &Path, size: &str) {
+    let ok =
+        Command::new("qemu-img").args(["create", "-q", "-f", "raw"]).arg(path).arg(size).status().unwrap();
+    assert!(ok.success());
+}
+
+fn state_of(v: &VMReplication) -> Option<ReplicationState> {
+    v.status.as_ref().map(|s| s.state)
+}
+
+fn condition<'a>(
+    v: &'a VMReplication,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    v.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+async fn events_for(client: &kube::Client, ns: &str, name: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
+struct Site {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    ns: String,
+    client: kube::Client,
+    vmrs: Api<VMReplication>,
+    replica_storage: std::path::PathBuf,
+    denied_storage: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    primary: Process,
+    primary_control: u16,
+    replica_port: u16,
+    denied_port: u16,
+    ca: Ca,
+    metrics: Arc<Metrics>,
+    _replicas: Vec<Process>,
+}
+
+async fn site() -> Site {
+    let client = client().await;
+    let ns = test_namespace(&client, "vmr").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let ca = Ca::new("vmr-ca").unwrap();
+    let primary_name = format!("primary.{ns}.example.com");
+    write_tls(&root.join("primary-tls"), &material(&ca, &[&primary_name, "127.0.0.1"]));
+    write_tls(&root.join("replica-tls"), &material(&ca, &[&format!("replica.{ns}.test"), "127.0.0.1"]));
+    write_tls(&root.join("denied-tls"), &material(&ca, &[&format!("denied.{ns}.test"), "127.0.0.1"]));
+    let (replica_storage, denied_storage) = (root.join("replicas"), root.join("denied"));
+    std::fs::create_dir_all(&replica_storage).unwrap();
+    std::fs::create_dir_all(&denied_storage).unwrap();
+    std::fs::create_dir_all(root.join("disks")).unwrap();
+
+    // The replica site's server authorises this primary; a second server
+    // authorises somebody else only.
+    let receiver = |tls: &str, port: u16, pattern: &str, storage: &Path| {
+        let mut cmd = Command::new(bin("vmreplica-agent"));
+        cmd.args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
+            .arg(root.join(tls))
+            .arg("--authorize");
+        cmd.arg(format!("pattern={pattern},storage={},trust-group=g1", storage.display()));
+        Process::spawn_ready(cmd, &root.join(format!("{tls}.log")))
+    };
+    let (replica_port, denied_port) = (free_port(), free_port());
+    let replicas = vec![
+        receiver("replica-tls", replica_port, &primary_name, &replica_storage),
+        receiver("denied-tls", denied_port, "someone-else.example.com", &denied_storage),
+    ];
+    let primary_control = free_port();
+    let socket = root.join("nbd.sock");
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.args(["serve", "--control-listen", &format!("127.0.0.1:{primary_control}"), "--tls-dir"])
+        .arg(root.join("primary-tls"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--disk-root")
+        .arg(root.join("disks"))
+        .args(["--resolve", &format!("replica.{ns}.test=127.0.0.1")])
+        .args(["--resolve", &format!("denied.{ns}.test=127.0.0.1")])
+        .args(["--retry-seconds", "1"])
+        .args(["--lease-namespace", &ns, "--node", "node-a", "--advertise-host", "127.0.0.1", "--kubeconfig"])
+        .arg(shared_kubeconfig());
+    let primary = Process::spawn_ready(cmd, &root.join("primary.log"));
+
+    let metrics = Metrics::new();
+    let base = Arc::new(site::Context {
+        client: client.clone(),
+        agents_namespace: ns.clone(),
+        tls: material(&ca, &["vmreplica-controller"]),
+        now: k8s_openapi::jiff::Timestamp::now,
+        metrics: metrics.clone(),
+    });
+    let ctx = vmr::Context::new(base, Duration::from_secs(2), Some(ns.clone()));
+    tokio::spawn(vmr::run(ctx, std::future::pending()));
+    let vmrs = Api::namespaced(client.clone(), &ns);
+    Site {
+        _dir: dir,
+        root,
+        ns,
+        client,
+        vmrs,
+        replica_storage,
+        denied_storage,
+        socket,
+        primary,
+        primary_control,
+        replica_port,
+        denied_port,
+        ca,
+        metrics,
+        _replicas: replicas,
+    }
+}
+
+impl Site {
+    async fn apply(&self, name: &str, spec: serde_json::Value) {
+        let obj = json!({
+            "apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+            "metadata": {"name": name}, "spec": spec,
+        });
+        self.vmrs.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await.unwrap();
+    }
+
+    async fn wait_state(&self, name: &str, want: ReplicationState, secs: u64) -> VMReplication {
+        wait_secs(secs, &format!("{name} to reach {want:?}"), async || {
+            let v = self.vmrs.get(name).await.ok()?;
+            (state_of(&v) == Some(want)).then_some(v)
+        })
+        .await
+    }
+
+    async fn agent_status(&self) -> vmreplica_agent::control::proto::AgentStatus {
+        let tls = material(&self.ca, &["vmreplica-controller"]);
+        let ch = vmreplica_agent::replication::shipper::channel(
+            &format!("127.0.0.1:{}", self.primary_control),
+            "127.0.0.1",
+            &tls,
+        )
+        .unwrap();
+        ControlClient::new(ch).get_status(GetStatusRequest {}).await.unwrap().into_inner()
+    }
+
+    fn spec(&self, disk: &Path, server: &str, port: u16) -> serde_json::Value {
+        json!({
+            "role": "Primary",
+            "disks": [{"name": "root", "path": disk}],
+            "replicaServer": {"name": format!("{server}.{}.test", self.ns), "port": port},
+            "replicationFrequencySeconds": 1,
+        })
+    }
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(files_under(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_replicates_suspends_resumes_and_is_removed() {
+    let s = site().await;
+    let disk = s.root.join("disks").join("db-root.img");
+    qemu_img_create(&disk, "16M");
+    qemu_io(disk.to_str().unwrap(), "write -P 0x11 0 1M").unwrap();
+    s.apply("db", s.spec(&disk, "replica", s.replica_port)).await;
+
+    let v = s.wait_state("db", ReplicationState::Replicating, 60).await;
+    assert!(v.finalizers().iter().any(|f| f == vmr::FINALIZER), "the finalizer guards removal");
+    let st = v.status.clone().unwrap();
+    assert_eq!(st.health, Health::Normal, "{:?}", st.health_details);
+    assert_eq!(st.observed_generation, v.metadata.generation);
+    assert_eq!(st.replica_server.as_deref(), Some(format!("replica.{}.test", s.ns).as_str()));
+    assert!(st.last_replication_time.is_some());
+    assert!(st.statistics.as_ref().is_some_and(|x| x.successful_cycles >= 1), "{:?}", st.statistics);
+    assert_eq!(condition(&v, "Ready").unwrap().status, "True");
+    assert_eq!(condition(&v, "Replicating").unwrap().status, "True");
+    assert_eq!(condition(&v, "Degraded").unwrap().status, "False");
+    let reasons: Vec<String> =
+        events_for(&s.client, &s.ns, "db").await.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "Replicating"), "{reasons:?}");
+
+    // The initial copy and a write through the NBD export reach the replica.
+    let replica_img = s.replica_storage.join(format!("{}.db", s.ns)).join("root").join("disk.img");
+    let export = format!("nbd+unix:///{}.db/root?socket={}", s.ns, s.socket.display());
+    qemu_io(&export, "write -P 0x5a 4M 64k").unwrap();
+    wait_secs(30, "the write to reach the replica", async || {
+        qemu_io(replica_img.to_str()?, "read -P 0x5a 4M 64k").ok()
+    })
+    .await;
+    qemu_io(replica_img.to_str().unwrap(), "read -P 0x11 0 1M").expect("the initial copy arrived");
+
+    // Suspend: writes are logged, not shipped; the state says so.
+    let mut spec = s.spec(&disk, "replica", s.replica_port);
+    spec["suspended"] = json!(true);
+    s.apply("db", spec.clone()).await;
+    let v = s.wait_state("db", ReplicationState::Suspended, 30).await;
+    assert_eq!(
+        v.status.as_ref().unwrap().health,
+        Health::Warning,
+        "Hyper-V reports paused replication as Warning"
+    );
+    qemu_io(&export, "write -P 0x6b 5M 64k").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        qemu_io(replica_img.to_str().unwrap(), "read -P 0x6b 5M 64k").is_err(),
+        "nothing shipped while suspended"
+    );
+    let pending = s.agent_status().await.primaries.iter().map(|p| p.pending_bytes).sum::<u64>();
+    assert!(pending >= 64 << 10, "the write waits in the log: {pending} bytes pending");
+
+    // Resume: it catches up.
+    spec["suspended"] = json!(false);
+    s.apply("db", spec).await;
+    s.wait_state("db", ReplicationState::Replicating, 30).await;
+    wait_secs(30, "the suspended write to arrive after resume", async || {
+        qemu_io(replica_img.to_str()?, "read -P 0x6b 5M 64k").ok()
+    })
+    .await;
+
+    // Metrics name the VM's state.
+    let body = s.metrics.render();
+    let series = format!(
+        "vmreplica_controller_vm_state{{health=\"Normal\",state=\"Replicating\",vm=\"{}.db\"}} 1",
+        s.ns
+    );
+    wait_secs(10, "the Replicating series", async || s.metrics.render().contains(&series).then_some(()))
+        .await;
+    assert!(body.contains("vmreplica_controller_reconciles_total{kind=\"VMReplication\"}"), "{body}");
+
+    // Delete: the agent forgets the VM and its log, the finalizer goes, the
+    // replica's disk stays.
+    let log_dir = vmreplica_agent::disk::log_dir_for(&disk.canonicalize().unwrap());
+    assert!(log_dir.exists());
+    s.vmrs.delete("db", &DeleteParams::default()).await.unwrap();
+    wait_secs(30, "the object to go", async || s.vmrs.get_opt("db").await.unwrap().is_none().then_some(()))
+        .await;
+    let status = s.agent_status().await;
+    assert!(status.vms.is_empty() && status.primaries.is_empty(), "{status:?}");
+    assert!(!log_dir.exists(), "the log is removed with the replication");
+    assert!(disk.exists() && replica_img.exists(), "images stay on both sides");
+    assert!(qemu_io(&export, "read 0 512").is_err(), "the export is gone");
+    drop(s.primary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_spec_gives_error_with_what_to_fix_and_changes_nothing() {
+    let s = site().await;
+    let disk = s.root.join("disks").join("good.img");
+    qemu_img_create(&disk, "4M");
+    let outside = s.root.join("elsewhere.img");
+    qemu_img_create(&outside, "4M");
+
+    // Each bad spec: its state, the Ready reason, and words from the message.
+    let cases = [
+        ("outside", s.spec(&outside, "replica", s.replica_port), "AgentRefused", "outside the directories"),
+        ("unknown", s.spec(&disk, "nowhere", s.replica_port), "AgentRefused", "does not resolve"),
+        ("denied", s.spec(&disk, "denied", s.denied_port), "ReplicaRefused", "no AuthorizationEntry matches"),
+    ];
+    for (name, spec, reason, words) in cases {
+        s.apply(name, spec).await;
+        let v = s.wait_state(name, ReplicationState::Error, 60).await;
+        let ready = condition(&v, "Ready").unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", reason), "{name}: {ready:?}");
+        assert!(ready.message.contains(words), "{name}: {}", ready.message);
+        let st = v.status.as_ref().unwrap();
+        assert_eq!(st.health, Health::Critical, "{name}");
+        assert!(!st.health_details.is_empty());
+        let events = events_for(&s.client, &s.ns, name).await;
+        assert!(
+            events.iter().any(|e| e.reason.as_deref() == Some("Error")
+                && e.type_.as_deref() == Some("Warning")
+                && e.note.as_deref().is_some_and(|n| n.contains(words))),
+            "{name}: {events:?}"
+        );
+        s.vmrs.delete(name, &DeleteParams::default()).await.unwrap();
+        wait_secs(30, "the object to go", async || {
+            s.vmrs.get_opt(name).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
+    // Nothing else changed: no replica written on the refusing server, no log
+    // next to the image outside the roots, nothing left protected.
+    assert!(files_under(&s.denied_storage).is_empty(), "{:?}", files_under(&s.denied_storage));
+    assert!(!vmreplica_agent::disk::log_dir_for(&outside).exists());
+    let status = s.agent_status().await;
+    assert!(status.vms.is_empty(), "{status:?}");
+}
