@@ -100,6 +100,7 @@ fn replica_state(size: u64) -> ReplicaState {
         received_through: 0,
         applied_through: 0,
         points: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -138,6 +138,13 @@ impl ControlService {
                             trust_group: s.trust_group,
                             epoch: s.epoch,
                             has_copy: s.has_copy,
+                            disk_size: s.disk_size,
+                            image_path: r.image().display().to_string(),
+                            removed: s.removed,
+                            segments_applied: s.stats.segments,
+                            bytes_applied: s.stats.bytes,
+                            max_segment_bytes: s.stats.max_segment_bytes,
+                            last_applied_sealed_unix_ms: s.stats.last_sealed_unix_ms,
                             received_through: s.received_through,
                             applied_through: s.applied_through,
                             points: s

@@ -325,6 +325,21 @@ impl Node {
         for d in &m.disks {
             self.nbd.remove_export(&export_name(vm_id, d.name()));
         }
+        // Best effort: an unreachable replica site keeps its disk either way,
+        // and refuses nothing it would otherwise accept.
+        for s in &m.shippers {
+            match tokio::time::timeout(Duration::from_secs(5), s.remove_remote()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = vm_id, disk = s.disk().name(), error = %e, "telling the replica")
+                }
+                Err(_) => tracing::warn!(
+                    vm = vm_id,
+                    disk = s.disk().name(),
+                    "the replica did not answer the removal"
+                ),
+            }
+        }
         drop(m.shippers);
         for d in m.disks {
             let d2 = d.clone();

@@ -70,6 +70,7 @@ fn new_replica(dir: &Path, base: &Path) -> ReplicaDisk {
         received_through: 0,
         applied_through: 0,
         points: Vec::new(),
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(replica.next_seq(), None, "no copy yet");

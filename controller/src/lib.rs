@@ -9,6 +9,7 @@ pub mod agents;
 pub mod conditions;
 pub mod leader;
 pub mod preflight;
+pub mod replicas;
 pub mod site;
 pub mod telemetry;
 pub mod vmr;

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use clap::{ArgAction, Parser};
 use tracing_subscriber::EnvFilter;
 use vmreplica_agent::replication::tls::TlsMaterial;
-use vmreplica_controller::{leader::Election, preflight, site, telemetry::Metrics, vmr};
+use vmreplica_controller::{leader::Election, preflight, replicas, site, telemetry::Metrics, vmr};
 
 /// Reconciles vmreplica's resources in the cluster of the current kubeconfig
 /// (or the in-cluster service account).
@@ -122,7 +122,8 @@ async fn main() -> ExitCode {
             site::run(ctx, on_stop()).await
         }
     };
-    let controllers = futures::future::join(sites, vmr::run(vm_ctx, on_stop()));
+    let controllers =
+        futures::future::join3(sites, vmr::run(vm_ctx.clone(), on_stop()), replicas::run(vm_ctx, on_stop()));
     tokio::pin!(controllers);
     {
         let leadership = async {

@@ -87,6 +87,33 @@ impl Context {
     }
 }
 
+impl Context {
+    /// Whether to write `next` over `previous`: any change of state, health,
+    /// conditions or the like at once; moving counters at most once per poll.
+    pub fn should_write(
+        &self,
+        uid: &str,
+        previous: &VMReplicationStatus,
+        next: &VMReplicationStatus,
+    ) -> bool {
+        let due = self
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .is_none_or(|t| t.elapsed() >= self.poll);
+        next != previous && (due || settled_change(previous, next))
+    }
+
+    /// Records a status write.
+    pub fn wrote(&self, uid: &str) {
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_owned(), std::time::Instant::now());
+    }
+}
+
 /// The agent's id of the VM: `<namespace>.<name>` (a namespace has no dots).
 pub fn vm_id(vmr: &VMReplication) -> String {
     format!("{}.{}", vmr.namespace().unwrap_or_default(), vmr.name_any())
@@ -375,7 +402,7 @@ pub fn lag_text(lag: Duration) -> String {
 }
 
 /// Calls the agent's control API with a deadline.
-async fn control<T>(
+pub(crate) async fn control<T>(
     agent: &Agent,
     ctx: &Context,
     call: impl AsyncFnOnce(ControlClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
@@ -680,13 +707,7 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
     let status = build_status(&vmr, &ctx, &outcome, monitoring(&ctx, agent.as_ref()).await?);
     let previous = vmr.status.clone().unwrap_or_default();
     let uid = vmr.uid().unwrap_or_default();
-    let due = ctx
-        .written
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&uid)
-        .is_none_or(|t| t.elapsed() >= ctx.poll);
-    if status != previous && (due || settled_change(&previous, &status)) {
+    if ctx.should_write(&uid, &previous, &status) {
         let patch = serde_json::json!({
             "apiVersion": "vmreplica.io/v1alpha1",
             "kind": "VMReplication",
@@ -696,7 +717,7 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
             .patch_status(&vmr.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
             .await
             .map_err(Error::WriteStatus)?;
-        ctx.written.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), std::time::Instant::now());
+        ctx.wrote(&uid);
         let reference = vmr.object_ref(&());
         for e in transitions(&previous, &status) {
             if let Err(err) = ctx.recorder.publish(&e, &reference).await {
@@ -808,7 +829,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
 /// Whether `next` differs from `previous` in more than the counters that move
 /// at every cycle (last replication time, lag, statistics, pending bytes,
-/// progress): those are written at most once per poll interval.
+/// progress, recovery points): those are written at most once per poll interval.
 pub fn settled_change(previous: &VMReplicationStatus, next: &VMReplicationStatus) -> bool {
     let strip = |s: &VMReplicationStatus| VMReplicationStatus {
         last_replication_time: None,
@@ -816,6 +837,7 @@ pub fn settled_change(previous: &VMReplicationStatus, next: &VMReplicationStatus
         statistics: None,
         pending_replication_bytes: 0,
         progress: None,
+        recovery_points: Vec::new(),
         ..s.clone()
     };
     strip(previous) != strip(next)

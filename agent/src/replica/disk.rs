@@ -104,7 +104,7 @@ pub struct Point {
 }
 
 /// What `replica.json` holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaState {
     pub vm_id: String,
@@ -122,6 +122,24 @@ pub struct ReplicaState {
     pub received_through: u64,
     pub applied_through: u64,
     pub points: Vec<Point>,
+    /// What was applied, for the replica side's statistics.
+    #[serde(default)]
+    pub stats: ApplyStats,
+    /// The primary removed replication: nothing more arrives; the disk stays.
+    /// A primary that opens it again starts over with an initial copy.
+    #[serde(default)]
+    pub removed: bool,
+}
+
+/// Counters of applied segments (kept in `replica.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyStats {
+    pub segments: u64,
+    pub bytes: u64,
+    pub max_segment_bytes: u64,
+    /// When the newest applied segment was sealed on the primary.
+    pub last_sealed_unix_ms: u64,
 }
 
 /// Limits on what a sender may make the replica write.
@@ -227,6 +245,20 @@ impl ReplicaDisk {
         store_state(&self.dir, &next)?;
         *s = next;
         Ok(())
+    }
+
+    /// Records that the primary removed replication (the disk stays).
+    pub fn mark_removed(&self) -> Result<()> {
+        self.update(|s| s.removed = true)
+    }
+
+    /// A primary opens a removed replica again: it starts over with an
+    /// initial copy; the old image and points stay until that copy lands.
+    pub fn restart_after_removal(&self) -> Result<()> {
+        self.update(|s| {
+            s.removed = false;
+            s.has_copy = false;
+        })
     }
 
     /// Starts receiving the initial copy: a fresh sparse image of the disk's size.
@@ -450,6 +482,10 @@ impl ReplicaDisk {
         // Step 3: the point.
         self.update(|s| {
             s.applied_through = seal.last_seq;
+            s.stats.segments += 1;
+            s.stats.bytes += seal.data_bytes;
+            s.stats.max_segment_bytes = s.stats.max_segment_bytes.max(seal.data_bytes);
+            s.stats.last_sealed_unix_ms = seal.sealed_unix_ms;
             if seal.last_seq + 1 >= s.consistent_from {
                 let undo = if s.points.is_empty() { None } else { Some(undo_name.clone()) };
                 let kind =

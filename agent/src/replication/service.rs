@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{
     authz::{Denied, SiteConfig},
     proto::{
-        CopyAck, CopyChunk, DiskRef, OpenReply, OpenRequest, SegmentAck, SegmentChunk,
+        CopyAck, CopyChunk, DiskRef, OpenReply, OpenRequest, RemoveAck, SegmentAck, SegmentChunk,
         replication_server::Replication,
     },
     tls::dns_names,
@@ -225,9 +225,31 @@ impl ReplicaService {
         // Refuse strangers before saying whether anything exists.
         let site = self.site();
         site.authorize(names).map_err(denied)?;
-        self.existing(names, vm, disk)?.ok_or_else(|| {
+        let replica = self.existing(names, vm, disk)?.ok_or_else(|| {
             Status::failed_precondition(format!("no replica of {vm}/{disk} here: call Open first"))
-        })
+        })?;
+        if replica.state().removed {
+            return Err(Status::failed_precondition(format!(
+                "replication of {vm}/{disk} was removed by its primary: call Open to start over"
+            )));
+        }
+        Ok(replica)
+    }
+
+    #[tracing::instrument(skip_all, fields(vm, disk))]
+    async fn remove_inner(&self, req: Request<DiskRef>) -> Result<Response<RemoveAck>, Status> {
+        let names = peer_names(&req);
+        let d = req.into_inner();
+        tracing::Span::current().record("vm", &d.vm_id).record("disk", &d.disk_id);
+        names::check("VM id", &d.vm_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        names::check("disk id", &d.disk_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.site().authorize(&names).map_err(denied)?;
+        let Some(replica) = self.existing(&names, &d.vm_id, &d.disk_id)? else {
+            return Ok(Response::new(RemoveAck { removed: false }));
+        };
+        replica.mark_removed().map_err(status)?;
+        tracing::info!("replication removed by the primary; the replica's disk stays");
+        Ok(Response::new(RemoveAck { removed: true }))
     }
 }
 
@@ -282,6 +304,11 @@ impl Replication for Arc<ReplicaService> {
         let r = self.push_initial_copy_inner(req).await;
         self.counted(r)
     }
+
+    async fn remove(&self, req: Request<DiskRef>) -> Result<Response<RemoveAck>, Status> {
+        let r = self.remove_inner(req).await;
+        self.counted(r)
+    }
 }
 
 impl ReplicaService {
@@ -313,9 +340,14 @@ impl ReplicaService {
                     received_through: 0,
                     applied_through: 0,
                     points: Vec::new(),
+                    ..Default::default()
                 })?
             }
         };
+        if replica.state().removed {
+            tracing::info!("replication was removed before: starting over with an initial copy");
+            replica.restart_after_removal().map_err(status)?;
+        }
         let s = replica.state().clone();
         if s.disk_size != r.disk_size {
             return Err(Status::failed_precondition(format!(

@@ -203,6 +203,12 @@ impl Shipper {
         DiskRef { vm_id: self.vm_id.clone(), disk_id: self.disk.name().to_owned() }
     }
 
+    /// Tells the replica that replication of this disk is removed (it keeps
+    /// its disk and accepts nothing more).
+    pub async fn remove_remote(&self) -> Result<bool, ShipError> {
+        Ok(self.client.clone().remove(self.disk_ref()).await?.into_inner().removed)
+    }
+
     /// Brings the replica up to date with every sealed segment; returns the
     /// sequence the replica is durable through.
     pub async fn sync_once(&self) -> Result<u64, ShipError> {

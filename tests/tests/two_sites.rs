@@ -1,0 +1,223 @@
+//! Two sites, two clusters: site A is the shared apiserver, site B a second
+//! apiserver started here, each with its own controller and agent. A
+//! VMReplication applied at A makes B's controller create the Replica object
+//! (or adopt one declared there), with B's own view of the replica; writes
+//! reach B; deleting at A removes replication on both sides and leaves B's
+//! disk in place.
+
+use std::{path::Path, process::Command, sync::Arc, time::Duration};
+
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use serde_json::json;
+use vmreplica_controller::{replicas, site, telemetry::Metrics, vmr};
+use vmreplica_crds::{ReplicationState, Role, VMReplication};
+use vmreplica_tests::{
+    ControlPlane, FIELD_MANAGER, client, client_for, install_crds,
+    pki::Ca,
+    procs::{Process, bin, free_port, material, wait_secs, write_tls},
+    shared_kubeconfig, test_namespace,
+};
+
+fn qemu_io(target: &str, cmd: &str) -> Result<(), String> {
+    let out = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, target]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() && !text.contains("failed") { Ok(()) } else { Err(text) }
+}
+
+fn controllers(client: kube::Client, ns: &str, ca: &Ca, watch: Option<String>) -> Arc<vmr::Context> {
+    let base = Arc::new(site::Context {
+        client,
+        agents_namespace: ns.to_owned(),
+        tls: material(ca, &["vmreplica-controller"]),
+        now: k8s_openapi::jiff::Timestamp::now,
+        metrics: Metrics::new(),
+    });
+    vmr::Context::new(base, Duration::from_secs(2), watch)
+}
+
+async fn apply(api: &Api<VMReplication>, name: &str, spec: serde_json::Value) {
+    let obj = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": name}, "spec": spec});
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await.unwrap();
+}
+
+async fn state_is(api: &Api<VMReplication>, name: &str, want: ReplicationState) -> Option<VMReplication> {
+    let v = api.get_opt(name).await.ok()??;
+    (v.status.as_ref()?.state == want).then_some(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_object_follows_the_primary_across_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca = Ca::new("two-sites-ca").unwrap();
+
+    // Site B: its own apiserver, agent, ReplicationServer and entry.
+    let b_plane = ControlPlane::start().await.unwrap();
+    let b = client_for(&b_plane.kubeconfig_path()).await.unwrap();
+    install_crds(&b).await.unwrap();
+    let b_ns = test_namespace(&b, "site-b").await;
+    let dr = test_namespace(&b, "dr").await;
+    // Site A: the shared apiserver.
+    let a = client().await;
+    let a_ns = test_namespace(&a, "site-a").await;
+    let primary_name = format!("primary.{a_ns}.example.com");
+    write_tls(&root.join("a-tls"), &material(&ca, &[&primary_name, "127.0.0.1"]));
+    write_tls(&root.join("b-tls"), &material(&ca, &["replica.site-b.test", "127.0.0.1"]));
+
+    let (b_repl, b_ctl) = (free_port(), free_port());
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.args(["receive", "--listen", &format!("127.0.0.1:{b_repl}"), "--control-listen"])
+        .arg(format!("127.0.0.1:{b_ctl}"))
+        .arg("--tls-dir")
+        .arg(root.join("b-tls"))
+        .args(["--lease-namespace", &b_ns, "--node", "node-b", "--node-label", "site=b"])
+        .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
+        .arg(b_plane.kubeconfig_path());
+    let _b_agent = Process::spawn_ready(cmd, &root.join("b-agent.log"));
+    let storage = root.join("b-replicas");
+    std::fs::create_dir_all(&storage).unwrap();
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<vmreplica_crds::ReplicationServer>::all(b.clone())
+        .patch("site-b", &pp, &Patch::Apply(json!({
+            "apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": "site-b"},
+            "spec": {"tlsSecretName": "agent-tls", "nodeSelector": {"site": "b"}},
+        })))
+        .await
+        .unwrap();
+    Api::<vmreplica_crds::AuthorizationEntry>::all(b.clone())
+        .patch("site-a", &pp, &Patch::Apply(json!({
+            "apiVersion": "vmreplica.io/v1alpha1", "kind": "AuthorizationEntry", "metadata": {"name": "site-a"},
+            "spec": {"allowedPrimaryServer": primary_name, "trustGroup": "g1",
+                     "replicaStorageLocation": storage, "replicaNamespace": dr},
+        })))
+        .await
+        .unwrap();
+    let b_ctx = controllers(b.clone(), &b_ns, &ca, None);
+    tokio::spawn(site::run(b_ctx.site.clone(), std::future::pending()));
+    tokio::spawn(vmr::run(b_ctx.clone(), std::future::pending()));
+    tokio::spawn(replicas::run(b_ctx, std::future::pending()));
+
+    // Site A's agent and controller.
+    std::fs::create_dir_all(root.join("disks")).unwrap();
+    let a_ctl = free_port();
+    let socket = root.join("nbd.sock");
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.args(["serve", "--control-listen", &format!("127.0.0.1:{a_ctl}"), "--tls-dir"])
+        .arg(root.join("a-tls"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--disk-root")
+        .arg(root.join("disks"))
+        .args(["--resolve", "replica.site-b.test=127.0.0.1", "--retry-seconds", "1"])
+        .args([
+            "--lease-namespace",
+            &a_ns,
+            "--node",
+            "node-a",
+            "--advertise-host",
+            "127.0.0.1",
+            "--kubeconfig",
+        ])
+        .arg(shared_kubeconfig());
+    let _a_agent = Process::spawn_ready(cmd, &root.join("a-agent.log"));
+    tokio::spawn(vmr::run(controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone())), std::future::pending()));
+
+    let a_vmrs: Api<VMReplication> = Api::namespaced(a.clone(), &a_ns);
+    let b_vmrs: Api<VMReplication> = Api::namespaced(b.clone(), &dr);
+    let disk = |name: &str| {
+        let p = root.join("disks").join(format!("{name}.img"));
+        let ok =
+            Command::new("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&p).arg("8M").status().unwrap();
+        assert!(ok.success());
+        p
+    };
+    let spec = |p: &Path| {
+        json!({"disks": [{"name": "root", "path": p}], "replicationFrequencySeconds": 1,
+               "replicaServer": {"name": "replica.site-b.test", "port": b_repl}})
+    };
+
+    // A primary enabled at A: B creates its Replica object.
+    let ledger = disk("ledger");
+    apply(&a_vmrs, "ledger", spec(&ledger)).await;
+    let primary = wait_secs(60, "A to replicate", async || {
+        state_is(&a_vmrs, "ledger", ReplicationState::Replicating).await
+    })
+    .await;
+    let replica = wait_secs(60, "B's Replica object", async || {
+        state_is(&b_vmrs, "ledger", ReplicationState::Replicating).await
+    })
+    .await;
+    assert_eq!(replica.spec.role, Role::Replica);
+    assert_eq!(replica.spec.primary_server.as_deref(), Some(primary_name.as_str()));
+    assert_eq!(replica.labels().get(replicas::REPLICA_OF), Some(&format!("{a_ns}.ledger")));
+    let rs = replica.status.clone().unwrap();
+    assert_eq!(rs.primary_server.as_deref(), Some(primary_name.as_str()));
+    assert_eq!(rs.replica_server.as_deref(), Some("node-b"));
+    assert!(primary.status.unwrap().recovery_points.is_empty(), "points live at the replica site");
+
+    // A write at A arrives in B's replica image, named by B's object, and
+    // makes a recovery point there.
+    let image = replica.spec.disks[0].path.clone();
+    let export = format!("nbd+unix:///{a_ns}.ledger/root?socket={}", socket.display());
+    qemu_io(&export, "write -P 0x3c 2M 64k").unwrap();
+    wait_secs(30, "the write at B", async || qemu_io(&image, "read -P 0x3c 2M 64k").ok()).await;
+    let rs = wait_secs(30, "B's points", async || {
+        let s = b_vmrs.get("ledger").await.ok()?.status?;
+        (!s.recovery_points.is_empty()).then_some(s)
+    })
+    .await;
+    let stats = rs.statistics.clone().unwrap();
+    assert!(stats.successful_cycles >= 1 && stats.average_log_size_bytes >= 64 << 10, "{stats:?}");
+    // Both sides agree on when the last cycle happened (to within a few cycles).
+    let pa = wait_secs(30, "A's status to catch up", async || {
+        a_vmrs
+            .get("ledger")
+            .await
+            .ok()?
+            .status?
+            .last_replication_time
+            .filter(|t| *t >= rs.last_replication_time.clone().unwrap())
+    })
+    .await;
+    let pb = rs.last_replication_time.unwrap();
+    let apart = (pa.0.as_millisecond() - pb.0.as_millisecond()).abs();
+    assert!(apart < 10_000, "primary {pa:?} vs replica {pb:?}");
+
+    // A Replica object declared at B first (GitOps) is adopted, spec untouched.
+    apply(
+        &b_vmrs,
+        "orders",
+        json!({"role": "Replica", "disks": [{"name": "root", "path": "/declared/by/git.img"}]}),
+    )
+    .await;
+    let declared = b_vmrs.get("orders").await.unwrap();
+    let orders = disk("orders");
+    apply(&a_vmrs, "orders", spec(&orders)).await;
+    let adopted = wait_secs(60, "B to adopt orders", async || {
+        state_is(&b_vmrs, "orders", ReplicationState::Replicating).await
+    })
+    .await;
+    assert_eq!(adopted.spec, declared.spec, "the controller never writes spec");
+    assert_eq!(adopted.metadata.generation, declared.metadata.generation);
+    assert!(adopted.labels().get(replicas::REPLICA_OF).is_none(), "adopted, not created");
+
+    // Deleting at A removes replication on both sides; B's disk stays.
+    a_vmrs.delete("ledger", &DeleteParams::default()).await.unwrap();
+    wait_secs(30, "A's object to go", async || {
+        a_vmrs.get_opt("ledger").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let removed = wait_secs(30, "B to see the removal", async || {
+        state_is(&b_vmrs, "ledger", ReplicationState::NotEnabled).await
+    })
+    .await;
+    let ready = removed.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Removed"));
+    assert!(Path::new(&image).exists(), "the replica's disk stays");
+    qemu_io(&image, "read -P 0x3c 2M 64k").expect("with its data");
+    // The other VM is untouched.
+    assert!(state_is(&b_vmrs, "orders", ReplicationState::Replicating).await.is_some());
+}
