@@ -60,6 +60,16 @@ async fn events_for(client: &kube::Client, ns: &str, name: &str) -> Vec<Event> {
         .collect()
 }
 
+/// Waits for Events with these reasons about `name` (they follow the status write).
+async fn has_events(s: &Site, name: &str, reasons: &[&str]) {
+    wait_secs(10, &format!("events {reasons:?} for {name}"), async || {
+        let seen: Vec<String> =
+            events_for(&s.client, &s.ns, name).await.into_iter().filter_map(|e| e.reason).collect();
+        reasons.iter().all(|r| seen.iter().any(|x| x == r)).then_some(())
+    })
+    .await;
+}
+
 struct Site {
     _dir: tempfile::TempDir,
     root: std::path::PathBuf,
@@ -75,7 +85,8 @@ struct Site {
     denied_port: u16,
     ca: Ca,
     metrics: Arc<Metrics>,
-    _replicas: Vec<Process>,
+    replicas: Vec<Process>,
+    primary_name: String,
 }
 
 async fn site() -> Site {
@@ -95,18 +106,10 @@ async fn site() -> Site {
 
     // The replica site's server authorises this primary; a second server
     // authorises somebody else only.
-    let receiver = |tls: &str, port: u16, pattern: &str, storage: &Path| {
-        let mut cmd = Command::new(bin("vmreplica-agent"));
-        cmd.args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--tls-dir"])
-            .arg(root.join(tls))
-            .arg("--authorize");
-        cmd.arg(format!("pattern={pattern},storage={},trust-group=g1", storage.display()));
-        Process::spawn_ready(cmd, &root.join(format!("{tls}.log")))
-    };
     let (replica_port, denied_port) = (free_port(), free_port());
     let replicas = vec![
-        receiver("replica-tls", replica_port, &primary_name, &replica_storage),
-        receiver("denied-tls", denied_port, "someone-else.example.com", &denied_storage),
+        receiver(&root, "replica-tls", replica_port, &primary_name, &replica_storage),
+        receiver(&root, "denied-tls", denied_port, "someone-else.example.com", &denied_storage),
     ];
     let primary_control = free_port();
     let socket = root.join("nbd.sock");
@@ -150,7 +153,8 @@ async fn site() -> Site {
         denied_port,
         ca,
         metrics,
-        _replicas: replicas,
+        replicas,
+        primary_name,
     }
 }
 
@@ -192,6 +196,14 @@ impl Site {
     }
 }
 
+/// A replica site's server (`receive`) authorising `pattern` into `storage`.
+fn receiver(root: &Path, tls: &str, port: u16, pattern: &str, storage: &Path) -> Process {
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--tls-dir"]).arg(root.join(tls));
+    cmd.arg("--authorize").arg(format!("pattern={pattern},storage={},trust-group=g1", storage.display()));
+    Process::spawn_ready(cmd, &root.join(format!("{tls}.log")))
+}
+
 /// Files under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -224,9 +236,7 @@ async fn a_vm_replicates_suspends_resumes_and_is_removed() {
     assert_eq!(condition(&v, "Ready").unwrap().status, "True");
     assert_eq!(condition(&v, "Replicating").unwrap().status, "True");
     assert_eq!(condition(&v, "Degraded").unwrap().status, "False");
-    let reasons: Vec<String> =
-        events_for(&s.client, &s.ns, "db").await.into_iter().filter_map(|e| e.reason).collect();
-    assert!(reasons.iter().any(|r| r == "Replicating"), "{reasons:?}");
+    has_events(&s, "db", &["Replicating"]).await;
 
     // The initial copy and a write through the NBD export reach the replica.
     let replica_img = s.replica_storage.join(format!("{}.db", s.ns)).join("root").join("disk.img");
@@ -314,13 +324,18 @@ async fn a_bad_spec_gives_error_with_what_to_fix_and_changes_nothing() {
         let st = v.status.as_ref().unwrap();
         assert_eq!(st.health, Health::Critical, "{name}");
         assert!(!st.health_details.is_empty());
-        let events = events_for(&s.client, &s.ns, name).await;
-        assert!(
-            events.iter().any(|e| e.reason.as_deref() == Some("Error")
-                && e.type_.as_deref() == Some("Warning")
-                && e.note.as_deref().is_some_and(|n| n.contains(words))),
-            "{name}: {events:?}"
-        );
+        wait_secs(10, &format!("{name}: a Warning Event saying {words:?}"), async || {
+            let events = events_for(&s.client, &s.ns, name).await;
+            events
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("Error")
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.note.as_deref().is_some_and(|n| n.contains(words))
+                })
+                .then_some(())
+        })
+        .await;
         s.vmrs.delete(name, &DeleteParams::default()).await.unwrap();
         wait_secs(30, "the object to go", async || {
             s.vmrs.get_opt(name).await.unwrap().is_none().then_some(())
@@ -333,4 +348,53 @@ async fn a_bad_spec_gives_error_with_what_to_fix_and_changes_nothing() {
     assert!(!vmreplica_agent::disk::log_dir_for(&outside).exists());
     let status = s.agent_status().await;
     assert!(status.vms.is_empty(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_replica_agent_down_and_back() {
+    let mut s = site().await;
+    let disk = s.root.join("disks").join("web.img");
+    qemu_img_create(&disk, "4M");
+    s.apply("web", s.spec(&disk, "replica", s.replica_port)).await;
+    s.wait_state("web", ReplicationState::Replicating, 60).await;
+    // A few good cycles first.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let health = |v: &VMReplication| v.status.as_ref().map(|st| (st.health, st.health_details.join(" ")));
+    assert_eq!(health(&s.vmrs.get("web").await.unwrap()).unwrap().0, Health::Normal);
+
+    // kill -9 the replica site's agent: cycles are missed (Warning), and after
+    // ten intervals without success replication is in error (Critical).
+    s.replicas[0].kill();
+    let (_, why) = wait_secs(60, "Warning", async || {
+        health(&s.vmrs.get("web").await.ok()?).filter(|(h, _)| *h == Health::Warning)
+    })
+    .await;
+    assert!(why.contains("replication cycles in this monitoring window were missed"), "{why}");
+    let (_, why) = wait_secs(60, "Critical", async || {
+        health(&s.vmrs.get("web").await.ok()?).filter(|(h, _)| *h == Health::Critical)
+    })
+    .await;
+    assert!(
+        why.contains("No replication cycle has succeeded for") && why.contains("replica site's agent"),
+        "{why}"
+    );
+    let v = s.vmrs.get("web").await.unwrap();
+    let degraded = condition(&v, "Degraded").unwrap();
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "Critical"));
+    has_events(&s, "web", &["HealthWarning", "HealthCritical"]).await;
+
+    // The agent comes back: Critical clears at once, and once good cycles
+    // outweigh the missed ones in the window, health is Normal again.
+    let storage = s.replica_storage.clone();
+    s.replicas[0] = receiver(&s.root, "replica-tls", s.replica_port, &s.primary_name, &storage);
+    let (h, _) = wait_secs(30, "Critical to clear", async || {
+        health(&s.vmrs.get("web").await.ok()?).filter(|(h, _)| *h != Health::Critical)
+    })
+    .await;
+    assert_eq!(h, Health::Warning, "the missed cycles still count in this window");
+    wait_secs(150, "Normal", async || {
+        health(&s.vmrs.get("web").await.ok()?).filter(|(h, _)| *h == Health::Normal)
+    })
+    .await;
+    has_events(&s, "web", &["HealthNormal"]).await;
 }
