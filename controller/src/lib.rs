@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod conditions;
 pub mod leader;
+pub mod plan;
 pub mod preflight;
 pub mod replicas;
 pub mod site;

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use clap::{ArgAction, Parser};
 use tracing_subscriber::EnvFilter;
 use vmreplica_agent::replication::tls::TlsMaterial;
-use vmreplica_controller::{leader::Election, preflight, replicas, site, telemetry::Metrics, vmr};
+use vmreplica_controller::{leader::Election, plan, preflight, replicas, site, telemetry::Metrics, vmr};
 
 /// Reconciles vmreplica's resources in the cluster of the current kubeconfig
 /// (or the in-cluster service account).
@@ -117,13 +117,21 @@ async fn main() -> ExitCode {
     };
     let cluster_scoped = args.watch_namespace.is_none();
     tracing::info!(namespace = %args.namespace, watch = ?args.watch_namespace, cluster_scoped, "running the controllers");
-    let sites = async {
-        if cluster_scoped {
-            site::run(ctx, on_stop()).await
+    let sites = {
+        let ctx = ctx.clone();
+        let stop = on_stop();
+        async move {
+            if cluster_scoped {
+                site::run(ctx, stop).await
+            }
         }
     };
-    let controllers =
-        futures::future::join3(sites, vmr::run(vm_ctx.clone(), on_stop()), replicas::run(vm_ctx, on_stop()));
+    let controllers = futures::future::join4(
+        sites,
+        vmr::run(vm_ctx.clone(), on_stop()),
+        replicas::run(vm_ctx, on_stop()),
+        plan::run(ctx.clone(), args.watch_namespace.clone(), on_stop()),
+    );
     tokio::pin!(controllers);
     {
         let leadership = async {
