@@ -182,7 +182,18 @@ impl Node {
             self.cfg.backoff.clone(),
             None,
         );
+        let at = m.spec.initial_replication_at_unix_ms;
         let task = tokio::spawn(async move {
+            let mut stopped = stopped;
+            // A scheduled initial replication: wait for its time (or a stop).
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            let wait = Duration::from_millis(at).saturating_sub(now);
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => return,
+                }
+            }
             vm.run(stopped).await;
         });
         m.running = Some((stop, task));
@@ -413,6 +424,7 @@ mod tests {
             interval_seconds: 30,
             compression: true,
             suspended: false,
+            initial_replication_at_unix_ms: 0,
         }
     }
 

@@ -257,7 +257,8 @@ pub async fn sync_once(ctx: &Context) -> Result<usize, Error> {
         }
         for (vm_id, disks) in by_vm {
             let Some(ns) = replica_namespace(disks[0], &entries, &servers, agent) else {
-                tracing::warn!(vm = vm_id, primary = %disks[0].primary, "no AuthorizationEntry or default names a namespace for this replica");
+                // Agents configured by hand (--authorize) have no entry here.
+                tracing::debug!(vm = vm_id, primary = %disks[0].primary, "no AuthorizationEntry or default names a namespace for this replica");
                 continue;
             };
             if ctx.namespace.as_ref().is_some_and(|w| *w != ns) {

@@ -49,6 +49,9 @@ use crate::{
     site::MANAGER,
 };
 
+/// Most VMReplications reconciled at once.
+pub const CONCURRENCY: u16 = 32;
+
 /// Removes replication from the agent before the object goes.
 pub const FINALIZER: &str = "vmreplica.io/replication";
 
@@ -67,6 +70,8 @@ pub struct Context {
     samples: Mutex<HashMap<String, (i64, u64)>>,
     /// When each object's status was last written (by uid).
     written: Mutex<HashMap<String, std::time::Instant>>,
+    /// Control API channels by agent endpoint.
+    channels: Mutex<HashMap<String, tonic::transport::Channel>>,
 }
 
 impl Context {
@@ -83,6 +88,7 @@ impl Context {
             windows: Mutex::default(),
             samples: Mutex::default(),
             written: Mutex::default(),
+            channels: Mutex::default(),
         })
     }
 }
@@ -124,6 +130,14 @@ pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
     let Some(rs) = &vmr.spec.replica_server else {
         return Err("spec.replicaServer is required for role Primary: name the replica site's server".into());
     };
+    let initial = &vmr.spec.initial_replication;
+    if initial.method != vmreplica_crds::InitialReplicationMethod::Network {
+        return Err(format!(
+            "initialReplication.method {:?} is not supported yet: use Network (the initial copy goes over the \
+             replication connection, sparse-aware)",
+            initial.method
+        ));
+    }
     Ok(VmReplicationSpec {
         vm_id: vm_id(vmr),
         uid: vmr.uid().unwrap_or_default(),
@@ -138,6 +152,10 @@ pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
         interval_seconds: vmr.spec.replication_frequency_seconds,
         compression: vmr.spec.compression_enabled,
         suspended: vmr.spec.suspended,
+        initial_replication_at_unix_ms: initial
+            .start_time
+            .as_ref()
+            .map_or(0, |t| t.0.as_millisecond().max(0) as u64),
     })
 }
 
@@ -417,7 +435,17 @@ pub(crate) async fn control<T>(
         return Err(format!("the agent on node {} announces no control endpoint", agent.node));
     };
     let host = endpoint.rsplit_once(':').map_or(endpoint.as_str(), |(h, _)| h);
-    let ch = channel(endpoint, host, &ctx.site.tls).map_err(|e| e.to_string())?;
+    // One channel per agent, reused: a TLS handshake per call would dominate
+    // a reconcile. The channel reconnects by itself after a break.
+    let cached = ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).get(endpoint).cloned();
+    let ch = match cached {
+        Some(ch) => ch,
+        None => {
+            let ch = channel(endpoint, host, &ctx.site.tls).map_err(|e| e.to_string())?;
+            ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(endpoint.clone(), ch.clone());
+            ch
+        }
+    };
     match tokio::time::timeout(Duration::from_secs(10), call(ControlClient::new(ch))).await {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(s)) => Err(format!("the agent on node {} at {endpoint}: {}", agent.node, s.message())),
@@ -816,7 +844,10 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         Some(ns) => Api::<VMReplication>::namespaced(ctx.site.client.clone(), ns),
         None => Api::<VMReplication>::all(ctx.site.client.clone()),
     };
+    // Bounded concurrency: a thousand objects arriving at once queue here
+    // instead of all contending for the apiserver and the agents together.
     Controller::new(api, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {

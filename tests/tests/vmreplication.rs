@@ -204,6 +204,12 @@ fn receiver(root: &Path, tls: &str, port: u16, pattern: &str, storage: &Path) ->
     Process::spawn_ready(cmd, &root.join(format!("{tls}.log")))
 }
 
+/// `spec` with `key` set to `value`.
+fn with(mut spec: serde_json::Value, key: &str, value: serde_json::Value) -> serde_json::Value {
+    spec[key] = value;
+    spec
+}
+
 /// Files under `dir`, recursively.
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -314,6 +320,16 @@ async fn a_bad_spec_gives_error_with_what_to_fix_and_changes_nothing() {
         ("outside", s.spec(&outside, "replica", s.replica_port), "AgentRefused", "outside the directories"),
         ("unknown", s.spec(&disk, "nowhere", s.replica_port), "AgentRefused", "does not resolve"),
         ("denied", s.spec(&disk, "denied", s.denied_port), "ReplicaRefused", "no AuthorizationEntry matches"),
+        (
+            "media",
+            with(
+                s.spec(&disk, "replica", s.replica_port),
+                "initialReplication",
+                json!({"method": "ExternalMedia"}),
+            ),
+            "InvalidSpec",
+            "not supported yet",
+        ),
     ];
     for (name, spec, reason, words) in cases {
         s.apply(name, spec).await;
@@ -342,6 +358,24 @@ async fn a_bad_spec_gives_error_with_what_to_fix_and_changes_nothing() {
         })
         .await;
     }
+    // A scheduled initial replication waits for its time, writing nothing.
+    let later =
+        (k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(1)).to_string();
+    s.apply(
+        "later",
+        with(s.spec(&disk, "replica", s.replica_port), "initialReplication", json!({"startTime": later})),
+    )
+    .await;
+    s.wait_state("later", ReplicationState::ReadyForInitialReplication, 30).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let v = s.vmrs.get("later").await.unwrap();
+    assert_eq!(state_of(&v), Some(ReplicationState::ReadyForInitialReplication));
+    assert_eq!(v.status.unwrap().health, Health::Normal);
+    assert!(files_under(&s.replica_storage).is_empty(), "nothing sent before the start time");
+    s.vmrs.delete("later", &DeleteParams::default()).await.unwrap();
+    wait_secs(30, "later to go", async || s.vmrs.get_opt("later").await.unwrap().is_none().then_some(()))
+        .await;
+
     // Nothing else changed: no replica written on the refusing server, no log
     // next to the image outside the roots, nothing left protected.
     assert!(files_under(&s.denied_storage).is_empty(), "{:?}", files_under(&s.denied_storage));

@@ -38,6 +38,13 @@ fn the_agent_spec_carries_identity_and_settings() {
     no_server.spec.replica_server = None;
     assert!(agent_spec(&no_server).unwrap_err().contains("spec.replicaServer is required"));
     let _ = (CrdDisk { name: "x".into(), path: "/x".into() }, ServerAddress { name: "x".into(), port: 1 });
+
+    let mut later = vmr(None);
+    later.spec.initial_replication.start_time = Some(Time(Timestamp::from_second(2_000_000_000).unwrap()));
+    assert_eq!(agent_spec(&later).unwrap().initial_replication_at_unix_ms, 2_000_000_000_000);
+    let mut media = vmr(None);
+    media.spec.initial_replication.method = vmreplica_crds::InitialReplicationMethod::ExternalMedia;
+    assert!(agent_spec(&media).unwrap_err().contains("not supported yet"));
 }
 
 #[test]
