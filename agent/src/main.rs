@@ -99,6 +99,10 @@ struct Serve {
     /// A directory whose images the controller may ask this agent to serve. Repeatable.
     #[arg(long = "disk-root", default_value = "/var/lib/vmreplica/disks")]
     disk_roots: Vec<PathBuf>,
+    /// Let VMReplications name freeze/thaw commands, run here as the agent.
+    /// Off by default: whoever may create a VMReplication could run them.
+    #[arg(long)]
+    allow_quiesce_commands: bool,
     /// Resolve HOST to ADDRESS instead of asking DNS (`HOST=ADDRESS`, repeatable).
     #[arg(long, value_parser = parse_resolve)]
     resolve: Vec<(String, std::net::IpAddr)>,
@@ -315,6 +319,7 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
         retry,
         bandwidth: s.bandwidth_limit,
         max_transfers: s.max_transfers,
+        allow_quiesce_commands: s.allow_quiesce_commands,
         socket: s.socket,
         tcp: s.tcp,
         interval: s.interval.map(|x| Duration::from_secs(x.max(1))),

@@ -24,6 +24,7 @@ use crate::{
     disk::{ProtectedDisk, log_dir_for},
     metrics::Metrics,
     nbd::NbdServer,
+    quiesce::Quiesce,
     replica::names,
     replication::{
         cycle::VmReplication,
@@ -45,6 +46,9 @@ pub struct NodeConfig {
     pub backoff: Vec<Duration>,
     pub bandwidth: Option<u64>,
     pub max_transfers: usize,
+    /// Whether a VMReplication may name freeze/thaw commands to run on this
+    /// node (whoever may create VMReplications could run them as the agent).
+    pub allow_quiesce_commands: bool,
 }
 
 struct Managed {
@@ -66,6 +70,35 @@ pub struct Node {
 
 fn export_name(vm: &str, disk: &str) -> String {
     format!("{vm}/{disk}")
+}
+
+/// How the guest is quiesced for application-consistent points, if ever.
+pub fn quiesce(
+    spec: &VmReplicationSpec,
+    allow_commands: bool,
+) -> Result<Option<(Quiesce, Duration)>, String> {
+    if spec.app_consistent_interval_seconds == 0 {
+        return Ok(None);
+    }
+    let every = Duration::from_secs(u64::from(spec.app_consistent_interval_seconds));
+    match (spec.freeze_command.is_empty(), spec.thaw_command.is_empty(), spec.guest_agent_socket.as_str()) {
+        (false, false, _) if !allow_commands => Err(
+            "freeze/thaw commands are not allowed on this node (start the agent with --allow-quiesce-commands, \
+             or use the guest agent socket)"
+                .into(),
+        ),
+        (false, false, _) => {
+            Ok(Some((Quiesce::Command { freeze: spec.freeze_command.clone(), thaw: spec.thaw_command.clone() }, every)))
+        }
+        (true, true, socket) if Path::new(socket).is_absolute() => {
+            Ok(Some((Quiesce::GuestAgent { socket: PathBuf::from(socket) }, every)))
+        }
+        (true, true, "") => Err("an application-consistent interval needs a way to quiesce: freeze and thaw \
+                                 commands, or the guest agent socket"
+            .into()),
+        (true, true, socket) => Err(format!("guest agent socket {socket:?} is not an absolute path")),
+        _ => Err("give both a freeze and a thaw command".into()),
+    }
 }
 
 /// Checks a spec before anything is touched; the disks' resolved paths.
@@ -180,7 +213,8 @@ impl Node {
             m.shippers.clone(),
             Duration::from_secs(u64::from(m.spec.interval_seconds)),
             self.cfg.backoff.clone(),
-            None,
+            // Checked before the spec was accepted.
+            quiesce(&m.spec, self.cfg.allow_quiesce_commands).ok().flatten(),
         );
         let at = m.spec.initial_replication_at_unix_ms;
         let task = tokio::spawn(async move {
@@ -226,6 +260,9 @@ impl Node {
             Ok(p) => p,
             Err(why) => return refuse(why),
         };
+        if let Err(why) = quiesce(&spec, self.cfg.allow_quiesce_commands) {
+            return refuse(why);
+        }
         let (addr, server_name) = match self.replica_endpoint(&spec.replica_address).await {
             Ok(e) => e,
             Err(why) => return refuse(why),
@@ -425,7 +462,28 @@ mod tests {
             compression: true,
             suspended: false,
             initial_replication_at_unix_ms: 0,
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn quiesce_commands_need_the_agents_consent() {
+        let mut s = spec("/x");
+        assert_eq!(quiesce(&s, false).unwrap(), None, "no interval, no quiesce");
+        s.app_consistent_interval_seconds = 3600;
+        assert!(quiesce(&s, true).unwrap_err().contains("needs a way to quiesce"));
+        s.freeze_command = vec!["fsfreeze".into(), "-f".into(), "/".into()];
+        s.thaw_command = vec!["fsfreeze".into(), "-u".into(), "/".into()];
+        assert!(quiesce(&s, false).unwrap_err().contains("--allow-quiesce-commands"));
+        assert!(
+            matches!(quiesce(&s, true).unwrap(), Some((Quiesce::Command { .. }, d)) if d.as_secs() == 3600)
+        );
+        s.freeze_command.clear();
+        s.thaw_command.clear();
+        s.guest_agent_socket = "/run/qga.sock".into();
+        assert!(matches!(quiesce(&s, false).unwrap(), Some((Quiesce::GuestAgent { .. }, _))));
+        s.guest_agent_socket = "qga.sock".into();
+        assert!(quiesce(&s, false).unwrap_err().contains("not an absolute path"));
     }
 
     #[test]

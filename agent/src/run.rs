@@ -59,6 +59,8 @@ pub struct ServeOptions {
     pub retry: Vec<Duration>,
     pub bandwidth: Option<u64>,
     pub max_transfers: usize,
+    /// VMReplications may name freeze/thaw commands to run on this node.
+    pub allow_quiesce_commands: bool,
 }
 
 /// How an agent announces itself in the cluster (see [`crate::lease`]).
@@ -176,6 +178,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             backoff: opts.retry.clone(),
             bandwidth: opts.bandwidth,
             max_transfers: opts.max_transfers,
+            allow_quiesce_commands: opts.allow_quiesce_commands,
         };
         control.node = Some(crate::node::Node::new(cfg, server.clone(), metrics.clone()));
     }

@@ -131,6 +131,8 @@ pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
         return Err("spec.replicaServer is required for role Primary: name the replica site's server".into());
     };
     let initial = &vmr.spec.initial_replication;
+    let history = &vmr.spec.recovery_history;
+    let quiesce = history.quiesce.as_ref();
     if initial.method != vmreplica_crds::InitialReplicationMethod::Network {
         return Err(format!(
             "initialReplication.method {:?} is not supported yet: use Network (the initial copy goes over the \
@@ -156,6 +158,10 @@ pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
             .start_time
             .as_ref()
             .map_or(0, |t| t.0.as_millisecond().max(0) as u64),
+        app_consistent_interval_seconds: history.app_consistent_interval_hours.map_or(0, |h| h * 3600),
+        freeze_command: quiesce.map(|q| q.freeze_command.clone()).unwrap_or_default(),
+        thaw_command: quiesce.map(|q| q.thaw_command.clone()).unwrap_or_default(),
+        guest_agent_socket: quiesce.and_then(|q| q.guest_agent_socket.clone()).unwrap_or_default(),
     })
 }
 

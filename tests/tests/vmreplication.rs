@@ -122,7 +122,7 @@ async fn site() -> Site {
         .arg(root.join("disks"))
         .args(["--resolve", &format!("replica.{ns}.test=127.0.0.1")])
         .args(["--resolve", &format!("denied.{ns}.test=127.0.0.1")])
-        .args(["--retry-seconds", "1"])
+        .args(["--retry-seconds", "1", "--allow-quiesce-commands"])
         .args(["--lease-namespace", &ns, "--node", "node-a", "--advertise-host", "127.0.0.1", "--kubeconfig"])
         .arg(shared_kubeconfig());
     let primary = Process::spawn_ready(cmd, &root.join("primary.log"));
@@ -229,9 +229,16 @@ async fn a_vm_replicates_suspends_resumes_and_is_removed() {
     let disk = s.root.join("disks").join("db-root.img");
     qemu_img_create(&disk, "16M");
     qemu_io(disk.to_str().unwrap(), "write -P 0x11 0 1M").unwrap();
-    s.apply("db", s.spec(&disk, "replica", s.replica_port)).await;
+    // Application-consistent points every hour, quiescing with commands: the
+    // first cycle takes one.
+    let (frozen, thawed) = (s.root.join("frozen"), s.root.join("thawed"));
+    let touch = |f: &Path| json!(["sh", "-c", format!("touch {}", f.display())]);
+    let history = json!({"appConsistentIntervalHours": 1,
+                         "quiesce": {"freezeCommand": touch(&frozen), "thawCommand": touch(&thawed)}});
+    s.apply("db", with(s.spec(&disk, "replica", s.replica_port), "recoveryHistory", history.clone())).await;
 
     let v = s.wait_state("db", ReplicationState::Replicating, 60).await;
+    assert!(frozen.exists() && thawed.exists(), "the spec's quiesce commands ran on the node");
     assert!(v.finalizers().iter().any(|f| f == vmr::FINALIZER), "the finalizer guards removal");
     let st = v.status.clone().unwrap();
     assert_eq!(st.health, Health::Normal, "{:?}", st.health_details);
@@ -255,7 +262,7 @@ async fn a_vm_replicates_suspends_resumes_and_is_removed() {
     qemu_io(replica_img.to_str().unwrap(), "read -P 0x11 0 1M").expect("the initial copy arrived");
 
     // Suspend: writes are logged, not shipped; the state says so.
-    let mut spec = s.spec(&disk, "replica", s.replica_port);
+    let mut spec = with(s.spec(&disk, "replica", s.replica_port), "recoveryHistory", history);
     spec["suspended"] = json!(true);
     s.apply("db", spec.clone()).await;
     let v = s.wait_state("db", ReplicationState::Suspended, 30).await;
