@@ -145,6 +145,7 @@ impl ControlService {
                             bytes_applied: s.stats.bytes,
                             max_segment_bytes: s.stats.max_segment_bytes,
                             last_applied_sealed_unix_ms: s.stats.last_sealed_unix_ms,
+                            last_contact_unix_ms: r.last_contact_ms(),
                             received_through: s.received_through,
                             applied_through: s.applied_through,
                             points: s

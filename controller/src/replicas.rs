@@ -103,14 +103,34 @@ pub fn replica_status(
         ReplicationState::Replicating
     };
     let ts = |ms: u64| Timestamp::from_millisecond(ms as i64).ok().map(Time);
-    let last = disks.iter().map(|d| d.last_applied_sealed_unix_ms).min().filter(|ms| *ms > 0);
-    let segments = disks.iter().map(|d| d.segments_applied).min().unwrap_or(0);
+    // A disk not written in a cycle sends nothing and is still current: the
+    // VM's last replication is its newest applied segment, its cycles with
+    // data at least the busiest disk's.
+    // An idle VM sends no segments but opens every cycle: with nothing
+    // pending, that contact counts as a replication too.
+    let last = disks
+        .iter()
+        .map(|d| {
+            let caught_up = d.applied_through == d.received_through;
+            d.last_applied_sealed_unix_ms.max(if caught_up && d.has_copy {
+                d.last_contact_unix_ms
+            } else {
+                0
+            })
+        })
+        .max()
+        .filter(|ms| *ms > 0);
+    let segments = disks.iter().map(|d| d.segments_applied).max().unwrap_or(0);
     let (bytes, all_segments): (u64, u64) =
         disks.iter().fold((0, 0), |(b, s), d| (b + d.bytes_applied, s + d.segments_applied));
-    // Points of the first disk: the VM's disks are cut together each cycle.
+    // The VM's disks are cut together each cycle, but a disk that was not
+    // written in a cycle makes no point: list the disk with the most points.
+    // (Failover will need points keyed by cycle across disks.)
     let mut points: Vec<RecoveryPoint> = disks
         .iter()
-        .min_by_key(|d| d.disk_id.clone())
+        .max_by_key(|d| {
+            (d.points.len(), d.points.last().map(|p| p.time_unix_ms), std::cmp::Reverse(d.disk_id.clone()))
+        })
         .map(|d| {
             d.points
                 .iter()

@@ -1,9 +1,10 @@
 //! Two sites, two clusters: site A is the shared apiserver, site B a second
-//! apiserver started here, each with its own controller and agent. A
-//! VMReplication applied at A makes B's controller create the Replica object
-//! (or adopt one declared there), with B's own view of the replica; writes
-//! reach B; deleting at A removes replication on both sides and leaves B's
-//! disk in place.
+//! apiserver started here, each with its own controller and agent, and the
+//! objects of `examples/` applied as a user would (only paths, ports and the
+//! frequency are changed for a test machine). The VMReplication applied at A
+//! makes B's controller create the Replica object (or adopt one declared
+//! there), with B's own view of the replica; writes reach B; deleting at A
+//! removes replication on both sides and leaves B's disks in place.
 
 use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
@@ -18,13 +19,27 @@ use vmreplica_tests::{
     ControlPlane, FIELD_MANAGER, client, client_for, install_crds,
     pki::Ca,
     procs::{Process, bin, free_port, material, wait_secs, write_tls},
-    shared_kubeconfig, test_namespace,
+    repo_root, shared_kubeconfig, test_namespace,
 };
 
 fn qemu_io(target: &str, cmd: &str) -> Result<(), String> {
     let out = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, target]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if out.status.success() && !text.contains("failed") { Ok(()) } else { Err(text) }
+}
+
+/// An example's single object, as JSON to adjust before applying.
+fn example(file: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo_root().join("examples").join(file)).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+async fn apply_object<K>(api: &Api<K>, obj: &serde_json::Value)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj["metadata"]["name"].as_str().unwrap();
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await.unwrap();
 }
 
 fn controllers(client: kube::Client, ns: &str, ca: &Ca, watch: Option<String>) -> Arc<vmr::Context> {
@@ -59,13 +74,18 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     let b = client_for(&b_plane.kubeconfig_path()).await.unwrap();
     install_crds(&b).await.unwrap();
     let b_ns = test_namespace(&b, "site-b").await;
-    let dr = test_namespace(&b, "dr").await;
+    // The example entry names namespace finance-dr for site A's replicas.
+    let dr = "finance-dr".to_owned();
+    let ns_obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": dr}});
+    apply_object(&Api::<k8s_openapi::api::core::v1::Namespace>::all(b.clone()), &ns_obj).await;
     // Site A: the shared apiserver.
     let a = client().await;
     let a_ns = test_namespace(&a, "site-a").await;
-    let primary_name = format!("primary.{a_ns}.example.com");
+    // Certificates with the examples' names: site A's agents are
+    // *.site-a.example.com, site B's replica server replica.site-b.example.com.
+    let primary_name = "host1.site-a.example.com".to_owned();
     write_tls(&root.join("a-tls"), &material(&ca, &[&primary_name, "127.0.0.1"]));
-    write_tls(&root.join("b-tls"), &material(&ca, &["replica.site-b.test", "127.0.0.1"]));
+    write_tls(&root.join("b-tls"), &material(&ca, &["replica.site-b.example.com", "127.0.0.1"]));
 
     let (b_repl, b_ctl) = (free_port(), free_port());
     let mut cmd = Command::new(bin("vmreplica-agent"));
@@ -73,28 +93,21 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
         .arg(format!("127.0.0.1:{b_ctl}"))
         .arg("--tls-dir")
         .arg(root.join("b-tls"))
-        .args(["--lease-namespace", &b_ns, "--node", "node-b", "--node-label", "site=b"])
+        .args(["--lease-namespace", &b_ns, "--node", "node-b"])
+        .args(["--node-label", "vmreplica.io/replica-server=true"])
         .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
         .arg(b_plane.kubeconfig_path());
     let _b_agent = Process::spawn_ready(cmd, &root.join("b-agent.log"));
     let storage = root.join("b-replicas");
     std::fs::create_dir_all(&storage).unwrap();
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    Api::<vmreplica_crds::ReplicationServer>::all(b.clone())
-        .patch("site-b", &pp, &Patch::Apply(json!({
-            "apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": "site-b"},
-            "spec": {"tlsSecretName": "agent-tls", "nodeSelector": {"site": "b"}},
-        })))
-        .await
-        .unwrap();
-    Api::<vmreplica_crds::AuthorizationEntry>::all(b.clone())
-        .patch("site-a", &pp, &Patch::Apply(json!({
-            "apiVersion": "vmreplica.io/v1alpha1", "kind": "AuthorizationEntry", "metadata": {"name": "site-a"},
-            "spec": {"allowedPrimaryServer": primary_name, "trustGroup": "g1",
-                     "replicaStorageLocation": storage, "replicaNamespace": dr},
-        })))
-        .await
-        .unwrap();
+    apply_object(
+        &Api::<vmreplica_crds::ReplicationServer>::all(b.clone()),
+        &example("replicationserver.yaml"),
+    )
+    .await;
+    let mut entry = example("authorizationentry.yaml");
+    entry["spec"]["replicaStorageLocation"] = json!(storage);
+    apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(b.clone()), &entry).await;
     let b_ctx = controllers(b.clone(), &b_ns, &ca, None);
     tokio::spawn(site::run(b_ctx.site.clone(), std::future::pending()));
     tokio::spawn(vmr::run(b_ctx.clone(), std::future::pending()));
@@ -111,7 +124,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
         .arg(&socket)
         .arg("--disk-root")
         .arg(root.join("disks"))
-        .args(["--resolve", "replica.site-b.test=127.0.0.1", "--retry-seconds", "1"])
+        .args(["--resolve", "replica.site-b.example.com=127.0.0.1", "--retry-seconds", "1"])
         .args([
             "--lease-namespace",
             &a_ns,
@@ -136,23 +149,28 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     };
     let spec = |p: &Path| {
         json!({"disks": [{"name": "root", "path": p}], "replicationFrequencySeconds": 1,
-               "replicaServer": {"name": "replica.site-b.test", "port": b_repl}})
+               "replicaServer": {"name": "replica.site-b.example.com", "port": b_repl}})
     };
 
-    // A primary enabled at A: B creates its Replica object.
-    let ledger = disk("ledger");
-    apply(&a_vmrs, "ledger", spec(&ledger)).await;
+    // The example VM, enabled at A: two disks, every second instead of 30 s.
+    let (root_img, data_img) = (disk("ledger-root"), disk("ledger-data"));
+    let mut vm = example("vmreplication.yaml");
+    vm["spec"]["disks"] = json!([{"name": "root", "path": root_img}, {"name": "data", "path": data_img}]);
+    vm["spec"]["replicaServer"]["port"] = json!(b_repl);
+    vm["spec"]["replicationFrequencySeconds"] = json!(1);
+    apply_object(&a_vmrs, &vm).await;
+    let ledger = "ledger-db";
     let primary = wait_secs(60, "A to replicate", async || {
-        state_is(&a_vmrs, "ledger", ReplicationState::Replicating).await
+        state_is(&a_vmrs, ledger, ReplicationState::Replicating).await
     })
     .await;
     let replica = wait_secs(60, "B's Replica object", async || {
-        state_is(&b_vmrs, "ledger", ReplicationState::Replicating).await
+        state_is(&b_vmrs, ledger, ReplicationState::Replicating).await
     })
     .await;
     assert_eq!(replica.spec.role, Role::Replica);
     assert_eq!(replica.spec.primary_server.as_deref(), Some(primary_name.as_str()));
-    assert_eq!(replica.labels().get(replicas::REPLICA_OF), Some(&format!("{a_ns}.ledger")));
+    assert_eq!(replica.labels().get(replicas::REPLICA_OF), Some(&format!("{a_ns}.{ledger}")));
     let rs = replica.status.clone().unwrap();
     assert_eq!(rs.primary_server.as_deref(), Some(primary_name.as_str()));
     assert_eq!(rs.replica_server.as_deref(), Some("node-b"));
@@ -160,12 +178,13 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
 
     // A write at A arrives in B's replica image, named by B's object, and
     // makes a recovery point there.
-    let image = replica.spec.disks[0].path.clone();
-    let export = format!("nbd+unix:///{a_ns}.ledger/root?socket={}", socket.display());
+    assert_eq!(replica.spec.disks.len(), 2, "both disks replicate");
+    let image = replica.spec.disks.iter().find(|d| d.name == "root").unwrap().path.clone();
+    let export = format!("nbd+unix:///{a_ns}.{ledger}/root?socket={}", socket.display());
     qemu_io(&export, "write -P 0x3c 2M 64k").unwrap();
     wait_secs(30, "the write at B", async || qemu_io(&image, "read -P 0x3c 2M 64k").ok()).await;
     let rs = wait_secs(30, "B's points", async || {
-        let s = b_vmrs.get("ledger").await.ok()?.status?;
+        let s = b_vmrs.get(ledger).await.ok()?.status?;
         (!s.recovery_points.is_empty()).then_some(s)
     })
     .await;
@@ -174,7 +193,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     // Both sides agree on when the last cycle happened (to within a few cycles).
     let pa = wait_secs(30, "A's status to catch up", async || {
         a_vmrs
-            .get("ledger")
+            .get(ledger)
             .await
             .ok()?
             .status?
@@ -205,13 +224,11 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     assert!(adopted.labels().get(replicas::REPLICA_OF).is_none(), "adopted, not created");
 
     // Deleting at A removes replication on both sides; B's disk stays.
-    a_vmrs.delete("ledger", &DeleteParams::default()).await.unwrap();
-    wait_secs(30, "A's object to go", async || {
-        a_vmrs.get_opt("ledger").await.unwrap().is_none().then_some(())
-    })
-    .await;
+    a_vmrs.delete(ledger, &DeleteParams::default()).await.unwrap();
+    wait_secs(30, "A's object to go", async || a_vmrs.get_opt(ledger).await.unwrap().is_none().then_some(()))
+        .await;
     let removed = wait_secs(30, "B to see the removal", async || {
-        state_is(&b_vmrs, "ledger", ReplicationState::NotEnabled).await
+        state_is(&b_vmrs, ledger, ReplicationState::NotEnabled).await
     })
     .await;
     let ready = removed.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();

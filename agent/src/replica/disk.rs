@@ -151,6 +151,9 @@ pub struct ReplicaDisk {
     dir: PathBuf,
     state: Mutex<ReplicaState>,
     apply_lock: Mutex<()>,
+    /// When the primary last opened this replica (ms since the epoch; 0:
+    /// not since this process started): its heartbeat when it has nothing to send.
+    last_contact_ms: std::sync::atomic::AtomicU64,
 }
 
 fn open_nofollow(path: &Path, write: bool, create_new: bool) -> io::Result<File> {
@@ -198,7 +201,12 @@ impl ReplicaDisk {
             }
             Err(e) => return Err(ReplicaError::Io { path: state_path, source: e }),
         };
-        let disk = Self { dir: dir.to_owned(), state: Mutex::new(state), apply_lock: Mutex::new(()) };
+        let disk = Self {
+            dir: dir.to_owned(),
+            state: Mutex::new(state),
+            apply_lock: Mutex::new(()),
+            last_contact_ms: Default::default(),
+        };
         disk.recover()?;
         Ok(disk)
     }
@@ -245,6 +253,17 @@ impl ReplicaDisk {
         store_state(&self.dir, &next)?;
         *s = next;
         Ok(())
+    }
+
+    /// Records a contact from the primary (an Open).
+    pub fn touch(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.last_contact_ms.store(now.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// When the primary last opened this replica (0: not since start).
+    pub fn last_contact_ms(&self) -> u64 {
+        self.last_contact_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records that the primary removed replication (the disk stays).

@@ -348,6 +348,7 @@ impl ReplicaService {
             tracing::info!("replication was removed before: starting over with an initial copy");
             replica.restart_after_removal().map_err(status)?;
         }
+        replica.touch();
         let s = replica.state().clone();
         if s.disk_size != r.disk_size {
             return Err(Status::failed_precondition(format!(
