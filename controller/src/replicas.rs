@@ -459,6 +459,11 @@ mod tests {
             Duration::from_secs(3600),
         );
         assert_eq!(s.health, Health::Warning, "behind by more than the threshold");
+        let mut idle = d.clone();
+        idle.last_contact_unix_ms = 1_009_999_000;
+        let later = Timestamp::from_second(1_010_000).unwrap();
+        let st = replica_status(&s, &[&idle], "node-b", Some(1), later, Duration::from_secs(3600));
+        assert_eq!((st.health, st.lag.as_deref()), (Health::Normal, Some("<1m")), "idle, not behind");
         d.removed = true;
         let s = replica_status(&s, &[&d], "node-b", Some(1), t, Duration::from_secs(3600));
         assert_eq!((s.state, s.health), (ReplicationState::NotEnabled, Health::Normal));
