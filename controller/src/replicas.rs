@@ -51,20 +51,28 @@ pub fn replica_namespace(
     servers: &[ReplicationServer],
     agent: &Agent,
 ) -> Option<String> {
+    admitting_entry(disk, entries).map(|e| e.spec.replica_namespace.clone()).or_else(|| {
+        servers
+            .iter()
+            .filter(|rs| rs.spec.node_selector.iter().all(|(k, v)| agent.labels.get(k) == Some(v)))
+            .find_map(|rs| rs.spec.default_replica_namespace.clone())
+    })
+}
+
+/// The entry that admitted the replica's primary: same trust group, matching
+/// pattern, exact names before wildcards (as the agent matches them).
+pub fn admitting_entry<'a>(
+    disk: &ReplicaDisk,
+    entries: &'a [AuthorizationEntry],
+) -> Option<&'a AuthorizationEntry> {
     let mut by_pattern: Vec<&AuthorizationEntry> = entries
         .iter()
         .filter(|e| {
             e.spec.trust_group == disk.trust_group && matches(&e.spec.allowed_primary_server, &disk.primary)
         })
         .collect();
-    // Exact names before wildcards, as the agent matches them.
     by_pattern.sort_by_key(|e| (e.spec.allowed_primary_server.starts_with("*."), e.name_any()));
-    by_pattern.first().map(|e| e.spec.replica_namespace.clone()).or_else(|| {
-        servers
-            .iter()
-            .filter(|rs| rs.spec.node_selector.iter().all(|(k, v)| agent.labels.get(k) == Some(v)))
-            .find_map(|rs| rs.spec.default_replica_namespace.clone())
-    })
+    by_pattern.first().copied()
 }
 
 /// The Replica object's name: the primary object's name (`<ns>.<name>` → `<name>`).
@@ -259,6 +267,9 @@ pub async fn sync_once(ctx: &Context) -> Result<usize, Error> {
         .map_err(Error::Read)?
         .items;
     let mut reported = 0;
+    // Replicas (VMs not removed) per AuthorizationEntry, for its status.
+    let mut per_entry: BTreeMap<String, u32> = entries.iter().map(|e| (e.name_any(), 0)).collect();
+    let mut complete = true;
     for agent in agents.iter().filter(|a| a.live && a.capabilities.iter().any(|c| c == "replica")) {
         let status = match control(agent, ctx, async |mut c| {
             c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner())
@@ -268,6 +279,7 @@ pub async fn sync_once(ctx: &Context) -> Result<usize, Error> {
             Ok(s) => s,
             Err(why) => {
                 tracing::warn!(node = %agent.node, error = %why, "reading a replica agent");
+                complete = false;
                 continue;
             }
         };
@@ -276,6 +288,10 @@ pub async fn sync_once(ctx: &Context) -> Result<usize, Error> {
             by_vm.entry(d.vm_id.as_str()).or_default().push(d);
         }
         for (vm_id, disks) in by_vm {
+            if let Some(e) = admitting_entry(disks[0], &entries).filter(|_| !disks.iter().all(|d| d.removed))
+            {
+                *per_entry.entry(e.name_any()).or_default() += 1;
+            }
             let Some(ns) = replica_namespace(disks[0], &entries, &servers, agent) else {
                 // Agents configured by hand (--authorize) have no entry here.
                 tracing::debug!(vm = vm_id, primary = %disks[0].primary, "no AuthorizationEntry or default names a namespace for this replica");
@@ -286,6 +302,19 @@ pub async fn sync_once(ctx: &Context) -> Result<usize, Error> {
             }
             if report(ctx, &ns, vm_id, &disks, agent, &servers).await? {
                 reported += 1;
+            }
+        }
+    }
+    // Counts are only whole when every agent answered and every namespace is watched.
+    if complete && ctx.namespace.is_none() {
+        let api = Api::<AuthorizationEntry>::all(client.clone());
+        for e in &entries {
+            let n = per_entry.get(&e.name_any()).copied().unwrap_or(0);
+            if e.status.as_ref().map_or(0, |s| s.replica_count) != n {
+                let patch = serde_json::json!({"status": {"replicaCount": n}});
+                api.patch_status(&e.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(Error::WriteStatus)?;
             }
         }
     }

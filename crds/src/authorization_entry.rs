@@ -21,6 +21,7 @@ use crate::common::*;
     printcolumn = r#"{"name":"Trust Group","type":"string","jsonPath":".spec.trustGroup"}"#,
     printcolumn = r#"{"name":"Namespace","type":"string","jsonPath":".spec.replicaNamespace"}"#,
     printcolumn = r#"{"name":"Storage","type":"string","jsonPath":".spec.replicaStorageLocation","priority":1}"#,
+    printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.replicaCount"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]

@@ -169,6 +169,11 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     })
     .await;
     assert_eq!(replica.spec.role, Role::Replica);
+    let entries = Api::<vmreplica_crds::AuthorizationEntry>::all(b.clone());
+    wait_secs(30, "the entry to count its replica", async || {
+        (entries.get("site-a-finance").await.ok()?.status?.replica_count == 1).then_some(())
+    })
+    .await;
     assert_eq!(replica.spec.primary_server.as_deref(), Some(primary_name.as_str()));
     assert_eq!(replica.labels().get(replicas::REPLICA_OF), Some(&format!("{a_ns}.{ledger}")));
     let rs = replica.status.clone().unwrap();
