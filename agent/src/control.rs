@@ -15,7 +15,8 @@ pub mod proto {
 }
 
 use proto::{
-    AgentStatus, ConfigureReply, EnableReply, GetStatusRequest, PrimaryDisk, RecoveryPoint, RemoveReply,
+    AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply,
+    GetStatusRequest, MaterializeReply, MaterializeRequest, PrimaryDisk, RecoveryPoint, RemoveReply,
     RemoveRequest, ReplicaDisk, SiteConfiguration, VmReplicationSpec, control_server::Control,
 };
 
@@ -82,6 +83,23 @@ pub struct ControlService {
 }
 
 impl ControlService {
+    /// The replica of `vm`/`disk` on this agent, for a copy called `name`.
+    fn replica_for(
+        &self,
+        vm: &str,
+        disk: &str,
+        name: &str,
+    ) -> Result<Arc<crate::replica::disk::ReplicaDisk>, Status> {
+        crate::replica::names::check("copy name", name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let svc = self
+            .replicas
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this agent keeps no replicas"))?;
+        svc.replica(vm, disk)
+            .ok_or_else(|| Status::not_found(format!("no replica of {vm}/{disk} on this agent")))
+    }
+
     /// The status of every disk and replica, as the controller reads it.
     pub async fn status(&self) -> AgentStatus {
         let mut shippers = self.shippers.clone();
@@ -206,6 +224,31 @@ impl Control for Arc<ControlService> {
             ));
         };
         Ok(Response::new(node.enable(req.into_inner()).await))
+    }
+
+    async fn materialize_point(
+        &self,
+        req: Request<MaterializeRequest>,
+    ) -> Result<Response<MaterializeReply>, Status> {
+        let r = req.into_inner();
+        let replica = self.replica_for(&r.vm_id, &r.disk_id, &r.name)?;
+        let (path, seq) = tokio::task::spawn_blocking(move || {
+            replica.materialize_named(r.seq, &r.name).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(Status::failed_precondition)?;
+        Ok(Response::new(MaterializeReply { path: path.display().to_string(), seq }))
+    }
+
+    async fn delete_materialized(
+        &self,
+        req: Request<DeleteMaterializedRequest>,
+    ) -> Result<Response<DeleteMaterializedReply>, Status> {
+        let r = req.into_inner();
+        let replica = self.replica_for(&r.vm_id, &r.disk_id, &r.name)?;
+        let deleted = replica.delete_materialized(&r.name).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(DeleteMaterializedReply { deleted }))
     }
 
     async fn remove_replication(&self, req: Request<RemoveRequest>) -> Result<Response<RemoveReply>, Status> {

@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod conditions;
+pub mod failover;
 pub mod leader;
 pub mod plan;
 pub mod preflight;
@@ -26,6 +27,8 @@ pub enum Error {
     Remove { node: String, message: String },
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("{0}")]
+    Agent(String),
 }
 
 impl Error {
@@ -34,7 +37,7 @@ impl Error {
         match self {
             Error::Read(_) => "read",
             Error::WriteStatus(_) => "write",
-            Error::Remove { .. } => "agent",
+            Error::Remove { .. } | Error::Agent(_) => "agent",
             Error::Finalizer(_) => "finalizer",
         }
     }

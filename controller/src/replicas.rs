@@ -384,6 +384,8 @@ async fn report(
         replica_status(&previous, disks, &agent.node, obj.metadata.generation, (ctx.site.now)(), lag_warning);
     let uid = obj.uid().unwrap_or_default();
     if ctx.should_write(&uid, &previous, &status) {
+        // lastFailover belongs to the failover field manager: left out here.
+        let status = VMReplicationStatus { last_failover: None, ..status.clone() };
         let patch = serde_json::json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "status": status});
         api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
             .await

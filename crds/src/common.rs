@@ -103,6 +103,7 @@ pub enum FailoverType {
 /// from Git does nothing new.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = no_defaults)]
 pub struct FailoverRequest {
     /// Identifies this request; change it to request another failover.
     #[schemars(length(min = 1, max = 63), pattern(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"))]
@@ -130,6 +131,20 @@ pub struct FailoverRequest {
     /// running (overrides the split-brain guard). Recorded in status and an Event.
     #[serde(default)]
     pub force: bool,
+}
+
+/// Defaults of a request live in serde, not in the schema: fields the
+/// apiserver defaults are owned by no field manager, so a request carrying
+/// them could never be removed again by server-side apply (GitOps deleting
+/// the block would leave an invalid remnant).
+fn no_defaults(schema: &mut schemars::Schema) {
+    if let Some(props) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
+        for p in props.values_mut() {
+            if let Some(o) = p.as_object_mut() {
+                o.remove("default");
+            }
+        }
+    }
 }
 
 fn latest() -> String {

@@ -210,6 +210,75 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     let apart = (pa.0.as_millisecond() - pb.0.as_millisecond()).abs();
     assert!(apart < 10_000, "primary {pa:?} vs replica {pb:?}");
 
+    // Test failover at B: the newest point as <name>-test disks, while
+    // replication goes on; an older point; removing the request cleans up.
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let request = |id: &str, point: &str| {
+        json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": ledger},
+               "spec": {"role": "Replica", "disks": replica.spec.disks,
+                        "failover": {"id": id, "type": "Test", "recoveryPoint": point}}})
+    };
+    let test_done = |id: &'static str| {
+        let b_vmrs = b_vmrs.clone();
+        async move || {
+            let l = b_vmrs.get(ledger).await.ok()?.status?.last_failover?;
+            (l.id == id && l.phase != vmreplica_crds::FailoverPhase::PreparingDisks).then_some(l)
+        }
+    };
+    // The failover request is a field of the user's own: apply it under another manager.
+    let tester = PatchParams::apply("dr-drill").force();
+    b_vmrs.patch(ledger, &tester, &Patch::Apply(request("t1", "latest"))).await.unwrap();
+    let l = wait_secs(30, "the test failover", test_done("t1")).await;
+    assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
+    let test_img =
+        Path::new(&image).parent().unwrap().join("materialized").join(format!("{ledger}-test.img"));
+    qemu_io(test_img.to_str().unwrap(), "read -P 0x3c 2M 64k").expect("the test disk holds the point's data");
+    let first_point = l.recovery_point.clone().unwrap();
+    // Replication goes on: a newer write reaches the replica, not the test disk.
+    qemu_io(&export, "write -P 0x4d 2M 64k").unwrap();
+    wait_secs(30, "the newer write at B", async || qemu_io(&image, "read -P 0x4d 2M 64k").ok()).await;
+    qemu_io(test_img.to_str().unwrap(), "read -P 0x3c 2M 64k").expect("the test disk is a separate copy");
+    // Re-applying the same request changes nothing.
+    b_vmrs.patch(ledger, &tester, &Patch::Apply(request("t1", "latest"))).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(b_vmrs.get(ledger).await.unwrap().status.unwrap().last_failover.unwrap(), l);
+    // A new id at the older point, after the newer write arrived: the old data.
+    wait_secs(30, "a newer point", async || {
+        let s = b_vmrs.get(ledger).await.ok()?.status?;
+        (s.recovery_points.first()?.id != first_point).then_some(())
+    })
+    .await;
+    b_vmrs.patch(ledger, &tester, &Patch::Apply(request("t2", &first_point))).await.unwrap();
+    let l2 = wait_secs(30, "the second test failover", test_done("t2")).await;
+    assert_eq!(
+        (l2.phase, l2.recovery_point.as_deref()),
+        (vmreplica_crds::FailoverPhase::Completed, Some(first_point.as_str()))
+    );
+    qemu_io(test_img.to_str().unwrap(), "read -P 0x3c 2M 64k").expect("the older point's data");
+    // A point that is not there fails with a reason, and touches nothing.
+    b_vmrs.patch(ledger, &tester, &Patch::Apply(request("t3", "999999"))).await.unwrap();
+    let l3 = wait_secs(30, "the refused test failover", test_done("t3")).await;
+    assert_eq!(l3.phase, vmreplica_crds::FailoverPhase::Failed);
+    assert!(l3.message.unwrap().contains("choose one from status.recoveryPoints"));
+    // Removing the request deletes what the test created (t2's disks).
+    b_vmrs
+        .patch(
+            ledger,
+            &tester,
+            &Patch::Apply(json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+        "metadata": {"name": ledger}, "spec": {"role": "Replica", "disks": replica.spec.disks}})),
+        )
+        .await
+        .unwrap();
+    let cleaned = wait_secs(30, "the clean-up", async || {
+        let l = b_vmrs.get(ledger).await.ok()?.status?.last_failover?;
+        (l.phase == vmreplica_crds::FailoverPhase::Cancelled).then_some(l)
+    })
+    .await;
+    assert_eq!(cleaned.id, "t3");
+    assert!(!test_img.exists(), "the test disks are deleted");
+    let _ = pp;
+
     // A Replica object declared at B first (GitOps) is adopted, spec untouched.
     apply(
         &b_vmrs,
@@ -239,7 +308,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     let ready = removed.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Removed"));
     assert!(Path::new(&image).exists(), "the replica's disk stays");
-    qemu_io(&image, "read -P 0x3c 2M 64k").expect("with its data");
+    qemu_io(&image, "read -P 0x4d 2M 64k").expect("with its data");
     // The other VM is untouched.
     assert!(state_is(&b_vmrs, "orders", ReplicationState::Replicating).await.is_some());
 }

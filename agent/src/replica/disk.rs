@@ -528,6 +528,49 @@ impl ReplicaDisk {
         self.state().points.clone()
     }
 
+    /// Where a materialised copy named `name` (a plain label) lives.
+    pub fn materialized_path(&self, name: &str) -> PathBuf {
+        self.dir.join("materialized").join(format!("{name}.img"))
+    }
+
+    /// Materialises point `seq` (0: the newest, or the image as it is when
+    /// there is no point yet) as copy `name`, replacing an earlier one of that
+    /// name; returns its path and the point's sequence.
+    pub fn materialize_named(&self, seq: u64, name: &str) -> Result<(PathBuf, u64)> {
+        let dest = self.materialized_path(name);
+        let dir = dest.parent().expect("under the replica dir");
+        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let tmp = dest.with_extension("img.part");
+        let _ = fs::remove_file(&tmp);
+        let seq = match (seq, self.points().last()) {
+            (0, Some(p)) => p.seq,
+            (0, None) => {
+                let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let image_path = self.image_path();
+                let image = open_nofollow(&image_path, false, false).map_err(io_at(&image_path))?;
+                sparse_copy(&image, &tmp).map_err(io_at(&tmp))?;
+                File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_at(&tmp))?;
+                fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
+                return Ok((dest, self.state().applied_through));
+            }
+            (s, _) => s,
+        };
+        self.materialize(seq, &tmp)?;
+        fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
+        sync_dir(dir)?;
+        Ok((dest, seq))
+    }
+
+    /// Deletes copy `name`; whether it existed.
+    pub fn delete_materialized(&self, name: &str) -> Result<bool> {
+        let path = self.materialized_path(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
     /// Writes the image as it was at point `seq` to a new sparse file at `dest`
     /// (a reflink where the filesystem allows). Application waits meanwhile;
     /// reception does not.

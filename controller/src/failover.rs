@@ -1,0 +1,305 @@
+//! Failover requests on a Replica object. So far: Test failover.
+//!
+//! ```text
+//!  spec.failover {id, type: Test, recoveryPoint}      (on the Replica object)
+//!    new id ─▶ the point's time ─▶ per disk, its newest point at or before it
+//!           ─▶ Control.MaterializePoint "<name>-test" per disk ─▶ lastFailover Completed
+//!  request removed ─▶ Control.DeleteMaterialized ─▶ lastFailover Cancelled (cleaned up)
+//! ```
+//! Replication keeps running throughout: materialising holds back applying,
+//! never receiving. `status.lastFailover` is written under its own field
+//! manager, so the replica-site report never overwrites it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::events::{Event, EventType},
+};
+use vmreplica_agent::control::proto::{
+    DeleteMaterializedRequest, GetStatusRequest, MaterializeRequest, ReplicaDisk,
+};
+use vmreplica_crds::{FailoverPhase, FailoverStatus, FailoverType, VMReplication};
+
+use crate::{
+    Error,
+    agents::{Agent, discover},
+    replicas::{REPLICA_OF, replica_name},
+    vmr::{Context, control},
+};
+
+/// The field manager of `status.lastFailover`.
+pub const FAILOVER_MANAGER: &str = "vmreplica-controller-failover";
+
+/// Points of different disks of one cycle are sealed within this of each other.
+const SAME_CYCLE_MS: u64 = 500;
+
+/// The name of the test copy of a VM's disks.
+pub fn test_copy_name(vmr: &VMReplication) -> String {
+    format!("{}-test", vmr.name_any())
+}
+
+/// For each disk, the sequence of its state at the chosen point: the point
+/// `id` (a sequence of the listed disk) or the newest (`latest`). Errors say
+/// what to choose instead.
+pub fn choose_points(disks: &[&ReplicaDisk], id: &str) -> Result<(String, BTreeMap<String, u64>), String> {
+    let listed = disks
+        .iter()
+        .max_by_key(|d| {
+            (d.points.len(), d.points.last().map(|p| p.time_unix_ms), std::cmp::Reverse(d.disk_id.clone()))
+        })
+        .ok_or("the replica has no disks")?;
+    let chosen = if id == "latest" {
+        listed.points.last()
+    } else {
+        let seq: u64 =
+            id.parse().map_err(|_| format!("recovery point {id:?} is not a point id or `latest`"))?;
+        Some(listed.points.iter().find(|p| p.seq == seq).ok_or_else(|| {
+            format!("recovery point {id} is not (or no longer) on the replica: choose one from status.recoveryPoints")
+        })?)
+    };
+    let Some(chosen) = chosen else {
+        // No point yet on any disk: the images as they are (right after the initial copy).
+        return Ok(("latest".into(), disks.iter().map(|d| (d.disk_id.clone(), 0)).collect()));
+    };
+    let mut per_disk = BTreeMap::new();
+    for d in disks {
+        let at = d.points.iter().rev().find(|p| p.time_unix_ms <= chosen.time_unix_ms + SAME_CYCLE_MS);
+        let seq = match (at, d.points.is_empty()) {
+            (Some(p), _) => p.seq,
+            // Never written since its initial copy: its image is that state.
+            (None, true) => 0,
+            (None, false) => {
+                return Err(format!(
+                    "disk {} has no recovery point as old as {}: choose a newer point",
+                    d.disk_id, chosen.seq
+                ));
+            }
+        };
+        per_disk.insert(d.disk_id.clone(), seq);
+    }
+    Ok((chosen.seq.to_string(), per_disk))
+}
+
+/// The replica agent holding this object's VM, and its disks there.
+async fn locate(vmr: &VMReplication, ctx: &Context) -> Result<Option<(Agent, Vec<ReplicaDisk>)>, Error> {
+    let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
+        .await
+        .map_err(Error::Read)?;
+    let name = vmr.name_any();
+    let vm_id = vmr.labels().get(REPLICA_OF).cloned();
+    for agent in agents.iter().filter(|a| a.live && a.capabilities.iter().any(|c| c == "replica")) {
+        if vmr.spec.node.as_ref().is_some_and(|n| *n != agent.node) {
+            continue;
+        }
+        let Ok(status) = control(agent, ctx, async |mut c| {
+            c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner())
+        })
+        .await
+        else {
+            continue;
+        };
+        let disks: Vec<ReplicaDisk> = status
+            .replicas
+            .into_iter()
+            .filter(|d| match &vm_id {
+                Some(id) => d.vm_id == *id,
+                None => replica_name(&d.vm_id) == name,
+            })
+            .collect();
+        if !disks.is_empty() {
+            return Ok(Some((agent.clone(), disks)));
+        }
+    }
+    Ok(None)
+}
+
+async fn write(vmr: &VMReplication, ctx: &Context, last: &FailoverStatus) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+        "status": {"lastFailover": last},
+    });
+    Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default())
+        .patch_status(&vmr.name_any(), &PatchParams::apply(FAILOVER_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(Error::WriteStatus)?;
+    Ok(())
+}
+
+async fn event(ctx: &Context, vmr: &VMReplication, type_: EventType, reason: &str, note: String) {
+    let e =
+        Event { type_, reason: reason.into(), note: Some(note), action: "Failover".into(), secondary: None };
+    if let Err(err) = ctx.recorder.publish(&e, &vmr.object_ref(&())).await {
+        tracing::warn!(error = %err, "publishing an Event");
+    }
+}
+
+async fn delete_copies(vmr: &VMReplication, ctx: &Context) -> Result<Result<(), String>, Error> {
+    let Some((agent, disks)) = locate(vmr, ctx).await? else {
+        return Ok(Err("the replica agent holding this VM is not reachable".into()));
+    };
+    for d in &disks {
+        let req = DeleteMaterializedRequest {
+            vm_id: d.vm_id.clone(),
+            disk_id: d.disk_id.clone(),
+            name: test_copy_name(vmr),
+        };
+        if let Err(why) = control(&agent, ctx, async |mut c| {
+            c.delete_materialized(req.clone()).await.map(|r| r.into_inner())
+        })
+        .await
+        {
+            return Ok(Err(why));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Carries out or cleans up a test failover; true when it acted.
+pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, Error> {
+    let request = vmr.spec.failover.as_ref().filter(|f| f.failover_type == FailoverType::Test);
+    let last = vmr.status.as_ref().and_then(|s| s.last_failover.clone());
+    let now = || Time((ctx.site.now)());
+    // Test copies have one name per VM, so whatever the last test request
+    // left (completed, failed, or interrupted) is found and deleted.
+    let running_test = last
+        .as_ref()
+        .filter(|l| l.failover_type == FailoverType::Test && l.phase != FailoverPhase::Cancelled);
+    match request {
+        // Done already: re-applying the same request changes nothing.
+        Some(f) if last.as_ref().is_some_and(|l| l.id == f.id) => Ok(false),
+        Some(f) => {
+            let started = now();
+            let mut status = FailoverStatus {
+                id: f.id.clone(),
+                failover_type: FailoverType::Test,
+                phase: FailoverPhase::PreparingDisks,
+                recovery_point: None,
+                start_time: Some(started.clone()),
+                end_time: None,
+                data_loss_window_seconds: None,
+                forced: false,
+                message: Some("materialising the recovery point as test disks".into()),
+            };
+            write(vmr, ctx, &status).await?;
+            let outcome = async {
+                let (agent, disks) = locate(vmr, ctx)
+                    .await?
+                    .ok_or_else(|| Error::Agent("no live replica agent holds this VM".into()))?;
+                let refs: Vec<&ReplicaDisk> = disks.iter().collect();
+                let (point, per_disk) = match choose_points(&refs, &f.recovery_point) {
+                    Ok(c) => c,
+                    Err(why) => return Ok(Err(why)),
+                };
+                let mut paths = Vec::new();
+                for d in &disks {
+                    let req = MaterializeRequest {
+                        vm_id: d.vm_id.clone(),
+                        disk_id: d.disk_id.clone(),
+                        seq: per_disk[&d.disk_id],
+                        name: test_copy_name(vmr),
+                    };
+                    match control(&agent, ctx, async |mut c| {
+                        c.materialize_point(req.clone()).await.map(|r| r.into_inner())
+                    })
+                    .await
+                    {
+                        Ok(r) => paths.push(format!("{}={}", d.disk_id, r.path)),
+                        Err(why) => return Ok(Err(format!("disk {}: {why}", d.disk_id))),
+                    }
+                }
+                Ok::<_, Error>(Ok((point, paths)))
+            }
+            .await;
+            match outcome {
+                Ok(Ok((point, paths))) => {
+                    status.phase = FailoverPhase::Completed;
+                    status.recovery_point = Some(point.clone());
+                    status.end_time = Some(now());
+                    status.message = Some(format!(
+                        "test disks at point {point} (replication continues): {}; remove spec.failover to delete them",
+                        paths.join(", ")
+                    ));
+                    write(vmr, ctx, &status).await?;
+                    event(
+                        ctx,
+                        vmr,
+                        EventType::Normal,
+                        "TestFailoverReady",
+                        status.message.clone().unwrap_or_default(),
+                    )
+                    .await;
+                }
+                Ok(Err(why)) => {
+                    status.phase = FailoverPhase::Failed;
+                    status.end_time = Some(now());
+                    status.message = Some(why.clone());
+                    write(vmr, ctx, &status).await?;
+                    event(ctx, vmr, EventType::Warning, "TestFailoverFailed", why).await;
+                }
+                Err(e) => return Err(e),
+            }
+            Ok(true)
+        }
+        None => {
+            let Some(l) = running_test else { return Ok(false) };
+            match delete_copies(vmr, ctx).await? {
+                Ok(()) => {
+                    let mut done = l.clone();
+                    done.phase = FailoverPhase::Cancelled;
+                    done.message = Some("test failover stopped: its test disks were deleted".into());
+                    write(vmr, ctx, &done).await?;
+                    event(
+                        ctx,
+                        vmr,
+                        EventType::Normal,
+                        "TestFailoverCleanedUp",
+                        done.message.clone().unwrap_or_default(),
+                    )
+                    .await;
+                    Ok(true)
+                }
+                Err(why) => Err(Error::Agent(format!("deleting the test disks: {why}"))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vmreplica_agent::control::proto::RecoveryPoint as Point;
+
+    use super::*;
+
+    fn disk(name: &str, points: &[(u64, u64)]) -> ReplicaDisk {
+        ReplicaDisk {
+            vm_id: "a.db".into(),
+            disk_id: name.into(),
+            points: points
+                .iter()
+                .map(|&(seq, t)| Point { seq, time_unix_ms: t, kind: "Standard".into() })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_disk_goes_to_its_state_at_the_chosen_cycle() {
+        // root written in cycles at t=1000, 2000, 3000; data at 2000 (sealed 3 ms later) only.
+        let root = disk("root", &[(5, 1000), (9, 2000), (12, 3000)]);
+        let data = disk("data", &[(4, 2003)]);
+        let fresh = disk("logs", &[]);
+        let (point, per) = choose_points(&[&root, &data, &fresh], "latest").unwrap();
+        assert_eq!(point, "12");
+        assert_eq!((per["root"], per["data"], per["logs"]), (12, 4, 0));
+        let (_, per) = choose_points(&[&root, &data, &fresh], "9").unwrap();
+        assert_eq!((per["root"], per["data"]), (9, 4), "the same cycle, sealed a little later");
+        let err = choose_points(&[&root, &data], "5").unwrap_err();
+        assert!(err.contains("disk data has no recovery point as old as 5"), "{err}");
+        let err = choose_points(&[&root], "7").unwrap_err();
+        assert!(err.contains("not (or no longer) on the replica"), "{err}");
+        assert!(choose_points(&[&root], "yesterday").unwrap_err().contains("not a point id"));
+    }
+}
