@@ -3,8 +3,10 @@
 # examples applied; the controller configures site B's agent from a
 # ReplicationServer and an AuthorizationEntry; a VMReplication makes site A's
 # agent serve a disk over NBD and replicate every write to site B over mutual
-# TLS; `kubectl get vmr` follows it to Replicating; site B's replica ends up
-# equal to site A's disk, with a recovery point per replication cycle.
+# TLS; `kubectl get vmr` follows it to Replicating; site B's controller creates
+# the Replica object; site B's replica ends up equal to site A's disk, with a
+# recovery point per replication cycle; a test failover at site B materialises
+# a point as test disks while replication goes on, and is cleaned up.
 #   hack/local-up.sh          show it and tear everything down
 #   hack/local-up.sh --keep   keep it running; prints a KUBECONFIG to use; Ctrl-C ends it
 set -euo pipefail
@@ -46,6 +48,8 @@ spec:
   replicationFrequencySeconds: 0
   disks: [{name: root, path: /var/lib/vm/../../etc/shadow}]
 YAML
+kubectl delete -n finance -f examples/ >/dev/null
+say "(examples removed again: the live objects below are the demo's own)"
 agent="$target/debug/vmreplica-agent"
 "$target/debug/vmreplica-devcerts" "$run/certs" replica=replica.site-b.example.com,127.0.0.1 \
   primary=host1.site-a.example.com,127.0.0.1 controller=vmreplica-controller
@@ -56,8 +60,9 @@ wait_ready() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return; 
 
 say "the controller starts; site B's replica agent announces itself with a Lease and waits for its rules"
 kubectl create namespace vmreplica-system >/dev/null
+kubectl create namespace site-b >/dev/null
 "$target/debug/vmreplica-controller" --namespace vmreplica-system --tls-dir "$run/certs/controller" --metrics 127.0.0.1:0 \
-  --poll-seconds 2 --watch-namespace site-a 2>"$run/controller.log" &
+  --poll-seconds 2 2>"$run/controller.log" &
 controller_pid=$!
 ctl_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$agent" receive --listen "127.0.0.1:$port" --tls-dir "$run/certs/replica" --control-listen "127.0.0.1:$ctl_port" \
@@ -83,7 +88,7 @@ spec:
   allowedPrimaryServer: "*.site-a.example.com"
   replicaStorageLocation: $run/site-b
   trustGroup: finance
-  replicaNamespace: finance
+  replicaNamespace: site-b
 YAML
 for _ in $(seq 100); do
   [ "$(kubectl get rsrv local-site-b -o jsonpath='{.status.agentsSummary}')" = 1/1 ] && break; sleep 0.2
@@ -139,6 +144,36 @@ for p in s["points"]:
     t = datetime.datetime.fromtimestamp(p["timeMs"] / 1000, datetime.timezone.utc).strftime("%H:%M:%S")
     print(f"  point at sequence {p['seq']:>3}  sealed {t}  {p['kind']}")
 PY
+say "site B's controller created the Replica object, with its recovery points: kubectl get vmr -A"
+for _ in $(seq 100); do
+  [ -n "$(kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.recoveryPoints[0].id}' 2>/dev/null)" ] && break; sleep 0.2
+done
+kubectl get vmr -A
+kubectl get vmr -n site-b ledger-db -o jsonpath='{range .status.recoveryPoints[*]}  point {.id}  {.time}  {.kind}{"\n"}{end}'
+
+say "a test failover at site B (spec.failover type Test): the newest point as test disks"
+kubectl patch vmr -n site-b ledger-db --type merge -p '{"spec":{"failover":{"id":"drill-1","type":"Test"}}}' >/dev/null
+for _ in $(seq 150); do
+  [ "$(kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.phase}')" = Completed ] && break; sleep 0.2
+done
+kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover}' | python3 -m json.tool
+test_disk="$replica/materialized/ledger-db-test.img"
+say "the test disk equals site A's disk; replication goes on: a new write reaches the replica, not the test disk"
+qemu-img compare -f raw -F raw "$test_disk" "$disk"
+qemu-io -f raw -c 'write -P 0xd4 200M 1M' "$url" | grep -v ops
+for _ in $(seq 100); do
+  qemu-img compare -q -f raw -F raw "$replica/disk.img" "$disk" 2>/dev/null && break; sleep 0.2
+done
+qemu-img compare -f raw -F raw "$replica/disk.img" "$disk"
+qemu-img compare -q -f raw -F raw "$test_disk" "$disk" || echo "test disk differs from site A's disk now, as it should"
+say "removing the request stops the test failover and deletes its disks"
+kubectl patch vmr -n site-b ledger-db --type merge -p '{"spec":{"failover":null}}' >/dev/null
+for _ in $(seq 100); do
+  [ "$(kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.phase}')" = Cancelled ] && break; sleep 0.2
+done
+kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.phase}: {.status.lastFailover.message}{"\n"}'
+[ -e "$test_disk" ] && echo "test disk still there?!" || echo "test disk deleted"
+
 say "its status as an operator sees it: kubectl describe vmr -n site-a ledger-db (events at the end)"
 kubectl describe vmr -n site-a ledger-db | sed -n '/^Status:/,$p'
 kill "$agent_pid" "$replica_pid" "$controller_pid"; wait "$agent_pid" "$replica_pid" "$controller_pid" 2>/dev/null || true
