@@ -181,9 +181,14 @@ impl Node {
         name: &str,
     ) -> Result<Vec<Arc<Shipper>>, String> {
         let ch = channel(addr, name, &self.cfg.tls).map_err(|e| format!("replica server {addr}: {e}"))?;
+        let history = crate::replication::proto::RecoveryHistory {
+            window_seconds: spec.history_window_seconds,
+            hourly_points: spec.history_hourly_points,
+        };
         let cfg = ShipperConfig {
             compression: spec.compression,
             backoff: self.cfg.backoff.clone(),
+            history: Some(history),
             ..Default::default()
         };
         Ok(disks
@@ -290,8 +295,10 @@ impl Node {
                         .into(),
                 );
             }
-            let rebuild =
-                m.spec.replica_address != spec.replica_address || m.spec.compression != spec.compression;
+            let rebuild = m.spec.replica_address != spec.replica_address
+                || m.spec.compression != spec.compression
+                || m.spec.history_window_seconds != spec.history_window_seconds
+                || m.spec.history_hourly_points != spec.history_hourly_points;
             let new_shippers = if rebuild {
                 match self.shippers(&spec, &m.disks, &addr, &server_name) {
                     Ok(s) => Some(s),

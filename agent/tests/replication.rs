@@ -114,7 +114,7 @@ fn files_under(dir: &std::path::Path) -> usize {
 async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
     let site = replica_site().await;
     let root = site.storage.path().join("replicas");
-    let open = |vm: &str| OpenRequest { disk: disk(vm), disk_size: 8 * MIB, epoch: 0 };
+    let open = |vm: &str| OpenRequest { disk: disk(vm), disk_size: 8 * MIB, epoch: 0, history: None };
 
     // Not authorised: no entry matches site-c.
     let stranger = material(&site.ca, &["host1.site-c.example.com"]);
@@ -240,7 +240,7 @@ async fn statistics_are_exported_as_prometheus_metrics() {
     applied(&site, seg.last_seq).await;
     // A refused request counts by its code.
     let stranger = material(&site.ca, &["x.site-c.example.com"]);
-    let open = OpenRequest { disk: disk("vm1"), disk_size: 32 * MIB, epoch: 0 };
+    let open = OpenRequest { disk: disk("vm1"), disk_size: 32 * MIB, epoch: 0, history: None };
     client(&site, &stranger).await.open(open).await.unwrap_err();
 
     let body = http_get(addr, "/metrics").await;
@@ -422,4 +422,61 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
     stranger.ca_pem = site.ca.cert_pem.clone();
     let ch = channel(&addr.to_string(), "agent.site-b.example.com", &stranger).unwrap();
     assert!(ControlClient::new(ch).get_status(GetStatusRequest {}).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vms_own_recovery_history_overrides_the_sites() {
+    let site = replica_site().await;
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    // Two VMs on the site's default (every point within an hour) and one that
+    // asks for the newest point only (window 0, no hourly points).
+    let keep_all =
+        tokio::task::spawn_blocking(|| serve_new_image_for("vm-all", 8 * MIB, &[1; 4096])).await.unwrap();
+    let latest =
+        tokio::task::spawn_blocking(|| serve_new_image_for("vm-latest", 8 * MIB, &[1; 4096])).await.unwrap();
+    let history =
+        vmreplica_agent::replication::proto::RecoveryHistory { window_seconds: 0, hourly_points: 0 };
+    let ships = [
+        shipper_for("vm-all", &site, &tls, keep_all.disk.clone(), fast(), None),
+        shipper_for(
+            "vm-latest",
+            &site,
+            &tls,
+            latest.disk.clone(),
+            ShipperConfig { history: Some(history), ..fast() },
+            None,
+        ),
+    ];
+    for ship in &ships {
+        ship.sync_once().await.unwrap();
+    }
+    for round in 0..3u64 {
+        for (p, ship) in [&keep_all, &latest].into_iter().zip(&ships) {
+            let url = p.url();
+            let cmd = vec![format!("write -P {} {} 4096", round + 2, round * 65536)];
+            tokio::task::spawn_blocking(move || qemu_io(&url, &cmd)).await.unwrap();
+            p.disk.seal().unwrap().unwrap();
+            ship.sync_once().await.unwrap();
+        }
+    }
+    let points = |vm: &str| site.service.replica(vm, "root").unwrap().points();
+    let seq_latest = latest.disk.log_status().next_seq - 1;
+    let newest = |vm: &str| points(vm).last().map(|p| p.seq);
+    let seq_all = keep_all.disk.log_status().next_seq - 1;
+    wait_until(|| newest("vm-latest") == Some(seq_latest) && newest("vm-all") == Some(seq_all)).await;
+    assert_eq!(points("vm-all").len(), 3, "the site's default keeps every point of the hour");
+    assert_eq!(points("vm-latest").len(), 1, "{:?}", points("vm-latest"));
+    assert_eq!(points("vm-latest")[0].seq, seq_latest, "only the newest point is kept");
+    let state = site.service.replica("vm-latest", "root").unwrap().state().clone();
+    assert_eq!(state.history, Some(vmreplica_agent::replica::retention::Policy { window_ms: 0, hourly: 0 }));
+}
+
+async fn wait_until(mut f: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("condition not reached in 10 s");
 }

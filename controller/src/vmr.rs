@@ -162,6 +162,8 @@ pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
         freeze_command: quiesce.map(|q| q.freeze_command.clone()).unwrap_or_default(),
         thaw_command: quiesce.map(|q| q.thaw_command.clone()).unwrap_or_default(),
         guest_agent_socket: quiesce.and_then(|q| q.guest_agent_socket.clone()).unwrap_or_default(),
+        history_window_seconds: u64::from(history.continuous_window_seconds),
+        history_hourly_points: history.hourly_recovery_points,
     })
 }
 

@@ -30,6 +30,7 @@ async fn open(addr: &str, tls: &TlsMaterial) -> Result<(), tonic::Status> {
         disk: Some(DiskRef { vm_id: "vm1".into(), disk_id: "root".into() }),
         disk_size: 1 << 20,
         epoch: 0,
+        history: None,
     };
     ReplicationClient::new(ch).open(req).await.map(|_| ())
 }

@@ -129,6 +129,10 @@ pub struct ReplicaState {
     /// A primary that opens it again starts over with an initial copy.
     #[serde(default)]
     pub removed: bool,
+    /// The VM's own recovery history, as its primary last sent it; `None`:
+    /// the site's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<super::retention::Policy>,
 }
 
 /// Counters of applied segments (kept in `replica.json`).
@@ -253,6 +257,14 @@ impl ReplicaDisk {
         store_state(&self.dir, &next)?;
         *s = next;
         Ok(())
+    }
+
+    /// Records the recovery history the primary asks for (`None`: the site's).
+    pub fn set_history(&self, history: Option<super::retention::Policy>) -> Result<()> {
+        if self.state().history == history {
+            return Ok(());
+        }
+        self.update(|s| s.history = history)
     }
 
     /// Records a contact from the primary (an Open).

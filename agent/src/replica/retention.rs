@@ -8,7 +8,8 @@ use super::disk::{Point, PointKind};
 const HOUR_MS: u64 = 3_600_000;
 
 /// The replica side's recovery history settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Policy {
     /// Every point newer than this is kept (default one hour).
     pub window_ms: u64,

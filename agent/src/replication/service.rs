@@ -145,7 +145,8 @@ impl ReplicaService {
 
     fn apply_and_retain(&self, replica: &ReplicaDisk) -> Result<(), ReplicaError> {
         replica.apply_pending()?;
-        let policy = *self.retention.read().unwrap_or_else(|p| p.into_inner());
+        let site = *self.retention.read().unwrap_or_else(|p| p.into_inner());
+        let policy = replica.state().history.unwrap_or(site);
         replica.apply_retention(&policy, crate::replica::disk::now_ms())?;
         if let Some(m) = self.metrics() {
             let s = replica.state();
@@ -349,6 +350,11 @@ impl ReplicaService {
             replica.restart_after_removal().map_err(status)?;
         }
         replica.touch();
+        let history = r.history.map(|h| Policy {
+            window_ms: h.window_seconds.min(86_400) * 1000,
+            hourly: h.hourly_points.min(168),
+        });
+        replica.set_history(history).map_err(status)?;
         let s = replica.state().clone();
         if s.disk_size != r.disk_size {
             return Err(Status::failed_precondition(format!(

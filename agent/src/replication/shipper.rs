@@ -102,6 +102,8 @@ pub struct ShipperConfig {
     pub chunk_size: usize,
     /// Waits between failed attempts; the last repeats.
     pub backoff: Vec<Duration>,
+    /// The VM's recovery history for the replica; `None`: the replica site's.
+    pub history: Option<super::proto::RecoveryHistory>,
 }
 
 impl Default for ShipperConfig {
@@ -111,6 +113,7 @@ impl Default for ShipperConfig {
             compression: true,
             chunk_size: 1 << 20,
             backoff: vec![min(1), min(2), min(4), min(8), min(30)],
+            history: None,
         }
     }
 }
@@ -246,8 +249,12 @@ impl Shipper {
 
     async fn sync_inner(&self) -> Result<u64, ShipError> {
         let mut client = self.client.clone();
-        let open =
-            OpenRequest { disk: Some(self.disk_ref()), disk_size: self.disk.size(), epoch: self.epoch };
+        let open = OpenRequest {
+            disk: Some(self.disk_ref()),
+            disk_size: self.disk.size(),
+            epoch: self.epoch,
+            history: self.cfg.history,
+        };
         let reply = client.open(open).await?.into_inner();
         let mut next = reply.next_seq;
         if reply.needs_initial_copy {

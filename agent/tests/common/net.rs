@@ -82,15 +82,20 @@ pub fn shipper(
     cfg: ShipperConfig,
     limit: Option<u64>,
 ) -> Shipper {
+    shipper_for("vm1", site, tls, disk, cfg, limit)
+}
+
+/// [`shipper`] for VM `vm`.
+pub fn shipper_for(
+    vm: &str,
+    site: &Site,
+    tls: &TlsMaterial,
+    disk: Arc<ProtectedDisk>,
+    cfg: ShipperConfig,
+    limit: Option<u64>,
+) -> Shipper {
     let ch = channel(&site.addr.to_string(), REPLICA_NAME, tls).unwrap();
-    Shipper::new(
-        "vm1",
-        disk,
-        ch,
-        cfg,
-        limit.map(|l| Arc::new(RateLimiter::new(l))),
-        Arc::new(Semaphore::new(6)),
-    )
+    Shipper::new(vm, disk, ch, cfg, limit.map(|l| Arc::new(RateLimiter::new(l))), Arc::new(Semaphore::new(6)))
 }
 
 /// Waits until the replica has applied everything through `seq`.
