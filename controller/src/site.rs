@@ -168,9 +168,17 @@ async fn reconcile_inner(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Resul
             .await
             .map_err(Error::WriteStatus)?;
     }
-    report_entries(&ctx, &entries.items).await?;
     // Agents come and go without an event on this object: look again soon.
     Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// Reconciles one AuthorizationEntry's status, recording it in the metrics.
+#[tracing::instrument(skip_all, fields(name = %entry.name_any()))]
+pub async fn reconcile_entry(entry: Arc<AuthorizationEntry>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = report_entries(&ctx, std::slice::from_ref(entry.as_ref())).await;
+    ctx.metrics.observe("AuthorizationEntry", started, result.as_ref().err().map(Error::class));
+    result.map(|()| Action::await_change())
 }
 
 /// An entry is enforced where every ReplicationServer's agents accepted the
@@ -236,23 +244,55 @@ fn error_policy(_rs: Arc<ReplicationServer>, e: &Error, _ctx: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(5))
 }
 
-/// Runs the ReplicationServer controller until `shutdown` completes. Any
-/// AuthorizationEntry change reconciles every ReplicationServer.
+/// Runs the ReplicationServer and AuthorizationEntry controllers until
+/// `shutdown` completes. Any entry change reconciles every server (their
+/// configuration holds all entries); any server change (its status says which
+/// agents accepted) reconciles every entry.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let servers = Api::<ReplicationServer>::all(ctx.client.clone());
     let entries = Api::<AuthorizationEntry>::all(ctx.client.clone());
-    let controller = Controller::new(servers, watcher::Config::default());
-    let store = controller.store();
-    controller
-        .watches(entries, watcher::Config::default(), move |_entry| {
-            store.state().iter().map(|rs| ObjectRef::from_obj(rs.as_ref())).collect::<Vec<_>>()
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let on_stop = || {
+        let mut s = stopped.clone();
+        async move {
+            let _ = s.changed().await;
+        }
+    };
+    let server_controller = Controller::new(servers.clone(), watcher::Config::default());
+    let server_store = server_controller.store();
+    let servers_run = server_controller
+        .watches(entries.clone(), watcher::Config::default(), move |_entry| {
+            server_store.state().iter().map(|rs| ObjectRef::from_obj(rs.as_ref())).collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "controller event");
-            }
+        .graceful_shutdown_on(on_stop())
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(log_result);
+    let entry_controller = Controller::new(entries, watcher::Config::default());
+    let entry_store = entry_controller.store();
+    let entries_run = entry_controller
+        .watches(servers, watcher::Config::default(), move |_rs| {
+            entry_store.state().iter().map(|e| ObjectRef::from_obj(e.as_ref())).collect::<Vec<_>>()
         })
-        .await;
+        .graceful_shutdown_on(on_stop())
+        .run(reconcile_entry, entry_error_policy, ctx)
+        .for_each(log_result);
+    let both = futures::future::join(servers_run, entries_run);
+    tokio::pin!(both);
+    tokio::select! {
+        _ = &mut both => return,
+        _ = shutdown => {}
+    }
+    let _ = stop.send(true);
+    both.await;
+}
+
+async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) {
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "controller event");
+    }
+}
+
+fn entry_error_policy(_e: Arc<AuthorizationEntry>, e: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(error = %e, "reconciling an AuthorizationEntry failed");
+    Action::requeue(Duration::from_secs(5))
 }
