@@ -16,8 +16,8 @@ pub mod proto {
 
 use proto::{
     AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply,
-    GetStatusRequest, MaterializeReply, MaterializeRequest, PrimaryDisk, RecoveryPoint, RemoveReply,
-    RemoveRequest, ReplicaDisk, SiteConfiguration, VmReplicationSpec, control_server::Control,
+    GetStatusRequest, MaterializeReply, MaterializeRequest, PrimaryDisk, RecoveryPoint, RemoveReplicaRequest,
+    RemoveReply, RemoveRequest, ReplicaDisk, SiteConfiguration, VmReplicationSpec, control_server::Control,
 };
 
 use crate::replication::authz::{Entry, SiteConfig};
@@ -164,6 +164,7 @@ impl ControlService {
                             max_segment_bytes: s.stats.max_segment_bytes,
                             last_applied_sealed_unix_ms: s.stats.last_sealed_unix_ms,
                             last_contact_unix_ms: r.last_contact_ms(),
+                            removed_at_replica: s.removed_at_replica,
                             received_through: s.received_through,
                             applied_through: s.applied_through,
                             points: s
@@ -249,6 +250,19 @@ impl Control for Arc<ControlService> {
         let replica = self.replica_for(&r.vm_id, &r.disk_id, &r.name)?;
         let deleted = replica.delete_materialized(&r.name).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(DeleteMaterializedReply { deleted }))
+    }
+
+    async fn remove_replica(
+        &self,
+        req: Request<RemoveReplicaRequest>,
+    ) -> Result<Response<RemoveReply>, Status> {
+        let r = req.into_inner();
+        let Some(replica) = self.replicas.as_ref().and_then(|svc| svc.replica(&r.vm_id, &r.disk_id)) else {
+            return Ok(Response::new(RemoveReply { removed: false }));
+        };
+        replica.mark_removed_at_replica().map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(vm = %r.vm_id, disk = %r.disk_id, "replication removed at the replica site; the disk stays");
+        Ok(Response::new(RemoveReply { removed: true }))
     }
 
     async fn remove_replication(&self, req: Request<RemoveRequest>) -> Result<Response<RemoveReply>, Status> {

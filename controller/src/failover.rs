@@ -84,7 +84,10 @@ pub fn choose_points(disks: &[&ReplicaDisk], id: &str) -> Result<(String, BTreeM
 }
 
 /// The replica agent holding this object's VM, and its disks there.
-async fn locate(vmr: &VMReplication, ctx: &Context) -> Result<Option<(Agent, Vec<ReplicaDisk>)>, Error> {
+pub(crate) async fn locate(
+    vmr: &VMReplication,
+    ctx: &Context,
+) -> Result<Option<(Agent, Vec<ReplicaDisk>)>, Error> {
     let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
         .await
         .map_err(Error::Read)?;
@@ -136,7 +139,7 @@ async fn event(ctx: &Context, vmr: &VMReplication, type_: EventType, reason: &st
     }
 }
 
-async fn delete_copies(vmr: &VMReplication, ctx: &Context) -> Result<Result<(), String>, Error> {
+pub(crate) async fn delete_copies(vmr: &VMReplication, ctx: &Context) -> Result<Result<(), String>, Error> {
     let Some((agent, disks)) = locate(vmr, ctx).await? else {
         return Ok(Err("the replica agent holding this VM is not reachable".into()));
     };

@@ -247,11 +247,14 @@ pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
     v
 }
 
-/// A failure the primary cannot retry its way out of: the replica site refused it.
+/// A failure the primary cannot retry its way out of: the replica site refused
+/// it (not authorised, a bad request, or replication removed over there).
 fn refused_by_replica(v: &VmView) -> Option<&str> {
     v.failure
         .as_ref()
-        .filter(|(code, _)| code == "PermissionDenied" || code == "InvalidArgument")
+        .filter(|(code, _)| {
+            matches!(code.as_str(), "PermissionDenied" | "InvalidArgument" | "FailedPrecondition")
+        })
         .map(|(_, m)| m.as_str())
 }
 
@@ -789,7 +792,7 @@ async fn cleanup(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, E
     ctx.samples.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
     ctx.written.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
     if vmr.spec.role != Role::Primary {
-        return Ok(Action::await_change());
+        return remove_replica(&vmr, &ctx).await;
     }
     let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
         .await
@@ -817,6 +820,28 @@ async fn cleanup(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, E
     control(agent, &ctx, async |mut c| c.remove_replication(req.clone()).await.map(|r| r.into_inner()))
         .await
         .map_err(|message| Error::Remove { node: agent.node.clone(), message })?;
+    Ok(Action::await_change())
+}
+
+/// A Replica object goes: its test disks are deleted and the replica agent
+/// stops accepting the primary (the disks and points stay). With no agent
+/// holding the VM (already gone), there is nothing to remove.
+async fn remove_replica(vmr: &VMReplication, ctx: &Context) -> Result<Action, Error> {
+    let Some((agent, disks)) = crate::failover::locate(vmr, ctx).await? else {
+        return Ok(Action::await_change());
+    };
+    if let Err(why) = crate::failover::delete_copies(vmr, ctx).await? {
+        return Err(Error::Agent(format!("deleting test disks: {why}")));
+    }
+    for d in &disks {
+        let req = vmreplica_agent::control::proto::RemoveReplicaRequest {
+            vm_id: d.vm_id.clone(),
+            disk_id: d.disk_id.clone(),
+        };
+        control(&agent, ctx, async |mut c| c.remove_replica(req.clone()).await.map(|r| r.into_inner()))
+            .await
+            .map_err(|message| Error::Remove { node: agent.node.clone(), message })?;
+    }
     Ok(Action::await_change())
 }
 

@@ -297,6 +297,24 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     assert_eq!(adopted.metadata.generation, declared.metadata.generation);
     assert!(adopted.labels().get(replicas::REPLICA_OF).is_none(), "adopted, not created");
 
+    // Deleting the Replica object at B removes replication there: the object
+    // is not recreated, A is refused and says why, B's disk stays.
+    let orders_image = adopted.spec.disks[0].path.clone();
+    let orders_dir = storage.join(format!("{a_ns}.orders")).join("root");
+    b_vmrs.delete("orders", &DeleteParams::default()).await.unwrap();
+    wait_secs(30, "B's orders to go", async || {
+        b_vmrs.get_opt("orders").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let refused =
+        wait_secs(30, "A to be refused", async || state_is(&a_vmrs, "orders", ReplicationState::Error).await)
+            .await;
+    let ready = refused.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains("removed at the replica site"), "{ready:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(b_vmrs.get_opt("orders").await.unwrap().is_none(), "not recreated");
+    assert!(orders_dir.join("disk.img").exists(), "B's disk stays ({orders_image} was the declared path)");
+
     // Deleting at A removes replication on both sides; B's disk stays.
     a_vmrs.delete(ledger, &DeleteParams::default()).await.unwrap();
     wait_secs(30, "A's object to go", async || a_vmrs.get_opt(ledger).await.unwrap().is_none().then_some(()))
@@ -309,6 +327,4 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Removed"));
     assert!(Path::new(&image).exists(), "the replica's disk stays");
     qemu_io(&image, "read -P 0x4d 2M 64k").expect("with its data");
-    // The other VM is untouched.
-    assert!(state_is(&b_vmrs, "orders", ReplicationState::Replicating).await.is_some());
 }

@@ -129,6 +129,10 @@ pub struct ReplicaState {
     /// A primary that opens it again starts over with an initial copy.
     #[serde(default)]
     pub removed: bool,
+    /// Removed at the replica site (its Replica object was deleted): the
+    /// primary is refused until it removes replication too and enables it again.
+    #[serde(default)]
+    pub removed_at_replica: bool,
     /// The VM's own recovery history, as its primary last sent it; `None`:
     /// the site's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -280,7 +284,18 @@ impl ReplicaDisk {
 
     /// Records that the primary removed replication (the disk stays).
     pub fn mark_removed(&self) -> Result<()> {
-        self.update(|s| s.removed = true)
+        self.update(|s| {
+            s.removed = true;
+            s.removed_at_replica = false;
+        })
+    }
+
+    /// Records that the replica site removed replication (the disk stays).
+    pub fn mark_removed_at_replica(&self) -> Result<()> {
+        self.update(|s| {
+            s.removed = true;
+            s.removed_at_replica = true;
+        })
     }
 
     /// A primary opens a removed replica again: it starts over with an

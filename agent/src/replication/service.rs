@@ -345,6 +345,13 @@ impl ReplicaService {
                 })?
             }
         };
+        if replica.state().removed_at_replica {
+            return Err(Status::failed_precondition(format!(
+                "replication of {}/{} was removed at the replica site (its Replica object was deleted); \
+                 to replicate again, delete the primary's VMReplication and create it again",
+                d.vm_id, d.disk_id
+            )));
+        }
         if replica.state().removed {
             tracing::info!("replication was removed before: starting over with an initial copy");
             replica.restart_after_removal().map_err(status)?;
