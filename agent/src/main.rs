@@ -99,6 +99,10 @@ struct Serve {
     /// A directory whose images the controller may ask this agent to serve. Repeatable.
     #[arg(long = "disk-root", default_value = "/var/lib/vmreplica/disks")]
     disk_roots: Vec<PathBuf>,
+    /// Also receive replication on this address (mutual TLS), with the rules
+    /// the controller pushes: one agent per node in both roles.
+    #[arg(long, requires = "control_listen")]
+    listen: Option<SocketAddr>,
     /// Let VMReplications name freeze/thaw commands, run here as the agent.
     /// Off by default: whoever may create a VMReplication could run them.
     #[arg(long)]
@@ -320,6 +324,8 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
         bandwidth: s.bandwidth_limit,
         max_transfers: s.max_transfers,
         allow_quiesce_commands: s.allow_quiesce_commands,
+        receive: s.listen,
+        receive_retention: Policy::default(),
         socket: s.socket,
         tcp: s.tcp,
         interval: s.interval.map(|x| Duration::from_secs(x.max(1))),

@@ -61,6 +61,10 @@ pub struct ServeOptions {
     pub max_transfers: usize,
     /// VMReplications may name freeze/thaw commands to run on this node.
     pub allow_quiesce_commands: bool,
+    /// Also receive replication here (one agent per node serves both roles:
+    /// what reverse replication needs). Its rules come from the controller.
+    pub receive: Option<SocketAddr>,
+    pub receive_retention: Policy,
 }
 
 /// How an agent announces itself in the cluster (see [`crate::lease`]).
@@ -244,12 +248,40 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         }
         (None, None) => {}
     }
+    if let Some(listen) = opts.receive {
+        let tls = opts.tls.clone().ok_or("--listen needs --tls-dir")?;
+        // Nobody is accepted until the controller pushes the site's rules.
+        let site = SiteConfig {
+            allow_any_server: false,
+            default_storage: None,
+            default_trust_group: "default".into(),
+            entries: Vec::new(),
+        };
+        let service = ReplicaService::new(site, opts.max_transfers);
+        service.set_retention(opts.receive_retention);
+        service.set_metrics(metrics.clone());
+        let s = service.clone();
+        let recovered =
+            tokio::task::spawn_blocking(move || s.recover_all()).await.map_err(|e| e.to_string())?;
+        tracing::info!(replicas = recovered.map_err(|e| e.to_string())?, "replicas recovered");
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "receiving replication");
+        control.replicas = Some(service.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_replication(service, listener, &tls, terminated()).await {
+                tracing::error!(error = %e, "replication server failed");
+            }
+        });
+    }
     if let Some(addr) = opts.control {
         let tls = opts.tls.clone().ok_or("--control-listen needs --tls-dir")?;
         spawn_control(control, addr, tls).await?;
     }
     if let Some(a) = &opts.announce {
-        tasks.push(announce(a, "primary", opts.control, None, stopped.clone()).await?);
+        let capability = if opts.receive.is_some() { "primary,replica" } else { "primary" };
+        tasks.push(announce(a, capability, opts.control, opts.receive, stopped.clone()).await?);
     }
     println!("ready");
     terminated().await;

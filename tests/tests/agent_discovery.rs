@@ -88,3 +88,59 @@ async fn agents_are_found_by_their_leases_and_their_liveness_follows_renewal() {
     }
     assert!(gone, "the Lease is deleted on a clean stop");
 }
+
+/// One agent per node in both roles: it protects VMs and receives
+/// replication, announces both, and takes the site's rules from the controller.
+#[tokio::test]
+async fn one_agent_serves_both_roles() {
+    use vmreplica_agent::control::proto::{
+        AuthorizationRule, SiteConfiguration, control_client::ControlClient,
+    };
+    let client = client().await;
+    let ns = test_namespace(&client, "both-roles").await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("both-ca").unwrap();
+    let leaf = ca.leaf("agent", &["127.0.0.1"]).unwrap();
+    fs::write(dir.path().join("tls.crt"), leaf.cert_pem).unwrap();
+    fs::write(dir.path().join("tls.key"), leaf.key_pem).unwrap();
+    fs::write(dir.path().join("ca.crt"), &ca.cert_pem).unwrap();
+    let (repl, ctl) = (free_port(), free_port());
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.args([
+        "serve",
+        "--control-listen",
+        &format!("127.0.0.1:{ctl}"),
+        "--listen",
+        &format!("127.0.0.1:{repl}"),
+    ])
+    .arg("--tls-dir")
+    .arg(dir.path())
+    .arg("--socket")
+    .arg(dir.path().join("nbd.sock"))
+    .args(["--lease-namespace", &ns, "--node", "node-x", "--advertise-host", "127.0.0.1", "--kubeconfig"])
+    .arg(shared_kubeconfig());
+    let _agent = Process::spawn_ready(cmd, &dir.path().join("agent.log"));
+    let found = discover(&client, &ns, Timestamp::now()).await.unwrap();
+    assert_eq!(found[0].capabilities, vec!["primary".to_owned(), "replica".to_owned()]);
+    assert_eq!(found[0].replication_endpoint.as_deref(), Some(format!("127.0.0.1:{repl}").as_str()));
+    // The site's rules reach its replica half.
+    let l = ca.leaf("vmreplica-controller", &["vmreplica-controller"]).unwrap();
+    let tls = vmreplica_agent::replication::tls::TlsMaterial {
+        cert_pem: l.cert_pem,
+        key_pem: l.key_pem,
+        ca_pem: ca.cert_pem.clone(),
+    };
+    let ch = vmreplica_agent::replication::shipper::channel(&format!("127.0.0.1:{ctl}"), "127.0.0.1", &tls)
+        .unwrap();
+    let cfg = SiteConfiguration {
+        rules: vec![AuthorizationRule {
+            name: "a".into(),
+            allowed_primary_server: "*.site-a.example.com".into(),
+            storage: dir.path().join("replicas").display().to_string(),
+            trust_group: "g".into(),
+        }],
+        ..Default::default()
+    };
+    let reply = ControlClient::new(ch).configure_site(cfg).await.unwrap().into_inner();
+    assert!(reply.accepted, "{reply:?}");
+}
