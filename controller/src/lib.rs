@@ -10,6 +10,7 @@ pub mod conditions;
 pub mod failover;
 pub mod leader;
 pub mod plan;
+pub mod power;
 pub mod preflight;
 pub mod replicas;
 pub mod site;
