@@ -15,9 +15,10 @@ pub mod proto {
 }
 
 use proto::{
-    AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply,
-    GetStatusRequest, MaterializeReply, MaterializeRequest, PrimaryDisk, RecoveryPoint, RemoveReplicaRequest,
-    RemoveReply, RemoveRequest, ReplicaDisk, SiteConfiguration, VmReplicationSpec, control_server::Control,
+    AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply, FinalDisk,
+    GetStatusRequest, MaterializeReply, MaterializeRequest, PrepareReply, PrimaryDisk, RecoveryPoint,
+    RemoveReplicaRequest, RemoveReply, RemoveRequest, ReplicaDisk, SiteConfiguration, VmReplicationSpec,
+    control_server::Control,
 };
 
 use crate::replication::authz::{Entry, SiteConfig};
@@ -250,6 +251,31 @@ impl Control for Arc<ControlService> {
         let replica = self.replica_for(&r.vm_id, &r.disk_id, &r.name)?;
         let deleted = replica.delete_materialized(&r.name).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(DeleteMaterializedReply { deleted }))
+    }
+
+    async fn prepare_failover(&self, req: Request<RemoveRequest>) -> Result<Response<PrepareReply>, Status> {
+        let r = req.into_inner();
+        let Some(node) = &self.node else {
+            return Err(Status::failed_precondition("this agent does not protect VMs"));
+        };
+        Ok(Response::new(match node.prepare_failover(&r.vm_id, &r.uid).await {
+            Ok(disks) => {
+                let synced = disks.iter().all(|(_, last, durable)| durable >= last);
+                PrepareReply {
+                    synced,
+                    message: String::new(),
+                    disks: disks
+                        .into_iter()
+                        .map(|(disk_id, last_seq, durable_through)| FinalDisk {
+                            disk_id,
+                            last_seq,
+                            durable_through,
+                        })
+                        .collect(),
+                }
+            }
+            Err(message) => PrepareReply { synced: false, message, disks: Vec::new() },
+        }))
     }
 
     async fn remove_replica(

@@ -39,6 +39,8 @@ pub enum DiskError {
     Journal(#[from] JournalError),
     #[error("{what} [{offset}, +{len}) is outside the {size}-byte disk")]
     OutOfRange { what: &'static str, offset: u64, len: u64, size: u64 },
+    #[error("disk {0} is read-only: it is being failed over")]
+    ReadOnly(String),
 }
 
 type Result<T, E = DiskError> = std::result::Result<T, E>;
@@ -57,6 +59,8 @@ pub struct ProtectedDisk {
     image: File,
     size: u64,
     journal: Mutex<Journal>,
+    /// Set under the journal lock, so no write is logged after it is set.
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of a disk's log for status and tests.
@@ -86,8 +90,14 @@ impl ProtectedDisk {
             resync_threshold: size / 2,
         };
         let (journal, recovery) = Journal::open(&log_dir_for(path), cfg, &image)?;
-        let disk =
-            Self { name: name.to_owned(), path: path.to_owned(), image, size, journal: Mutex::new(journal) };
+        let disk = Self {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            image,
+            size,
+            journal: Mutex::new(journal),
+            read_only: Default::default(),
+        };
         Ok((disk, recovery))
     }
 
@@ -133,6 +143,7 @@ impl ProtectedDisk {
         self.check("write", offset, payload.len() as u64)?;
         let logged = {
             let mut journal = self.journal();
+            self.writable()?;
             let logged = journal.append_write(buf, offset)?;
             self.image.write_all_at(&buf[payload], offset).map_err(self.image_err())?;
             logged
@@ -149,6 +160,7 @@ impl ProtectedDisk {
         let kind = if trim { RecordKind::Trim } else { RecordKind::WriteZeroes };
         let logged = {
             let mut journal = self.journal();
+            self.writable()?;
             let logged = journal.append_zeroes(kind, offset, len)?;
             zero_range(&self.image, offset, len, keep_allocated).map_err(self.image_err())?;
             logged
@@ -157,6 +169,30 @@ impl ProtectedDisk {
             self.flush()?;
         }
         Ok(logged)
+    }
+
+    fn writable(&self) -> Result<()> {
+        if self.read_only.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(DiskError::ReadOnly(self.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Refuses every later write (EPERM to NBD clients): once this returns,
+    /// the log holds every write the disk will ever acknowledge.
+    pub fn make_read_only(&self) {
+        let _journal = self.journal();
+        self.read_only.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Accepts writes again (a failover was cancelled before the VM moved).
+    pub fn make_writable(&self) {
+        let _journal = self.journal();
+        self.read_only.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Makes every write completed so far durable, in the log and the image.

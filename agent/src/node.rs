@@ -52,6 +52,8 @@ pub struct NodeConfig {
 }
 
 struct Managed {
+    /// Prepared for a planned failover: disks read-only, no cycle.
+    prepared: bool,
     spec: VmReplicationSpec,
     disks: Vec<Arc<ProtectedDisk>>,
     shippers: Vec<Arc<Shipper>>,
@@ -210,7 +212,7 @@ impl Node {
     }
 
     fn start(&self, m: &mut Managed) {
-        if m.spec.suspended || m.running.is_some() {
+        if m.spec.suspended || m.prepared || m.running.is_some() {
             return;
         }
         let (stop, stopped) = watch::channel(false);
@@ -311,6 +313,15 @@ impl Node {
             if let Some(s) = new_shippers {
                 m.shippers = s;
             }
+            if m.prepared {
+                // The controller enables only when no planned failover holds
+                // the VM: it was cancelled before the VM moved. Writable again.
+                m.prepared = false;
+                for d in &m.disks {
+                    d.make_writable();
+                }
+                tracing::info!(vm = %spec.vm_id, "planned failover cancelled: replicating again");
+            }
             m.spec = spec;
             self.start(m);
             tracing::info!(vm = %m.spec.vm_id, generation = m.spec.generation, suspended = m.spec.suspended, "replication updated");
@@ -360,7 +371,7 @@ impl Node {
             }
         }
         let exports = self.export_uris(&spec);
-        let mut m = Managed { spec, disks, shippers, running: None };
+        let mut m = Managed { prepared: false, spec, disks, shippers, running: None };
         self.start(&mut m);
         tracing::info!(vm = %m.spec.vm_id, generation = m.spec.generation, disks = m.disks.len(), suspended = m.spec.suspended, "replication enabled");
         let generation = m.spec.generation;
@@ -419,6 +430,36 @@ impl Node {
         true
     }
 
+    /// Planned failover, primary side: stop the cycle, make the disks
+    /// read-only, ship the last segments; per disk (name, last logged
+    /// sequence, sequence durable on the replica).
+    pub async fn prepare_failover(&self, vm_id: &str, uid: &str) -> Result<Vec<(String, u64, u64)>, String> {
+        let mut vms = self.vms.lock().await;
+        let m = vms
+            .get_mut(vm_id)
+            .filter(|m| m.spec.uid == uid)
+            .ok_or_else(|| format!("VM {vm_id} is not protected on this agent"))?;
+        Self::stop(m).await;
+        m.prepared = true;
+        for d in &m.disks {
+            d.make_read_only();
+        }
+        let mut out = Vec::new();
+        for s in &m.shippers {
+            let d = s.disk().clone();
+            let sealed = tokio::task::spawn_blocking(move || d.seal()).await.map_err(|e| e.to_string())?;
+            sealed.map_err(|e| format!("disk {}: sealing the last segment: {e}", s.disk().name()))?;
+            let last = s.disk().log_status().next_seq - 1;
+            let durable = s
+                .sync_once()
+                .await
+                .map_err(|e| format!("disk {}: shipping the last segment: {e}", s.disk().name()))?;
+            out.push((s.disk().name().to_owned(), last, durable));
+        }
+        tracing::info!(vm = vm_id, disks = ?out, "prepared for a planned failover");
+        Ok(out)
+    }
+
     /// Every shipper of every protected VM.
     pub async fn all_shippers(&self) -> Vec<Arc<Shipper>> {
         self.vms.lock().await.values().flat_map(|m| m.shippers.iter().cloned()).collect()
@@ -434,6 +475,7 @@ impl Node {
                 uid: m.spec.uid.clone(),
                 generation: m.spec.generation,
                 suspended: m.spec.suspended,
+                prepared: m.prepared,
             })
             .collect()
     }

@@ -270,6 +270,120 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
     }
 }
 
+/// What a planned failover means for the primary object this pass.
+pub enum PlannedPrimary {
+    /// No planned failover governs the VM: replicate as usual.
+    No,
+    /// The primary's part is done or failed: report this state, do not replicate.
+    Holds(vmreplica_crds::ReplicationState, FailoverStatus),
+}
+
+/// Planned failover, primary side (Hyper-V's "prepare"): stop the VM, make
+/// its disks read-only, ship the last log, and check the replica holds every
+/// logged write. The replica side then promotes (not built yet).
+pub async fn planned_primary(
+    vmr: &VMReplication,
+    ctx: &Context,
+    agent: &Agent,
+) -> Result<PlannedPrimary, Error> {
+    use vmreplica_crds::ReplicationState;
+
+    use crate::power::{Power, PowerState, VmPower};
+    let request = vmr.spec.failover.as_ref().filter(|f| f.failover_type == FailoverType::Planned);
+    let last = vmr
+        .status
+        .as_ref()
+        .and_then(|s| s.last_failover.clone())
+        .filter(|l| l.failover_type == FailoverType::Planned);
+    let held = |l: FailoverStatus| {
+        let state = if l.phase == FailoverPhase::Completed {
+            ReplicationState::SyncedReplicationComplete
+        } else {
+            ReplicationState::Error
+        };
+        Ok(PlannedPrimary::Holds(state, l))
+    };
+    let f = match (request, last) {
+        (Some(f), Some(l))
+            if l.id == f.id && matches!(l.phase, FailoverPhase::Completed | FailoverPhase::Failed) =>
+        {
+            return held(l);
+        }
+        // Prepared earlier and the request since removed: the disks stay
+        // read-only until the object is deleted (or the failover resumed).
+        (None, Some(l)) if l.phase == FailoverPhase::Completed => return held(l),
+        (None, _) => return Ok(PlannedPrimary::No),
+        (Some(f), _) => f,
+    };
+    let mut status = FailoverStatus {
+        id: f.id.clone(),
+        failover_type: FailoverType::Planned,
+        phase: FailoverPhase::StoppingVM,
+        recovery_point: Some("latest".into()),
+        start_time: Some(Time((ctx.site.now)())),
+        end_time: None,
+        data_loss_window_seconds: None,
+        forced: false,
+        message: Some("stopping the VM".into()),
+    };
+    write(vmr, ctx, &status).await?;
+    event(ctx, vmr, EventType::Normal, "PlannedFailoverStarted", "stopping the VM".into()).await;
+    let fail = async |mut status: FailoverStatus, why: String| {
+        status.phase = FailoverPhase::Failed;
+        status.end_time = Some(Time((ctx.site.now)()));
+        status.message = Some(why.clone());
+        write(vmr, ctx, &status).await?;
+        event(ctx, vmr, EventType::Warning, "PlannedFailoverFailed", why).await;
+        held(status)
+    };
+    let power = VmPower::for_vmr(ctx.site.client.clone(), vmr);
+    power.set_running(false).await.map_err(Error::Read)?;
+    let mut stopped = false;
+    for _ in 0..120 {
+        if matches!(power.state().await.map_err(Error::Read)?, PowerState::Stopped | PowerState::Missing) {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    if !stopped {
+        return fail(status, "the VM did not stop within 60 s; nothing was failed over".into()).await;
+    }
+    status.phase = FailoverPhase::SyncingFinalLog;
+    status.message = Some("shipping the last log with the disks read-only".into());
+    write(vmr, ctx, &status).await?;
+    let req = vmreplica_agent::control::proto::RemoveRequest {
+        vm_id: crate::vmr::vm_id(vmr),
+        uid: vmr.metadata.uid.clone().unwrap_or_default(),
+    };
+    let reply = match control(agent, ctx, async |mut c| {
+        c.prepare_failover(req.clone()).await.map(|r| r.into_inner())
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(why) => return fail(status, why).await,
+    };
+    if !reply.synced {
+        let detail = if reply.message.is_empty() { format!("{:?}", reply.disks) } else { reply.message };
+        return fail(status, format!("the replica does not hold every logged write: {detail}")).await;
+    }
+    let finals: Vec<String> =
+        reply.disks.iter().map(|d| format!("{} through {}", d.disk_id, d.last_seq)).collect();
+    status.phase = FailoverPhase::Completed;
+    status.end_time = Some(Time((ctx.site.now)()));
+    status.data_loss_window_seconds = Some(0);
+    status.message = Some(format!(
+        "primary side done: VM stopped, disks read-only, the replica holds every write ({}); now request the \
+         planned failover on the Replica object at the replica site",
+        finals.join(", ")
+    ));
+    write(vmr, ctx, &status).await?;
+    event(ctx, vmr, EventType::Normal, "PlannedFailoverPrepared", status.message.clone().unwrap_or_default())
+        .await;
+    held(status)
+}
+
 #[cfg(test)]
 mod tests {
     use vmreplica_agent::control::proto::RecoveryPoint as Point;

@@ -50,7 +50,13 @@ impl KubeVirt {
 
 impl Power for KubeVirt {
     async fn state(&self) -> Result<PowerState, kube::Error> {
-        let Some(vm) = self.api.get_opt(&self.name).await? else { return Ok(PowerState::Missing) };
+        let vm = match self.api.get_opt(&self.name).await {
+            Ok(Some(vm)) => vm,
+            Ok(None) => return Ok(PowerState::Missing),
+            // KubeVirt not installed: the resource is not served at all.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(PowerState::Missing),
+            Err(e) => return Err(e),
+        };
         let printable = vm.data.pointer("/status/printableStatus").and_then(|v| v.as_str()).unwrap_or("");
         Ok(match printable {
             "Running" => PowerState::Running,
@@ -64,7 +70,11 @@ impl Power for KubeVirt {
         let patch = serde_json::json!({
             "spec": {"runStrategy": if running { "Always" } else { "Halted" }, "running": null}
         });
-        self.api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+        match self.api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            // No such VM (or no KubeVirt): nothing runs it to start or stop.
+            Err(kube::Error::Api(e)) if e.code == 404 && !running => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 }
 

@@ -744,15 +744,20 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
         crate::failover::reconcile_test(&vmr, &ctx).await?;
         return Ok(Action::await_change());
     }
+    if let Some(held) = planned_failover(&vmr, &ctx).await? {
+        return Ok(held);
+    }
     let (outcome, agent) = observe(&vmr, &ctx).await?;
     let status = build_status(&vmr, &ctx, &outcome, monitoring(&ctx, agent.as_ref()).await?);
     let previous = vmr.status.clone().unwrap_or_default();
     let uid = vmr.uid().unwrap_or_default();
     if ctx.should_write(&uid, &previous, &status) {
+        // lastFailover belongs to the failover field manager: left out here.
+        let owned = VMReplicationStatus { last_failover: None, ..status.clone() };
         let patch = serde_json::json!({
             "apiVersion": "vmreplica.io/v1alpha1",
             "kind": "VMReplication",
-            "status": status,
+            "status": owned,
         });
         Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default())
             .patch_status(&vmr.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
@@ -821,6 +826,84 @@ async fn cleanup(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, E
         .await
         .map_err(|message| Error::Remove { node: agent.node.clone(), message })?;
     Ok(Action::await_change())
+}
+
+/// A planned failover on the primary: once it governs the VM, its state is
+/// reported instead of replicating.
+async fn planned_failover(vmr: &VMReplication, ctx: &Context) -> Result<Option<Action>, Error> {
+    use crate::failover::{PlannedPrimary, planned_primary};
+    let governs =
+        vmr.spec.failover.as_ref().is_some_and(|f| f.failover_type == vmreplica_crds::FailoverType::Planned)
+            || vmr.status.as_ref().and_then(|s| s.last_failover.as_ref()).is_some_and(|l| {
+                l.failover_type == vmreplica_crds::FailoverType::Planned
+                    && l.phase == vmreplica_crds::FailoverPhase::Completed
+            });
+    if !governs {
+        return Ok(None);
+    }
+    let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
+        .await
+        .map_err(Error::Read)?;
+    let Ok(agent) = choose_agent(vmr, &agents) else { return Ok(None) };
+    let PlannedPrimary::Holds(state, last) = planned_primary(vmr, ctx, agent).await? else { return Ok(None) };
+    let previous = vmr.status.clone().unwrap_or_default();
+    let now = (ctx.site.now)();
+    let done = last.phase == vmreplica_crds::FailoverPhase::Completed;
+    let mut status = VMReplicationStatus {
+        observed_generation: vmr.metadata.generation,
+        state,
+        health: if done { Health::Normal } else { Health::Critical },
+        health_details: if done {
+            Vec::new()
+        } else {
+            vec![format!("Planned failover failed: {}", last.message.clone().unwrap_or_default())]
+        },
+        last_failover: None,
+        lag: None,
+        progress: None,
+        ..previous.clone()
+    };
+    let message = last.message.clone().unwrap_or_default();
+    conditions::set(
+        &mut status.conditions,
+        &previous.conditions,
+        conditions::Update {
+            type_: "Replicating",
+            status: false,
+            reason: if done { "PlannedFailover" } else { "PlannedFailoverFailed" },
+            message: message.clone(),
+        },
+        vmr.metadata.generation,
+        now,
+    );
+    conditions::set(
+        &mut status.conditions,
+        &previous.conditions,
+        conditions::Update {
+            type_: "Degraded",
+            status: !done,
+            reason: if done { "Normal" } else { "Critical" },
+            message,
+        },
+        vmr.metadata.generation,
+        now,
+    );
+    let compare = VMReplicationStatus { last_failover: None, ..previous.clone() };
+    if status != compare {
+        let patch = serde_json::json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "status": status});
+        Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default())
+            .patch_status(&vmr.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(Error::WriteStatus)?;
+        let mut before = previous.clone();
+        before.last_failover = None;
+        for e in transitions(&before, &status) {
+            if let Err(err) = ctx.recorder.publish(&e, &vmr.object_ref(&())).await {
+                tracing::warn!(error = %err, "publishing an Event");
+            }
+        }
+    }
+    Ok(Some(Action::requeue(ctx.poll)))
 }
 
 /// A Replica object goes: its test disks are deleted and the replica agent

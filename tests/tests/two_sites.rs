@@ -279,6 +279,45 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     assert!(!test_img.exists(), "the test disks are deleted");
     let _ = pp;
 
+    // Planned failover, primary side: A stops the VM, makes the disks
+    // read-only, ships the last log; the replica holds every write (bytes
+    // compared), and A says SyncedReplicationComplete.
+    qemu_io(&export, "write -P 0x5e 3M 128k").unwrap();
+    let mut planned = vm.clone();
+    planned["spec"]["failover"] = json!({"id": "move-1", "type": "Planned"});
+    apply_object(&a_vmrs, &planned).await;
+    let prepared = wait_secs(60, "A's part of the planned failover", async || {
+        state_is(&a_vmrs, ledger, ReplicationState::SyncedReplicationComplete).await
+    })
+    .await;
+    let l = wait_secs(10, "lastFailover", async || {
+        a_vmrs
+            .get(ledger)
+            .await
+            .ok()?
+            .status?
+            .last_failover
+            .filter(|l| l.phase == vmreplica_crds::FailoverPhase::Completed)
+    })
+    .await;
+    assert_eq!((l.id.as_str(), l.data_loss_window_seconds), ("move-1", Some(0)), "{l:?}");
+    assert!(l.message.unwrap().contains("request the planned failover on the Replica object"));
+    assert_eq!(prepared.status.unwrap().health, vmreplica_crds::Health::Normal);
+    for d in &replica.spec.disks {
+        let primary_img = if d.name == "root" { &root_img } else { &data_img };
+        wait_secs(30, &format!("disk {} identical at B", d.name), async || {
+            let out = Command::new("qemu-img")
+                .args(["compare", "-q", "-f", "raw", "-F", "raw", &d.path])
+                .arg(primary_img)
+                .status()
+                .ok()?;
+            out.success().then_some(())
+        })
+        .await;
+    }
+    let err = qemu_io(&export, "write -P 0x6f 3M 4k").unwrap_err();
+    assert!(err.contains("Operation not permitted"), "writes after the final sync are refused: {err}");
+
     // A Replica object declared at B first (GitOps) is adopted, spec untouched.
     apply(
         &b_vmrs,

@@ -335,6 +335,7 @@ fn errno(e: &DiskError) -> u32 {
     tracing::warn!(error = %e, "NBD request failed");
     let io = match e {
         DiskError::OutOfRange { .. } => return EINVAL,
+        DiskError::ReadOnly(_) => return EPERM,
         DiskError::Image { source, .. } | DiskError::Journal(JournalError::Io { source, .. }) => source,
         _ => return EIO,
     };
