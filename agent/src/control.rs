@@ -16,9 +16,9 @@ pub mod proto {
 
 use proto::{
     AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply, FinalDisk,
-    GetStatusRequest, MaterializeReply, MaterializeRequest, PrepareReply, PrimaryDisk, RecoveryPoint,
-    RemoveReplicaRequest, RemoveReply, RemoveRequest, ReplicaDisk, SiteConfiguration, VmReplicationSpec,
-    control_server::Control,
+    GetStatusRequest, MaterializeReply, MaterializeRequest, PrepareReply, PrimaryDisk, PromoteRequest,
+    RecoveryPoint, RemoveReplicaRequest, RemoveReply, RemoveRequest, ReplicaDisk, SiteConfiguration,
+    VmReplicationSpec, control_server::Control,
 };
 
 use crate::replication::authz::{Entry, SiteConfig};
@@ -166,6 +166,9 @@ impl ControlService {
                             last_applied_sealed_unix_ms: s.stats.last_sealed_unix_ms,
                             last_contact_unix_ms: r.last_contact_ms(),
                             removed_at_replica: s.removed_at_replica,
+                            primary_final_seq: s.primary_final_seq.unwrap_or(0),
+                            primary_finished: s.primary_final_seq.is_some(),
+                            promoted: s.promoted,
                             received_through: s.received_through,
                             applied_through: s.applied_through,
                             points: s
@@ -276,6 +279,46 @@ impl Control for Arc<ControlService> {
             }
             Err(message) => PrepareReply { synced: false, message, disks: Vec::new() },
         }))
+    }
+
+    async fn promote(&self, req: Request<PromoteRequest>) -> Result<Response<EnableReply>, Status> {
+        let r = req.into_inner();
+        let (Some(node), Some(svc)) = (&self.node, &self.replicas) else {
+            return Err(Status::failed_precondition(
+                "promotion needs an agent in both roles (serve --listen): this one cannot serve the disks",
+            ));
+        };
+        let refuse =
+            |message: String| EnableReply { accepted: false, message, generation: 0, exports: Vec::new() };
+        let mut disks: Vec<_> = svc.replicas().into_iter().filter(|d| d.state().vm_id == r.vm_id).collect();
+        if disks.is_empty() {
+            return Ok(Response::new(refuse(format!("no replica of {} on this agent", r.vm_id))));
+        }
+        disks.sort_by_key(|d| d.state().disk_id.clone());
+        for d in &disks {
+            let s = d.state().clone();
+            match s.primary_final_seq {
+                _ if s.promoted => {}
+                Some(f) if s.received_through >= f => {}
+                _ => {
+                    return Ok(Response::new(refuse(format!(
+                        "disk {}: the primary has not finished its part (its final log is not here): request the \
+                         planned failover on the primary first",
+                        s.disk_id
+                    ))));
+                }
+            }
+        }
+        let mut images = Vec::new();
+        for d in disks {
+            let name = d.state().disk_id.clone();
+            let path = tokio::task::spawn_blocking(move || d.promote())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+            images.push((name, path));
+        }
+        Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images).await))
     }
 
     async fn remove_replica(

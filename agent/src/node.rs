@@ -454,10 +454,72 @@ impl Node {
                 .sync_once()
                 .await
                 .map_err(|e| format!("disk {}: shipping the last segment: {e}", s.disk().name()))?;
+            if durable >= last {
+                s.finalize(last)
+                    .await
+                    .map_err(|e| format!("disk {}: telling the replica: {e}", s.disk().name()))?;
+            }
             out.push((s.disk().name().to_owned(), last, durable));
         }
         tracing::info!(vm = vm_id, disks = ?out, "prepared for a planned failover");
         Ok(out)
+    }
+
+    /// Serves promoted replica images as the VM's disks (they were this
+    /// agent's replicas, so no --disk-root check). Not replicated (yet):
+    /// reverse replication comes with the failover work. Idempotent.
+    pub async fn adopt(&self, vm_id: &str, uid: &str, images: Vec<(String, PathBuf)>) -> EnableReply {
+        let mut vms = self.vms.lock().await;
+        let spec = VmReplicationSpec {
+            vm_id: vm_id.to_owned(),
+            uid: uid.to_owned(),
+            suspended: true,
+            interval_seconds: 30,
+            disks: images
+                .iter()
+                .map(|(name, path)| crate::control::proto::DiskSpec {
+                    name: name.clone(),
+                    path: path.display().to_string(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        if vms.contains_key(vm_id) {
+            return EnableReply {
+                accepted: true,
+                message: String::new(),
+                generation: 0,
+                exports: self.export_uris(&spec),
+            };
+        }
+        let vm = vm_id.to_owned();
+        let opened = tokio::task::spawn_blocking(move || {
+            images
+                .iter()
+                .map(|(name, path)| {
+                    ProtectedDisk::open(&vm, name, path)
+                        .map(|(d, _)| Arc::new(d))
+                        .map_err(|e| format!("disk {name}: {e}"))
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .await;
+        let disks = match opened.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(d) => d,
+            Err(message) => {
+                return EnableReply { accepted: false, message, generation: 0, exports: Vec::new() };
+            }
+        };
+        for d in &disks {
+            self.nbd.add_export(&export_name(vm_id, d.name()), d.clone());
+        }
+        let exports = self.export_uris(&spec);
+        tracing::info!(vm = vm_id, disks = disks.len(), "promoted replica served as the VM's disks");
+        vms.insert(
+            vm_id.to_owned(),
+            Managed { prepared: false, spec, disks, shippers: Vec::new(), running: None },
+        );
+        EnableReply { accepted: true, message: String::new(), generation: 0, exports }
     }
 
     /// Every shipper of every protected VM.

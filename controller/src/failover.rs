@@ -384,6 +384,114 @@ pub async fn planned_primary(
     held(status)
 }
 
+/// Planned failover, replica side: once the primary's part is done (its
+/// final log is here), promote the replica (epoch + 1, served as the VM's
+/// disks) and start the VM. Returns when to look again, if the primary's
+/// part is still awaited.
+pub async fn planned_replica(
+    vmr: &VMReplication,
+    ctx: &Context,
+) -> Result<Option<std::time::Duration>, Error> {
+    use crate::power::{Power, VmPower};
+    let Some(f) = vmr.spec.failover.as_ref().filter(|f| f.failover_type == FailoverType::Planned) else {
+        return Ok(None);
+    };
+    let last = vmr.status.as_ref().and_then(|s| s.last_failover.clone());
+    if last
+        .as_ref()
+        .is_some_and(|l| l.id == f.id && matches!(l.phase, FailoverPhase::Completed | FailoverPhase::Failed))
+    {
+        return Ok(None);
+    }
+    let mut status = FailoverStatus {
+        id: f.id.clone(),
+        failover_type: FailoverType::Planned,
+        phase: FailoverPhase::Pending,
+        recovery_point: Some("latest".into()),
+        start_time: last
+            .as_ref()
+            .filter(|l| l.id == f.id)
+            .and_then(|l| l.start_time.clone())
+            .or(Some(Time((ctx.site.now)()))),
+        end_time: None,
+        data_loss_window_seconds: None,
+        forced: false,
+        message: None,
+    };
+    let Some((agent, disks)) = locate(vmr, ctx).await? else {
+        status.message = Some("no live replica agent holds this VM".into());
+        write(vmr, ctx, &status).await?;
+        return Ok(Some(std::time::Duration::from_secs(5)));
+    };
+    let finished =
+        disks.iter().all(|d| d.promoted || (d.primary_finished && d.received_through >= d.primary_final_seq));
+    if !finished {
+        let message = "waiting for the primary's part: request the planned failover on the primary VMReplication \
+                       (it stops the VM and ships the last log)";
+        if last.as_ref().and_then(|l| l.message.as_deref()) != Some(message) {
+            status.message = Some(message.into());
+            write(vmr, ctx, &status).await?;
+        }
+        return Ok(Some(std::time::Duration::from_secs(3)));
+    }
+    status.phase = FailoverPhase::PreparingDisks;
+    status.message = Some("promoting the replica".into());
+    write(vmr, ctx, &status).await?;
+    let req = vmreplica_agent::control::proto::PromoteRequest {
+        vm_id: disks[0].vm_id.clone(),
+        uid: vmr.metadata.uid.clone().unwrap_or_default(),
+    };
+    let reply = match control(&agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner()))
+        .await
+    {
+        Ok(r) if r.accepted => r,
+        Ok(r) => return fail_with(vmr, ctx, status, r.message).await,
+        Err(why) => return fail_with(vmr, ctx, status, why).await,
+    };
+    if f.start_vm {
+        status.phase = FailoverPhase::StartingVM;
+        status.message = Some("starting the VM".into());
+        write(vmr, ctx, &status).await?;
+        VmPower::for_vmr(ctx.site.client.clone(), vmr).set_running(true).await.map_err(Error::Read)?;
+    }
+    status.phase = FailoverPhase::Completed;
+    status.end_time = Some(Time((ctx.site.now)()));
+    status.data_loss_window_seconds = Some(0);
+    let reverse = if f.reverse_replication {
+        " Reverse replication is not built yet: the VM is not protected now."
+    } else {
+        ""
+    };
+    status.message = Some(format!(
+        "failed over with no loss: the VM's disks are served at {}.{reverse}",
+        reply.exports.join(", ")
+    ));
+    write(vmr, ctx, &status).await?;
+    event(
+        ctx,
+        vmr,
+        EventType::Normal,
+        "PlannedFailoverCompleted",
+        status.message.clone().unwrap_or_default(),
+    )
+    .await;
+    Ok(None)
+}
+
+async fn fail_with(
+    vmr: &VMReplication,
+    ctx: &Context,
+    mut status: FailoverStatus,
+    why: String,
+) -> Result<Option<std::time::Duration>, Error> {
+    status.phase = FailoverPhase::Failed;
+    status.end_time = Some(Time((ctx.site.now)()));
+    status.message = Some(why.clone());
+    write(vmr, ctx, &status).await?;
+    event(ctx, vmr, EventType::Warning, "PlannedFailoverFailed", why).await;
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use vmreplica_agent::control::proto::RecoveryPoint as Point;

@@ -103,7 +103,9 @@ pub fn replica_status(
 ) -> VMReplicationStatus {
     let removed = disks.iter().all(|d| d.removed);
     let copied = disks.iter().all(|d| d.has_copy);
-    let state = if removed {
+    let state = if disks.iter().all(|d| d.promoted) {
+        ReplicationState::FailedOver
+    } else if removed {
         ReplicationState::NotEnabled
     } else if !copied {
         ReplicationState::WaitingForInitialReplication
@@ -182,7 +184,7 @@ pub fn replica_status(
         primary_server: disks.first().map(|d| d.primary.clone()),
         replica_server: Some(node.to_owned()),
         last_replication_time: last.and_then(ts),
-        lag: lag.filter(|_| !removed).map(crate::vmr::lag_text),
+        lag: lag.filter(|_| !removed && state != ReplicationState::FailedOver).map(crate::vmr::lag_text),
         statistics: Some(ReplicationStatistics {
             window_start: None,
             average_log_size_bytes: bytes.checked_div(all_segments).unwrap_or(0),
@@ -198,6 +200,9 @@ pub fn replica_status(
         ..Default::default()
     };
     let (reason, message) = match state {
+        ReplicationState::FailedOver => {
+            ("FailedOver", "this site runs the VM now: the replica was promoted".to_owned())
+        }
         ReplicationState::NotEnabled => ("Removed", details.join(" ")),
         ReplicationState::WaitingForInitialReplication => {
             ("WaitingForInitialCopy", "the initial copy has not completed on every disk".to_owned())

@@ -742,6 +742,9 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
         // Replica objects' status comes from the replica-site report
         // (replicas.rs); here only their failover requests are carried out.
         crate::failover::reconcile_test(&vmr, &ctx).await?;
+        if let Some(again) = crate::failover::planned_replica(&vmr, &ctx).await? {
+            return Ok(Action::requeue(again));
+        }
         return Ok(Action::await_change());
     }
     if let Some(held) = planned_failover(&vmr, &ctx).await? {

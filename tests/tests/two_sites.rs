@@ -89,8 +89,11 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
 
     let (b_repl, b_ctl) = (free_port(), free_port());
     let mut cmd = Command::new(bin("vmreplica-agent"));
-    cmd.args(["receive", "--listen", &format!("127.0.0.1:{b_repl}"), "--control-listen"])
+    // One agent in both roles, as on a real node: it can serve a promoted replica.
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{b_repl}"), "--control-listen"])
         .arg(format!("127.0.0.1:{b_ctl}"))
+        .arg("--socket")
+        .arg(root.join("b-nbd.sock"))
         .arg("--tls-dir")
         .arg(root.join("b-tls"))
         .args(["--lease-namespace", &b_ns, "--node", "node-b"])
@@ -318,6 +321,38 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     let err = qemu_io(&export, "write -P 0x6f 3M 4k").unwrap_err();
     assert!(err.contains("Operation not permitted"), "writes after the final sync are refused: {err}");
 
+    // Planned failover, replica side: B promotes its replica and serves it
+    // as the VM's disks, holding the primary's last write.
+    b_vmrs
+        .patch(
+            ledger,
+            &tester,
+            &Patch::Apply(json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+        "metadata": {"name": ledger}, "spec": {"role": "Replica", "disks": replica.spec.disks,
+        "failover": {"id": "move-1", "type": "Planned"}}})),
+        )
+        .await
+        .unwrap();
+    let moved = wait_secs(60, "B to fail over", async || {
+        state_is(&b_vmrs, ledger, ReplicationState::FailedOver).await
+    })
+    .await;
+    let l = wait_secs(10, "B's lastFailover", async || {
+        b_vmrs
+            .get(ledger)
+            .await
+            .ok()?
+            .status?
+            .last_failover
+            .filter(|l| l.id == "move-1" && l.phase == vmreplica_crds::FailoverPhase::Completed)
+    })
+    .await;
+    assert_eq!(l.data_loss_window_seconds, Some(0), "{l:?}");
+    assert!(moved.status.unwrap().epoch >= 1, "promotion moves the epoch on");
+    let b_export = format!("nbd+unix:///{a_ns}.{ledger}/root?socket={}", root.join("b-nbd.sock").display());
+    qemu_io(&b_export, "read -P 0x5e 3M 128k").expect("B serves the primary's last write");
+    qemu_io(&b_export, "write -P 0x7a 5M 4k").expect("and takes new writes");
+
     // A Replica object declared at B first (GitOps) is adopted, spec untouched.
     apply(
         &b_vmrs,
@@ -358,12 +393,10 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     a_vmrs.delete(ledger, &DeleteParams::default()).await.unwrap();
     wait_secs(30, "A's object to go", async || a_vmrs.get_opt(ledger).await.unwrap().is_none().then_some(()))
         .await;
-    let removed = wait_secs(30, "B to see the removal", async || {
-        state_is(&b_vmrs, ledger, ReplicationState::NotEnabled).await
-    })
-    .await;
-    let ready = removed.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Removed"));
+    // The old primary's removal cannot take the promoted disks away from B.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(state_is(&b_vmrs, ledger, ReplicationState::FailedOver).await.is_some());
     assert!(Path::new(&image).exists(), "the replica's disk stays");
     qemu_io(&image, "read -P 0x4d 2M 64k").expect("with its data");
+    qemu_io(&image, "read -P 0x7a 5M 4k").expect("and what was written at B after the failover");
 }

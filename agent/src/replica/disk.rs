@@ -133,6 +133,12 @@ pub struct ReplicaState {
     /// primary is refused until it removes replication too and enables it again.
     #[serde(default)]
     pub removed_at_replica: bool,
+    /// Planned failover: the primary's final sequence (it stopped writing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_final_seq: Option<u64>,
+    /// Promoted: this copy is now the primary's disk; nothing more is received.
+    #[serde(default)]
+    pub promoted: bool,
     /// The VM's own recovery history, as its primary last sent it; `None`:
     /// the site's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -269,6 +275,27 @@ impl ReplicaDisk {
             return Ok(());
         }
         self.update(|s| s.history = history)
+    }
+
+    /// Records the primary's final sequence of a planned failover (`None`
+    /// withdraws it).
+    pub fn set_final(&self, last_seq: Option<u64>) -> Result<()> {
+        if self.state().primary_final_seq == last_seq {
+            return Ok(());
+        }
+        self.update(|s| s.primary_final_seq = last_seq)
+    }
+
+    /// Makes this replica the VM's disk: everything received is applied, the
+    /// epoch moves on (segments of the old primary's epoch are refused from
+    /// now on), and nothing more is received. Returns the image path.
+    pub fn promote(&self) -> Result<PathBuf> {
+        self.apply_pending()?;
+        self.update(|s| {
+            s.promoted = true;
+            s.epoch += 1;
+        })?;
+        Ok(self.image_path())
     }
 
     /// Records a contact from the primary (an Open).

@@ -19,8 +19,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{
     authz::{Denied, SiteConfig},
     proto::{
-        CopyAck, CopyChunk, DiskRef, OpenReply, OpenRequest, RemoveAck, SegmentAck, SegmentChunk,
-        replication_server::Replication,
+        CopyAck, CopyChunk, DiskRef, FinalizeRequest, OpenReply, OpenRequest, RemoveAck, SegmentAck,
+        SegmentChunk, replication_server::Replication,
     },
     tls::dns_names,
 };
@@ -238,6 +238,24 @@ impl ReplicaService {
     }
 
     #[tracing::instrument(skip_all, fields(vm, disk))]
+    async fn finalize_inner(&self, req: Request<FinalizeRequest>) -> Result<Response<RemoveAck>, Status> {
+        let names = peer_names(&req);
+        let r = req.into_inner();
+        let d = r.disk.ok_or_else(|| Status::invalid_argument("disk is required"))?;
+        let replica = self.require(&names, &d.vm_id, &d.disk_id)?;
+        let s = replica.state().clone();
+        if s.received_through < r.last_seq {
+            return Err(Status::failed_precondition(format!(
+                "the replica holds through {}, not the final {}: ship the rest first",
+                s.received_through, r.last_seq
+            )));
+        }
+        replica.set_final(Some(r.last_seq)).map_err(status)?;
+        tracing::info!(vm = %d.vm_id, disk = %d.disk_id, last = r.last_seq, "the primary finished: ready for a planned failover");
+        Ok(Response::new(RemoveAck { removed: true }))
+    }
+
+    #[tracing::instrument(skip_all, fields(vm, disk))]
     async fn remove_inner(&self, req: Request<DiskRef>) -> Result<Response<RemoveAck>, Status> {
         let names = peer_names(&req);
         let d = req.into_inner();
@@ -248,6 +266,10 @@ impl ReplicaService {
         let Some(replica) = self.existing(&names, &d.vm_id, &d.disk_id)? else {
             return Ok(Response::new(RemoveAck { removed: false }));
         };
+        if replica.state().promoted {
+            // The VM runs on this copy now: the old primary cannot take it away.
+            return Ok(Response::new(RemoveAck { removed: false }));
+        }
         replica.mark_removed().map_err(status)?;
         tracing::info!("replication removed by the primary; the replica's disk stays");
         Ok(Response::new(RemoveAck { removed: true }))
@@ -310,6 +332,11 @@ impl Replication for Arc<ReplicaService> {
         let r = self.remove_inner(req).await;
         self.counted(r)
     }
+
+    async fn finalize(&self, req: Request<FinalizeRequest>) -> Result<Response<RemoveAck>, Status> {
+        let r = self.finalize_inner(req).await;
+        self.counted(r)
+    }
 }
 
 impl ReplicaService {
@@ -345,6 +372,9 @@ impl ReplicaService {
                 })?
             }
         };
+        if replica.state().promoted {
+            return Err(status(ReplicaError::StaleEpoch { current: replica.state().epoch, found: r.epoch }));
+        }
         if replica.state().removed_at_replica {
             return Err(Status::failed_precondition(format!(
                 "replication of {}/{} was removed at the replica site (its Replica object was deleted); \
@@ -357,6 +387,8 @@ impl ReplicaService {
             replica.restart_after_removal().map_err(status)?;
         }
         replica.touch();
+        // An Open means the primary replicates: any planned-failover final is withdrawn.
+        replica.set_final(None).map_err(status)?;
         let history = r.history.map(|h| Policy {
             window_ms: h.window_seconds.min(86_400) * 1000,
             hourly: h.hourly_points.min(168),

@@ -212,6 +212,13 @@ impl Shipper {
         Ok(self.client.clone().remove(self.disk_ref()).await?.into_inner().removed)
     }
 
+    /// Tells the replica the primary stopped writing after `last_seq`.
+    pub async fn finalize(&self, last_seq: u64) -> Result<(), ShipError> {
+        let req = super::proto::FinalizeRequest { disk: Some(self.disk_ref()), last_seq };
+        self.client.clone().finalize(req).await?;
+        Ok(())
+    }
+
     /// Brings the replica up to date with every sealed segment; returns the
     /// sequence the replica is durable through.
     pub async fn sync_once(&self) -> Result<u64, ShipError> {
