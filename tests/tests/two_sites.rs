@@ -393,6 +393,22 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     a_vmrs.delete(ledger, &DeleteParams::default()).await.unwrap();
     wait_secs(30, "A's object to go", async || a_vmrs.get_opt(ledger).await.unwrap().is_none().then_some(()))
         .await;
+    // A revived old primary (its object created again at A) cannot overwrite
+    // the new one: B refuses its stale epoch, and A shows Error saying so.
+    let mut revived = vm.clone();
+    revived["spec"].as_object_mut().unwrap().remove("failover");
+    apply_object(&a_vmrs, &revived).await;
+    let stale = wait_secs(30, "the revived primary to be refused", async || {
+        state_is(&a_vmrs, ledger, ReplicationState::Error).await
+    })
+    .await;
+    let ready = stale.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains("epoch"), "{ready:?}");
+    qemu_io(&image, "read -P 0x7a 5M 4k").expect("B's disk is untouched");
+    a_vmrs.delete(ledger, &DeleteParams::default()).await.unwrap();
+    wait_secs(30, "A's object to go", async || a_vmrs.get_opt(ledger).await.unwrap().is_none().then_some(()))
+        .await;
+
     // The old primary's removal cannot take the promoted disks away from B.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(state_is(&b_vmrs, ledger, ReplicationState::FailedOver).await.is_some());
