@@ -6,7 +6,8 @@
 # TLS; `kubectl get vmr` follows it to Replicating; site B's controller creates
 # the Replica object; site B's replica ends up equal to site A's disk, with a
 # recovery point per replication cycle; a test failover at site B materialises
-# a point as test disks while replication goes on, and is cleaned up.
+# a point as test disks while replication goes on, and is cleaned up; then a
+# planned failover moves the VM's disk to site B with no data lost.
 #   hack/local-up.sh          show it and tear everything down
 #   hack/local-up.sh --keep   keep it running; prints a KUBECONFIG to use; Ctrl-C ends it
 set -euo pipefail
@@ -58,14 +59,15 @@ disk="$run/site-a/ledger-db-root.img"
 mkdir -p "$run/site-a" "$run/site-b"
 wait_ready() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return; sleep 0.1; done; cat "$1" >&2; exit 1; }
 
-say "the controller starts; site B's replica agent announces itself with a Lease and waits for its rules"
+say "the controller starts; site B's agent (both roles, as on any node) announces itself with a Lease and waits for its rules"
 kubectl create namespace vmreplica-system >/dev/null
 kubectl create namespace site-b >/dev/null
 "$target/debug/vmreplica-controller" --namespace vmreplica-system --tls-dir "$run/certs/controller" --metrics 127.0.0.1:0 \
   --poll-seconds 2 2>"$run/controller.log" &
 controller_pid=$!
 ctl_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$agent" receive --listen "127.0.0.1:$port" --tls-dir "$run/certs/replica" --control-listen "127.0.0.1:$ctl_port" \
+"$agent" serve --listen "127.0.0.1:$port" --tls-dir "$run/certs/replica" --control-listen "127.0.0.1:$ctl_port" \
+  --socket "$run/nbd-b.sock" --disk-root "$run/site-b" \
   --lease-namespace vmreplica-system --node site-b-node1 --node-label vmreplica.io/site=b \
   --advertise-host 127.0.0.1 >"$run/replica.out" 2>"$run/replica.log" &
 replica_pid=$!
@@ -114,6 +116,7 @@ kind: VMReplication
 metadata: {name: ledger-db}
 spec:
   role: Primary
+  node: site-a-node1
   disks: [{name: root, path: $disk}]
   replicaServer: {name: replica.site-b.example.com, port: $port}
   replicationFrequencySeconds: 2
@@ -173,6 +176,23 @@ for _ in $(seq 100); do
 done
 kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.phase}: {.status.lastFailover.message}{"\n"}'
 [ -e "$test_disk" ] && echo "test disk still there?!" || echo "test disk deleted"
+
+say "planned failover, first at site A: stop the VM, make the disks read-only, ship the last log"
+kubectl patch vmr -n site-a ledger-db --type merge -p '{"spec":{"failover":{"id":"move-1","type":"Planned"}}}' >/dev/null
+for _ in $(seq 150); do
+  [ "$(kubectl get vmr -n site-a ledger-db -o jsonpath='{.status.state}')" = SyncedReplicationComplete ] && break; sleep 0.2
+done
+kubectl get vmr -n site-a ledger-db -o jsonpath='{.status.lastFailover.phase}: {.status.lastFailover.message}{"\n"}'
+qemu-io -f raw -c 'write -P 0xee 0 4k' "$url" 2>&1 | head -1 || true
+say "then at site B: promote the replica (epoch + 1) and serve it as the VM's disk"
+kubectl patch vmr -n site-b ledger-db --type merge -p '{"spec":{"failover":{"id":"move-1","type":"Planned"}}}' >/dev/null
+for _ in $(seq 150); do
+  [ "$(kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.state}')" = FailedOver ] && break; sleep 0.2
+done
+kubectl get vmr -A
+kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.message}{"\n"}'
+say "no data lost: site B's disk (served at nbd+unix:///site-a.ledger-db/root?socket=…/nbd-b.sock) equals site A's"
+qemu-img compare -f raw -F raw "nbd+unix:///site-a.ledger-db/root?socket=$run/nbd-b.sock" "$disk"
 
 say "its status as an operator sees it: kubectl describe vmr -n site-a ledger-db (events at the end)"
 kubectl describe vmr -n site-a ledger-db | sed -n '/^Status:/,$p'
