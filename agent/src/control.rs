@@ -136,6 +136,8 @@ impl ControlService {
                         .map_or(0, ms),
                     last_error: st.last_error.unwrap_or_default(),
                     last_error_code: st.last_error_code.unwrap_or_default(),
+                    copy_sent_bytes: s.copy_progress().0,
+                    copy_total_bytes: s.copy_progress().1,
                     durable_through: st.durable_through,
                     initial_copy_bytes: st.initial_copy_bytes,
                     disk_size: s.disk().size(),

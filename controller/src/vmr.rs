@@ -230,8 +230,15 @@ pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
         v.max_segment = v.max_segment.max(d.max_segment_bytes);
         v.latency_total_ms += d.average_latency_ms * d.segments_sent;
         v.pending_bytes += d.pending_bytes;
-        v.copy_done += d.initial_copy_bytes;
-        v.copy_total += d.disk_size;
+        // A copy in flight counts what it sent of what it will send (its
+        // allocated extents); a finished one counts what it sent.
+        if d.copy_total_bytes > 0 {
+            v.copy_done += d.copy_sent_bytes;
+            v.copy_total += d.copy_total_bytes;
+        } else {
+            v.copy_done += d.initial_copy_bytes;
+            v.copy_total += if d.successful_cycles > 0 { d.initial_copy_bytes } else { d.disk_size };
+        }
         v.resync_required |= d.resync_required;
         if d.last_replication_unix_ms == 0 {
             all_replicated = false;

@@ -90,6 +90,11 @@ struct Site {
 }
 
 async fn site() -> Site {
+    site_with(&[]).await
+}
+
+/// [`site`] with extra arguments for the primary agent.
+async fn site_with(primary_args: &[&str]) -> Site {
     let client = client().await;
     let ns = test_namespace(&client, "vmr").await;
     let dir = tempfile::tempdir().unwrap();
@@ -123,6 +128,7 @@ async fn site() -> Site {
         .args(["--resolve", &format!("replica.{ns}.test=127.0.0.1")])
         .args(["--resolve", &format!("denied.{ns}.test=127.0.0.1")])
         .args(["--retry-seconds", "1", "--allow-quiesce-commands"])
+        .args(primary_args)
         .args(["--lease-namespace", &ns, "--node", "node-a", "--advertise-host", "127.0.0.1", "--kubeconfig"])
         .arg(shared_kubeconfig());
     let primary = Process::spawn_ready(cmd, &root.join("primary.log"));
@@ -438,4 +444,28 @@ async fn health_follows_the_replica_agent_down_and_back() {
     })
     .await;
     has_events(&s, "web", &["HealthNormal"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_replication_reports_its_progress() {
+    // 2 MB/s: the 16 MiB initial copy takes about 8 s.
+    let s = site_with(&["--bandwidth-limit", "2000000"]).await;
+    let disk = s.root.join("disks").join("big.img");
+    qemu_img_create(&disk, "64M");
+    qemu_io(disk.to_str().unwrap(), "write -P 0x21 0 16M").unwrap();
+    s.apply("big", with(s.spec(&disk, "replica", s.replica_port), "compressionEnabled", json!(false))).await;
+    let progress = wait_secs(30, "progress of the initial copy", async || {
+        let st = s.vmrs.get("big").await.ok()?.status?;
+        let p = st.progress.filter(|p| p.bytes_done > 0 && p.bytes_per_second > 0)?;
+        (st.state == ReplicationState::WaitingForInitialReplication).then_some(p)
+    })
+    .await;
+    assert_eq!(progress.operation, "InitialReplication");
+    assert_eq!(progress.bytes_total, 16 << 20, "the allocated bytes, not the 64 MiB disk");
+    assert!(progress.bytes_done < progress.bytes_total, "{progress:?}");
+    assert!(progress.eta.is_some(), "{progress:?}");
+    // Roughly the limit (the copy shares it with nothing else).
+    assert!(progress.bytes_per_second < 4_000_000, "{progress:?}");
+    let v = s.wait_state("big", ReplicationState::Replicating, 60).await;
+    assert!(v.status.unwrap().progress.is_none(), "no progress once replicating");
 }

@@ -150,6 +150,9 @@ pub struct Shipper {
     epoch: u64,
     stats: Mutex<ShipStats>,
     metrics: Option<Arc<Metrics>>,
+    /// The initial copy in flight: bytes sent so far and bytes to send (the
+    /// image's allocated extents), both 0 when none runs.
+    copying: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
 }
 
 /// What one chunk producer hands the gRPC stream.
@@ -177,6 +180,7 @@ impl Shipper {
             epoch: 0,
             stats: Mutex::default(),
             metrics: None,
+            copying: Arc::default(),
         }
     }
 
@@ -196,6 +200,12 @@ impl Shipper {
 
     pub fn disk(&self) -> &Arc<ProtectedDisk> {
         &self.disk
+    }
+
+    /// The initial copy in flight: (bytes sent, bytes to send); (0, 0) when none runs.
+    pub fn copy_progress(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.copying.0.load(Relaxed), self.copying.1.load(Relaxed))
     }
 
     pub fn stats(&self) -> ShipStats {
@@ -391,13 +401,14 @@ impl Shipper {
             epoch: self.epoch,
             next_seq,
         };
-        let (path, size, chunk, compression, limiter, disk) = (
+        let (path, size, chunk, compression, limiter, disk, copying) = (
             self.disk.path().to_owned(),
             self.disk.size(),
             self.cfg.chunk_size,
             self.cfg.compression,
             self.limiter.clone(),
             self.disk.clone(),
+            self.copying.clone(),
         );
         let (rx, producer) = self.spawn_producer(move |tx| {
             let read_err = |source| ShipError::Read { what: path.display().to_string(), source };
@@ -408,7 +419,12 @@ impl Shipper {
             // blocks inside allocated extents are not sent.
             const BLOCK: u64 = 64 << 10;
             let mut wire = 0u64;
+            let extents = data_extents(&file, size).map_err(read_err)?;
+            use std::sync::atomic::Ordering::Relaxed;
+            copying.0.store(0, Relaxed);
+            copying.1.store(extents.iter().map(|(_, len)| len).sum(), Relaxed);
             let mut send = |off: u64, data: &mut [u8]| {
+                copying.0.fetch_add(data.len() as u64, Relaxed);
                 let (data, compressed, raw_len) = Self::encode(data, compression, &limiter);
                 wire += data.len() as u64;
                 let c = CopyChunk {
@@ -423,7 +439,7 @@ impl Shipper {
             };
             let mut run_start = 0u64;
             let mut run_len = 0usize;
-            for (ext_off, ext_len) in data_extents(&file, size).map_err(read_err)? {
+            for (ext_off, ext_len) in extents {
                 let mut off = ext_off;
                 while off < ext_off + ext_len {
                     let n = (ext_off + ext_len - off).min(BLOCK) as usize;
@@ -463,8 +479,10 @@ impl Shipper {
             Ok(wire)
         });
         let call = self.client.clone().push_initial_copy(ReceiverStream::new(rx)).await;
-        let wire = producer
-            .await
+        let produced = producer.await;
+        self.copying.0.store(0, std::sync::atomic::Ordering::Relaxed);
+        self.copying.1.store(0, std::sync::atomic::Ordering::Relaxed);
+        let wire = produced
             .map_err(|e| ShipError::Read { what: "image reader".into(), source: io::Error::other(e) })??;
         let ack = call?.into_inner();
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());

@@ -80,12 +80,22 @@ fn the_view_sums_a_vms_disks_only() {
     let other = disk("prod.other", "root");
     let v = view("prod.db", &[a.clone(), b, other]);
     assert_eq!((v.disks, v.replicated, v.successful, v.missed), (2, 2, 3, 2));
-    assert_eq!((v.raw_bytes, v.pending_bytes, v.copy_total), (200, 7, 2 << 20));
+    assert_eq!((v.raw_bytes, v.pending_bytes, v.copy_total), (200, 7, 0), "both copies done, nothing sent");
     assert_eq!(v.last_replication_ms, Some(4_000), "the oldest disk decides");
     assert_eq!(v.failure.as_ref().unwrap().0, "Unavailable");
     let mut never = disk("prod.db", "data");
     never.last_replication_unix_ms = 0;
-    assert_eq!(view("prod.db", &[a, never]).last_replication_ms, None, "a disk never replicated");
+    assert_eq!(
+        view("prod.db", &[a.clone(), never.clone()]).last_replication_ms,
+        None,
+        "a disk never replicated"
+    );
+    // A copy in flight: what it sent of its allocated bytes; one not started: the disk's size.
+    never.copy_sent_bytes = 300;
+    never.copy_total_bytes = 1000;
+    let fresh = disk("prod.db", "logs");
+    let v = view("prod.db", &[never, fresh]);
+    assert_eq!((v.copy_done, v.copy_total), (300, 1000 + (1 << 20)));
 }
 
 #[test]
