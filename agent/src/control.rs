@@ -297,6 +297,28 @@ impl Control for Arc<ControlService> {
             return Ok(Response::new(refuse(format!("no replica of {} on this agent", r.vm_id))));
         }
         disks.sort_by_key(|d| d.state().disk_id.clone());
+        if !r.copy_name.is_empty() {
+            let mut images = Vec::new();
+            for d in disks {
+                let path = d.materialized_path(&r.copy_name);
+                if !path.exists() {
+                    return Ok(Response::new(refuse(format!(
+                        "disk {}: no copy {} to serve: materialise the recovery point first",
+                        d.state().disk_id,
+                        r.copy_name
+                    ))));
+                }
+                if r.complete {
+                    let d2 = d.clone();
+                    tokio::task::spawn_blocking(move || d2.complete_unplanned())
+                        .await
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .map_err(|e| Status::internal(e.to_string()))?;
+                }
+                images.push((d.state().disk_id.clone(), path));
+            }
+            return Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images).await));
+        }
         for d in &disks {
             let s = d.state().clone();
             match s.primary_final_seq {

@@ -131,6 +131,19 @@ async fn write(vmr: &VMReplication, ctx: &Context, last: &FailoverStatus) -> Res
     Ok(())
 }
 
+/// Writes `status` and emits an Event carrying its message.
+async fn record(
+    vmr: &VMReplication,
+    ctx: &Context,
+    status: &FailoverStatus,
+    type_: EventType,
+    reason: &str,
+) -> Result<(), Error> {
+    write(vmr, ctx, status).await?;
+    event(ctx, vmr, type_, reason, status.message.clone().unwrap_or_default()).await;
+    Ok(())
+}
+
 async fn event(ctx: &Context, vmr: &VMReplication, type_: EventType, reason: &str, note: String) {
     let e =
         Event { type_, reason: reason.into(), note: Some(note), action: "Failover".into(), secondary: None };
@@ -225,15 +238,7 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
                         "test disks at point {point} (replication continues): {}; remove spec.failover to delete them",
                         paths.join(", ")
                     ));
-                    write(vmr, ctx, &status).await?;
-                    event(
-                        ctx,
-                        vmr,
-                        EventType::Normal,
-                        "TestFailoverReady",
-                        status.message.clone().unwrap_or_default(),
-                    )
-                    .await;
+                    record(vmr, ctx, &status, EventType::Normal, "TestFailoverReady").await?;
                 }
                 Ok(Err(why)) => {
                     status.phase = FailoverPhase::Failed;
@@ -253,15 +258,7 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
                     let mut done = l.clone();
                     done.phase = FailoverPhase::Cancelled;
                     done.message = Some("test failover stopped: its test disks were deleted".into());
-                    write(vmr, ctx, &done).await?;
-                    event(
-                        ctx,
-                        vmr,
-                        EventType::Normal,
-                        "TestFailoverCleanedUp",
-                        done.message.clone().unwrap_or_default(),
-                    )
-                    .await;
+                    record(vmr, ctx, &done, EventType::Normal, "TestFailoverCleanedUp").await?;
                     Ok(true)
                 }
                 Err(why) => Err(Error::Agent(format!("deleting the test disks: {why}"))),
@@ -378,9 +375,7 @@ pub async fn planned_primary(
          planned failover on the Replica object at the replica site",
         finals.join(", ")
     ));
-    write(vmr, ctx, &status).await?;
-    event(ctx, vmr, EventType::Normal, "PlannedFailoverPrepared", status.message.clone().unwrap_or_default())
-        .await;
+    record(vmr, ctx, &status, EventType::Normal, "PlannedFailoverPrepared").await?;
     held(status)
 }
 
@@ -440,6 +435,7 @@ pub async fn planned_replica(
     let req = vmreplica_agent::control::proto::PromoteRequest {
         vm_id: disks[0].vm_id.clone(),
         uid: vmr.metadata.uid.clone().unwrap_or_default(),
+        ..Default::default()
     };
     let reply = match control(&agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner()))
         .await
@@ -466,15 +462,7 @@ pub async fn planned_replica(
         "failed over with no loss: the VM's disks are served at {}.{reverse}",
         reply.exports.join(", ")
     ));
-    write(vmr, ctx, &status).await?;
-    event(
-        ctx,
-        vmr,
-        EventType::Normal,
-        "PlannedFailoverCompleted",
-        status.message.clone().unwrap_or_default(),
-    )
-    .await;
+    record(vmr, ctx, &status, EventType::Normal, "PlannedFailoverCompleted").await?;
     Ok(None)
 }
 
@@ -489,6 +477,190 @@ async fn fail_with(
     status.message = Some(why.clone());
     write(vmr, ctx, &status).await?;
     event(ctx, vmr, EventType::Warning, "PlannedFailoverFailed", why).await;
+    Ok(None)
+}
+
+/// The name of the copy an unplanned failover runs the VM on.
+pub fn failover_copy_name(vmr: &VMReplication) -> String {
+    format!("{}-failover", vmr.name_any())
+}
+
+/// A primary that opened its replica this recently is taken to be running.
+pub const PRIMARY_ALIVE_MS: u64 = 60_000;
+
+/// Unplanned failover, replica side: refuse while the primary looks alive
+/// (unless forced), run the VM on a copy of the chosen point and wait for
+/// Complete (old primary refused, other points folded away) or Cancel
+/// (request removed: the copy goes, the replica is a replica again). Returns
+/// when to look again.
+pub async fn unplanned_replica(
+    vmr: &VMReplication,
+    ctx: &Context,
+) -> Result<Option<std::time::Duration>, Error> {
+    use crate::power::{Power, VmPower};
+    let request = vmr.spec.failover.as_ref().filter(|f| f.failover_type == FailoverType::Unplanned);
+    let last = vmr
+        .status
+        .as_ref()
+        .and_then(|s| s.last_failover.clone())
+        .filter(|l| l.failover_type == FailoverType::Unplanned);
+    let uid = vmr.metadata.uid.clone().unwrap_or_default();
+    let Some(f) = request else {
+        // Cancel: the request went while waiting for completion.
+        let Some(mut l) = last.filter(|l| l.phase == FailoverPhase::WaitingCompletion) else {
+            return Ok(None);
+        };
+        let Some((agent, disks)) = locate(vmr, ctx).await? else {
+            return Err(Error::Agent("no live replica agent holds this VM".into()));
+        };
+        let req = vmreplica_agent::control::proto::RemoveRequest {
+            vm_id: disks[0].vm_id.clone(),
+            uid: uid.clone(),
+        };
+        control(&agent, ctx, async |mut c| c.remove_replication(req.clone()).await.map(|r| r.into_inner()))
+            .await
+            .map_err(Error::Agent)?;
+        for d in &disks {
+            let req = DeleteMaterializedRequest {
+                vm_id: d.vm_id.clone(),
+                disk_id: d.disk_id.clone(),
+                name: failover_copy_name(vmr),
+            };
+            control(&agent, ctx, async |mut c| {
+                c.delete_materialized(req.clone()).await.map(|r| r.into_inner())
+            })
+            .await
+            .map_err(Error::Agent)?;
+        }
+        l.phase = FailoverPhase::Cancelled;
+        l.end_time = Some(Time((ctx.site.now)()));
+        l.message = Some("cancelled: the failover copy was deleted; this is a replica again, and another point may be chosen".into());
+        record(vmr, ctx, &l, EventType::Normal, "UnplannedFailoverCancelled").await?;
+        return Ok(None);
+    };
+    let same = last.as_ref().filter(|l| l.id == f.id);
+    if same.is_some_and(|l| matches!(l.phase, FailoverPhase::Completed | FailoverPhase::Failed)) {
+        return Ok(None);
+    }
+    let Some((agent, disks)) = locate(vmr, ctx).await? else {
+        return Err(Error::Agent("no live replica agent holds this VM".into()));
+    };
+    let vm_id = disks[0].vm_id.clone();
+    if let Some(l) = same.filter(|l| l.phase == FailoverPhase::WaitingCompletion) {
+        if !f.complete {
+            return Ok(None);
+        }
+        let req = vmreplica_agent::control::proto::PromoteRequest {
+            vm_id,
+            uid,
+            copy_name: failover_copy_name(vmr),
+            complete: true,
+        };
+        let reply = control(&agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner()))
+            .await
+            .map_err(Error::Agent)?;
+        let mut done = l.clone();
+        done.phase = FailoverPhase::Completed;
+        done.end_time = Some(Time((ctx.site.now)()));
+        done.message = Some(format!(
+            "completed: the other recovery points are folded away and the old primary is refused; the VM's disks are {}",
+            reply.exports.join(", ")
+        ));
+        record(vmr, ctx, &done, EventType::Normal, "UnplannedFailoverCompleted").await?;
+        return Ok(None);
+    }
+    let now_ms = (ctx.site.now)().as_millisecond().max(0) as u64;
+    let mut status = FailoverStatus {
+        id: f.id.clone(),
+        failover_type: FailoverType::Unplanned,
+        phase: FailoverPhase::Pending,
+        recovery_point: None,
+        start_time: same.and_then(|l| l.start_time.clone()).or(Some(Time((ctx.site.now)()))),
+        end_time: None,
+        data_loss_window_seconds: None,
+        forced: f.force,
+        message: None,
+    };
+    // The split-brain guard: a primary that replicated a moment ago is running.
+    let contact = disks.iter().map(|d| d.last_contact_unix_ms).max().unwrap_or(0);
+    if !f.force && contact > 0 && now_ms.saturating_sub(contact) < PRIMARY_ALIVE_MS {
+        let message = format!(
+            "refused: the primary replicated {} s ago, so it is probably running (two running copies would \
+             diverge). Stop it, or set force: true to fail over anyway",
+            now_ms.saturating_sub(contact) / 1000
+        );
+        if same.and_then(|l| l.message.as_deref()) != Some(message.as_str()) {
+            status.message = Some(message.clone());
+            write(vmr, ctx, &status).await?;
+            event(ctx, vmr, EventType::Warning, "UnplannedFailoverRefused", message).await;
+        }
+        return Ok(Some(std::time::Duration::from_secs(5)));
+    }
+    let refs: Vec<&ReplicaDisk> = disks.iter().collect();
+    let (point, per_disk) = match choose_points(&refs, &f.recovery_point) {
+        Ok(c) => c,
+        Err(why) => {
+            status.phase = FailoverPhase::Failed;
+            status.message = Some(why.clone());
+            write(vmr, ctx, &status).await?;
+            event(ctx, vmr, EventType::Warning, "UnplannedFailoverFailed", why).await;
+            return Ok(None);
+        }
+    };
+    status.phase = FailoverPhase::PreparingDisks;
+    status.recovery_point = Some(point.clone());
+    status.message = Some(format!("rolling to point {point}"));
+    write(vmr, ctx, &status).await?;
+    if f.force {
+        event(
+            ctx,
+            vmr,
+            EventType::Warning,
+            "UnplannedFailoverForced",
+            "force: true overrides the split-brain guard".into(),
+        )
+        .await;
+    }
+    for d in &disks {
+        let req = MaterializeRequest {
+            vm_id: d.vm_id.clone(),
+            disk_id: d.disk_id.clone(),
+            seq: per_disk[&d.disk_id],
+            name: failover_copy_name(vmr),
+        };
+        control(&agent, ctx, async |mut c| c.materialize_point(req.clone()).await.map(|r| r.into_inner()))
+            .await
+            .map_err(Error::Agent)?;
+    }
+    let req = vmreplica_agent::control::proto::PromoteRequest {
+        vm_id,
+        uid,
+        copy_name: failover_copy_name(vmr),
+        complete: false,
+    };
+    let reply = control(&agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner()))
+        .await
+        .map_err(Error::Agent)?;
+    if !reply.accepted {
+        return Err(Error::Agent(reply.message));
+    }
+    if f.start_vm {
+        VmPower::for_vmr(ctx.site.client.clone(), vmr).set_running(true).await.map_err(Error::Read)?;
+    }
+    let point_ms = refs
+        .iter()
+        .flat_map(|d| d.points.iter())
+        .filter(|p| p.seq.to_string() == point)
+        .map(|p| p.time_unix_ms)
+        .next();
+    status.phase = FailoverPhase::WaitingCompletion;
+    status.data_loss_window_seconds = point_ms.map(|t| now_ms.saturating_sub(t) / 1000);
+    status.message = Some(format!(
+        "the VM runs on point {point} at {}; set complete: true to keep it (the other points are folded away), \
+         or remove the request to cancel",
+        reply.exports.join(", ")
+    ));
+    record(vmr, ctx, &status, EventType::Normal, "UnplannedFailoverWaitingCompletion").await?;
     Ok(None)
 }
 

@@ -103,8 +103,14 @@ pub fn replica_status(
 ) -> VMReplicationStatus {
     let removed = disks.iter().all(|d| d.removed);
     let copied = disks.iter().all(|d| d.has_copy);
+    let waiting = previous.last_failover.as_ref().is_some_and(|l| {
+        l.failover_type == vmreplica_crds::FailoverType::Unplanned
+            && l.phase == vmreplica_crds::FailoverPhase::WaitingCompletion
+    });
     let state = if disks.iter().all(|d| d.promoted) {
         ReplicationState::FailedOver
+    } else if waiting {
+        ReplicationState::FailOverWaitingCompletion
     } else if removed {
         ReplicationState::NotEnabled
     } else if !copied {

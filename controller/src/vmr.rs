@@ -752,6 +752,9 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
         if let Some(again) = crate::failover::planned_replica(&vmr, &ctx).await? {
             return Ok(Action::requeue(again));
         }
+        if let Some(again) = crate::failover::unplanned_replica(&vmr, &ctx).await? {
+            return Ok(Action::requeue(again));
+        }
         return Ok(Action::await_change());
     }
     if let Some(held) = planned_failover(&vmr, &ctx).await? {

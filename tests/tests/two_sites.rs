@@ -415,4 +415,77 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     assert!(Path::new(&image).exists(), "the replica's disk stays");
     qemu_io(&image, "read -P 0x4d 2M 64k").expect("with its data");
     qemu_io(&image, "read -P 0x7a 5M 4k").expect("and what was written at B after the failover");
+
+    // Unplanned failover of a third VM, with its primary still running.
+    let pay_img = disk("pay");
+    apply(&a_vmrs, "pay", spec(&pay_img)).await;
+    wait_secs(60, "pay at B", async || state_is(&b_vmrs, "pay", ReplicationState::Replicating).await).await;
+    let pay_export = format!("nbd+unix:///{a_ns}.pay/root?socket={}", socket.display());
+    let pay_replica = b_vmrs.get("pay").await.unwrap().spec.disks[0].path.clone();
+    qemu_io(&pay_export, "write -P 0x81 1M 64k").unwrap();
+    wait_secs(30, "0x81 at B", async || qemu_io(&pay_replica, "read -P 0x81 1M 64k").ok()).await;
+    let p1 = wait_secs(30, "a point at B", async || {
+        Some(b_vmrs.get("pay").await.ok()?.status?.recovery_points.first()?.id.clone())
+    })
+    .await;
+    qemu_io(&pay_export, "write -P 0x82 1M 64k").unwrap();
+    wait_secs(30, "0x82 at B", async || qemu_io(&pay_replica, "read -P 0x82 1M 64k").ok()).await;
+    let request = |id: &str, failover: serde_json::Value| {
+        let mut f = failover;
+        f["id"] = json!(id);
+        f["type"] = json!("Unplanned");
+        json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": "pay"},
+               "spec": {"role": "Replica", "disks": [{"name": "root", "path": pay_replica}], "failover": f}})
+    };
+    let last_of = async |phase: vmreplica_crds::FailoverPhase| {
+        wait_secs(30, &format!("pay's failover to reach {phase:?}"), async || {
+            b_vmrs.get("pay").await.ok()?.status?.last_failover.filter(|l| l.phase == phase)
+        })
+        .await
+    };
+    // The split-brain guard: the primary replicated a moment ago.
+    b_vmrs.patch("pay", &tester, &Patch::Apply(request("u1", json!({})))).await.unwrap();
+    let l = last_of(vmreplica_crds::FailoverPhase::Pending).await;
+    assert!(l.message.unwrap().contains("probably running"));
+    assert!(state_is(&b_vmrs, "pay", ReplicationState::Replicating).await.is_some(), "nothing changed");
+    // force: true overrides it, recorded in status.
+    b_vmrs.patch("pay", &tester, &Patch::Apply(request("u1", json!({"force": true})))).await.unwrap();
+    let l = last_of(vmreplica_crds::FailoverPhase::WaitingCompletion).await;
+    assert!(l.forced);
+    wait_secs(30, "FailOverWaitingCompletion", async || {
+        state_is(&b_vmrs, "pay", ReplicationState::FailOverWaitingCompletion).await
+    })
+    .await;
+    let b_pay = format!("nbd+unix:///{a_ns}.pay/root?socket={}", root.join("b-nbd.sock").display());
+    qemu_io(&b_pay, "read -P 0x82 1M 64k").expect("the latest point runs at B");
+    // Cancel: the copy goes, B is a replica again.
+    b_vmrs.patch("pay", &tester, &Patch::Apply(json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+        "metadata": {"name": "pay"}, "spec": {"role": "Replica", "disks": [{"name": "root", "path": pay_replica}]}}))).await.unwrap();
+    last_of(vmreplica_crds::FailoverPhase::Cancelled).await;
+    assert!(qemu_io(&b_pay, "read 0 512").is_err(), "no longer served");
+    // Another point (the older one), then Complete.
+    b_vmrs
+        .patch("pay", &tester, &Patch::Apply(request("u2", json!({"force": true, "recoveryPoint": p1}))))
+        .await
+        .unwrap();
+    let l = last_of(vmreplica_crds::FailoverPhase::WaitingCompletion).await;
+    assert_eq!(l.id, "u2");
+    qemu_io(&b_pay, "read -P 0x81 1M 64k").expect("the older point runs at B");
+    b_vmrs
+        .patch(
+            "pay",
+            &tester,
+            &Patch::Apply(request("u2", json!({"force": true, "recoveryPoint": p1, "complete": true}))),
+        )
+        .await
+        .unwrap();
+    last_of(vmreplica_crds::FailoverPhase::Completed).await;
+    wait_secs(30, "B FailedOver", async || state_is(&b_vmrs, "pay", ReplicationState::FailedOver).await)
+        .await;
+    // The old primary, still running, is refused from now on.
+    let stale =
+        wait_secs(30, "A's pay refused", async || state_is(&a_vmrs, "pay", ReplicationState::Error).await)
+            .await;
+    let ready = stale.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains("epoch"), "{ready:?}");
 }

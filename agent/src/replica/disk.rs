@@ -298,6 +298,20 @@ impl ReplicaDisk {
         Ok(self.image_path())
     }
 
+    /// Completes an unplanned failover: the VM runs elsewhere (a materialised
+    /// copy), the old primary is refused from now on, and only the newest
+    /// point is kept (Complete-VMFailover).
+    pub fn complete_unplanned(&self) -> Result<()> {
+        if self.state().promoted {
+            return Ok(());
+        }
+        self.prune(|_| false)?;
+        self.update(|s| {
+            s.promoted = true;
+            s.epoch += 1;
+        })
+    }
+
     /// Records a contact from the primary (an Open).
     pub fn touch(&self) {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
