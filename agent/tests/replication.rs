@@ -297,7 +297,9 @@ async fn peak_concurrency(site: &Site, primary_limit: usize) -> usize {
             &format!("vm{k}"),
             p.disk.clone(),
             ch,
-            fast(),
+            // Uncompressed: a pattern would shrink to nothing on the wire and
+            // the transfers would finish before they could overlap.
+            ShipperConfig { compression: false, ..fast() },
             limiter,
             shared.clone(),
         );
