@@ -42,6 +42,10 @@ where
     api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await.unwrap();
 }
 
+async fn last_failover(api: &Api<VMReplication>, name: &str) -> vmreplica_crds::FailoverStatus {
+    api.get(name).await.unwrap().status.unwrap().last_failover.unwrap()
+}
+
 fn controllers(client: kube::Client, ns: &str, ca: &Ca, watch: Option<String>) -> Arc<vmr::Context> {
     let base = Arc::new(site::Context {
         client,
@@ -306,6 +310,15 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     assert_eq!((l.id.as_str(), l.data_loss_window_seconds), ("move-1", Some(0)), "{l:?}");
     assert!(l.message.unwrap().contains("request the planned failover on the Replica object"));
     assert_eq!(prepared.status.unwrap().health, vmreplica_crds::Health::Normal);
+    // Re-applying the same request (as GitOps does) changes nothing.
+    // (With another field changed too, so the object's generation moves and
+    // the controller does look at it again.)
+    let before = last_failover(&a_vmrs, ledger).await;
+    let mut reapplied = planned.clone();
+    reapplied["spec"]["compressionEnabled"] = json!(false);
+    apply_object(&a_vmrs, &reapplied).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(last_failover(&a_vmrs, ledger).await, before, "the same id is not run again");
     for d in &replica.spec.disks {
         let primary_img = if d.name == "root" { &root_img } else { &data_img };
         wait_secs(30, &format!("disk {} identical at B", d.name), async || {
