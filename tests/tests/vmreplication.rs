@@ -85,6 +85,8 @@ struct Site {
     denied_port: u16,
     ca: Ca,
     metrics: Arc<Metrics>,
+    base: Arc<site::Context>,
+    controller: tokio::task::JoinHandle<()>,
     replicas: Vec<Process>,
     primary_name: String,
 }
@@ -141,8 +143,8 @@ async fn site_with(primary_args: &[&str]) -> Site {
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: metrics.clone(),
     });
-    let ctx = vmr::Context::new(base, Duration::from_secs(2), Some(ns.clone()));
-    tokio::spawn(vmr::run(ctx, std::future::pending()));
+    let ctx = vmr::Context::new(base.clone(), Duration::from_secs(2), Some(ns.clone()));
+    let controller = tokio::spawn(vmr::run(ctx, std::future::pending()));
     let vmrs = Api::namespaced(client.clone(), &ns);
     Site {
         _dir: dir,
@@ -159,6 +161,8 @@ async fn site_with(primary_args: &[&str]) -> Site {
         denied_port,
         ca,
         metrics,
+        base,
+        controller,
         replicas,
         primary_name,
     }
@@ -468,4 +472,51 @@ async fn initial_replication_reports_its_progress() {
     assert!(progress.bytes_per_second < 4_000_000, "{progress:?}");
     let v = s.wait_state("big", ReplicationState::Replicating, 60).await;
     assert!(v.status.unwrap().progress.is_none(), "no progress once replicating");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_failover_resumes_from_status_and_finishes() {
+    let mut s = site().await;
+    let disk = s.root.join("disks").join("mv.img");
+    qemu_img_create(&disk, "8M");
+    s.apply("mv", s.spec(&disk, "replica", s.replica_port)).await;
+    s.wait_state("mv", ReplicationState::Replicating, 60).await;
+    let export = format!("nbd+unix:///{}.mv/root?socket={}", s.ns, s.socket.display());
+    qemu_io(&export, "write -P 0x44 1M 256k").unwrap();
+
+    // The controller dies in the middle of a planned failover: the request is
+    // in spec and status says it was shipping the last log.
+    s.controller.abort();
+    let _ = (&mut s.controller).await;
+    s.apply(
+        "mv",
+        with(s.spec(&disk, "replica", s.replica_port), "failover", json!({"id": "m1", "type": "Planned"})),
+    )
+    .await;
+    let midway = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+        "status": {"lastFailover": {"id": "m1", "type": "Planned", "phase": "SyncingFinalLog",
+                                    "startTime": "2026-01-01T00:00:00Z", "forced": false}}});
+    s.vmrs
+        .patch_status(
+            "mv",
+            &PatchParams::apply(vmreplica_controller::failover::FAILOVER_MANAGER).force(),
+            &Patch::Apply(midway),
+        )
+        .await
+        .unwrap();
+
+    // A new controller picks it up from status and finishes it.
+    let ctx = vmr::Context::new(s.base.clone(), Duration::from_secs(2), Some(s.ns.clone()));
+    tokio::spawn(vmr::run(ctx, std::future::pending()));
+    let v = s.wait_state("mv", ReplicationState::SyncedReplicationComplete, 60).await;
+    let l = v.status.unwrap().last_failover.unwrap();
+    assert_eq!((l.id.as_str(), l.phase), ("m1", vmreplica_crds::FailoverPhase::Completed), "{l:?}");
+    let replica_img = s.replica_storage.join(format!("{}.mv", s.ns)).join("root").join("disk.img");
+    let same = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(&replica_img)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(same.success(), "no write lost across the restart");
 }
