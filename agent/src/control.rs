@@ -114,6 +114,7 @@ impl ControlService {
             .map(|s| {
                 let st = s.stats();
                 let log = s.disk().log_status();
+                let copy = s.copy_progress();
                 let ms = |d: std::time::Duration| d.as_millis() as u64;
                 PrimaryDisk {
                     vm_id: s.vm_id().to_owned(),
@@ -136,8 +137,8 @@ impl ControlService {
                         .map_or(0, ms),
                     last_error: st.last_error.unwrap_or_default(),
                     last_error_code: st.last_error_code.unwrap_or_default(),
-                    copy_sent_bytes: s.copy_progress().0,
-                    copy_total_bytes: s.copy_progress().1,
+                    copy_sent_bytes: copy.0,
+                    copy_total_bytes: copy.1,
                     durable_through: st.durable_through,
                     initial_copy_bytes: st.initial_copy_bytes,
                     disk_size: s.disk().size(),

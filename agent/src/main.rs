@@ -283,19 +283,18 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
     let replicate = match s.replicate_to {
         None => None,
         Some(addr) => {
-            let tls = tls.clone().ok_or("--replicate-to needs --tls-dir")?;
+            if tls.is_none() {
+                return Err("--replicate-to needs --tls-dir".into());
+            }
             let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).to_owned();
             Some(run::ReplicateTo {
                 server_name: s.replica_server_name.unwrap_or(host),
                 addr,
-                tls,
                 shipper: ShipperConfig {
                     compression: !s.no_compression,
                     backoff: retry.clone(),
                     ..Default::default()
                 },
-                bandwidth: s.bandwidth_limit,
-                max_transfers: s.max_transfers,
             })
         }
     };

@@ -44,8 +44,10 @@ pub struct NodeConfig {
     /// The NBD unix socket, for the export URIs in replies.
     pub socket: Option<PathBuf>,
     pub backoff: Vec<Duration>,
-    pub bandwidth: Option<u64>,
-    pub max_transfers: usize,
+    /// The agent's bandwidth budget and transfer limit, shared with
+    /// everything else it ships.
+    pub limiter: Option<Arc<RateLimiter>>,
+    pub transfers: Arc<Semaphore>,
     /// Whether a VMReplication may name freeze/thaw commands to run on this
     /// node (whoever may create VMReplications could run them as the agent).
     pub allow_quiesce_commands: bool,
@@ -65,8 +67,6 @@ pub struct Node {
     cfg: NodeConfig,
     nbd: Arc<NbdServer>,
     metrics: Arc<Metrics>,
-    limiter: Option<Arc<RateLimiter>>,
-    transfers: Arc<Semaphore>,
     vms: Mutex<BTreeMap<String, Managed>>,
 }
 
@@ -101,6 +101,24 @@ pub fn quiesce(
         (true, true, socket) => Err(format!("guest agent socket {socket:?} is not an absolute path")),
         _ => Err("give both a freeze and a thaw command".into()),
     }
+}
+
+/// Opens `images` (name, path) as VM `vm_id`'s protected disks, with their
+/// logs, away from the async runtime.
+async fn open_disks(vm_id: &str, images: Vec<(String, PathBuf)>) -> Result<Vec<Arc<ProtectedDisk>>, String> {
+    let vm = vm_id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        images
+            .iter()
+            .map(|(name, path)| {
+                ProtectedDisk::open(&vm, name, path)
+                    .map(|(d, _)| Arc::new(d))
+                    .map_err(|e| format!("disk {name}: {e}"))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| format!("opening the disks failed: {e}"))?
 }
 
 /// Checks a spec before anything is touched; the disks' resolved paths.
@@ -147,14 +165,7 @@ pub fn check_spec(spec: &VmReplicationSpec, roots: &[PathBuf]) -> Result<Vec<(St
 
 impl Node {
     pub fn new(cfg: NodeConfig, nbd: Arc<NbdServer>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self {
-            limiter: cfg.bandwidth.map(|b| Arc::new(RateLimiter::new(b))),
-            transfers: Arc::new(Semaphore::new(cfg.max_transfers.max(1))),
-            cfg,
-            nbd,
-            metrics,
-            vms: Mutex::default(),
-        })
+        Arc::new(Self { cfg, nbd, metrics, vms: Mutex::default() })
     }
 
     /// Where the replica server is, and the name its certificate must carry.
@@ -202,8 +213,8 @@ impl Node {
                         d.clone(),
                         ch.clone(),
                         cfg.clone(),
-                        self.limiter.clone(),
-                        self.transfers.clone(),
+                        self.cfg.limiter.clone(),
+                        self.cfg.transfers.clone(),
                     )
                     .with_metrics(self.metrics.clone()),
                 )
@@ -341,34 +352,16 @@ impl Node {
                 ));
             }
         }
-        let vm_id = spec.vm_id.clone();
-        let opened = tokio::task::spawn_blocking(move || {
-            paths
-                .iter()
-                .map(|(name, path)| {
-                    ProtectedDisk::open(&vm_id, name, path)
-                        .map(|(d, _)| Arc::new(d))
-                        .map_err(|e| format!("disk {name}: {e}"))
-                })
-                .collect::<Result<Vec<_>, String>>()
-        })
-        .await;
-        let disks = match opened {
-            Ok(Ok(d)) => d,
-            Ok(Err(why)) => return refuse(why),
-            Err(e) => return refuse(format!("opening the disks failed: {e}")),
+        let disks = match open_disks(&spec.vm_id, paths).await {
+            Ok(d) => d,
+            Err(why) => return refuse(why),
         };
         let shippers = match self.shippers(&spec, &disks, &addr, &server_name) {
             Ok(s) => s,
             Err(why) => return refuse(why),
         };
-        for d in &disks {
-            if !self.nbd.add_export(&export_name(&spec.vm_id, d.name()), d.clone()) {
-                for d in &disks {
-                    self.nbd.remove_export(&export_name(&spec.vm_id, d.name()));
-                }
-                return refuse(format!("export {} is already served", export_name(&spec.vm_id, d.name())));
-            }
+        if let Err(why) = self.add_exports(&spec.vm_id, &disks) {
+            return refuse(why);
         }
         let exports = self.export_uris(&spec);
         let mut m = Managed { prepared: false, spec, disks, shippers, running: None };
@@ -492,26 +485,13 @@ impl Node {
                 exports: self.export_uris(&spec),
             };
         }
-        let vm = vm_id.to_owned();
-        let opened = tokio::task::spawn_blocking(move || {
-            images
-                .iter()
-                .map(|(name, path)| {
-                    ProtectedDisk::open(&vm, name, path)
-                        .map(|(d, _)| Arc::new(d))
-                        .map_err(|e| format!("disk {name}: {e}"))
-                })
-                .collect::<Result<Vec<_>, String>>()
-        })
-        .await;
-        let disks = match opened.map_err(|e| e.to_string()).and_then(|r| r) {
+        let refuse = |message| EnableReply { accepted: false, message, generation: 0, exports: Vec::new() };
+        let disks = match open_disks(vm_id, images).await {
             Ok(d) => d,
-            Err(message) => {
-                return EnableReply { accepted: false, message, generation: 0, exports: Vec::new() };
-            }
+            Err(message) => return refuse(message),
         };
-        for d in &disks {
-            self.nbd.add_export(&export_name(vm_id, d.name()), d.clone());
+        if let Err(message) = self.add_exports(vm_id, &disks) {
+            return refuse(message);
         }
         let exports = self.export_uris(&spec);
         tracing::info!(vm = vm_id, disks = disks.len(), "promoted replica served as the VM's disks");
@@ -520,6 +500,21 @@ impl Node {
             Managed { prepared: false, spec, disks, shippers: Vec::new(), running: None },
         );
         EnableReply { accepted: true, message: String::new(), generation: 0, exports }
+    }
+
+    /// Serves `disks` as the exports `<vm>/<disk>`; on a clash, withdraws
+    /// the ones it added and says which name was taken.
+    fn add_exports(&self, vm_id: &str, disks: &[Arc<ProtectedDisk>]) -> Result<(), String> {
+        for (i, d) in disks.iter().enumerate() {
+            let name = export_name(vm_id, d.name());
+            if !self.nbd.add_export(&name, d.clone()) {
+                for added in &disks[..i] {
+                    self.nbd.remove_export(&export_name(vm_id, added.name()));
+                }
+                return Err(format!("export {name} is already served"));
+            }
+        }
+        Ok(())
     }
 
     /// Every shipper of every protected VM.

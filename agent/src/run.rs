@@ -23,14 +23,12 @@ use crate::{
     },
 };
 
-/// Where a primary replicates to.
+/// Where a primary's `--disk` images replicate to (with the agent's
+/// certificates, bandwidth limit and transfer limit).
 pub struct ReplicateTo {
     pub addr: String,
     pub server_name: String,
-    pub tls: TlsMaterial,
     pub shipper: ShipperConfig,
-    pub bandwidth: Option<u64>,
-    pub max_transfers: usize,
 }
 
 /// A primary agent's options.
@@ -133,7 +131,8 @@ async fn spawn_control(control: ControlService, addr: SocketAddr, tls: TlsMateri
     Ok(())
 }
 
-async fn terminated() {
+/// Completes on SIGTERM or SIGINT.
+pub async fn terminated() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing a SIGTERM handler");
     tokio::select! {
@@ -172,6 +171,10 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         server.serve_tcp(listener);
     }
     let metrics = metrics_endpoint(opts.metrics).await?;
+    // One bandwidth budget and one transfer limit for everything this agent
+    // ships: its --disk images and the VMs the controller enables.
+    let limiter = opts.bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
+    let transfers = Arc::new(Semaphore::new(opts.max_transfers.max(1)));
     let mut control = ControlService::default();
     if let (Some(tls), Some(_)) = (&opts.tls, opts.control) {
         let cfg = crate::node::NodeConfig {
@@ -180,8 +183,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             resolve: opts.resolve.clone(),
             socket: opts.socket.clone(),
             backoff: opts.retry.clone(),
-            bandwidth: opts.bandwidth,
-            max_transfers: opts.max_transfers,
+            limiter: limiter.clone(),
+            transfers: transfers.clone(),
             allow_quiesce_commands: opts.allow_quiesce_commands,
         };
         control.node = Some(crate::node::Node::new(cfg, server.clone(), metrics.clone()));
@@ -192,10 +195,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     match (&opts.replicate, opts.interval) {
         (Some(r), interval) => {
             let interval = interval.unwrap_or(Duration::from_secs(300));
-            let ch = channel(&r.addr, &r.server_name, &r.tls)
+            let tls = opts.tls.as_ref().ok_or("--replicate-to needs --tls-dir")?;
+            let ch = channel(&r.addr, &r.server_name, tls)
                 .map_err(|e| format!("replica address {}: {e}", r.addr))?;
-            let limiter = r.bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
-            let transfers = Arc::new(Semaphore::new(r.max_transfers.max(1)));
             let shippers = disks
                 .iter()
                 .map(|d| {

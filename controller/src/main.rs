@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{ArgAction, Parser};
 use tracing_subscriber::EnvFilter;
-use vmreplica_agent::replication::tls::TlsMaterial;
+use vmreplica_agent::{replication::tls::TlsMaterial, run::terminated};
 use vmreplica_controller::{leader::Election, plan, preflight, replicas, site, telemetry::Metrics, vmr};
 
 /// Reconciles vmreplica's resources in the cluster of the current kubeconfig
@@ -44,15 +44,6 @@ struct Args {
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmreplica-controller: {msg}");
     ExitCode::FAILURE
-}
-
-async fn terminated() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 #[tokio::main]
