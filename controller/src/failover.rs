@@ -14,8 +14,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    Api, ResourceExt,
     runtime::events::{Event, EventType},
 };
 use vmreplica_agent::control::proto::{
@@ -25,7 +24,7 @@ use vmreplica_crds::{FailoverPhase, FailoverStatus, FailoverType, VMReplication}
 
 use crate::{
     Error,
-    agents::{Agent, discover},
+    agents::Agent,
     replicas::{REPLICA_OF, replica_name},
     vmr::{Context, control},
 };
@@ -88,9 +87,7 @@ pub(crate) async fn locate(
     vmr: &VMReplication,
     ctx: &Context,
 ) -> Result<Option<(Agent, Vec<ReplicaDisk>)>, Error> {
-    let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
-        .await
-        .map_err(Error::Read)?;
+    let agents = ctx.agents().await?;
     let name = vmr.name_any();
     let vm_id = vmr.labels().get(REPLICA_OF).cloned();
     for agent in agents.iter().filter(|a| a.live && a.capabilities.iter().any(|c| c == "replica")) {
@@ -120,15 +117,9 @@ pub(crate) async fn locate(
 }
 
 async fn write(vmr: &VMReplication, ctx: &Context, last: &FailoverStatus) -> Result<(), Error> {
-    let patch = serde_json::json!({
-        "apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
-        "status": {"lastFailover": last},
-    });
-    Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default())
-        .patch_status(&vmr.name_any(), &PatchParams::apply(FAILOVER_MANAGER).force(), &Patch::Apply(&patch))
+    let api = Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default());
+    crate::apply_status(&api, &vmr.name_any(), FAILOVER_MANAGER, &serde_json::json!({"lastFailover": last}))
         .await
-        .map_err(Error::WriteStatus)?;
-    Ok(())
 }
 
 /// Writes `status` and emits an Event carrying its message.
@@ -147,30 +138,77 @@ async fn record(
 async fn event(ctx: &Context, vmr: &VMReplication, type_: EventType, reason: &str, note: String) {
     let e =
         Event { type_, reason: reason.into(), note: Some(note), action: "Failover".into(), secondary: None };
-    if let Err(err) = ctx.recorder.publish(&e, &vmr.object_ref(&())).await {
-        tracing::warn!(error = %err, "publishing an Event");
-    }
+    ctx.publish(vmr, e).await;
 }
 
+/// Writes each disk at its point (`per_disk`) as copy `name` on `agent`; the
+/// copies' paths as `disk=path`.
+async fn materialize_all(
+    agent: &Agent,
+    ctx: &Context,
+    disks: &[ReplicaDisk],
+    per_disk: &BTreeMap<String, u64>,
+    name: &str,
+) -> Result<Vec<String>, String> {
+    let mut paths = Vec::new();
+    for d in disks {
+        let req = MaterializeRequest {
+            vm_id: d.vm_id.clone(),
+            disk_id: d.disk_id.clone(),
+            seq: per_disk[&d.disk_id],
+            name: name.to_owned(),
+        };
+        let r =
+            control(agent, ctx, async |mut c| c.materialize_point(req.clone()).await.map(|r| r.into_inner()))
+                .await
+                .map_err(|why| format!("disk {}: {why}", d.disk_id))?;
+        paths.push(format!("{}={}", d.disk_id, r.path));
+    }
+    Ok(paths)
+}
+
+/// Asks `agent` to serve the VM's replica (or, with `copy_name`, its copies)
+/// as the VM's disks; `complete` ends an unplanned failover. A refusal is an
+/// error carrying the agent's reason.
+async fn promote(
+    agent: &Agent,
+    ctx: &Context,
+    vm_id: &str,
+    uid: &str,
+    copy_name: String,
+    complete: bool,
+) -> Result<vmreplica_agent::control::proto::EnableReply, String> {
+    let req = vmreplica_agent::control::proto::PromoteRequest {
+        vm_id: vm_id.to_owned(),
+        uid: uid.to_owned(),
+        copy_name,
+        complete,
+    };
+    let reply =
+        control(agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner())).await?;
+    if reply.accepted { Ok(reply) } else { Err(reply.message) }
+}
+
+/// Deletes copy `name` of every disk on `agent` (a missing one is no error).
+async fn delete_all(agent: &Agent, ctx: &Context, disks: &[ReplicaDisk], name: &str) -> Result<(), String> {
+    for d in disks {
+        let req = DeleteMaterializedRequest {
+            vm_id: d.vm_id.clone(),
+            disk_id: d.disk_id.clone(),
+            name: name.to_owned(),
+        };
+        control(agent, ctx, async |mut c| c.delete_materialized(req.clone()).await.map(|r| r.into_inner()))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes the test failover's copies, wherever the VM's replica agent is.
 pub(crate) async fn delete_copies(vmr: &VMReplication, ctx: &Context) -> Result<Result<(), String>, Error> {
     let Some((agent, disks)) = locate(vmr, ctx).await? else {
         return Ok(Err("the replica agent holding this VM is not reachable".into()));
     };
-    for d in &disks {
-        let req = DeleteMaterializedRequest {
-            vm_id: d.vm_id.clone(),
-            disk_id: d.disk_id.clone(),
-            name: test_copy_name(vmr),
-        };
-        if let Err(why) = control(&agent, ctx, async |mut c| {
-            c.delete_materialized(req.clone()).await.map(|r| r.into_inner())
-        })
-        .await
-        {
-            return Ok(Err(why));
-        }
-    }
-    Ok(Ok(()))
+    Ok(delete_all(&agent, ctx, &disks, &test_copy_name(vmr)).await)
 }
 
 /// Carries out or cleans up a test failover; true when it acted.
@@ -209,23 +247,11 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
                     Ok(c) => c,
                     Err(why) => return Ok(Err(why)),
                 };
-                let mut paths = Vec::new();
-                for d in &disks {
-                    let req = MaterializeRequest {
-                        vm_id: d.vm_id.clone(),
-                        disk_id: d.disk_id.clone(),
-                        seq: per_disk[&d.disk_id],
-                        name: test_copy_name(vmr),
-                    };
-                    match control(&agent, ctx, async |mut c| {
-                        c.materialize_point(req.clone()).await.map(|r| r.into_inner())
-                    })
-                    .await
-                    {
-                        Ok(r) => paths.push(format!("{}={}", d.disk_id, r.path)),
-                        Err(why) => return Ok(Err(format!("disk {}: {why}", d.disk_id))),
-                    }
-                }
+                let paths = match materialize_all(&agent, ctx, &disks, &per_disk, &test_copy_name(vmr)).await
+                {
+                    Ok(p) => p,
+                    Err(why) => return Ok(Err(why)),
+                };
                 Ok::<_, Error>(Ok((point, paths)))
             }
             .await;
@@ -432,16 +458,9 @@ pub async fn planned_replica(
     status.phase = FailoverPhase::PreparingDisks;
     status.message = Some("promoting the replica".into());
     write(vmr, ctx, &status).await?;
-    let req = vmreplica_agent::control::proto::PromoteRequest {
-        vm_id: disks[0].vm_id.clone(),
-        uid: vmr.metadata.uid.clone().unwrap_or_default(),
-        ..Default::default()
-    };
-    let reply = match control(&agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner()))
-        .await
-    {
-        Ok(r) if r.accepted => r,
-        Ok(r) => return fail_with(vmr, ctx, status, r.message).await,
+    let uid = vmr.metadata.uid.clone().unwrap_or_default();
+    let reply = match promote(&agent, ctx, &disks[0].vm_id, &uid, String::new(), false).await {
+        Ok(r) => r,
         Err(why) => return fail_with(vmr, ctx, status, why).await,
     };
     if f.start_vm {
@@ -520,18 +539,7 @@ pub async fn unplanned_replica(
         control(&agent, ctx, async |mut c| c.remove_replication(req.clone()).await.map(|r| r.into_inner()))
             .await
             .map_err(Error::Agent)?;
-        for d in &disks {
-            let req = DeleteMaterializedRequest {
-                vm_id: d.vm_id.clone(),
-                disk_id: d.disk_id.clone(),
-                name: failover_copy_name(vmr),
-            };
-            control(&agent, ctx, async |mut c| {
-                c.delete_materialized(req.clone()).await.map(|r| r.into_inner())
-            })
-            .await
-            .map_err(Error::Agent)?;
-        }
+        delete_all(&agent, ctx, &disks, &failover_copy_name(vmr)).await.map_err(Error::Agent)?;
         l.phase = FailoverPhase::Cancelled;
         l.end_time = Some(Time((ctx.site.now)()));
         l.message = Some("cancelled: the failover copy was deleted; this is a replica again, and another point may be chosen".into());
@@ -550,15 +558,8 @@ pub async fn unplanned_replica(
         if !f.complete {
             return Ok(None);
         }
-        let req = vmreplica_agent::control::proto::PromoteRequest {
-            vm_id,
-            uid,
-            copy_name: failover_copy_name(vmr),
-            complete: true,
-        };
-        let reply = control(&agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner()))
-            .await
-            .map_err(Error::Agent)?;
+        let reply =
+            promote(&agent, ctx, &vm_id, &uid, failover_copy_name(vmr), true).await.map_err(Error::Agent)?;
         let mut done = l.clone();
         done.phase = FailoverPhase::Completed;
         done.end_time = Some(Time((ctx.site.now)()));
@@ -621,29 +622,9 @@ pub async fn unplanned_replica(
         )
         .await;
     }
-    for d in &disks {
-        let req = MaterializeRequest {
-            vm_id: d.vm_id.clone(),
-            disk_id: d.disk_id.clone(),
-            seq: per_disk[&d.disk_id],
-            name: failover_copy_name(vmr),
-        };
-        control(&agent, ctx, async |mut c| c.materialize_point(req.clone()).await.map(|r| r.into_inner()))
-            .await
-            .map_err(Error::Agent)?;
-    }
-    let req = vmreplica_agent::control::proto::PromoteRequest {
-        vm_id,
-        uid,
-        copy_name: failover_copy_name(vmr),
-        complete: false,
-    };
-    let reply = control(&agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner()))
-        .await
-        .map_err(Error::Agent)?;
-    if !reply.accepted {
-        return Err(Error::Agent(reply.message));
-    }
+    materialize_all(&agent, ctx, &disks, &per_disk, &failover_copy_name(vmr)).await.map_err(Error::Agent)?;
+    let reply =
+        promote(&agent, ctx, &vm_id, &uid, failover_copy_name(vmr), false).await.map_err(Error::Agent)?;
     if f.start_vm {
         VmPower::for_vmr(ctx.site.client.clone(), vmr).set_running(true).await.map_err(Error::Read)?;
     }

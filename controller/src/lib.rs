@@ -43,3 +43,29 @@ impl Error {
         }
     }
 }
+
+/// Server-side applies `status` to object `name` as field manager `manager`,
+/// taking over fields other managers held (the controller owns status).
+pub async fn apply_status<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    manager: &str,
+    status: &impl k8s_openapi::serde::Serialize,
+) -> Result<(), Error>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch =
+        serde_json::json!({"apiVersion": K::api_version(&()), "kind": K::kind(&()), "status": status});
+    let pp = kube::api::PatchParams::apply(manager).force();
+    api.patch_status(name, &pp, &kube::api::Patch::Apply(&patch)).await.map_err(Error::WriteStatus)?;
+    Ok(())
+}
+
+/// What every controller loop does with each reconcile result: errors were
+/// already handled by the error policy, so they are only traced.
+pub async fn log_result<T, E: std::fmt::Display>(r: Result<T, E>) {
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "controller event");
+    }
+}

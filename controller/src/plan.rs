@@ -10,7 +10,7 @@ use futures::StreamExt;
 use k8s_openapi::api::batch::v1::JobTemplateSpec;
 use kube::{
     Api, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::ListParams,
     runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
 use vmreplica_crds::{RecoveryPlan, RecoveryPlanStatus, ReplicationState, VMReplication};
@@ -112,11 +112,8 @@ async fn reconcile_inner(plan: Arc<RecoveryPlan>, ctx: &crate::site::Context) ->
         (ctx.now)(),
     );
     if status != previous {
-        let patch = serde_json::json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "RecoveryPlan", "status": status});
-        Api::<RecoveryPlan>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(&plan.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(Error::WriteStatus)?;
+        let api = Api::<RecoveryPlan>::namespaced(ctx.client.clone(), &ns);
+        crate::apply_status(&api, &plan.name_any(), MANAGER, &status).await?;
     }
     Ok(Action::await_change())
 }
@@ -156,11 +153,7 @@ pub async fn run(
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "controller event");
-            }
-        })
+        .for_each(crate::log_result)
         .await;
 }
 

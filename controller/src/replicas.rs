@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, ResourceExt,
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::events::{Event, EventType},
 };
@@ -30,10 +30,10 @@ use vmreplica_crds::{
 
 use crate::{
     Error,
-    agents::{Agent, discover},
+    agents::Agent,
     conditions,
     site::MANAGER,
-    vmr::{Context, control, transitions},
+    vmr::{Context, control},
 };
 
 /// Label on Replica objects this controller created: the primary's VM id.
@@ -54,7 +54,7 @@ pub fn replica_namespace(
     admitting_entry(disk, entries).map(|e| e.spec.replica_namespace.clone()).or_else(|| {
         servers
             .iter()
-            .filter(|rs| rs.spec.node_selector.iter().all(|(k, v)| agent.labels.get(k) == Some(v)))
+            .filter(|rs| crate::site::selects(rs, agent))
             .find_map(|rs| rs.spec.default_replica_namespace.clone())
     })
 }
@@ -255,18 +255,11 @@ pub fn replica_status(
     status
 }
 
-async fn publish(ctx: &Context, obj: &VMReplication, e: Event) {
-    if let Err(err) = ctx.recorder.publish(&e, &obj.object_ref(&())).await {
-        tracing::warn!(error = %err, "publishing an Event");
-    }
-}
-
 /// One pass over the site's replica agents; the number of Replica objects
 /// reported on.
 pub async fn sync_once(ctx: &Context) -> Result<usize, Error> {
     let client = ctx.site.client.clone();
-    let agents =
-        discover(&client, &ctx.site.agents_namespace, (ctx.site.now)()).await.map_err(Error::Read)?;
+    let agents = ctx.agents().await?;
     let entries = Api::<AuthorizationEntry>::all(client.clone())
         .list(&ListParams::default())
         .await
@@ -369,8 +362,7 @@ async fn report(
                 .await
                 .map_err(Error::WriteStatus)?;
             let note = format!("replica of {vm_id} from {} on node {}", disks[0].primary, agent.node);
-            publish(
-                ctx,
+            ctx.publish(
                 &created,
                 Event {
                     type_: EventType::Normal,
@@ -384,10 +376,8 @@ async fn report(
             created
         }
     };
-    let lag_warning = servers
-        .iter()
-        .find(|rs| rs.spec.node_selector.iter().all(|(k, v)| agent.labels.get(k) == Some(v)))
-        .map_or(Duration::from_secs(3600), |rs| {
+    let lag_warning =
+        servers.iter().find(|rs| crate::site::selects(rs, agent)).map_or(Duration::from_secs(3600), |rs| {
             Duration::from_secs(u64::from(rs.spec.lag_warning_threshold_seconds))
         });
     let previous = obj.status.clone().unwrap_or_default();
@@ -395,16 +385,7 @@ async fn report(
         replica_status(&previous, disks, &agent.node, obj.metadata.generation, (ctx.site.now)(), lag_warning);
     let uid = obj.uid().unwrap_or_default();
     if ctx.should_write(&uid, &previous, &status) {
-        // lastFailover belongs to the failover field manager: left out here.
-        let status = VMReplicationStatus { last_failover: None, ..status.clone() };
-        let patch = serde_json::json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "status": status});
-        api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(Error::WriteStatus)?;
-        ctx.wrote(&uid);
-        for e in transitions(&previous, &status) {
-            publish(ctx, &obj, e).await;
-        }
+        ctx.write_status(&obj, &previous, &status).await?;
     }
     Ok(true)
 }

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::ListParams,
     runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
 use vmreplica_agent::{
@@ -73,12 +73,17 @@ pub fn site_configuration(rs: &ReplicationServer, entries: &[AuthorizationEntry]
     }
 }
 
+/// Whether `rs`'s nodeSelector matches `agent`'s node labels.
+pub fn selects(rs: &ReplicationServer, agent: &Agent) -> bool {
+    rs.spec.node_selector.iter().all(|(k, v)| agent.labels.get(k) == Some(v))
+}
+
 /// The agents `rs` selects: replica-capable, with every nodeSelector label.
 pub fn selected<'a>(rs: &ReplicationServer, agents: &'a [Agent]) -> Vec<&'a Agent> {
     agents
         .iter()
         .filter(|a| a.capabilities.iter().any(|c| c == "replica"))
-        .filter(|a| rs.spec.node_selector.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
+        .filter(|a| selects(rs, a))
         .collect()
 }
 
@@ -158,15 +163,13 @@ async fn reconcile_inner(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Resul
         (ctx.now)(),
     );
     if status != previous {
-        let patch = serde_json::json!({
-            "apiVersion": "vmreplica.io/v1alpha1",
-            "kind": "ReplicationServer",
-            "status": status,
-        });
-        Api::<ReplicationServer>::all(ctx.client.clone())
-            .patch_status(&rs.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(Error::WriteStatus)?;
+        crate::apply_status(
+            &Api::<ReplicationServer>::all(ctx.client.clone()),
+            &rs.name_any(),
+            MANAGER,
+            &status,
+        )
+        .await?;
     }
     // Agents come and go without an event on this object: look again soon.
     Ok(Action::requeue(Duration::from_secs(30)))
@@ -226,14 +229,7 @@ async fn report_entries(ctx: &Context, entries: &[AuthorizationEntry]) -> Result
             (ctx.now)(),
         );
         if status != previous {
-            let patch = serde_json::json!({
-                "apiVersion": "vmreplica.io/v1alpha1",
-                "kind": "AuthorizationEntry",
-                "status": status,
-            });
-            api.patch_status(&e.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-                .await
-                .map_err(Error::WriteStatus)?;
+            crate::apply_status(&api, &e.name_any(), MANAGER, &status).await?;
         }
     }
     Ok(())
@@ -266,7 +262,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         })
         .graceful_shutdown_on(on_stop())
         .run(reconcile, error_policy, ctx.clone())
-        .for_each(log_result);
+        .for_each(crate::log_result);
     let entry_controller = Controller::new(entries, watcher::Config::default());
     let entry_store = entry_controller.store();
     let entries_run = entry_controller
@@ -275,7 +271,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         })
         .graceful_shutdown_on(on_stop())
         .run(reconcile_entry, entry_error_policy, ctx)
-        .for_each(log_result);
+        .for_each(crate::log_result);
     let both = futures::future::join(servers_run, entries_run);
     tokio::pin!(both);
     tokio::select! {
@@ -284,12 +280,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     }
     let _ = stop.send(true);
     both.await;
-}
-
-async fn log_result<T: std::fmt::Debug, E: std::fmt::Display>(r: Result<T, E>) {
-    if let Err(e) = r {
-        tracing::debug!(error = %e, "controller event");
-    }
 }
 
 fn entry_error_policy(_e: Arc<AuthorizationEntry>, e: &Error, _ctx: Arc<Context>) -> Action {

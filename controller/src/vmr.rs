@@ -22,7 +22,6 @@ use futures::StreamExt;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
     runtime::{
         Controller,
         controller::Action,
@@ -109,6 +108,44 @@ impl Context {
             .get(uid)
             .is_none_or(|t| t.elapsed() >= self.poll);
         next != previous && (due || settled_change(previous, next))
+    }
+
+    /// Writes `status` (all but lastFailover, which belongs to the failover
+    /// field manager), records the write, and emits an Event for each state
+    /// and health change since `previous`.
+    pub async fn write_status(
+        &self,
+        vmr: &VMReplication,
+        previous: &VMReplicationStatus,
+        status: &VMReplicationStatus,
+    ) -> Result<(), Error> {
+        let api =
+            Api::<VMReplication>::namespaced(self.site.client.clone(), &vmr.namespace().unwrap_or_default());
+        let owned = VMReplicationStatus { last_failover: None, ..status.clone() };
+        crate::apply_status(&api, &vmr.name_any(), MANAGER, &owned).await?;
+        let uid = vmr.uid().unwrap_or_default();
+        self.wrote(&uid);
+        for e in transitions(previous, status) {
+            self.publish(vmr, e).await;
+        }
+        Ok(())
+    }
+
+    /// The site's agents, as their Leases say now.
+    pub async fn agents(&self) -> Result<Vec<Agent>, Error> {
+        discover(&self.site.client, &self.site.agents_namespace, (self.site.now)()).await.map_err(Error::Read)
+    }
+
+    /// The agent that serves `vmr`'s disks, or why there is none.
+    pub async fn agent_for(&self, vmr: &VMReplication) -> Result<Result<Agent, String>, Error> {
+        Ok(choose_agent(vmr, &self.agents().await?).cloned())
+    }
+
+    /// Emits an Event about `vmr`; a failure to do so is only logged.
+    pub async fn publish(&self, vmr: &VMReplication, e: Event) {
+        if let Err(err) = self.recorder.publish(&e, &vmr.object_ref(&())).await {
+            tracing::warn!(error = %err, "publishing an Event");
+        }
     }
 
     /// Records a status write.
@@ -477,15 +514,12 @@ async fn observe(vmr: &VMReplication, ctx: &Context) -> Result<(Outcome, Option<
         Ok(s) => s,
         Err(message) => return Ok((Outcome::Invalid { reason: "InvalidSpec", message }, None)),
     };
-    let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
-        .await
-        .map_err(Error::Read)?;
-    let agent = match choose_agent(vmr, &agents) {
+    let agent = match ctx.agent_for(vmr).await? {
         Ok(a) => a,
         Err(message) => return Ok((Outcome::Invalid { reason: "NoAgent", message }, None)),
     };
-    let outcome = enable_and_read(agent, &spec, ctx).await;
-    Ok((outcome, Some(agent.clone())))
+    let outcome = enable_and_read(&agent, &spec, ctx).await;
+    Ok((outcome, Some(agent)))
 }
 
 async fn enable_and_read(agent: &Agent, spec: &VmReplicationSpec, ctx: &Context) -> Outcome {
@@ -517,9 +551,7 @@ async fn monitoring(ctx: &Context, agent: Option<&Agent>) -> Result<(Duration, u
         .list(&Default::default())
         .await
         .map_err(Error::Read)?;
-    let rs = agent.and_then(|a| {
-        servers.items.iter().find(|rs| rs.spec.node_selector.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
-    });
+    let rs = agent.and_then(|a| servers.items.iter().find(|rs| crate::site::selects(rs, a)));
     let interval = rs
         .and_then(|r| parse_interval(&r.spec.monitoring_interval))
         .unwrap_or(Duration::from_secs(12 * 3600));
@@ -763,26 +795,8 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
     let (outcome, agent) = observe(&vmr, &ctx).await?;
     let status = build_status(&vmr, &ctx, &outcome, monitoring(&ctx, agent.as_ref()).await?);
     let previous = vmr.status.clone().unwrap_or_default();
-    let uid = vmr.uid().unwrap_or_default();
-    if ctx.should_write(&uid, &previous, &status) {
-        // lastFailover belongs to the failover field manager: left out here.
-        let owned = VMReplicationStatus { last_failover: None, ..status.clone() };
-        let patch = serde_json::json!({
-            "apiVersion": "vmreplica.io/v1alpha1",
-            "kind": "VMReplication",
-            "status": owned,
-        });
-        Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default())
-            .patch_status(&vmr.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(Error::WriteStatus)?;
-        ctx.wrote(&uid);
-        let reference = vmr.object_ref(&());
-        for e in transitions(&previous, &status) {
-            if let Err(err) = ctx.recorder.publish(&e, &reference).await {
-                tracing::warn!(error = %err, "publishing an Event");
-            }
-        }
+    if ctx.should_write(&vmr.uid().unwrap_or_default(), &previous, &status) {
+        ctx.write_status(&vmr, &previous, &status).await?;
     }
     let (shipped, lag_seconds) = match &outcome {
         Outcome::Enabled(v) => {
@@ -812,10 +826,7 @@ async fn cleanup(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, E
     if vmr.spec.role != Role::Primary {
         return remove_replica(&vmr, &ctx).await;
     }
-    let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
-        .await
-        .map_err(Error::Read)?;
-    let Ok(agent) = choose_agent(&vmr, &agents) else {
+    let Ok(agent) = ctx.agent_for(&vmr).await? else {
         // No agent was ever chosen, or its node is gone with its Lease: nothing to remove.
         return Ok(Action::await_change());
     };
@@ -831,11 +842,11 @@ async fn cleanup(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, E
             action: "Remove".into(),
             secondary: None,
         };
-        let _ = ctx.recorder.publish(&e, &vmr.object_ref(&())).await;
+        ctx.publish(&vmr, e).await;
         return Ok(Action::await_change());
     }
     let req = RemoveRequest { vm_id: vm_id(&vmr), uid };
-    control(agent, &ctx, async |mut c| c.remove_replication(req.clone()).await.map(|r| r.into_inner()))
+    control(&agent, &ctx, async |mut c| c.remove_replication(req.clone()).await.map(|r| r.into_inner()))
         .await
         .map_err(|message| Error::Remove { node: agent.node.clone(), message })?;
     Ok(Action::await_change())
@@ -854,11 +865,10 @@ async fn planned_failover(vmr: &VMReplication, ctx: &Context) -> Result<Option<A
     if !governs {
         return Ok(None);
     }
-    let agents = discover(&ctx.site.client, &ctx.site.agents_namespace, (ctx.site.now)())
-        .await
-        .map_err(Error::Read)?;
-    let Ok(agent) = choose_agent(vmr, &agents) else { return Ok(None) };
-    let PlannedPrimary::Holds(state, last) = planned_primary(vmr, ctx, agent).await? else { return Ok(None) };
+    let Ok(agent) = ctx.agent_for(vmr).await? else { return Ok(None) };
+    let PlannedPrimary::Holds(state, last) = planned_primary(vmr, ctx, &agent).await? else {
+        return Ok(None);
+    };
     let previous = vmr.status.clone().unwrap_or_default();
     let now = (ctx.site.now)();
     let done = last.phase == vmreplica_crds::FailoverPhase::Completed;
@@ -901,20 +911,8 @@ async fn planned_failover(vmr: &VMReplication, ctx: &Context) -> Result<Option<A
         vmr.metadata.generation,
         now,
     );
-    let compare = VMReplicationStatus { last_failover: None, ..previous.clone() };
-    if status != compare {
-        let patch = serde_json::json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "status": status});
-        Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default())
-            .patch_status(&vmr.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(Error::WriteStatus)?;
-        let mut before = previous.clone();
-        before.last_failover = None;
-        for e in transitions(&before, &status) {
-            if let Err(err) = ctx.recorder.publish(&e, &vmr.object_ref(&())).await {
-                tracing::warn!(error = %err, "publishing an Event");
-            }
-        }
+    if status != (VMReplicationStatus { last_failover: None, ..previous.clone() }) {
+        ctx.write_status(vmr, &previous, &status).await?;
     }
     Ok(Some(Action::requeue(ctx.poll)))
 }
@@ -981,11 +979,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "controller event");
-            }
-        })
+        .for_each(crate::log_result)
         .await;
 }
 
