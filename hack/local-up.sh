@@ -58,6 +58,10 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 disk="$run/site-a/ledger-db-root.img"
 mkdir -p "$run/site-a" "$run/site-b"
 wait_ready() { for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return; sleep 0.1; done; cat "$1" >&2; exit 1; }
+# wait_until TRIES 'shell condition': re-checks every 0.2 s; the step after it shows the outcome.
+wait_until() { local n=$1; shift; for _ in $(seq "$n"); do eval "$*" && return; sleep 0.2; done; }
+# field NAMESPACE JSONPATH: a field of the demo's VMReplication ledger-db there.
+field() { kubectl get vmr -n "$1" ledger-db -o jsonpath="{$2}" 2>/dev/null; }
 
 say "the controller starts; site B's agent (both roles, as on any node) announces itself with a Lease and waits for its rules"
 kubectl create namespace vmreplica-system >/dev/null
@@ -92,9 +96,7 @@ spec:
   trustGroup: finance
   replicaNamespace: site-b
 YAML
-for _ in $(seq 100); do
-  [ "$(kubectl get rsrv local-site-b -o jsonpath='{.status.agentsSummary}')" = 1/1 ] && break; sleep 0.2
-done
+wait_until 100 '[ "$(kubectl get rsrv local-site-b -o jsonpath="{.status.agentsSummary}")" = 1/1 ]'
 say "the controller pushed them to the agent, which accepted (kubectl get rsrv)"
 kubectl get rsrv local-site-b
 
@@ -121,9 +123,7 @@ spec:
   replicaServer: {name: replica.site-b.example.com, port: $port}
   replicationFrequencySeconds: 2
 YAML
-for _ in $(seq 150); do
-  [ "$(kubectl get vmr -n site-a ledger-db -o jsonpath='{.status.state}')" = Replicating ] && break; sleep 0.2
-done
+wait_until 150 '[ "$(field site-a .status.state)" = Replicating ]'
 say "the initial copy is done: kubectl get vmr -n site-a"
 kubectl get vmr -n site-a
 url="nbd+unix:///site-a.ledger-db/root?socket=$run/nbd.sock"
@@ -133,9 +133,7 @@ qemu-io -f raw -c 'write -P 0xa1 0 1M' -c 'write -P 0xb2 64M 4M' -c 'write -z 1M
 sleep 3
 qemu-io -f raw -c 'write -P 0xc3 128M 8M' -c 'discard 64M 1M' "$url" | grep -v ops
 replica="$run/site-b/site-a.ledger-db/root"
-for _ in $(seq 100); do
-  qemu-img compare -q -f raw -F raw "$replica/disk.img" "$disk" 2>/dev/null && break; sleep 0.2
-done
+wait_until 100 'qemu-img compare -q -f raw -F raw "$replica/disk.img" "$disk" 2>/dev/null'
 say "site B's replica equals site A's disk"
 qemu-img compare -f raw -F raw "$replica/disk.img" "$disk"
 say "its recovery points (one per replication cycle)"
@@ -148,47 +146,35 @@ for p in s["points"]:
     print(f"  point at sequence {p['seq']:>3}  sealed {t}  {p['kind']}")
 PY
 say "site B's controller created the Replica object, with its recovery points: kubectl get vmr -A"
-for _ in $(seq 100); do
-  [ -n "$(kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.recoveryPoints[0].id}' 2>/dev/null)" ] && break; sleep 0.2
-done
+wait_until 100 '[ -n "$(field site-b ".status.recoveryPoints[0].id")" ]'
 kubectl get vmr -A
 kubectl get vmr -n site-b ledger-db -o jsonpath='{range .status.recoveryPoints[*]}  point {.id}  {.time}  {.kind}{"\n"}{end}'
 
 say "a test failover at site B (spec.failover type Test): the newest point as test disks"
 kubectl patch vmr -n site-b ledger-db --type merge -p '{"spec":{"failover":{"id":"drill-1","type":"Test"}}}' >/dev/null
-for _ in $(seq 150); do
-  [ "$(kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.phase}')" = Completed ] && break; sleep 0.2
-done
+wait_until 150 '[ "$(field site-b .status.lastFailover.phase)" = Completed ]'
 kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover}' | python3 -m json.tool
 test_disk="$replica/materialized/ledger-db-test.img"
 say "the test disk equals site A's disk; replication goes on: a new write reaches the replica, not the test disk"
 qemu-img compare -f raw -F raw "$test_disk" "$disk"
 qemu-io -f raw -c 'write -P 0xd4 200M 1M' "$url" | grep -v ops
-for _ in $(seq 100); do
-  qemu-img compare -q -f raw -F raw "$replica/disk.img" "$disk" 2>/dev/null && break; sleep 0.2
-done
+wait_until 100 'qemu-img compare -q -f raw -F raw "$replica/disk.img" "$disk" 2>/dev/null'
 qemu-img compare -f raw -F raw "$replica/disk.img" "$disk"
 qemu-img compare -q -f raw -F raw "$test_disk" "$disk" || echo "test disk differs from site A's disk now, as it should"
 say "removing the request stops the test failover and deletes its disks"
 kubectl patch vmr -n site-b ledger-db --type merge -p '{"spec":{"failover":null}}' >/dev/null
-for _ in $(seq 100); do
-  [ "$(kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.phase}')" = Cancelled ] && break; sleep 0.2
-done
+wait_until 100 '[ "$(field site-b .status.lastFailover.phase)" = Cancelled ]'
 kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.phase}: {.status.lastFailover.message}{"\n"}'
 [ -e "$test_disk" ] && echo "test disk still there?!" || echo "test disk deleted"
 
 say "planned failover, first at site A: stop the VM, make the disks read-only, ship the last log"
 kubectl patch vmr -n site-a ledger-db --type merge -p '{"spec":{"failover":{"id":"move-1","type":"Planned"}}}' >/dev/null
-for _ in $(seq 150); do
-  [ "$(kubectl get vmr -n site-a ledger-db -o jsonpath='{.status.state}')" = SyncedReplicationComplete ] && break; sleep 0.2
-done
+wait_until 150 '[ "$(field site-a .status.state)" = SyncedReplicationComplete ]'
 kubectl get vmr -n site-a ledger-db -o jsonpath='{.status.lastFailover.phase}: {.status.lastFailover.message}{"\n"}'
 qemu-io -f raw -c 'write -P 0xee 0 4k' "$url" 2>&1 | head -1 || true
 say "then at site B: promote the replica (epoch + 1) and serve it as the VM's disk"
 kubectl patch vmr -n site-b ledger-db --type merge -p '{"spec":{"failover":{"id":"move-1","type":"Planned"}}}' >/dev/null
-for _ in $(seq 150); do
-  [ "$(kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.state}')" = FailedOver ] && break; sleep 0.2
-done
+wait_until 150 '[ "$(field site-b .status.state)" = FailedOver ]'
 kubectl get vmr -A
 kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.message}{"\n"}'
 say "no data lost: site B's disk (served at nbd+unix:///site-a.ledger-db/root?socket=…/nbd-b.sock) equals site A's"

@@ -22,7 +22,7 @@ use vmreplica_crds::{ReplicationState, VMReplication};
 use vmreplica_tests::{
     ControlPlane, client_for, install_crds,
     pki::Ca,
-    procs::{Process, bin, free_port, http_get, material, write_tls},
+    procs::{Process, bin, free_port, http_get, lease_args, material, write_tls},
     test_namespace,
 };
 
@@ -133,16 +133,7 @@ async fn main() {
             .arg("--disk-root")
             .arg(&disks)
             .args(["--resolve", "replica.bench.test=127.0.0.1", "--retry-seconds", "5"])
-            .args([
-                "--lease-namespace",
-                &system,
-                "--node",
-                &node,
-                "--advertise-host",
-                "127.0.0.1",
-                "--kubeconfig",
-            ])
-            .arg(&kubeconfig)
+            .args(lease_args(&system, &node, &kubeconfig))
             .env("RUST_LOG", "warn");
         procs.push(Process::spawn_ready(cmd, &root.join(format!("{node}.log"))));
     }

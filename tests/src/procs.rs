@@ -51,6 +51,18 @@ impl Drop for Process {
     }
 }
 
+/// The arguments that make an agent announce itself: a Lease for `node` in
+/// `namespace`, through the apiserver of `kubeconfig`, reachable on loopback.
+pub fn lease_args(namespace: &str, node: &str, kubeconfig: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> =
+        ["--lease-namespace", namespace, "--node", node, "--advertise-host", "127.0.0.1", "--kubeconfig"]
+            .iter()
+            .map(Into::into)
+            .collect();
+    args.push(kubeconfig.into());
+    args
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -2,14 +2,14 @@
 //! controller's discovery finds them: endpoints, capabilities and node labels
 //! from the Lease, live while it is renewed, gone when the agent stops cleanly.
 
-use std::{fs, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use vmreplica_controller::agents::discover;
 use vmreplica_tests::{
     client,
     pki::Ca,
-    procs::{Process, bin, free_port},
+    procs::{Process, bin, free_port, lease_args, material, write_tls},
     shared_kubeconfig, test_namespace,
 };
 
@@ -19,10 +19,7 @@ async fn agents_are_found_by_their_leases_and_their_liveness_follows_renewal() {
     let ns = test_namespace(&client, "discovery").await;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("discovery-ca").unwrap();
-    let leaf = ca.leaf("agent", &["127.0.0.1"]).unwrap();
-    fs::write(dir.path().join("tls.crt"), leaf.cert_pem).unwrap();
-    fs::write(dir.path().join("tls.key"), leaf.key_pem).unwrap();
-    fs::write(dir.path().join("ca.crt"), &ca.cert_pem).unwrap();
+    write_tls(dir.path(), &material(&ca, &["127.0.0.1"]));
     let (repl, ctl) = (free_port(), free_port());
     let start = || {
         let mut cmd = Command::new(bin("vmreplica-agent"));
@@ -37,16 +34,8 @@ async fn agents_are_found_by_their_leases_and_their_liveness_follows_renewal() {
         .arg(dir.path())
         .args(["--allow-any-server", "--storage"])
         .arg(dir.path().join("replicas"))
-        .args([
-            "--lease-namespace",
-            &ns,
-            "--node",
-            "node-a",
-            "--node-label",
-            "topology.kubernetes.io/zone=z1",
-        ])
-        .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
-        .arg(shared_kubeconfig());
+        .args(["--node-label", "topology.kubernetes.io/zone=z1"])
+        .args(lease_args(&ns, "node-a", &shared_kubeconfig()));
         Process::spawn_ready(cmd, &dir.path().join("agent.log"))
     };
 
@@ -100,10 +89,7 @@ async fn one_agent_serves_both_roles() {
     let ns = test_namespace(&client, "both-roles").await;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("both-ca").unwrap();
-    let leaf = ca.leaf("agent", &["127.0.0.1"]).unwrap();
-    fs::write(dir.path().join("tls.crt"), leaf.cert_pem).unwrap();
-    fs::write(dir.path().join("tls.key"), leaf.key_pem).unwrap();
-    fs::write(dir.path().join("ca.crt"), &ca.cert_pem).unwrap();
+    write_tls(dir.path(), &material(&ca, &["127.0.0.1"]));
     let (repl, ctl) = (free_port(), free_port());
     let mut cmd = Command::new(bin("vmreplica-agent"));
     cmd.args([
@@ -117,19 +103,13 @@ async fn one_agent_serves_both_roles() {
     .arg(dir.path())
     .arg("--socket")
     .arg(dir.path().join("nbd.sock"))
-    .args(["--lease-namespace", &ns, "--node", "node-x", "--advertise-host", "127.0.0.1", "--kubeconfig"])
-    .arg(shared_kubeconfig());
+    .args(lease_args(&ns, "node-x", &shared_kubeconfig()));
     let _agent = Process::spawn_ready(cmd, &dir.path().join("agent.log"));
     let found = discover(&client, &ns, Timestamp::now()).await.unwrap();
     assert_eq!(found[0].capabilities, vec!["primary".to_owned(), "replica".to_owned()]);
     assert_eq!(found[0].replication_endpoint.as_deref(), Some(format!("127.0.0.1:{repl}").as_str()));
     // The site's rules reach its replica half.
-    let l = ca.leaf("vmreplica-controller", &["vmreplica-controller"]).unwrap();
-    let tls = vmreplica_agent::replication::tls::TlsMaterial {
-        cert_pem: l.cert_pem,
-        key_pem: l.key_pem,
-        ca_pem: ca.cert_pem.clone(),
-    };
+    let tls = material(&ca, &["vmreplica-controller"]);
     let ch = vmreplica_agent::replication::shipper::channel(&format!("127.0.0.1:{ctl}"), "127.0.0.1", &tls)
         .unwrap();
     let cfg = SiteConfiguration {

@@ -20,7 +20,7 @@ use vmreplica_crds::{AuthorizationEntry, ReplicationServer};
 use vmreplica_tests::{
     FIELD_MANAGER, client,
     pki::Ca,
-    procs::{Process, bin, code, free_port, http_get, material, wait_for, write_tls},
+    procs::{Process, bin, code, free_port, http_get, lease_args, material, wait_for, write_tls},
     shared_kubeconfig, test_namespace,
 };
 
@@ -54,9 +54,8 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
         ])
         .arg("--tls-dir")
         .arg(dir.path().join("agent"))
-        .args(["--lease-namespace", &ns, "--node", "node-b", "--node-label", &format!("vmreplica-test={ns}")])
-        .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
-        .arg(shared_kubeconfig());
+        .args(["--node-label", &format!("vmreplica-test={ns}")])
+        .args(lease_args(&ns, "node-b", &shared_kubeconfig()));
         Process::spawn_ready(cmd, &dir.path().join("agent.log"))
     };
     let addr = format!("127.0.0.1:{repl}");

@@ -18,7 +18,7 @@ use vmreplica_crds::{ReplicationState, Role, VMReplication};
 use vmreplica_tests::{
     ControlPlane, FIELD_MANAGER, client, client_for, install_crds,
     pki::Ca,
-    procs::{Process, bin, free_port, material, wait_secs, write_tls},
+    procs::{Process, bin, free_port, lease_args, material, wait_secs, write_tls},
     repo_root, shared_kubeconfig, test_namespace,
 };
 
@@ -100,10 +100,8 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
         .arg(root.join("b-nbd.sock"))
         .arg("--tls-dir")
         .arg(root.join("b-tls"))
-        .args(["--lease-namespace", &b_ns, "--node", "node-b"])
         .args(["--node-label", "vmreplica.io/replica-server=true"])
-        .args(["--advertise-host", "127.0.0.1", "--kubeconfig"])
-        .arg(b_plane.kubeconfig_path());
+        .args(lease_args(&b_ns, "node-b", &b_plane.kubeconfig_path()));
     let _b_agent = Process::spawn_ready(cmd, &root.join("b-agent.log"));
     let storage = root.join("b-replicas");
     std::fs::create_dir_all(&storage).unwrap();
@@ -132,16 +130,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
         .arg("--disk-root")
         .arg(root.join("disks"))
         .args(["--resolve", "replica.site-b.example.com=127.0.0.1", "--retry-seconds", "1"])
-        .args([
-            "--lease-namespace",
-            &a_ns,
-            "--node",
-            "node-a",
-            "--advertise-host",
-            "127.0.0.1",
-            "--kubeconfig",
-        ])
-        .arg(shared_kubeconfig());
+        .args(lease_args(&a_ns, "node-a", &shared_kubeconfig()));
     let _a_agent = Process::spawn_ready(cmd, &root.join("a-agent.log"));
     tokio::spawn(vmr::run(controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone())), std::future::pending()));
 

@@ -18,7 +18,7 @@ use vmreplica_crds::{Health, ReplicationState, VMReplication};
 use vmreplica_tests::{
     FIELD_MANAGER, client,
     pki::Ca,
-    procs::{Process, bin, free_port, material, wait_secs, write_tls},
+    procs::{Process, bin, free_port, lease_args, material, wait_secs, write_tls},
     shared_kubeconfig, test_namespace,
 };
 
@@ -131,8 +131,7 @@ async fn site_with(primary_args: &[&str]) -> Site {
         .args(["--resolve", &format!("denied.{ns}.test=127.0.0.1")])
         .args(["--retry-seconds", "1", "--allow-quiesce-commands"])
         .args(primary_args)
-        .args(["--lease-namespace", &ns, "--node", "node-a", "--advertise-host", "127.0.0.1", "--kubeconfig"])
-        .arg(shared_kubeconfig());
+        .args(lease_args(&ns, "node-a", &shared_kubeconfig()));
     let primary = Process::spawn_ready(cmd, &root.join("primary.log"));
 
     let metrics = Metrics::new();
