@@ -171,6 +171,7 @@ impl ControlService {
                             removed_at_replica: s.removed_at_replica,
                             primary_final_seq: s.primary_final_seq.unwrap_or(0),
                             primary_finished: s.primary_final_seq.is_some(),
+                            reverse: s.image.is_some(),
                             promoted: s.promoted,
                             received_through: s.received_through,
                             applied_through: s.applied_through,
@@ -318,7 +319,7 @@ impl Control for Arc<ControlService> {
                 }
                 images.push((d.state().disk_id.clone(), path));
             }
-            return Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images).await));
+            return Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images, epoch(svc, &r.vm_id)).await));
         }
         for d in &disks {
             let s = d.state().clone();
@@ -343,7 +344,7 @@ impl Control for Arc<ControlService> {
                 .map_err(|e| Status::internal(e.to_string()))?;
             images.push((name, path));
         }
-        Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images).await))
+        Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images, epoch(svc, &r.vm_id)).await))
     }
 
     async fn remove_replica(
@@ -381,4 +382,9 @@ pub async fn serve(
         .add_service(proto::control_server::ControlServer::new(service))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await
+}
+
+/// The epoch a VM's replicas here have reached (the newest promotion's).
+fn epoch(svc: &ReplicaService, vm_id: &str) -> u64 {
+    svc.replicas().iter().filter(|d| d.state().vm_id == vm_id).map(|d| d.state().epoch).max().unwrap_or(0)
 }

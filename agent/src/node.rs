@@ -56,6 +56,9 @@ pub struct NodeConfig {
 struct Managed {
     /// Prepared for a planned failover: disks read-only, no cycle.
     prepared: bool,
+    /// The epoch its shippers send: 0 for a VM never failed over, else the
+    /// epoch of the promotion that made this node its primary.
+    epoch: u64,
     spec: VmReplicationSpec,
     disks: Vec<Arc<ProtectedDisk>>,
     shippers: Vec<Arc<Shipper>>,
@@ -119,6 +122,19 @@ async fn open_disks(vm_id: &str, images: Vec<(String, PathBuf)>) -> Result<Vec<A
     })
     .await
     .map_err(|e| format!("opening the disks failed: {e}"))?
+}
+
+/// Replaces any log of `image` with an empty one whose segments carry
+/// `epoch` (that of the promotion now serving it).
+fn fresh_log(image: &Path, epoch: u64) -> std::io::Result<()> {
+    let dir = log_dir_for(image);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let mut state = crate::log::dirty::JournalState::new(std::fs::metadata(image)?.len());
+    state.epoch = epoch;
+    state.store(&dir)
 }
 
 /// Checks a spec before anything is touched; the disks' resolved paths.
@@ -192,6 +208,7 @@ impl Node {
         disks: &[Arc<ProtectedDisk>],
         addr: &str,
         name: &str,
+        epoch: u64,
     ) -> Result<Vec<Arc<Shipper>>, String> {
         let ch = channel(addr, name, &self.cfg.tls).map_err(|e| format!("replica server {addr}: {e}"))?;
         let history = crate::replication::proto::RecoveryHistory {
@@ -216,7 +233,8 @@ impl Node {
                         self.cfg.limiter.clone(),
                         self.cfg.transfers.clone(),
                     )
-                    .with_metrics(self.metrics.clone()),
+                    .with_metrics(self.metrics.clone())
+                    .with_epoch(epoch),
                 )
             })
             .collect())
@@ -276,7 +294,12 @@ impl Node {
         };
         let paths = match check_spec(&spec, &self.cfg.disk_roots) {
             Ok(p) => p,
-            Err(why) => return refuse(why),
+            // A promoted replica's images lie in the replica storage, not
+            // under the disk roots: the VM already served here may name them.
+            Err(why) => match self.served_disks(&spec).await {
+                Some(p) => p,
+                None => return refuse(why),
+            },
         };
         if let Err(why) = quiesce(&spec, self.cfg.allow_quiesce_commands) {
             return refuse(why);
@@ -302,7 +325,12 @@ impl Node {
                     exports: self.export_uris(&m.spec),
                 };
             }
-            if m.spec.disks != spec.disks {
+            let mut served: Vec<(String, PathBuf)> =
+                m.disks.iter().map(|d| (d.name().to_owned(), d.path().to_owned())).collect();
+            let mut asked = paths.clone();
+            served.sort();
+            asked.sort();
+            if served != asked {
                 return refuse(
                     "the disks of a protected VM cannot change: delete the VMReplication and create it again"
                         .into(),
@@ -313,7 +341,7 @@ impl Node {
                 || m.spec.history_window_seconds != spec.history_window_seconds
                 || m.spec.history_hourly_points != spec.history_hourly_points;
             let new_shippers = if rebuild {
-                match self.shippers(&spec, &m.disks, &addr, &server_name) {
+                match self.shippers(&spec, &m.disks, &addr, &server_name, m.epoch) {
                     Ok(s) => Some(s),
                     Err(why) => return refuse(why),
                 }
@@ -356,7 +384,7 @@ impl Node {
             Ok(d) => d,
             Err(why) => return refuse(why),
         };
-        let shippers = match self.shippers(&spec, &disks, &addr, &server_name) {
+        let shippers = match self.shippers(&spec, &disks, &addr, &server_name, 0) {
             Ok(s) => s,
             Err(why) => return refuse(why),
         };
@@ -364,7 +392,7 @@ impl Node {
             return refuse(why);
         }
         let exports = self.export_uris(&spec);
-        let mut m = Managed { prepared: false, spec, disks, shippers, running: None };
+        let mut m = Managed { prepared: false, epoch: 0, spec, disks, shippers, running: None };
         self.start(&mut m);
         tracing::info!(vm = %m.spec.vm_id, generation = m.spec.generation, disks = m.disks.len(), suspended = m.spec.suspended, "replication enabled");
         let generation = m.spec.generation;
@@ -459,9 +487,16 @@ impl Node {
     }
 
     /// Serves promoted replica images as the VM's disks (they were this
-    /// agent's replicas, so no --disk-root check). Not replicated (yet):
-    /// reverse replication comes with the failover work. Idempotent.
-    pub async fn adopt(&self, vm_id: &str, uid: &str, images: Vec<(String, PathBuf)>) -> EnableReply {
+    /// agent's replicas, so no --disk-root check), logging from sequence 1
+    /// under `epoch`. Replicated once EnableReplication names a replica
+    /// server (reverse replication). Idempotent.
+    pub async fn adopt(
+        &self,
+        vm_id: &str,
+        uid: &str,
+        images: Vec<(String, PathBuf)>,
+        epoch: u64,
+    ) -> EnableReply {
         let mut vms = self.vms.lock().await;
         let spec = VmReplicationSpec {
             vm_id: vm_id.to_owned(),
@@ -486,6 +521,14 @@ impl Node {
             };
         }
         let refuse = |message| EnableReply { accepted: false, message, generation: 0, exports: Vec::new() };
+        // A log left by an earlier time this image was served belongs to
+        // another direction: the log of this promotion starts at 1, where
+        // the other side's reverse replica expects it.
+        for (_, path) in &images {
+            if let Err(e) = fresh_log(path, epoch) {
+                return refuse(format!("starting the log of {}: {e}", path.display()));
+            }
+        }
         let disks = match open_disks(vm_id, images).await {
             Ok(d) => d,
             Err(message) => return refuse(message),
@@ -497,7 +540,7 @@ impl Node {
         tracing::info!(vm = vm_id, disks = disks.len(), "promoted replica served as the VM's disks");
         vms.insert(
             vm_id.to_owned(),
-            Managed { prepared: false, spec, disks, shippers: Vec::new(), running: None },
+            Managed { prepared: false, epoch, spec, disks, shippers: Vec::new(), running: None },
         );
         EnableReply { accepted: true, message: String::new(), generation: 0, exports }
     }
@@ -515,6 +558,61 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// The disks (name, path) of the VM already served here, when `spec`
+    /// names exactly them.
+    async fn served_disks(&self, spec: &VmReplicationSpec) -> Option<Vec<(String, PathBuf)>> {
+        let vms = self.vms.lock().await;
+        let m = vms.get(&spec.vm_id).filter(|m| m.spec.uid == spec.uid)?;
+        let mut served: Vec<(String, PathBuf)> =
+            m.disks.iter().map(|d| (d.name().to_owned(), d.path().to_owned())).collect();
+        let mut named: Vec<(String, PathBuf)> =
+            spec.disks.iter().map(|d| (d.name.clone(), PathBuf::from(&d.path))).collect();
+        served.sort();
+        named.sort();
+        (served == named)
+            .then(|| spec.disks.iter().map(|d| (d.name.clone(), PathBuf::from(&d.path))).collect())
+    }
+
+    /// Reverse replication, old primary's side: a VM prepared for a planned
+    /// failover stops being served here so that its disks can become
+    /// replicas of the promoted side. Its logs (all shipped and durable
+    /// there) are deleted; the images stay. `None` when the VM is not
+    /// prepared here (it still runs, or this agent restarted since).
+    pub async fn release_prepared(&self, vm_id: &str) -> Option<Vec<(String, PathBuf)>> {
+        let mut vms = self.vms.lock().await;
+        if !vms.get(vm_id).is_some_and(|m| m.prepared) {
+            return None;
+        }
+        let mut m = vms.remove(vm_id).expect("checked above");
+        drop(vms);
+        Self::stop(&mut m).await;
+        for d in &m.disks {
+            self.nbd.remove_export(&export_name(vm_id, d.name()));
+        }
+        drop(m.shippers);
+        let mut out = Vec::new();
+        for d in m.disks {
+            out.push((d.name().to_owned(), d.path().to_owned()));
+            let d2 = d.clone();
+            let _ = tokio::task::spawn_blocking(move || d2.shutdown()).await;
+            match Arc::try_unwrap(d) {
+                Ok(d) => {
+                    let dir = log_dir_for(d.path());
+                    drop(d);
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "removing the log");
+                    }
+                }
+                Err(d) => tracing::warn!(
+                    disk = d.name(),
+                    "a client is still connected (read-only): its log stays until the agent restarts"
+                ),
+            }
+        }
+        tracing::info!(vm = vm_id, "prepared VM released: its disks become replicas of the promoted side");
+        Some(out)
     }
 
     /// Every shipper of every protected VM.

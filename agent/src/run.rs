@@ -262,6 +262,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         let service = ReplicaService::new(site, opts.max_transfers);
         service.set_retention(opts.receive_retention);
         service.set_metrics(metrics.clone());
+        if let Some(n) = &node {
+            service.set_node(n.clone());
+        }
         let s = service.clone();
         let recovered =
             tokio::task::spawn_blocking(move || s.recover_all()).await.map_err(|e| e.to_string())?;

@@ -1,4 +1,5 @@
-//! Failover requests on a Replica object. So far: Test failover.
+//! Failover requests: test, planned (with reverse replication and failing
+//! back) and unplanned.
 //!
 //! ```text
 //!  spec.failover {id, type: Test, recoveryPoint}      (on the Replica object)
@@ -89,7 +90,12 @@ pub(crate) async fn locate(
 ) -> Result<Option<(Agent, Vec<ReplicaDisk>)>, Error> {
     let agents = ctx.agents().await?;
     let name = vmr.name_any();
-    let vm_id = vmr.labels().get(REPLICA_OF).cloned();
+    // A Primary object's VM comes back here only as a reverse replica.
+    let vm_id = if vmr.spec.role == vmreplica_crds::Role::Primary {
+        Some(crate::vmr::vm_id(vmr))
+    } else {
+        vmr.labels().get(REPLICA_OF).cloned()
+    };
     for agent in agents.iter().filter(|a| a.live && a.capabilities.iter().any(|c| c == "replica")) {
         if vmr.spec.node.as_ref().is_some_and(|n| *n != agent.node) {
             continue;
@@ -235,6 +241,8 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
                 end_time: None,
                 data_loss_window_seconds: None,
                 forced: false,
+                took_over: false,
+                reversed_to: None,
                 message: Some("materialising the recovery point as test disks".into()),
             };
             write(vmr, ctx, &status).await?;
@@ -308,6 +316,7 @@ pub async fn planned_primary(
     vmr: &VMReplication,
     ctx: &Context,
     agent: &Agent,
+    vm_id: &str,
 ) -> Result<PlannedPrimary, Error> {
     use vmreplica_crds::ReplicationState;
 
@@ -327,6 +336,9 @@ pub async fn planned_primary(
         Ok(PlannedPrimary::Holds(state, l))
     };
     let f = match (request, last) {
+        // This side took the VM over (failed back here): it is the primary.
+        (Some(f), Some(l)) if l.id == f.id && l.took_over => return Ok(PlannedPrimary::No),
+        (None, Some(l)) if l.took_over => return Ok(PlannedPrimary::No),
         (Some(f), Some(l))
             if l.id == f.id && matches!(l.phase, FailoverPhase::Completed | FailoverPhase::Failed) =>
         {
@@ -347,6 +359,8 @@ pub async fn planned_primary(
         end_time: None,
         data_loss_window_seconds: None,
         forced: false,
+        took_over: false,
+        reversed_to: None,
         message: Some("stopping the VM".into()),
     };
     write(vmr, ctx, &status).await?;
@@ -376,7 +390,7 @@ pub async fn planned_primary(
     status.message = Some("shipping the last log with the disks read-only".into());
     write(vmr, ctx, &status).await?;
     let req = vmreplica_agent::control::proto::RemoveRequest {
-        vm_id: crate::vmr::vm_id(vmr),
+        vm_id: vm_id.to_owned(),
         uid: vmr.metadata.uid.clone().unwrap_or_default(),
     };
     let reply = match control(agent, ctx, async |mut c| {
@@ -403,6 +417,28 @@ pub async fn planned_primary(
     ));
     record(vmr, ctx, &status, EventType::Normal, "PlannedFailoverPrepared").await?;
     held(status)
+}
+
+/// A Replica object whose side took the VM over and reversed replication
+/// is the VM's primary: a new planned request fails the VM back, and this
+/// side does the primary's part (stop, ship the last log). True when that
+/// applies.
+pub async fn planned_back(vmr: &VMReplication, ctx: &Context) -> Result<bool, Error> {
+    let Some(f) = vmr.spec.failover.as_ref().filter(|f| f.failover_type == FailoverType::Planned) else {
+        return Ok(false);
+    };
+    let Some(l) = vmr.status.as_ref().and_then(|s| s.last_failover.as_ref()) else { return Ok(false) };
+    let starting = l.took_over && l.phase == FailoverPhase::Completed && l.id != f.id;
+    let resuming =
+        l.id == f.id && matches!(l.phase, FailoverPhase::StoppingVM | FailoverPhase::SyncingFinalLog);
+    if !(starting || resuming) {
+        return Ok(false);
+    }
+    let Some((agent, disks)) = locate(vmr, ctx).await? else {
+        return Err(Error::Agent("no live agent holds this VM".into()));
+    };
+    planned_primary(vmr, ctx, &agent, &disks[0].vm_id).await?;
+    Ok(true)
 }
 
 /// Planned failover, replica side: once the primary's part is done (its
@@ -437,6 +473,8 @@ pub async fn planned_replica(
         end_time: None,
         data_loss_window_seconds: None,
         forced: false,
+        took_over: false,
+        reversed_to: None,
         message: None,
     };
     let Some((agent, disks)) = locate(vmr, ctx).await? else {
@@ -469,20 +507,83 @@ pub async fn planned_replica(
         write(vmr, ctx, &status).await?;
         VmPower::for_vmr(ctx.site.client.clone(), vmr).set_running(true).await.map_err(Error::Read)?;
     }
+    status.took_over = true;
+    let reverse = if !f.reverse_replication {
+        " Not replicated now: request reverseReplication to protect it again.".to_owned()
+    } else {
+        status.phase = FailoverPhase::Reversing;
+        status.message = Some("reversing replication".into());
+        write(vmr, ctx, &status).await?;
+        match reverse(vmr, ctx, f, &agent, &disks).await {
+            Ok(to) => {
+                let text =
+                    format!(" Replication reversed to {to}: no resync, both sides hold the same bytes.");
+                status.reversed_to = Some(to);
+                text
+            }
+            Err(why) => return fail_with(vmr, ctx, status, format!("reversing replication: {why}")).await,
+        }
+    };
     status.phase = FailoverPhase::Completed;
     status.end_time = Some(Time((ctx.site.now)()));
     status.data_loss_window_seconds = Some(0);
-    let reverse = if f.reverse_replication {
-        " Reverse replication is not built yet: the VM is not protected now."
-    } else {
-        ""
-    };
     status.message = Some(format!(
         "failed over with no loss: the VM's disks are served at {}.{reverse}",
         reply.exports.join(", ")
     ));
     record(vmr, ctx, &status, EventType::Normal, "PlannedFailoverCompleted").await?;
     Ok(None)
+}
+
+/// Reverse replication after a planned failover to this side: the promoted
+/// disks replicate back to the old primary, whose agent turns its prepared
+/// disks into their replica (no copy: both hold the same bytes). A Primary
+/// object (failing back) reverses by replicating as usual to
+/// `spec.replicaServer`. Returns where it replicates to.
+async fn reverse(
+    vmr: &VMReplication,
+    ctx: &Context,
+    f: &vmreplica_crds::FailoverRequest,
+    agent: &Agent,
+    disks: &[ReplicaDisk],
+) -> Result<String, String> {
+    if vmr.spec.role == vmreplica_crds::Role::Primary {
+        let to = vmr.spec.replica_server.as_ref().ok_or("spec.replicaServer is not set")?;
+        return Ok(format!("{}:{}", to.name, to.port));
+    }
+    let to = match (&f.reverse_replica_server, &vmr.spec.primary_server) {
+        (Some(s), _) => format!("{}:{}", s.name, s.port),
+        (None, Some(name)) => format!("{name}:9443"),
+        (None, None) => {
+            return Err("no server to reverse to: set spec.failover.reverseReplicaServer".into());
+        }
+    };
+    let mut images: Vec<&ReplicaDisk> = disks.iter().collect();
+    images.sort_by(|a, b| a.disk_id.cmp(&b.disk_id));
+    let history = &vmr.spec.recovery_history;
+    let spec = vmreplica_agent::control::proto::VmReplicationSpec {
+        vm_id: disks[0].vm_id.clone(),
+        uid: vmr.metadata.uid.clone().unwrap_or_default(),
+        // Above the promotion's (0).
+        generation: vmr.metadata.generation.unwrap_or(1).max(1),
+        disks: images
+            .iter()
+            .map(|d| vmreplica_agent::control::proto::DiskSpec {
+                name: d.disk_id.clone(),
+                path: d.image_path.clone(),
+            })
+            .collect(),
+        replica_address: to.clone(),
+        interval_seconds: vmr.spec.replication_frequency_seconds,
+        compression: vmr.spec.compression_enabled,
+        history_window_seconds: u64::from(history.continuous_window_seconds),
+        history_hourly_points: history.hourly_recovery_points,
+        ..Default::default()
+    };
+    let reply =
+        control(agent, ctx, async |mut c| c.enable_replication(spec.clone()).await.map(|r| r.into_inner()))
+            .await?;
+    if reply.accepted { Ok(to) } else { Err(reply.message) }
 }
 
 async fn fail_with(
@@ -580,6 +681,8 @@ pub async fn unplanned_replica(
         end_time: None,
         data_loss_window_seconds: None,
         forced: f.force,
+        took_over: false,
+        reversed_to: None,
         message: None,
     };
     // The split-brain guard: a primary that replicated a moment ago is running.

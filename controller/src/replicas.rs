@@ -107,7 +107,19 @@ pub fn replica_status(
         l.failover_type == vmreplica_crds::FailoverType::Unplanned
             && l.phase == vmreplica_crds::FailoverPhase::WaitingCompletion
     });
-    let state = if disks.iter().all(|d| d.promoted) {
+    let planned = previous.last_failover.as_ref().filter(|l| {
+        l.failover_type == vmreplica_crds::FailoverType::Planned
+            && l.phase == vmreplica_crds::FailoverPhase::Completed
+    });
+    // Promoted and replicating back to the old primary (reverse replication).
+    let reversed_to = planned.filter(|l| l.took_over).and_then(|l| l.reversed_to.clone());
+    let promoted = disks.iter().all(|d| d.promoted);
+    let state = if promoted && reversed_to.is_some() {
+        ReplicationState::Replicating
+    } else if promoted && planned.is_some_and(|l| !l.took_over) {
+        // Failed back: stopped here, every write shipped to the other side.
+        ReplicationState::SyncedReplicationComplete
+    } else if promoted {
         ReplicationState::FailedOver
     } else if waiting {
         ReplicationState::FailOverWaitingCompletion
@@ -187,10 +199,14 @@ pub fn replica_status(
         state,
         health,
         health_details,
-        primary_server: disks.first().map(|d| d.primary.clone()),
-        replica_server: Some(node.to_owned()),
+        primary_server: if promoted {
+            Some(node.to_owned())
+        } else {
+            disks.first().map(|d| d.primary.clone())
+        },
+        replica_server: if promoted { reversed_to.clone() } else { Some(node.to_owned()) },
         last_replication_time: last.and_then(ts),
-        lag: lag.filter(|_| !removed && state != ReplicationState::FailedOver).map(crate::vmr::lag_text),
+        lag: lag.filter(|_| !removed && !promoted).map(crate::vmr::lag_text),
         statistics: Some(ReplicationStatistics {
             window_start: None,
             average_log_size_bytes: bytes.checked_div(all_segments).unwrap_or(0),
@@ -205,10 +221,26 @@ pub fn replica_status(
         last_failover: previous.last_failover.clone(),
         ..Default::default()
     };
+    if promoted {
+        // The points describe the other direction; the VM's run here now.
+        status.recovery_points.clear();
+        status.last_replication_time = None;
+    }
     let (reason, message) = match state {
         ReplicationState::FailedOver => {
             ("FailedOver", "this site runs the VM now: the replica was promoted".to_owned())
         }
+        ReplicationState::Replicating if promoted => (
+            "Reversed",
+            format!(
+                "this site runs the VM and replicates it back to {}",
+                reversed_to.clone().unwrap_or_default()
+            ),
+        ),
+        ReplicationState::SyncedReplicationComplete => (
+            "FailedBack",
+            "the VM was stopped here and every write shipped: the other side takes it over".to_owned(),
+        ),
         ReplicationState::NotEnabled => ("Removed", details.join(" ")),
         ReplicationState::WaitingForInitialReplication => {
             ("WaitingForInitialCopy", "the initial copy has not completed on every disk".to_owned())
@@ -292,6 +324,16 @@ pub async fn sync_once(ctx: &Context) -> Result<usize, Error> {
             by_vm.entry(d.vm_id.as_str()).or_default().push(d);
         }
         for (vm_id, disks) in by_vm {
+            if disks.iter().any(|d| d.reverse) {
+                // The old primary's own disks receiving the promoted side's
+                // logs: its Primary object shows that (until it takes over).
+                if !disks.iter().all(|d| d.promoted)
+                    && report_reverse(ctx, vm_id, &disks, agent, &servers).await?
+                {
+                    reported += 1;
+                }
+                continue;
+            }
             if let Some(e) = admitting_entry(disks[0], &entries).filter(|_| !disks.iter().all(|d| d.removed))
             {
                 *per_entry.entry(e.name_any()).or_default() += 1;
@@ -376,18 +418,59 @@ async fn report(
             created
         }
     };
-    let lag_warning =
-        servers.iter().find(|rs| crate::site::selects(rs, agent)).map_or(Duration::from_secs(3600), |rs| {
-            Duration::from_secs(u64::from(rs.spec.lag_warning_threshold_seconds))
-        });
     let previous = obj.status.clone().unwrap_or_default();
-    let status =
-        replica_status(&previous, disks, &agent.node, obj.metadata.generation, (ctx.site.now)(), lag_warning);
+    let status = replica_status(
+        &previous,
+        disks,
+        &agent.node,
+        obj.metadata.generation,
+        (ctx.site.now)(),
+        lag_warning(servers, agent),
+    );
     let uid = obj.uid().unwrap_or_default();
     if ctx.should_write(&uid, &previous, &status) {
         ctx.write_status(&obj, &previous, &status).await?;
     }
     Ok(true)
+}
+
+/// Reports reverse replication on the Primary object whose VM it is: it is
+/// the replica side now.
+async fn report_reverse(
+    ctx: &Context,
+    vm_id: &str,
+    disks: &[&ReplicaDisk],
+    agent: &Agent,
+    servers: &[ReplicationServer],
+) -> Result<bool, Error> {
+    let Some((ns, name)) = vm_id.split_once('.') else { return Ok(false) };
+    if ctx.namespace.as_ref().is_some_and(|w| w != ns) {
+        return Ok(false);
+    }
+    let api: Api<VMReplication> = Api::namespaced(ctx.site.client.clone(), ns);
+    let Some(obj) = api.get_opt(name).await.map_err(Error::Read)?.filter(|o| o.spec.role == Role::Primary)
+    else {
+        return Ok(false);
+    };
+    let previous = obj.status.clone().unwrap_or_default();
+    let status = replica_status(
+        &previous,
+        disks,
+        &agent.node,
+        obj.metadata.generation,
+        (ctx.site.now)(),
+        lag_warning(servers, agent),
+    );
+    if ctx.should_write(&obj.uid().unwrap_or_default(), &previous, &status) {
+        ctx.write_status(&obj, &previous, &status).await?;
+    }
+    Ok(true)
+}
+
+fn lag_warning(servers: &[ReplicationServer], agent: &Agent) -> Duration {
+    servers.iter().find(|rs| crate::site::selects(rs, agent)).map_or(Duration::from_secs(3600), |rs| {
+        Duration::from_secs(u64::from(rs.spec.lag_warning_threshold_seconds))
+    })
 }
 
 /// Reports the site's replicas every poll interval until `shutdown` completes.

@@ -602,11 +602,12 @@ fn build_status(
         state,
         health,
         health_details,
-        primary_server: previous.primary_server.clone(),
+        // The VM runs here (its points are at the replica site; any shown
+        // while replication ran the other way are gone with it).
+        primary_server: vmr.spec.node.clone(),
         replica_server: vmr.spec.replica_server.as_ref().map(|r| r.name.clone()),
         epoch: previous.epoch,
         last_failover: previous.last_failover.clone(),
-        recovery_points: previous.recovery_points.clone(),
         ..Default::default()
     };
     if let Outcome::Enabled(v) = outcome {
@@ -781,6 +782,9 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
         // Replica objects' status comes from the replica-site report
         // (replicas.rs); here only their failover requests are carried out.
         crate::failover::reconcile_test(&vmr, &ctx).await?;
+        if crate::failover::planned_back(&vmr, &ctx).await? {
+            return Ok(Action::requeue(ctx.poll));
+        }
         if let Some(again) = crate::failover::planned_replica(&vmr, &ctx).await? {
             return Ok(Action::requeue(again));
         }
@@ -866,7 +870,25 @@ async fn planned_failover(vmr: &VMReplication, ctx: &Context) -> Result<Option<A
         return Ok(None);
     }
     let Ok(agent) = ctx.agent_for(vmr).await? else { return Ok(None) };
-    let PlannedPrimary::Holds(state, last) = planned_primary(vmr, ctx, &agent).await? else {
+    // Replication reversed onto this side: it is the VM's replica now (the
+    // replica-site report shows it), or it is taking the VM back.
+    if let Some((_, disks)) =
+        crate::failover::locate(vmr, ctx).await?.filter(|(_, d)| d.iter().any(|d| d.reverse))
+    {
+        let taken_back = disks.iter().all(|d| d.promoted)
+            && vmr
+                .status
+                .as_ref()
+                .and_then(|s| s.last_failover.as_ref())
+                .is_some_and(|l| l.took_over && l.phase == vmreplica_crds::FailoverPhase::Completed);
+        if !taken_back {
+            if let Some(again) = crate::failover::planned_replica(vmr, ctx).await? {
+                return Ok(Some(Action::requeue(again)));
+            }
+            return Ok(Some(Action::requeue(ctx.poll)));
+        }
+    }
+    let PlannedPrimary::Holds(state, last) = planned_primary(vmr, ctx, &agent, &vm_id(vmr)).await? else {
         return Ok(None);
     };
     let previous = vmr.status.clone().unwrap_or_default();

@@ -117,9 +117,17 @@ pub struct FailoverRequest {
     #[schemars(length(min = 1, max = 63))]
     pub recovery_point: String,
     /// After a Planned failover, replicate back from the new primary to the old
-    /// one (no resync is needed: both sides are identical).
+    /// one (no resync is needed: both sides are identical), with this object's
+    /// replicationFrequencySeconds, compression and recovery history. The old
+    /// primary's site must accept this site (a ReplicationServer and an
+    /// AuthorizationEntry there), as for any replication.
     #[serde(default)]
     pub reverse_replication: bool,
+    /// Planned, on a Replica object: where to reverse to, the old primary
+    /// site's replication server. Unset: `spec.primaryServer` on port 9443.
+    /// (On a Primary object the reverse goes to `spec.replicaServer`.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse_replica_server: Option<crate::ServerAddress>,
     /// Start the VM once its disks are ready.
     #[serde(default = "yes", rename = "startVM")]
     pub start_vm: bool,

@@ -442,6 +442,12 @@ pub struct FailoverStatus {
     /// The split-brain guard was overridden with `force`.
     #[serde(default)]
     pub forced: bool,
+    /// This side took the VM over (its replica was promoted here).
+    #[serde(default)]
+    pub took_over: bool,
+    /// Replication was reversed: this side now replicates to that server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reversed_to: Option<String>,
     /// What happened, in a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

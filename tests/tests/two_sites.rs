@@ -491,3 +491,235 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     let ready = stale.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
     assert!(ready.message.contains("epoch"), "{ready:?}");
 }
+
+/// Compares two raw images byte for byte.
+fn identical(a: &str, b: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw", a])
+        .arg(b)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Planned failover A→B with reverse replication, writes at B reaching A's
+/// own disks with no resync, then back B→A with reverse again: at each
+/// move both sides hold the same bytes (qemu-img compare), and writes at
+/// the new primary reach the other side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_failover_there_and_back_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca = Ca::new("reverse-ca").unwrap();
+    let (a_name, b_name) = ("host1.site-a.example.com", "replica.site-b.example.com");
+    write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
+    write_tls(&root.join("b-tls"), &material(&ca, &[b_name, "127.0.0.1"]));
+
+    // Site B (its own apiserver), as in the examples.
+    let b_plane = ControlPlane::start().await.unwrap();
+    let b = client_for(&b_plane.kubeconfig_path()).await.unwrap();
+    install_crds(&b).await.unwrap();
+    let b_ns = test_namespace(&b, "rev-b").await;
+    let dr = "finance-dr".to_owned();
+    let ns_obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": dr}});
+    apply_object(&Api::<k8s_openapi::api::core::v1::Namespace>::all(b.clone()), &ns_obj).await;
+    let (b_repl, b_ctl, a_repl, a_ctl) = (free_port(), free_port(), free_port(), free_port());
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{b_repl}"), "--control-listen"])
+        .arg(format!("127.0.0.1:{b_ctl}"))
+        .arg("--socket")
+        .arg(root.join("b-nbd.sock"))
+        .arg("--tls-dir")
+        .arg(root.join("b-tls"))
+        .args(["--resolve", &format!("{a_name}=127.0.0.1"), "--retry-seconds", "1"])
+        .args(["--node-label", "vmreplica.io/replica-server=true"])
+        .args(lease_args(&b_ns, "node-b", &b_plane.kubeconfig_path()));
+    let _b_agent = Process::spawn_ready(cmd, &root.join("b-agent.log"));
+    let b_storage = root.join("b-replicas");
+    std::fs::create_dir_all(&b_storage).unwrap();
+    let mut rs = example("replicationserver.yaml");
+    rs["spec"]["port"] = json!(b_repl);
+    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(b.clone()), &rs).await;
+    let mut entry = example("authorizationentry.yaml");
+    entry["spec"]["replicaStorageLocation"] = json!(b_storage);
+    apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(b.clone()), &entry).await;
+    let b_ctx = controllers(b.clone(), &b_ns, &ca, None);
+    tokio::spawn(site::run(b_ctx.site.clone(), std::future::pending()));
+    tokio::spawn(vmr::run(b_ctx.clone(), std::future::pending()));
+    tokio::spawn(replicas::run(b_ctx, std::future::pending()));
+
+    // Site A (the shared apiserver) is a replica server too, for B: Hyper-V
+    // asks the same of a primary that is to receive reverse replication.
+    let a = client().await;
+    let a_ns = test_namespace(&a, "rev-a").await;
+    std::fs::create_dir_all(root.join("disks")).unwrap();
+    let a_storage = root.join("a-replicas");
+    std::fs::create_dir_all(&a_storage).unwrap();
+    let label = format!("vmreplica.io/reverse-test-{}", &a_ns[a_ns.len().saturating_sub(8)..]);
+    let socket = root.join("a-nbd.sock");
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{a_repl}"), "--control-listen"])
+        .arg(format!("127.0.0.1:{a_ctl}"))
+        .arg("--tls-dir")
+        .arg(root.join("a-tls"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--disk-root")
+        .arg(root.join("disks"))
+        .args(["--resolve", &format!("{b_name}=127.0.0.1"), "--retry-seconds", "1"])
+        .args(["--node-label", &format!("{label}=true")])
+        .args(lease_args(&a_ns, "node-a", &shared_kubeconfig()));
+    let _a_agent = Process::spawn_ready(cmd, &root.join("a-agent.log"));
+    let a_rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
+        "metadata": {"name": a_ns}, "spec": {"nodeSelector": {label.clone(): "true"}, "port": a_repl,
+        "tlsSecretName": "vmreplica-agent-tls", "allowAnyServer": false}});
+    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(a.clone()), &a_rs).await;
+    let a_entry = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "AuthorizationEntry",
+        "metadata": {"name": a_ns}, "spec": {"allowedPrimaryServer": b_name, "trustGroup": "finance",
+        "replicaStorageLocation": a_storage, "replicaNamespace": a_ns}});
+    apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(a.clone()), &a_entry).await;
+    let a_ctx = controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone()));
+    tokio::spawn(site::run(a_ctx.site.clone(), std::future::pending()));
+    tokio::spawn(vmr::run(a_ctx.clone(), std::future::pending()));
+    tokio::spawn(replicas::run(a_ctx, std::future::pending()));
+
+    let a_vmrs: Api<VMReplication> = Api::namespaced(a.clone(), &a_ns);
+    let b_vmrs: Api<VMReplication> = Api::namespaced(b.clone(), &dr);
+    let img = |name: &str| {
+        let p = root.join("disks").join(format!("{name}.img"));
+        assert!(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "raw"])
+                .arg(&p)
+                .arg("8M")
+                .status()
+                .unwrap()
+                .success()
+        );
+        p
+    };
+    let (root_img, data_img) = (img("app-root"), img("app-data"));
+    let app = "app";
+    let primary = |failover: serde_json::Value| {
+        let mut o = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+            "metadata": {"name": app}, "spec": {"disks": [{"name": "root", "path": root_img},
+            {"name": "data", "path": data_img}], "replicationFrequencySeconds": 1,
+            "replicaServer": {"name": b_name, "port": b_repl}}});
+        if !failover.is_null() {
+            o["spec"]["failover"] = failover;
+        }
+        o
+    };
+    apply_object(&a_vmrs, &primary(serde_json::Value::Null)).await;
+    let replica = wait_secs(60, "B's Replica object", async || {
+        state_is(&b_vmrs, app, ReplicationState::Replicating).await
+    })
+    .await;
+    let b_disk = |name: &str| replica.spec.disks.iter().find(|d| d.name == name).unwrap().path.clone();
+    let (b_root, b_data) = (b_disk("root"), b_disk("data"));
+    let a_export = |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", socket.display());
+    let b_export =
+        |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", root.join("b-nbd.sock").display());
+    qemu_io(&a_export("root"), "write -P 0x11 1M 64k").unwrap();
+    let tester = PatchParams::apply("dr-operator").force();
+    let at_b = |failover: serde_json::Value| {
+        json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": app},
+               "spec": {"role": "Replica", "disks": replica.spec.disks, "replicationFrequencySeconds": 1,
+                        "failover": failover}})
+    };
+    let done = async |api: &Api<VMReplication>, id: &str| {
+        wait_secs(60, &format!("failover {id} to complete"), async || {
+            api.get(app).await.ok()?.status?.last_failover.filter(|l| {
+                l.id == id
+                    && matches!(
+                        l.phase,
+                        vmreplica_crds::FailoverPhase::Completed | vmreplica_crds::FailoverPhase::Failed
+                    )
+            })
+        })
+        .await
+    };
+
+    // A→B: A's part, then B's with reverse replication back to A.
+    apply_object(&a_vmrs, &primary(json!({"id": "move", "type": "Planned"}))).await;
+    let l = done(&a_vmrs, "move").await;
+    assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
+    let reverse_to = json!({"name": a_name, "port": a_repl});
+    b_vmrs
+        .patch(
+            app,
+            &tester,
+            &Patch::Apply(at_b(json!({"id": "move", "type": "Planned",
+            "reverseReplication": true, "reverseReplicaServer": reverse_to}))),
+        )
+        .await
+        .unwrap();
+    let l = done(&b_vmrs, "move").await;
+    assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
+    assert!(l.took_over && l.reversed_to.as_deref() == Some(&format!("{a_name}:{a_repl}")[..]), "{l:?}");
+    assert!(l.message.unwrap().contains("no resync"));
+    assert!(identical(&b_root, &root_img) && identical(&b_data, &data_img), "zero loss A→B");
+    let moved = wait_secs(30, "B to replicate back", async || {
+        state_is(&b_vmrs, app, ReplicationState::Replicating)
+            .await
+            .filter(|v| v.status.as_ref().is_some_and(|s| s.primary_server.as_deref() == Some("node-b")))
+    })
+    .await;
+    assert!(moved.status.unwrap().epoch >= 1);
+
+    // Writes at B reach A's own disks; A's object shows it receives them.
+    qemu_io(&b_export("root"), "write -P 0x22 2M 64k").unwrap();
+    qemu_io(&b_export("data"), "write -P 0x23 3M 64k").unwrap();
+    wait_secs(30, "B's writes at A", async || {
+        qemu_io(root_img.to_str().unwrap(), "read -P 0x22 2M 64k").ok()?;
+        qemu_io(data_img.to_str().unwrap(), "read -P 0x23 3M 64k").ok()
+    })
+    .await;
+    assert!(
+        !a_storage.join(format!("{a_ns}.{app}")).join("root").join("disk.img").exists(),
+        "no copy was made"
+    );
+    let a_view = wait_secs(30, "A to show the reverse replication", async || {
+        state_is(&a_vmrs, app, ReplicationState::Replicating)
+            .await
+            .filter(|v| v.status.as_ref().is_some_and(|s| s.primary_server.as_deref() == Some(b_name)))
+    })
+    .await;
+    assert_eq!(a_view.status.unwrap().replica_server.as_deref(), Some("node-a"));
+    assert!(qemu_io(&a_export("root"), "read 0 512").is_err(), "A no longer serves the VM");
+
+    // B→A: B's part (stop, ship the last log), then A takes the VM back
+    // and reverses again, to B.
+    qemu_io(&b_export("root"), "write -P 0x24 4M 64k").unwrap();
+    b_vmrs.patch(app, &tester, &Patch::Apply(at_b(json!({"id": "back", "type": "Planned"})))).await.unwrap();
+    let l = done(&b_vmrs, "back").await;
+    assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
+    wait_secs(30, "B SyncedReplicationComplete", async || {
+        state_is(&b_vmrs, app, ReplicationState::SyncedReplicationComplete).await
+    })
+    .await;
+    apply_object(&a_vmrs, &primary(json!({"id": "back", "type": "Planned", "reverseReplication": true})))
+        .await;
+    let l = done(&a_vmrs, "back").await;
+    assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
+    assert!(l.took_over, "{l:?}");
+    assert!(identical(&b_root, &root_img) && identical(&b_data, &data_img), "zero loss B→A");
+    qemu_io(&a_export("root"), "read -P 0x24 4M 64k").expect("A serves B's last write");
+    wait_secs(60, "A to replicate to B again", async || {
+        state_is(&a_vmrs, app, ReplicationState::Replicating).await.filter(|v| {
+            v.status.as_ref().is_some_and(|s| {
+                s.last_replication_time.is_some() && s.replica_server.as_deref() == Some(b_name)
+            })
+        })
+    })
+    .await;
+    qemu_io(&a_export("root"), "write -P 0x33 5M 64k").unwrap();
+    wait_secs(30, "A's new write at B", async || qemu_io(&b_root, "read -P 0x33 5M 64k").ok()).await;
+    let back = wait_secs(30, "B a replica again", async || {
+        state_is(&b_vmrs, app, ReplicationState::Replicating)
+            .await
+            .filter(|v| v.status.as_ref().is_some_and(|s| s.replica_server.as_deref() == Some("node-b")))
+    })
+    .await;
+    assert!(back.status.unwrap().epoch >= 2, "the failback is a newer promotion");
+    assert!(qemu_io(&b_export("root"), "read 0 512").is_err(), "B no longer serves the VM");
+}

@@ -143,6 +143,10 @@ pub struct ReplicaState {
     /// the site's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<super::retention::Policy>,
+    /// Reverse replication onto the old primary: its own disk is the image
+    /// (set by this agent, never from the wire). `None`: `disk.img` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
 }
 
 /// Counters of applied segments (kept in `replica.json`).
@@ -257,7 +261,7 @@ impl ReplicaDisk {
     }
 
     fn image_path(&self) -> PathBuf {
-        self.dir.join("disk.img")
+        self.state().image.clone().unwrap_or_else(|| self.dir.join("disk.img"))
     }
 
     fn update(&self, f: impl FnOnce(&mut ReplicaState)) -> Result<()> {
@@ -309,6 +313,41 @@ impl ReplicaDisk {
         self.update(|s| {
             s.promoted = true;
             s.epoch += 1;
+        })
+    }
+
+    /// Reverse replication after a planned failover: this promoted copy,
+    /// whose VM was since prepared (stopped, every write shipped) here,
+    /// becomes the replica of the side that promoted it in turn. Both hold
+    /// the same bytes, so nothing is copied: the new primary's log starts at
+    /// sequence 1, and the points of the other direction are dropped.
+    /// `image`: the old primary's own disk, when it is the image from now on.
+    pub fn reverse(
+        &self,
+        epoch: u64,
+        primary: String,
+        trust_group: String,
+        image: Option<PathBuf>,
+    ) -> Result<()> {
+        self.prune(|_| false)?;
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, p) in undo_files(&self.dir.join("undo"))? {
+            fs::remove_file(&p).map_err(io_at(&p))?;
+        }
+        self.update(|s| {
+            s.epoch = epoch;
+            s.primary = primary;
+            s.trust_group = trust_group;
+            s.has_copy = true;
+            s.consistent_from = 0;
+            s.received_through = 0;
+            s.applied_through = 0;
+            s.points.clear();
+            s.removed = false;
+            s.removed_at_replica = false;
+            s.primary_final_seq = None;
+            s.promoted = false;
+            s.image = image;
         })
     }
 

@@ -45,6 +45,13 @@ pub struct ReplicaService {
     /// Recovery history kept for every replica of this site.
     retention: RwLock<Policy>,
     metrics: RwLock<Option<Arc<Metrics>>>,
+    /// The VMs this agent serves as primary, when it does both roles: a
+    /// VM prepared for a planned failover becomes the replica of its
+    /// promoted side here (reverse replication).
+    node: std::sync::OnceLock<Arc<crate::node::Node>>,
+    /// One reverse-replication decision at a time: the Opens of a VM's
+    /// disks arrive together, and the first one converts them all.
+    reversing: tokio::sync::Mutex<()>,
 }
 
 fn denied(d: Denied) -> Status {
@@ -113,7 +120,61 @@ impl ReplicaService {
             max_transfers: max_transfers.max(1),
             retention: RwLock::new(Policy::default()),
             metrics: RwLock::new(None),
+            node: std::sync::OnceLock::new(),
+            reversing: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Lets the promoted side of a planned failover replicate back onto
+    /// the VMs `node` prepared (reverse replication).
+    pub fn set_node(&self, node: Arc<crate::node::Node>) {
+        let _ = self.node.set(node);
+    }
+
+    /// Reverse replication: when this agent prepared `vm` for a planned
+    /// failover, its disks stop being served and become replicas of the
+    /// promoted side (whose images equal them), each under `root` and
+    /// applying onto the disk itself. `None` when `vm` is not prepared here.
+    async fn reverse_onto_prepared(
+        &self,
+        vm: &str,
+        grant: &super::authz::Grant,
+        epoch: u64,
+    ) -> Result<Option<Vec<Arc<ReplicaDisk>>>, Status> {
+        let Some(node) = self.node.get() else { return Ok(None) };
+        let Some(disks) = node.release_prepared(vm).await else { return Ok(None) };
+        let mut out = Vec::new();
+        for (disk_id, path) in disks {
+            let size = std::fs::metadata(&path)
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?
+                .len();
+            let dir = replica_dir(&grant.storage, vm, &disk_id, true)?;
+            let init = {
+                let (vm, disk_id, path, grant) =
+                    (vm.to_owned(), disk_id.clone(), path.clone(), grant.clone());
+                move || ReplicaState {
+                    vm_id: vm,
+                    disk_id,
+                    disk_size: size,
+                    epoch,
+                    trust_group: grant.trust_group,
+                    primary: grant.primary,
+                    has_copy: true,
+                    image: Some(path),
+                    ..Default::default()
+                }
+            };
+            let replica = self.open_dir(&dir, init)?;
+            if replica.state().image.as_deref() != Some(path.as_path()) {
+                // A replica of another direction was left here: take it over.
+                replica
+                    .reverse(epoch, grant.primary.clone(), grant.trust_group.clone(), Some(path.clone()))
+                    .map_err(status)?;
+            }
+            tracing::info!(vm, disk = %disk_id, image = %path.display(), epoch, "reverse replication onto the old primary's disk");
+            out.push(replica);
+        }
+        Ok(Some(out))
     }
 
     /// Also reports to these Prometheus metrics.
@@ -349,28 +410,43 @@ impl ReplicaService {
         names::check("VM id", &d.vm_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         names::check("disk id", &d.disk_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let grant = self.site().authorize(&names).map_err(denied)?;
+        // Only a promoted side (epoch > 0) may reverse onto this one.
+        let _reversing = if r.epoch > 0 { Some(self.reversing.lock().await) } else { None };
         let replica = match self.existing(&names, &d.vm_id, &d.disk_id)? {
-            Some(r) => r,
-            None => {
-                let dir = replica_dir(&grant.storage, &d.vm_id, &d.disk_id, true)?;
-                let (vm_id, disk_id, size, epoch) =
-                    (d.vm_id.clone(), d.disk_id.clone(), r.disk_size, r.epoch);
-                tracing::info!(primary = %grant.primary, rule = %grant.rule, dir = %dir.display(), "new replica");
-                self.open_dir(&dir, move || ReplicaState {
-                    vm_id,
-                    disk_id,
-                    disk_size: size,
-                    epoch,
-                    trust_group: grant.trust_group,
-                    primary: grant.primary,
-                    has_copy: false,
-                    consistent_from: 0,
-                    received_through: 0,
-                    applied_through: 0,
-                    points: Vec::new(),
-                    ..Default::default()
-                })?
+            // The VM was failed over to the sender and back; a newer
+            // promotion than ours and our VM prepared mean: reverse again.
+            Some(x) if x.state().promoted && r.epoch > x.state().epoch => {
+                let current = x.state().epoch;
+                let Some(node) = self.node.get() else {
+                    return Err(status(ReplicaError::StaleEpoch { current, found: r.epoch }));
+                };
+                if node.release_prepared(&d.vm_id).await.is_none() {
+                    return Err(Status::failed_precondition(format!(
+                        "{} runs here (promoted at epoch {current}) and was not failed over back: a planned \
+                         failover must first stop it here",
+                        d.vm_id
+                    )));
+                }
+                for other in self.replicas().into_iter().filter(|o| o.state().vm_id == d.vm_id) {
+                    let image = other.state().image.clone();
+                    other
+                        .reverse(r.epoch, grant.primary.clone(), grant.trust_group.clone(), image)
+                        .map_err(status)?;
+                }
+                tracing::info!(primary = %grant.primary, epoch = r.epoch, "failed back: replicating the other way again");
+                x
             }
+            Some(x) => x,
+            None if r.epoch > 0 && self.node.get().is_some() => {
+                match self.reverse_onto_prepared(&d.vm_id, &grant, r.epoch).await? {
+                    Some(disks) => disks
+                        .into_iter()
+                        .find(|x| x.state().disk_id == d.disk_id)
+                        .ok_or_else(|| Status::not_found(format!("{} has no disk {}", d.vm_id, d.disk_id)))?,
+                    None => self.new_replica(&grant, &d, r.disk_size, r.epoch)?,
+                }
+            }
+            None => self.new_replica(&grant, &d, r.disk_size, r.epoch)?,
         };
         if replica.state().promoted {
             return Err(status(ReplicaError::StaleEpoch { current: replica.state().epoch, found: r.epoch }));
@@ -409,6 +485,28 @@ impl ReplicaService {
             next_seq: s.received_through + 1,
             epoch: s.epoch,
         }))
+    }
+
+    /// A new replica for an authorised primary, waiting for its initial copy.
+    fn new_replica(
+        &self,
+        grant: &super::authz::Grant,
+        d: &DiskRef,
+        disk_size: u64,
+        epoch: u64,
+    ) -> Result<Arc<ReplicaDisk>, Status> {
+        let dir = replica_dir(&grant.storage, &d.vm_id, &d.disk_id, true)?;
+        tracing::info!(primary = %grant.primary, rule = %grant.rule, dir = %dir.display(), "new replica");
+        let (grant, vm_id, disk_id) = (grant.clone(), d.vm_id.clone(), d.disk_id.clone());
+        self.open_dir(&dir, move || ReplicaState {
+            vm_id,
+            disk_id,
+            disk_size,
+            epoch,
+            trust_group: grant.trust_group,
+            primary: grant.primary,
+            ..Default::default()
+        })
     }
 
     /// Reads a stream's first chunk and its start, authorises the sender for

@@ -190,6 +190,13 @@ impl Shipper {
         self
     }
 
+    /// Sends under this epoch: that of the promotion that made this the
+    /// VM's primary (0: never failed over).
+    pub fn with_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
     fn labels(&self) -> [&str; 2] {
         [self.vm_id.as_str(), self.disk.name()]
     }
