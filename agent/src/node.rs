@@ -124,6 +124,29 @@ async fn open_disks(vm_id: &str, images: Vec<(String, PathBuf)>) -> Result<Vec<A
     .map_err(|e| format!("opening the disks failed: {e}"))?
 }
 
+/// Shuts disks no longer served down cleanly and deletes their logs. A
+/// client still connected keeps a disk (and its log) alive; the log is
+/// deleted only when nothing can write to it any more.
+async fn retire(disks: Vec<Arc<ProtectedDisk>>) {
+    for d in disks {
+        let d2 = d.clone();
+        let _ = tokio::task::spawn_blocking(move || d2.shutdown()).await;
+        match Arc::try_unwrap(d) {
+            Ok(d) => {
+                let dir = log_dir_for(d.path());
+                drop(d);
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    tracing::warn!(dir = %dir.display(), error = %e, "removing the log");
+                }
+            }
+            Err(d) => tracing::warn!(
+                disk = d.name(),
+                "a client is still connected: its log stays until the agent restarts"
+            ),
+        }
+    }
+}
+
 /// Replaces any log of `image` with an empty one whose segments carry
 /// `epoch` (that of the promotion now serving it).
 fn fresh_log(image: &Path, epoch: u64) -> std::io::Result<()> {
@@ -428,25 +451,7 @@ impl Node {
             }
         }
         drop(m.shippers);
-        for d in m.disks {
-            let d2 = d.clone();
-            let _ = tokio::task::spawn_blocking(move || d2.shutdown()).await;
-            // A client still connected keeps the disk (and its log) alive;
-            // the log is deleted only when nothing can write to it any more.
-            match Arc::try_unwrap(d) {
-                Ok(d) => {
-                    let dir = log_dir_for(d.path());
-                    drop(d);
-                    if let Err(e) = std::fs::remove_dir_all(&dir) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "removing the log");
-                    }
-                }
-                Err(d) => tracing::warn!(
-                    disk = d.name(),
-                    "a client is still connected: its log stays until the agent restarts"
-                ),
-            }
-        }
+        retire(m.disks).await;
         tracing::info!(vm = vm_id, "replication removed");
         true
     }
@@ -592,25 +597,8 @@ impl Node {
             self.nbd.remove_export(&export_name(vm_id, d.name()));
         }
         drop(m.shippers);
-        let mut out = Vec::new();
-        for d in m.disks {
-            out.push((d.name().to_owned(), d.path().to_owned()));
-            let d2 = d.clone();
-            let _ = tokio::task::spawn_blocking(move || d2.shutdown()).await;
-            match Arc::try_unwrap(d) {
-                Ok(d) => {
-                    let dir = log_dir_for(d.path());
-                    drop(d);
-                    if let Err(e) = std::fs::remove_dir_all(&dir) {
-                        tracing::warn!(dir = %dir.display(), error = %e, "removing the log");
-                    }
-                }
-                Err(d) => tracing::warn!(
-                    disk = d.name(),
-                    "a client is still connected (read-only): its log stays until the agent restarts"
-                ),
-            }
-        }
+        let out = m.disks.iter().map(|d| (d.name().to_owned(), d.path().to_owned())).collect();
+        retire(m.disks).await;
         tracing::info!(vm = vm_id, "prepared VM released: its disks become replicas of the promoted side");
         Some(out)
     }

@@ -418,20 +418,29 @@ async fn report(
             created
         }
     };
-    let previous = obj.status.clone().unwrap_or_default();
-    let status = replica_status(
-        &previous,
-        disks,
-        &agent.node,
-        obj.metadata.generation,
-        (ctx.site.now)(),
-        lag_warning(servers, agent),
-    );
-    let uid = obj.uid().unwrap_or_default();
-    if ctx.should_write(&uid, &previous, &status) {
-        ctx.write_status(&obj, &previous, &status).await?;
-    }
+    write_replica_status(ctx, &obj, disks, agent, servers).await?;
     Ok(true)
+}
+
+/// Writes `obj`'s status as the replica side sees it (when worth a write).
+async fn write_replica_status(
+    ctx: &Context,
+    obj: &VMReplication,
+    disks: &[&ReplicaDisk],
+    agent: &Agent,
+    servers: &[ReplicationServer],
+) -> Result<(), Error> {
+    let previous = obj.status.clone().unwrap_or_default();
+    let lag_warning =
+        servers.iter().find(|rs| crate::site::selects(rs, agent)).map_or(Duration::from_secs(3600), |rs| {
+            Duration::from_secs(u64::from(rs.spec.lag_warning_threshold_seconds))
+        });
+    let status =
+        replica_status(&previous, disks, &agent.node, obj.metadata.generation, (ctx.site.now)(), lag_warning);
+    if ctx.should_write(&obj.uid().unwrap_or_default(), &previous, &status) {
+        ctx.write_status(obj, &previous, &status).await?;
+    }
+    Ok(())
 }
 
 /// Reports reverse replication on the Primary object whose VM it is: it is
@@ -452,25 +461,8 @@ async fn report_reverse(
     else {
         return Ok(false);
     };
-    let previous = obj.status.clone().unwrap_or_default();
-    let status = replica_status(
-        &previous,
-        disks,
-        &agent.node,
-        obj.metadata.generation,
-        (ctx.site.now)(),
-        lag_warning(servers, agent),
-    );
-    if ctx.should_write(&obj.uid().unwrap_or_default(), &previous, &status) {
-        ctx.write_status(&obj, &previous, &status).await?;
-    }
+    write_replica_status(ctx, &obj, disks, agent, servers).await?;
     Ok(true)
-}
-
-fn lag_warning(servers: &[ReplicationServer], agent: &Agent) -> Duration {
-    servers.iter().find(|rs| crate::site::selects(rs, agent)).map_or(Duration::from_secs(3600), |rs| {
-        Duration::from_secs(u64::from(rs.spec.lag_warning_threshold_seconds))
-    })
 }
 
 /// Reports the site's replicas every poll interval until `shutdown` completes.
