@@ -501,11 +501,13 @@ pub async fn planned_replica(
         Ok(r) => r,
         Err(why) => return fail_with(vmr, ctx, status, why).await,
     };
+    let power = VmPower::for_vmr(ctx.site.client.clone(), vmr);
+    power.set_network(&vmr.spec.failover_network).await.map_err(Error::Read)?;
     if f.start_vm {
         status.phase = FailoverPhase::StartingVM;
         status.message = Some("starting the VM".into());
         write(vmr, ctx, &status).await?;
-        VmPower::for_vmr(ctx.site.client.clone(), vmr).set_running(true).await.map_err(Error::Read)?;
+        power.set_running(true).await.map_err(Error::Read)?;
     }
     status.took_over = true;
     let reverse = if !f.reverse_replication {
@@ -728,8 +730,10 @@ pub async fn unplanned_replica(
     materialize_all(&agent, ctx, &disks, &per_disk, &failover_copy_name(vmr)).await.map_err(Error::Agent)?;
     let reply =
         promote(&agent, ctx, &vm_id, &uid, failover_copy_name(vmr), false).await.map_err(Error::Agent)?;
+    let power = VmPower::for_vmr(ctx.site.client.clone(), vmr);
+    power.set_network(&vmr.spec.failover_network).await.map_err(Error::Read)?;
     if f.start_vm {
-        VmPower::for_vmr(ctx.site.client.clone(), vmr).set_running(true).await.map_err(Error::Read)?;
+        power.set_running(true).await.map_err(Error::Read)?;
     }
     let point_ms = refs
         .iter()
