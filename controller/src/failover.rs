@@ -667,7 +667,9 @@ pub async fn unplanned_replica(
         done.phase = FailoverPhase::Completed;
         done.end_time = Some(Time((ctx.site.now)()));
         done.message = Some(format!(
-            "completed: the other recovery points are folded away and the old primary is refused; the VM's disks are {}",
+            "completed: the other recovery points are folded away and the old primary is refused; the VM's disks are {}. \
+             It is not protected now: reverse replication after an unplanned failover is not built yet (it needs \
+             the block-hash resync), so protecting it again means enabling replication anew, with a full network copy",
             reply.exports.join(", ")
         ));
         record(vmr, ctx, &done, EventType::Normal, "UnplannedFailoverCompleted").await?;

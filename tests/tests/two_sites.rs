@@ -481,7 +481,8 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
         )
         .await
         .unwrap();
-    last_of(vmreplica_crds::FailoverPhase::Completed).await;
+    let l = last_of(vmreplica_crds::FailoverPhase::Completed).await;
+    assert!(l.message.unwrap().contains("full network copy"), "the status says what reversing costs");
     wait_secs(30, "B FailedOver", async || state_is(&b_vmrs, "pay", ReplicationState::FailedOver).await)
         .await;
     // The old primary, still running, is refused from now on.
