@@ -7,7 +7,8 @@
 # the Replica object; site B's replica ends up equal to site A's disk, with a
 # recovery point per replication cycle; a test failover at site B materialises
 # a point as test disks while replication goes on, and is cleaned up; then a
-# planned failover moves the VM's disk to site B with no data lost.
+# planned failover moves the VM's disk to site B with no data lost and
+# reverses replication: writes at site B reach site A's own disk, no copy.
 #   hack/local-up.sh          show it and tear everything down
 #   hack/local-up.sh --keep   keep it running; prints a KUBECONFIG to use; Ctrl-C ends it
 set -euo pipefail
@@ -72,6 +73,7 @@ controller_pid=$!
 ctl_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 "$agent" serve --listen "127.0.0.1:$port" --tls-dir "$run/certs/replica" --control-listen "127.0.0.1:$ctl_port" \
   --socket "$run/nbd-b.sock" --disk-root "$run/site-b" \
+  --resolve host1.site-a.example.com=127.0.0.1 --retry-seconds 1 \
   --lease-namespace vmreplica-system --node site-b-node1 --node-label vmreplica.io/site=b \
   --advertise-host 127.0.0.1 >"$run/replica.out" 2>"$run/replica.log" &
 replica_pid=$!
@@ -100,12 +102,14 @@ wait_until 100 '[ "$(kubectl get rsrv local-site-b -o jsonpath="{.status.agentsS
 say "the controller pushed them to the agent, which accepted (kubectl get rsrv)"
 kubectl get rsrv local-site-b
 
-say "site A: its agent announces itself and waits for the controller to name VMs to protect"
+say "site A: its agent (both roles too: it can receive reverse replication) announces itself"
 truncate -s 256M "$disk"
 ctl_a=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-"$agent" serve --control-listen "127.0.0.1:$ctl_a" --tls-dir "$run/certs/primary" --socket "$run/nbd.sock" \
+port_a=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$agent" serve --listen "127.0.0.1:$port_a" --control-listen "127.0.0.1:$ctl_a" --tls-dir "$run/certs/primary" \
+  --socket "$run/nbd.sock" \
   --disk-root "$run/site-a" --resolve replica.site-b.example.com=127.0.0.1 --retry-seconds 1 \
-  --lease-namespace vmreplica-system --node site-a-node1 --advertise-host 127.0.0.1 \
+  --lease-namespace vmreplica-system --node site-a-node1 --node-label vmreplica.io/site=a --advertise-host 127.0.0.1 \
   >"$run/primary.out" 2>"$run/primary.log" &
 agent_pid=$!
 wait_ready "$run/primary.out" ready
@@ -172,13 +176,40 @@ kubectl patch vmr -n site-a ledger-db --type merge -p '{"spec":{"failover":{"id"
 wait_until 150 '[ "$(field site-a .status.state)" = SyncedReplicationComplete ]'
 kubectl get vmr -n site-a ledger-db -o jsonpath='{.status.lastFailover.phase}: {.status.lastFailover.message}{"\n"}'
 qemu-io -f raw -c 'write -P 0xee 0 4k' "$url" 2>&1 | head -1 || true
-say "then at site B: promote the replica (epoch + 1) and serve it as the VM's disk"
-kubectl patch vmr -n site-b ledger-db --type merge -p '{"spec":{"failover":{"id":"move-1","type":"Planned"}}}' >/dev/null
-wait_until 150 '[ "$(field site-b .status.state)" = FailedOver ]'
+say "site A accepts site B as a primary (for reverse replication): a ReplicationServer and an entry"
+mkdir -p "$run/site-a-replicas"
+kubectl apply --server-side -f - <<YAML
+apiVersion: vmreplica.io/v1alpha1
+kind: ReplicationServer
+metadata: {name: local-site-a}
+spec:
+  nodeSelector: {vmreplica.io/site: a}
+  port: $port_a
+  tlsSecretName: vmreplica-agent-tls
+---
+apiVersion: vmreplica.io/v1alpha1
+kind: AuthorizationEntry
+metadata: {name: local-site-b}
+spec:
+  allowedPrimaryServer: replica.site-b.example.com
+  replicaStorageLocation: $run/site-a-replicas
+  trustGroup: finance
+  replicaNamespace: site-a
+YAML
+say "then at site B: promote the replica (epoch + 1), serve it as the VM's disk, and reverse replication to site A"
+kubectl patch vmr -n site-b ledger-db --type merge -p "{\"spec\":{\"replicationFrequencySeconds\":2,\"failover\":{\"id\":\"move-1\",\"type\":\"Planned\",
+  \"reverseReplication\":true,\"reverseReplicaServer\":{\"name\":\"host1.site-a.example.com\",\"port\":$port_a}}}}" >/dev/null
+wait_until 150 '[ "$(field site-b .status.lastFailover.phase)" = Completed ]'
 kubectl get vmr -A
 kubectl get vmr -n site-b ledger-db -o jsonpath='{.status.lastFailover.message}{"\n"}'
 say "no data lost: site B's disk (served at nbd+unix:///site-a.ledger-db/root?socket=…/nbd-b.sock) equals site A's"
 qemu-img compare -f raw -F raw "nbd+unix:///site-a.ledger-db/root?socket=$run/nbd-b.sock" "$disk"
+say "a write at site B now reaches site A's own disk (no copy was made), and site A's object shows it receives"
+qemu-io -f raw -c 'write -P 0xb0 8M 64k' "nbd+unix:///site-a.ledger-db/root?socket=$run/nbd-b.sock" | head -1
+wait_until 150 'qemu-io -f raw -r -c "read -P 0xb0 8M 64k" "$disk" 2>/dev/null | grep -q "^read"'
+qemu-io -f raw -r -c 'read -P 0xb0 8M 64k' "$disk" | head -1
+wait_until 100 '[ "$(field site-a .status.primaryServer)" = replica.site-b.example.com ]'
+kubectl get vmr -A
 
 say "its status as an operator sees it: kubectl describe vmr -n site-a ledger-db (events at the end)"
 kubectl describe vmr -n site-a ledger-db | sed -n '/^Status:/,$p'
