@@ -65,6 +65,19 @@ struct Managed {
     running: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
+impl Managed {
+    /// Whether `disks` (name, resolved path) are exactly the disks served,
+    /// in any order.
+    fn serves(&self, disks: &[(String, PathBuf)]) -> bool {
+        let mut served: Vec<(String, PathBuf)> =
+            self.disks.iter().map(|d| (d.name().to_owned(), d.path().to_owned())).collect();
+        let mut asked = disks.to_vec();
+        served.sort();
+        asked.sort();
+        served == asked
+    }
+}
+
 /// The VMs protected on this node.
 pub struct Node {
     cfg: NodeConfig,
@@ -348,12 +361,7 @@ impl Node {
                     exports: self.export_uris(&m.spec),
                 };
             }
-            let mut served: Vec<(String, PathBuf)> =
-                m.disks.iter().map(|d| (d.name().to_owned(), d.path().to_owned())).collect();
-            let mut asked = paths.clone();
-            served.sort();
-            asked.sort();
-            if served != asked {
+            if !m.serves(&paths) {
                 return refuse(
                     "the disks of a protected VM cannot change: delete the VMReplication and create it again"
                         .into(),
@@ -570,14 +578,9 @@ impl Node {
     async fn served_disks(&self, spec: &VmReplicationSpec) -> Option<Vec<(String, PathBuf)>> {
         let vms = self.vms.lock().await;
         let m = vms.get(&spec.vm_id).filter(|m| m.spec.uid == spec.uid)?;
-        let mut served: Vec<(String, PathBuf)> =
-            m.disks.iter().map(|d| (d.name().to_owned(), d.path().to_owned())).collect();
-        let mut named: Vec<(String, PathBuf)> =
+        let named: Vec<(String, PathBuf)> =
             spec.disks.iter().map(|d| (d.name.clone(), PathBuf::from(&d.path))).collect();
-        served.sort();
-        named.sort();
-        (served == named)
-            .then(|| spec.disks.iter().map(|d| (d.name.clone(), PathBuf::from(&d.path))).collect())
+        m.serves(&named).then_some(named)
     }
 
     /// Reverse replication, old primary's side: a VM prepared for a planned

@@ -122,6 +122,23 @@ pub(crate) async fn locate(
     Ok(None)
 }
 
+/// The status of request `f` as it starts (or resumes) in `phase`.
+fn begin(f: &vmreplica_crds::FailoverRequest, phase: FailoverPhase, started: Time) -> FailoverStatus {
+    FailoverStatus {
+        id: f.id.clone(),
+        failover_type: f.failover_type,
+        phase,
+        recovery_point: None,
+        start_time: Some(started),
+        end_time: None,
+        data_loss_window_seconds: None,
+        forced: false,
+        took_over: false,
+        reversed_to: None,
+        message: None,
+    }
+}
+
 async fn write(vmr: &VMReplication, ctx: &Context, last: &FailoverStatus) -> Result<(), Error> {
     let api = Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default());
     crate::apply_status(&api, &vmr.name_any(), FAILOVER_MANAGER, &serde_json::json!({"lastFailover": last}))
@@ -232,19 +249,8 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
         Some(f) if last.as_ref().is_some_and(|l| l.id == f.id) => Ok(false),
         Some(f) => {
             let started = now();
-            let mut status = FailoverStatus {
-                id: f.id.clone(),
-                failover_type: FailoverType::Test,
-                phase: FailoverPhase::PreparingDisks,
-                recovery_point: None,
-                start_time: Some(started.clone()),
-                end_time: None,
-                data_loss_window_seconds: None,
-                forced: false,
-                took_over: false,
-                reversed_to: None,
-                message: Some("materialising the recovery point as test disks".into()),
-            };
+            let mut status = begin(f, FailoverPhase::PreparingDisks, started);
+            status.message = Some("materialising the recovery point as test disks".into());
             write(vmr, ctx, &status).await?;
             let outcome = async {
                 let (agent, disks) = locate(vmr, ctx)
@@ -350,19 +356,9 @@ pub async fn planned_primary(
         (None, _) => return Ok(PlannedPrimary::No),
         (Some(f), _) => f,
     };
-    let mut status = FailoverStatus {
-        id: f.id.clone(),
-        failover_type: FailoverType::Planned,
-        phase: FailoverPhase::StoppingVM,
-        recovery_point: Some("latest".into()),
-        start_time: Some(Time((ctx.site.now)())),
-        end_time: None,
-        data_loss_window_seconds: None,
-        forced: false,
-        took_over: false,
-        reversed_to: None,
-        message: Some("stopping the VM".into()),
-    };
+    let mut status = begin(f, FailoverPhase::StoppingVM, Time((ctx.site.now)()));
+    status.recovery_point = Some("latest".into());
+    status.message = Some("stopping the VM".into());
     write(vmr, ctx, &status).await?;
     event(ctx, vmr, EventType::Normal, "PlannedFailoverStarted", "stopping the VM".into()).await;
     let fail = async |mut status: FailoverStatus, why: String| {
@@ -460,23 +456,9 @@ pub async fn planned_replica(
     {
         return Ok(None);
     }
-    let mut status = FailoverStatus {
-        id: f.id.clone(),
-        failover_type: FailoverType::Planned,
-        phase: FailoverPhase::Pending,
-        recovery_point: Some("latest".into()),
-        start_time: last
-            .as_ref()
-            .filter(|l| l.id == f.id)
-            .and_then(|l| l.start_time.clone())
-            .or(Some(Time((ctx.site.now)()))),
-        end_time: None,
-        data_loss_window_seconds: None,
-        forced: false,
-        took_over: false,
-        reversed_to: None,
-        message: None,
-    };
+    let started = last.as_ref().filter(|l| l.id == f.id).and_then(|l| l.start_time.clone());
+    let mut status = begin(f, FailoverPhase::Pending, started.unwrap_or_else(|| Time((ctx.site.now)())));
+    status.recovery_point = Some("latest".into());
     let Some((agent, disks)) = locate(vmr, ctx).await? else {
         status.message = Some("no live replica agent holds this VM".into());
         write(vmr, ctx, &status).await?;
@@ -676,19 +658,9 @@ pub async fn unplanned_replica(
         return Ok(None);
     }
     let now_ms = (ctx.site.now)().as_millisecond().max(0) as u64;
-    let mut status = FailoverStatus {
-        id: f.id.clone(),
-        failover_type: FailoverType::Unplanned,
-        phase: FailoverPhase::Pending,
-        recovery_point: None,
-        start_time: same.and_then(|l| l.start_time.clone()).or(Some(Time((ctx.site.now)()))),
-        end_time: None,
-        data_loss_window_seconds: None,
-        forced: f.force,
-        took_over: false,
-        reversed_to: None,
-        message: None,
-    };
+    let started = same.and_then(|l| l.start_time.clone()).unwrap_or_else(|| Time((ctx.site.now)()));
+    let mut status = begin(f, FailoverPhase::Pending, started);
+    status.forced = f.force;
     // The split-brain guard: a primary that replicated a moment ago is running.
     let contact = disks.iter().map(|d| d.last_contact_unix_ms).max().unwrap_or(0);
     if !f.force && contact > 0 && now_ms.saturating_sub(contact) < PRIMARY_ALIVE_MS {

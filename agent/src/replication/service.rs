@@ -133,8 +133,8 @@ impl ReplicaService {
 
     /// Reverse replication: when this agent prepared `vm` for a planned
     /// failover, its disks stop being served and become replicas of the
-    /// promoted side (whose images equal them), each under `root` and
-    /// applying onto the disk itself. `None` when `vm` is not prepared here.
+    /// promoted side (whose images equal them), each kept under the
+    /// grant's storage and applying onto the disk itself. `None` when `vm` is not prepared here.
     async fn reverse_onto_prepared(
         &self,
         vm: &str,
@@ -437,8 +437,13 @@ impl ReplicaService {
                 x
             }
             Some(x) => x,
-            None if r.epoch > 0 && self.node.get().is_some() => {
-                match self.reverse_onto_prepared(&d.vm_id, &grant, r.epoch).await? {
+            None => {
+                let reversed = if r.epoch > 0 {
+                    self.reverse_onto_prepared(&d.vm_id, &grant, r.epoch).await?
+                } else {
+                    None
+                };
+                match reversed {
                     Some(disks) => disks
                         .into_iter()
                         .find(|x| x.state().disk_id == d.disk_id)
@@ -446,7 +451,6 @@ impl ReplicaService {
                     None => self.new_replica(&grant, &d, r.disk_size, r.epoch)?,
                 }
             }
-            None => self.new_replica(&grant, &d, r.disk_size, r.epoch)?,
         };
         if replica.state().promoted {
             return Err(status(ReplicaError::StaleEpoch { current: replica.state().epoch, found: r.epoch }));
