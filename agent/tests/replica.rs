@@ -250,3 +250,34 @@ fn a_crash_at_any_apply_step_is_recovered_exactly() {
         );
     }
 }
+
+#[test]
+fn reversing_drops_the_other_directions_points_undo_and_segments_and_keeps_the_image() {
+    let _serial = serial();
+    let p = primary(3, 31);
+    let dir = tempfile::tempdir().unwrap();
+    let replica = new_replica(dir.path(), &p.served.base);
+    for seg in &p.segments[..2] {
+        send(&replica, seg, false).unwrap();
+    }
+    replica.apply_pending().unwrap();
+    // The third arrives but is not applied: a segment of the old direction on disk.
+    send(&replica, &p.segments[2], false).unwrap();
+    assert_eq!(fs::read_dir(dir.path().join("log")).unwrap().count(), 1);
+    assert!(fs::read_dir(dir.path().join("undo")).unwrap().count() > 0);
+    let image = fs::read(replica.image()).unwrap();
+
+    replica.reverse(2, "replica.site-b.example.com".into(), "finance".into(), None).unwrap();
+    let s = replica.state().clone();
+    assert_eq!((s.epoch, s.received_through, s.applied_through), (2, 0, 0));
+    assert!(s.has_copy && !s.promoted && s.points.is_empty() && s.primary_final_seq.is_none());
+    assert_eq!(s.primary, "replica.site-b.example.com");
+    assert_eq!(replica.next_seq(), Some(1), "the new primary's log starts at 1");
+    assert_eq!(fs::read_dir(dir.path().join("log")).unwrap().count(), 0, "no old segment is applied later");
+    assert_eq!(fs::read_dir(dir.path().join("undo")).unwrap().count(), 0);
+    assert_eq!(fs::read(replica.image()).unwrap(), image, "the image is what both sides hold");
+    // The state survives a restart as it is.
+    drop(replica);
+    let reopened = ReplicaDisk::open(dir.path(), || unreachable!("replica.json exists")).unwrap();
+    assert_eq!(*reopened.state(), s);
+}

@@ -329,9 +329,12 @@ impl ReplicaDisk {
         trust_group: String,
         image: Option<PathBuf>,
     ) -> Result<()> {
-        self.prune(|_| false)?;
+        // Every undo file and segment of the other direction goes (folding
+        // the undo files first would only rewrite what is deleted next).
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, p) in undo_files(&self.dir.join("undo"))? {
+        for (_, p) in
+            undo_files(&self.dir.join("undo"))?.into_iter().chain(seq_files(&self.dir.join("log"), ".seg")?)
+        {
             fs::remove_file(&p).map_err(io_at(&p))?;
         }
         self.update(|s| {
