@@ -465,7 +465,15 @@ async fn the_vms_own_recovery_history_overrides_the_sites() {
     let seq_latest = latest.disk.log_status().next_seq - 1;
     let newest = |vm: &str| points(vm).last().map(|p| p.seq);
     let seq_all = keep_all.disk.log_status().next_seq - 1;
-    wait_until(|| newest("vm-latest") == Some(seq_latest) && newest("vm-all") == Some(seq_all)).await;
+    // Retention runs just after a segment is applied: wait for the newest
+    // point and for the pruning that follows it (the asserts below then fail
+    // if pruning never came or went too far).
+    wait_until(|| {
+        newest("vm-latest") == Some(seq_latest)
+            && newest("vm-all") == Some(seq_all)
+            && points("vm-latest").len() == 1
+    })
+    .await;
     assert_eq!(points("vm-all").len(), 3, "the site's default keeps every point of the hour");
     assert_eq!(points("vm-latest").len(), 1, "{:?}", points("vm-latest"));
     assert_eq!(points("vm-latest")[0].seq, seq_latest, "only the newest point is kept");
