@@ -39,9 +39,15 @@ fn write_zeroes(file: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
 /// The ranges of `file` that hold data, by `SEEK_DATA`/`SEEK_HOLE` (a sparse
 /// file's holes are left out; a filesystem without the calls reports one range).
 pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    data_within(file, 0, len)
+}
+
+/// [`data_extents`] within `[from, len)`: `(start, length)` of each data range,
+/// clipped to it.
+pub fn data_within(file: &File, from: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
     use rustix::fs::{SeekFrom, seek};
     let mut extents = Vec::new();
-    let mut pos = 0;
+    let mut pos = from;
     while pos < len {
         let start = match seek(file, SeekFrom::Data(pos)) {
             Ok(s) => s,

@@ -9,6 +9,16 @@ use crate::image::zero_range;
 /// Applies one data record. Idempotent: applying a record twice, or a sequence of
 /// records again from its start, gives the same bytes.
 pub fn apply_record(image: &File, image_size: u64, r: &Record) -> io::Result<()> {
+    check_bounds(image_size, r)?;
+    match r.kind {
+        RecordKind::Write => image.write_all_at(&r.payload, r.offset),
+        RecordKind::WriteZeroes | RecordKind::Trim => zero_range(image, r.offset, r.length, false),
+        RecordKind::Seal => Ok(()),
+    }
+}
+
+/// Refuses a record that reaches past the end of the image.
+pub fn check_bounds(image_size: u64, r: &Record) -> io::Result<()> {
     let end = r.offset.checked_add(r.length);
     if end.is_none_or(|e| e > image_size) {
         return Err(io::Error::new(
@@ -16,9 +26,5 @@ pub fn apply_record(image: &File, image_size: u64, r: &Record) -> io::Result<()>
             format!("record {} reaches past the end of the {image_size}-byte image", r.seq),
         ));
     }
-    match r.kind {
-        RecordKind::Write => image.write_all_at(&r.payload, r.offset),
-        RecordKind::WriteZeroes | RecordKind::Trim => zero_range(image, r.offset, r.length, false),
-        RecordKind::Seal => Ok(()),
-    }
+    Ok(())
 }

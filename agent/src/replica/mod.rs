@@ -1,6 +1,7 @@
 //! The replica side: where received segments land, are applied with undo, and
 //! become recovery points.
 
+pub mod direct;
 pub mod disk;
 pub mod names;
 pub mod ranges;
