@@ -113,15 +113,15 @@ impl ControlService {
             .iter()
             .map(|s| {
                 let st = s.stats();
-                let log = s.disk().log_status();
+                let resync_required = s.disk().is_some_and(|d| d.log_status().resync_required);
                 let copy = s.copy_progress();
                 let ms = |d: std::time::Duration| d.as_millis() as u64;
                 PrimaryDisk {
                     vm_id: s.vm_id().to_owned(),
-                    disk_id: s.disk().name().to_owned(),
-                    pending_bytes: log.pending_bytes,
-                    next_seq: log.next_seq,
-                    resync_required: log.resync_required,
+                    disk_id: s.disk_id().to_owned(),
+                    pending_bytes: s.pending_bytes(),
+                    next_seq: s.next_seq(),
+                    resync_required,
                     segments_sent: st.segments_sent,
                     raw_bytes_sent: st.raw_bytes_sent,
                     wire_bytes_sent: st.wire_bytes_sent,
@@ -141,7 +141,7 @@ impl ControlService {
                     copy_total_bytes: copy.1,
                     durable_through: st.durable_through,
                     initial_copy_bytes: st.initial_copy_bytes,
-                    disk_size: s.disk().size(),
+                    disk_size: s.disk_size(),
                 }
             })
             .collect();

@@ -449,13 +449,11 @@ impl Node {
             match tokio::time::timeout(Duration::from_secs(5), s.remove_remote()).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(vm = vm_id, disk = s.disk().name(), error = %e, "telling the replica")
+                    tracing::warn!(vm = vm_id, disk = s.disk_id(), error = %e, "telling the replica")
                 }
-                Err(_) => tracing::warn!(
-                    vm = vm_id,
-                    disk = s.disk().name(),
-                    "the replica did not answer the removal"
-                ),
+                Err(_) => {
+                    tracing::warn!(vm = vm_id, disk = s.disk_id(), "the replica did not answer the removal")
+                }
             }
         }
         drop(m.shippers);
@@ -479,21 +477,18 @@ impl Node {
             d.make_read_only();
         }
         let mut out = Vec::new();
-        for s in &m.shippers {
-            let d = s.disk().clone();
-            let sealed = tokio::task::spawn_blocking(move || d.seal()).await.map_err(|e| e.to_string())?;
-            sealed.map_err(|e| format!("disk {}: sealing the last segment: {e}", s.disk().name()))?;
-            let last = s.disk().log_status().next_seq - 1;
-            let durable = s
-                .sync_once()
-                .await
-                .map_err(|e| format!("disk {}: shipping the last segment: {e}", s.disk().name()))?;
+        for (d, s) in m.disks.iter().zip(&m.shippers) {
+            let name = d.name().to_owned();
+            let disk = d.clone();
+            let sealed = tokio::task::spawn_blocking(move || disk.seal()).await.map_err(|e| e.to_string())?;
+            sealed.map_err(|e| format!("disk {name}: sealing the last segment: {e}"))?;
+            let last = d.log_status().next_seq - 1;
+            let durable =
+                s.sync_once().await.map_err(|e| format!("disk {name}: shipping the last segment: {e}"))?;
             if durable >= last {
-                s.finalize(last)
-                    .await
-                    .map_err(|e| format!("disk {}: telling the replica: {e}", s.disk().name()))?;
+                s.finalize(last).await.map_err(|e| format!("disk {name}: telling the replica: {e}"))?;
             }
-            out.push((s.disk().name().to_owned(), last, durable));
+            out.push((name, last, durable));
         }
         tracing::info!(vm = vm_id, disks = ?out, "prepared for a planned failover");
         Ok(out)

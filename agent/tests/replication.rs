@@ -14,7 +14,7 @@ use vmreplica_agent::replication::{
         CopyChunk, CopyStart, DiskRef, OpenRequest, SegmentChunk, SegmentStart,
         replication_client::ReplicationClient,
     },
-    shipper::{ShipperConfig, channel},
+    shipper::{Shipper, ShipperConfig, channel},
     tls::TlsMaterial,
 };
 
@@ -489,4 +489,77 @@ async fn wait_until(mut f: impl FnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("condition not reached in 10 s");
+}
+
+/// Extended replication: site B forwards the segments it applied to site C
+/// (after an initial copy of its replica image), at its own pace, and C ends
+/// up with exactly the primary's bytes and a point per forwarded segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_forwards_what_it_applied_to_an_extended_replica() {
+    let (b, c) = (replica_site().await, replica_site().await);
+    let content = Rng(21).bytes(MIB as usize);
+    let p = tokio::task::spawn_blocking(move || serve_new_image(64 * MIB, &content)).await.unwrap();
+    let a_to_b = shipper(&b, &material(&b.ca, &["host1.site-a.example.com"]), p.disk.clone(), fast(), None);
+    let mut rng = Rng(22);
+    let mut write_round = async |k: u64| {
+        let cmds: Vec<String> = (0..6)
+            .map(|_| format!("write -P {} {} {}", k + 1, rng.below(60 * MIB), 1 + rng.below(200_000)))
+            .collect();
+        let url = p.url();
+        tokio::task::spawn_blocking(move || qemu_io(&url, &cmds)).await.unwrap();
+        let seal = p.disk.seal().unwrap().unwrap();
+        assert_eq!(a_to_b.sync_once().await.unwrap(), seal.last_seq);
+        seal.last_seq
+    };
+    a_to_b.sync_once().await.unwrap();
+    let first = write_round(0).await;
+    let at_b = applied(&b, first).await;
+
+    // B's agent, trusted at C as a primary of site A's names.
+    let tls_b = material(&c.ca, &["agent.site-a.example.com"]);
+    let ch = channel(&c.addr.to_string(), REPLICA_NAME, &tls_b).unwrap();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(6));
+    let b_to_c = Shipper::forwarding(at_b.clone(), ch, fast(), None, sem);
+    // First sync: an initial copy of B's image, as of what B applied.
+    assert_eq!(b_to_c.sync_once().await.unwrap(), first);
+    assert!(at_b.state().forward, "B keeps what it applies from now on");
+
+    let mut last = first;
+    for k in 1..4 {
+        last = write_round(k).await;
+        applied(&b, last).await;
+        assert_eq!(at_b.forward_sealed().unwrap().last().map(|s| s.last_seq), Some(last), "kept for C");
+        // B forwards at its own pace: every other round, two segments at once.
+        if k % 2 == 0 {
+            assert_eq!(b_to_c.sync_once().await.unwrap(), last);
+            assert!(at_b.forward_sealed().unwrap().is_empty(), "acknowledged segments are deleted at B");
+        }
+    }
+    assert_eq!(b_to_c.sync_once().await.unwrap(), last);
+    let at_c = wait_for(&c, "vm1", last).await;
+    assert!(identical(path_str(&at_c.image()), path_str(&p.image)), "C holds the primary's bytes");
+    assert_eq!(at_c.state().primary, "agent.site-a.example.com", "C's sender is B's agent");
+    assert_eq!(
+        at_c.points().iter().map(|pt| pt.seq).collect::<Vec<_>>(),
+        at_b.points().iter().map(|pt| pt.seq).filter(|&s| s > first).collect::<Vec<_>>(),
+        "a point at C for every segment forwarded after the copy"
+    );
+    assert_eq!(b_to_c.stats().segments_sent, 3);
+
+    // Stopping extended replication drops what B kept and keeps nothing more.
+    at_b.set_forward(false).unwrap();
+    let after = write_round(9).await;
+    applied(&b, after).await;
+    assert!(at_b.forward_sealed().unwrap().is_empty());
+}
+
+/// Waits until `site`'s replica of `vm`/root has applied through `seq`.
+async fn wait_for(site: &Site, vm: &str, seq: u64) -> std::sync::Arc<vmreplica_agent::replica::ReplicaDisk> {
+    for _ in 0..400 {
+        if let Some(r) = site.service.replica(vm, "root").filter(|r| r.state().applied_through >= seq) {
+            return r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{vm} never applied through {seq}");
 }

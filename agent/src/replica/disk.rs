@@ -147,6 +147,10 @@ pub struct ReplicaState {
     /// (set by this agent, never from the wire). `None`: `disk.img` here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<PathBuf>,
+    /// Extended replication: applied segments are kept in `forward/` until
+    /// the extended replica acknowledges them, instead of being deleted.
+    #[serde(default)]
+    pub forward: bool,
 }
 
 /// Counters of applied segments (kept in `replica.json`).
@@ -208,7 +212,7 @@ impl ReplicaDisk {
     /// Opens the replica in `dir` (which the store made, confined), creating it
     /// with `init` when there is none, and recovers from any crash.
     pub fn open(dir: &Path, init: impl FnOnce() -> ReplicaState) -> Result<Self> {
-        for sub in ["incoming", "log", "undo"] {
+        for sub in ["incoming", "log", "undo", "forward"] {
             let d = dir.join(sub);
             fs::create_dir_all(&d).map_err(io_at(&d))?;
         }
@@ -244,9 +248,17 @@ impl ReplicaDisk {
         let applied = self.state().applied_through;
         for (first, p) in seq_files(&self.dir.join("log"), ".seg")? {
             if first <= applied {
-                fs::remove_file(&p).map_err(io_at(&p))?; // applied; step 4 was cut short
+                // Applied; step 4 was cut short.
+                if self.state().forward {
+                    let (_, seal) = verify_file(&p)
+                        .map_err(|source| ReplicaError::Verification { first_seq: first, source })?;
+                    self.keep_for_forwarding(&p, first, seal.last_seq)?;
+                } else {
+                    fs::remove_file(&p).map_err(io_at(&p))?;
+                }
             }
         }
+
         // Undo files no point refers to, of segments already applied: left by a
         // prune or a first point whose delete was cut short. (Those of segments
         // not yet applied are complete and reused by the next apply.)
@@ -336,12 +348,15 @@ impl ReplicaDisk {
         // Every undo file and segment of the other direction goes (folding
         // the undo files first would only rewrite what is deleted next).
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
-        for (_, p) in
-            undo_files(&self.dir.join("undo"))?.into_iter().chain(seq_files(&self.dir.join("log"), ".seg")?)
+        for (_, p) in undo_files(&self.dir.join("undo"))?
+            .into_iter()
+            .chain(seq_files(&self.dir.join("log"), ".seg")?)
+            .chain(self.forward_sealed()?.into_iter().map(|seg| (seg.first_seq, seg.path)))
         {
             fs::remove_file(&p).map_err(io_at(&p))?;
         }
         self.update(|s| {
+            s.forward = false;
             s.epoch = epoch;
             s.primary = primary;
             s.trust_group = trust_group;
@@ -620,11 +635,74 @@ impl ReplicaDisk {
         }
         fail("apply.before-delete")?;
         // Step 4.
+        if self.state().forward {
+            return self.keep_for_forwarding(seg, first, seal.last_seq);
+        }
         fs::remove_file(seg).map_err(io_at(seg))?;
         // The last handle on the unlinked segment: closing it frees its blocks
         // (with online discard, ~0.15 s per GiB here), which the next apply
         // need not wait for.
         std::thread::spawn(move || drop(seg_file));
+        Ok(())
+    }
+
+    /// Moves an applied segment into `forward/`, named by its first and
+    /// last sequence, for the extended replica.
+    fn keep_for_forwarding(&self, seg: &Path, first: u64, last: u64) -> Result<()> {
+        let dir = self.dir.join("forward");
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let dest = dir.join(format!("{first:020}-{last:020}.seg"));
+        fs::rename(seg, &dest).map_err(io_at(seg))?;
+        sync_dir(&dir)
+    }
+
+    /// Starts or stops keeping applied segments for an extended replica;
+    /// stopping deletes the kept ones. Returns the sequence applied through:
+    /// every later segment is kept from now on.
+    pub fn set_forward(&self, on: bool) -> Result<u64> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.state().forward != on {
+            self.update(|s| s.forward = on)?;
+        }
+        if !on {
+            self.forward_acknowledge(u64::MAX)?;
+        }
+        Ok(self.state().applied_through)
+    }
+
+    /// Segments kept for the extended replica, oldest first.
+    pub fn forward_sealed(&self) -> Result<Vec<crate::log::SealedSegment>> {
+        let dir = self.dir.join("forward");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_at(&dir))? {
+            let path = e.map_err(io_at(&dir))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let range = name.strip_suffix(".seg").and_then(|n| n.split_once('-'));
+            let Some((first, last)) = range.and_then(|(f, l)| Some((f.parse().ok()?, l.parse().ok()?)))
+            else {
+                continue; // not one of ours
+            };
+            let bytes = fs::metadata(&path).map_err(io_at(&path))?.len();
+            out.push(crate::log::SealedSegment {
+                path,
+                first_seq: first,
+                last_seq: last,
+                records: 0,
+                bytes,
+                app_consistent: false,
+            });
+        }
+        out.sort_by_key(|s| s.first_seq);
+        Ok(out)
+    }
+
+    /// Deletes the kept segments the extended replica holds (through `through`).
+    pub fn forward_acknowledge(&self, through: u64) -> Result<()> {
+        for seg in self.forward_sealed()? {
+            if seg.last_seq <= through {
+                fs::remove_file(&seg.path).map_err(io_at(&seg.path))?;
+            }
+        }
         Ok(())
     }
 

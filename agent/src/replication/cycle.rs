@@ -49,7 +49,7 @@ impl VmReplication {
         backoff: Vec<Duration>,
         app_consistent: Option<(Quiesce, Duration)>,
     ) -> Self {
-        let disks = shippers.iter().map(|s| s.disk().clone()).collect();
+        let disks = shippers.iter().filter_map(|s| s.disk().cloned()).collect();
         Self { disks, shippers, interval, backoff, app_consistent, last_app: None }
     }
 

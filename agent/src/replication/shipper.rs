@@ -26,7 +26,10 @@ use super::{
     },
     tls::TlsMaterial,
 };
-use crate::{disk::ProtectedDisk, failpoint, image::data_extents, log::SealedSegment, metrics::Metrics};
+use crate::{
+    disk::ProtectedDisk, failpoint, image::data_extents, log::SealedSegment, metrics::Metrics,
+    replica::ReplicaDisk,
+};
 
 /// Why a sync failed; all are retried with back-off.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,8 @@ pub enum ShipError {
     Read { what: String, source: io::Error },
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
+    #[error(transparent)]
+    Replica(#[from] crate::replica::ReplicaError),
     #[error(
         "the replica expects sequence {expected}, inside local segment {first}..={last}: \
          logs cannot bring it up to date; a resynchronisation is required"
@@ -51,7 +56,7 @@ impl ShipError {
         match self {
             ShipError::Rpc(s) => format!("{:?}", s.code()),
             ShipError::Read { .. } => "LocalRead".into(),
-            ShipError::Disk(_) => "LocalDisk".into(),
+            ShipError::Disk(_) | ShipError::Replica(_) => "LocalDisk".into(),
             ShipError::ResyncRequired { .. } => "ResyncRequired".into(),
         }
     }
@@ -139,10 +144,76 @@ pub struct ShipStats {
     pub initial_copy_bytes: u64,
 }
 
-/// Ships one protected disk to one replica.
+/// What a shipper sends: a protected disk's own log, or (extended
+/// replication) the segments a replica applied, kept in its `forward/`.
+#[derive(Clone)]
+pub enum Source {
+    Protected(Arc<ProtectedDisk>),
+    Forward(Arc<ReplicaDisk>),
+}
+
+impl Source {
+    fn size(&self) -> u64 {
+        match self {
+            Self::Protected(d) => d.size(),
+            Self::Forward(r) => r.state().disk_size,
+        }
+    }
+
+    fn image_path(&self) -> std::path::PathBuf {
+        match self {
+            Self::Protected(d) => d.path().to_owned(),
+            Self::Forward(r) => r.image(),
+        }
+    }
+
+    fn sealed(&self) -> Result<Vec<SealedSegment>, ShipError> {
+        match self {
+            Self::Protected(d) => Ok(d.log_status().sealed),
+            Self::Forward(r) => Ok(r.forward_sealed()?),
+        }
+    }
+
+    fn acknowledge(&self, through: u64) -> Result<(), ShipError> {
+        match self {
+            Self::Protected(d) => Ok(d.acknowledge(through)?),
+            Self::Forward(r) => Ok(r.forward_acknowledge(through)?),
+        }
+    }
+
+    fn pending_bytes(&self) -> u64 {
+        match self {
+            Self::Protected(d) => d.log_status().pending_bytes,
+            Self::Forward(r) => r.forward_sealed().map(|s| s.iter().map(|s| s.bytes).sum()).unwrap_or(0),
+        }
+    }
+
+    /// Where replication resumes after an initial copy that starts now:
+    /// everything before it is in the image already. A protected disk cuts
+    /// its log; a replica keeps every segment it applies from now on.
+    fn cut(&self) -> Result<u64, ShipError> {
+        match self {
+            Self::Protected(d) => Ok(d.cut()?.0),
+            Self::Forward(r) => Ok(r.set_forward(true)? + 1),
+        }
+    }
+
+    /// The first sequence not yet in the image: where a copy that ends now
+    /// is consistent from.
+    fn next_seq(&self) -> u64 {
+        match self {
+            Self::Protected(d) => d.log_status().next_seq,
+            Self::Forward(r) => r.state().applied_through + 1,
+        }
+    }
+}
+
+/// Ships one disk's log (a protected disk's, or a replica's applied
+/// segments) to one replica.
 pub struct Shipper {
     vm_id: String,
-    disk: Arc<ProtectedDisk>,
+    disk_id: String,
+    source: Source,
     client: ReplicationClient<Channel>,
     cfg: ShipperConfig,
     limiter: Option<Arc<RateLimiter>>,
@@ -167,12 +238,44 @@ impl Shipper {
         limiter: Option<Arc<RateLimiter>>,
         transfers: Arc<Semaphore>,
     ) -> Self {
+        let disk_id = disk.name().to_owned();
+        Self::with_source(vm_id, &disk_id, Source::Protected(disk), channel, cfg, limiter, transfers)
+    }
+
+    /// Extended replication: ships the segments `replica` applied (it keeps
+    /// them from the first sync on) to another replica.
+    pub fn forwarding(
+        replica: Arc<ReplicaDisk>,
+        channel: Channel,
+        cfg: ShipperConfig,
+        limiter: Option<Arc<RateLimiter>>,
+        transfers: Arc<Semaphore>,
+    ) -> Self {
+        let (vm_id, disk_id) = {
+            let s = replica.state();
+            (s.vm_id.clone(), s.disk_id.clone())
+        };
+        let epoch = replica.state().epoch;
+        Self::with_source(&vm_id, &disk_id, Source::Forward(replica), channel, cfg, limiter, transfers)
+            .with_epoch(epoch)
+    }
+
+    fn with_source(
+        vm_id: &str,
+        disk_id: &str,
+        source: Source,
+        channel: Channel,
+        cfg: ShipperConfig,
+        limiter: Option<Arc<RateLimiter>>,
+        transfers: Arc<Semaphore>,
+    ) -> Self {
         let client = ReplicationClient::new(channel)
             .max_decoding_message_size(super::service::MAX_FRAME)
             .max_encoding_message_size(super::service::MAX_FRAME);
         Self {
             vm_id: vm_id.to_owned(),
-            disk,
+            disk_id: disk_id.to_owned(),
+            source,
             client,
             cfg,
             limiter,
@@ -198,15 +301,37 @@ impl Shipper {
     }
 
     fn labels(&self) -> [&str; 2] {
-        [self.vm_id.as_str(), self.disk.name()]
+        [self.vm_id.as_str(), self.disk_id.as_str()]
     }
 
     pub fn vm_id(&self) -> &str {
         &self.vm_id
     }
 
-    pub fn disk(&self) -> &Arc<ProtectedDisk> {
-        &self.disk
+    pub fn disk_id(&self) -> &str {
+        &self.disk_id
+    }
+
+    /// The protected disk shipped; `None` for a forwarding shipper.
+    pub fn disk(&self) -> Option<&Arc<ProtectedDisk>> {
+        match &self.source {
+            Source::Protected(d) => Some(d),
+            Source::Forward(_) => None,
+        }
+    }
+
+    /// Bytes logged (or kept, when forwarding) and not yet acknowledged.
+    pub fn pending_bytes(&self) -> u64 {
+        self.source.pending_bytes()
+    }
+
+    /// The first sequence not yet in the shipped disk's image.
+    pub fn next_seq(&self) -> u64 {
+        self.source.next_seq()
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.source.size()
     }
 
     /// The initial copy in flight: (bytes sent, bytes to send); (0, 0) when none runs.
@@ -220,7 +345,7 @@ impl Shipper {
     }
 
     fn disk_ref(&self) -> DiskRef {
-        DiskRef { vm_id: self.vm_id.clone(), disk_id: self.disk.name().to_owned() }
+        DiskRef { vm_id: self.vm_id.clone(), disk_id: self.disk_id.clone() }
     }
 
     /// Tells the replica that replication of this disk is removed (it keeps
@@ -266,7 +391,7 @@ impl Shipper {
             }
         }
         if let Some(m) = &self.metrics {
-            m.pending_bytes.with_label_values(&[vm, disk]).set(self.disk.log_status().pending_bytes as i64);
+            m.pending_bytes.with_label_values(&[vm, disk]).set(self.source.pending_bytes() as i64);
         }
         result
     }
@@ -275,7 +400,7 @@ impl Shipper {
         let mut client = self.client.clone();
         let open = OpenRequest {
             disk: Some(self.disk_ref()),
-            disk_size: self.disk.size(),
+            disk_size: self.source.size(),
             epoch: self.epoch,
             history: self.cfg.history,
         };
@@ -285,9 +410,9 @@ impl Shipper {
             next = self.initial_copy().await?;
         }
         // What the replica already has is no longer needed here.
-        self.disk.acknowledge(next - 1)?;
+        self.source.acknowledge(next - 1)?;
         let mut through = next - 1;
-        for seg in self.disk.log_status().sealed {
+        for seg in self.source.sealed()? {
             if seg.first_seq < next && seg.last_seq >= next {
                 return Err(ShipError::ResyncRequired {
                     expected: next,
@@ -297,7 +422,7 @@ impl Shipper {
             }
             let started = Instant::now();
             through = self.push(&seg).await?;
-            self.disk.acknowledge(through)?;
+            self.source.acknowledge(through)?;
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             s.segments_sent += 1;
             s.max_segment_bytes = s.max_segment_bytes.max(seg.bytes);
@@ -401,20 +526,20 @@ impl Shipper {
         // Everything logged before the cut is in the image, so the copy covers
         // it; replication resumes at the cut. (Reading next_seq after sealing
         // instead would race with writes landing in the new segment.)
-        let (next_seq, _) = self.disk.cut()?;
+        let next_seq = self.source.cut()?;
         let start = CopyStart {
             disk: Some(self.disk_ref()),
-            disk_size: self.disk.size(),
+            disk_size: self.source.size(),
             epoch: self.epoch,
             next_seq,
         };
-        let (path, size, chunk, compression, limiter, disk, copying) = (
-            self.disk.path().to_owned(),
-            self.disk.size(),
+        let (path, size, chunk, compression, limiter, source, copying) = (
+            self.source.image_path(),
+            self.source.size(),
             self.cfg.chunk_size,
             self.cfg.compression,
             self.limiter.clone(),
-            self.disk.clone(),
+            self.source.clone(),
             self.copying.clone(),
         );
         let (rx, producer) = self.spawn_producer(move |tx| {
@@ -478,7 +603,7 @@ impl Shipper {
             let last = CopyChunk {
                 start: start.take(),
                 last: true,
-                consistent_from: disk.log_status().next_seq,
+                consistent_from: source.next_seq(),
                 offset: size,
                 ..Default::default()
             };
