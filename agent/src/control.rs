@@ -303,13 +303,14 @@ impl Control for Arc<ControlService> {
             let mut images = Vec::new();
             for d in disks {
                 let path = d.materialized_path(&r.copy_name);
-                if !path.exists() {
+                let seq = d.materialized_seq(&r.copy_name);
+                let Some(seq) = seq.filter(|_| path.exists()) else {
                     return Ok(Response::new(refuse(format!(
                         "disk {}: no copy {} to serve: materialise the recovery point first",
                         d.state().disk_id,
                         r.copy_name
                     ))));
-                }
+                };
                 if r.complete {
                     let d2 = d.clone();
                     tokio::task::spawn_blocking(move || d2.complete_unplanned())
@@ -317,7 +318,7 @@ impl Control for Arc<ControlService> {
                         .map_err(|e| Status::internal(e.to_string()))?
                         .map_err(|e| Status::internal(e.to_string()))?;
                 }
-                images.push((d.state().disk_id.clone(), path));
+                images.push((d.state().disk_id.clone(), path, seq + 1));
             }
             return Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images, epoch(svc, &r.vm_id)).await));
         }
@@ -338,11 +339,12 @@ impl Control for Arc<ControlService> {
         let mut images = Vec::new();
         for d in disks {
             let name = d.state().disk_id.clone();
-            let path = tokio::task::spawn_blocking(move || d.promote())
+            let d2 = d.clone();
+            let path = tokio::task::spawn_blocking(move || d2.promote())
                 .await
                 .map_err(|e| Status::internal(e.to_string()))?
                 .map_err(|e| Status::internal(e.to_string()))?;
-            images.push((name, path));
+            images.push((name, path, d.state().applied_through + 1));
         }
         Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images, epoch(svc, &r.vm_id)).await))
     }

@@ -59,6 +59,9 @@ struct Managed {
     /// The epoch its shippers send: 0 for a VM never failed over, else the
     /// epoch of the promotion that made this node its primary.
     epoch: u64,
+    /// Per disk, the first sequence of this epoch's log (a promotion
+    /// continues the numbering of the log the replica applied); none: 1.
+    log_starts: BTreeMap<String, u64>,
     spec: VmReplicationSpec,
     disks: Vec<Arc<ProtectedDisk>>,
     shippers: Vec<Arc<Shipper>>,
@@ -161,16 +164,19 @@ async fn retire(disks: Vec<Arc<ProtectedDisk>>) {
 }
 
 /// Replaces any log of `image` with an empty one whose segments carry
-/// `epoch` (that of the promotion now serving it).
-fn fresh_log(image: &Path, epoch: u64) -> std::io::Result<()> {
+/// `epoch` (that of the promotion now serving it) and whose first record
+/// will be `first_seq`.
+pub fn fresh_log(vm_id: &str, disk_id: &str, image: &Path, epoch: u64, first_seq: u64) -> Result<(), String> {
     let dir = log_dir_for(image);
+    let io = |e: std::io::Error| e.to_string();
     if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
+        std::fs::remove_dir_all(&dir).map_err(io)?;
     }
-    std::fs::create_dir_all(&dir)?;
-    let mut state = crate::log::dirty::JournalState::new(std::fs::metadata(image)?.len());
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let mut state = crate::log::dirty::JournalState::new(std::fs::metadata(image).map_err(io)?.len());
     state.epoch = epoch;
-    state.store(&dir)
+    state.store(&dir).map_err(io)?;
+    crate::log::Journal::start_at(&dir, vm_id, disk_id, epoch, first_seq).map_err(|e| e.to_string())
 }
 
 /// Checks a spec before anything is touched; the disks' resolved paths.
@@ -244,7 +250,7 @@ impl Node {
         disks: &[Arc<ProtectedDisk>],
         addr: &str,
         name: &str,
-        epoch: u64,
+        (epoch, log_starts): (u64, &BTreeMap<String, u64>),
     ) -> Result<Vec<Arc<Shipper>>, String> {
         let ch = channel(addr, name, &self.cfg.tls).map_err(|e| format!("replica server {addr}: {e}"))?;
         let history = crate::replication::proto::RecoveryHistory {
@@ -270,7 +276,8 @@ impl Node {
                         self.cfg.transfers.clone(),
                     )
                     .with_metrics(self.metrics.clone())
-                    .with_epoch(epoch),
+                    .with_epoch(epoch)
+                    .with_log_start(log_starts.get(d.name()).copied().unwrap_or(1)),
                 )
             })
             .collect())
@@ -372,7 +379,7 @@ impl Node {
                 || m.spec.history_window_seconds != spec.history_window_seconds
                 || m.spec.history_hourly_points != spec.history_hourly_points;
             let new_shippers = if rebuild {
-                match self.shippers(&spec, &m.disks, &addr, &server_name, m.epoch) {
+                match self.shippers(&spec, &m.disks, &addr, &server_name, (m.epoch, &m.log_starts)) {
                     Ok(s) => Some(s),
                     Err(why) => return refuse(why),
                 }
@@ -415,7 +422,7 @@ impl Node {
             Ok(d) => d,
             Err(why) => return refuse(why),
         };
-        let shippers = match self.shippers(&spec, &disks, &addr, &server_name, 0) {
+        let shippers = match self.shippers(&spec, &disks, &addr, &server_name, (0, &BTreeMap::new())) {
             Ok(s) => s,
             Err(why) => return refuse(why),
         };
@@ -423,7 +430,15 @@ impl Node {
             return refuse(why);
         }
         let exports = self.export_uris(&spec);
-        let mut m = Managed { prepared: false, epoch: 0, spec, disks, shippers, running: None };
+        let mut m = Managed {
+            prepared: false,
+            epoch: 0,
+            log_starts: BTreeMap::new(),
+            spec,
+            disks,
+            shippers,
+            running: None,
+        };
         self.start(&mut m);
         tracing::info!(vm = %m.spec.vm_id, generation = m.spec.generation, disks = m.disks.len(), suspended = m.spec.suspended, "replication enabled");
         let generation = m.spec.generation;
@@ -495,14 +510,15 @@ impl Node {
     }
 
     /// Serves promoted replica images as the VM's disks (they were this
-    /// agent's replicas, so no --disk-root check), logging from sequence 1
-    /// under `epoch`. Replicated once EnableReplication names a replica
-    /// server (reverse replication). Idempotent.
+    /// agent's replicas, so no --disk-root check), each logging from the
+    /// sequence given (the one after what the image holds of the log it
+    /// applied) under `epoch`. Replicated once EnableReplication names a
+    /// replica server (reverse or extended replication). Idempotent.
     pub async fn adopt(
         &self,
         vm_id: &str,
         uid: &str,
-        images: Vec<(String, PathBuf)>,
+        images: Vec<(String, PathBuf, u64)>,
         epoch: u64,
     ) -> EnableReply {
         let mut vms = self.vms.lock().await;
@@ -513,7 +529,7 @@ impl Node {
             interval_seconds: 30,
             disks: images
                 .iter()
-                .map(|(name, path)| crate::control::proto::DiskSpec {
+                .map(|(name, path, _)| crate::control::proto::DiskSpec {
                     name: name.clone(),
                     path: path.display().to_string(),
                 })
@@ -530,13 +546,15 @@ impl Node {
         }
         let refuse = |message| EnableReply { accepted: false, message, generation: 0, exports: Vec::new() };
         // A log left by an earlier time this image was served belongs to
-        // another direction: the log of this promotion starts at 1, where
-        // the other side's reverse replica expects it.
-        for (_, path) in &images {
-            if let Err(e) = fresh_log(path, epoch) {
+        // another direction: this promotion's log continues the numbering
+        // of what the image holds, where the other side's replicas expect it.
+        for (name, path, first_seq) in &images {
+            if let Err(e) = fresh_log(vm_id, name, path, epoch, *first_seq) {
                 return refuse(format!("starting the log of {}: {e}", path.display()));
             }
         }
+        let log_starts = images.iter().map(|(name, _, first)| (name.clone(), *first)).collect();
+        let images = images.into_iter().map(|(name, path, _)| (name, path)).collect();
         let disks = match open_disks(vm_id, images).await {
             Ok(d) => d,
             Err(message) => return refuse(message),
@@ -548,7 +566,7 @@ impl Node {
         tracing::info!(vm = vm_id, disks = disks.len(), "promoted replica served as the VM's disks");
         vms.insert(
             vm_id.to_owned(),
-            Managed { prepared: false, epoch, spec, disks, shippers: Vec::new(), running: None },
+            Managed { prepared: false, epoch, log_starts, spec, disks, shippers: Vec::new(), running: None },
         );
         EnableReply { accepted: true, message: String::new(), generation: 0, exports }
     }
@@ -582,8 +600,9 @@ impl Node {
     /// failover stops being served here so that its disks can become
     /// replicas of the promoted side. Its logs (all shipped and durable
     /// there) are deleted; the images stay. `None` when the VM is not
-    /// prepared here (it still runs, or this agent restarted since).
-    pub async fn release_prepared(&self, vm_id: &str) -> Option<Vec<(String, PathBuf)>> {
+    /// prepared here (it still runs, or this agent restarted since). Per
+    /// disk: name, image, and the last sequence logged (what the image holds).
+    pub async fn release_prepared(&self, vm_id: &str) -> Option<Vec<(String, PathBuf, u64)>> {
         let mut vms = self.vms.lock().await;
         if !vms.get(vm_id).is_some_and(|m| m.prepared) {
             return None;
@@ -595,7 +614,11 @@ impl Node {
             self.nbd.remove_export(&export_name(vm_id, d.name()));
         }
         drop(m.shippers);
-        let out = m.disks.iter().map(|d| (d.name().to_owned(), d.path().to_owned())).collect();
+        let out = m
+            .disks
+            .iter()
+            .map(|d| (d.name().to_owned(), d.path().to_owned(), d.log_status().next_seq - 1))
+            .collect();
         retire(m.disks).await;
         tracing::info!(vm = vm_id, "prepared VM released: its disks become replicas of the promoted side");
         Some(out)

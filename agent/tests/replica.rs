@@ -301,12 +301,13 @@ fn reversing_drops_the_other_directions_points_undo_and_segments_and_keeps_the_i
     assert!(fs::read_dir(dir.path().join("undo")).unwrap().count() > 0);
     let image = fs::read(replica.image()).unwrap();
 
-    replica.reverse(2, "replica.site-b.example.com".into(), "finance".into(), None).unwrap();
+    // The other side's log went on to 40 before it was stopped and shipped.
+    replica.reverse(2, "replica.site-b.example.com".into(), "finance".into(), None, 40).unwrap();
     let s = replica.state().clone();
-    assert_eq!((s.epoch, s.received_through, s.applied_through), (2, 0, 0));
+    assert_eq!((s.epoch, s.received_through, s.applied_through), (2, 40, 40));
     assert!(s.has_copy && !s.promoted && s.points.is_empty() && s.primary_final_seq.is_none());
     assert_eq!(s.primary, "replica.site-b.example.com");
-    assert_eq!(replica.next_seq(), Some(1), "the new primary's log starts at 1");
+    assert_eq!(replica.next_seq(), Some(41), "the new primary's log continues the numbering");
     assert_eq!(fs::read_dir(dir.path().join("log")).unwrap().count(), 0, "no old segment is applied later");
     assert_eq!(fs::read_dir(dir.path().join("undo")).unwrap().count(), 0);
     assert_eq!(fs::read(replica.image()).unwrap(), image, "the image is what both sides hold");

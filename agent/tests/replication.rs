@@ -563,3 +563,66 @@ async fn wait_for(site: &Site, vm: &str, seq: u64) -> std::sync::Arc<vmreplica_a
     }
     panic!("{vm} never applied through {seq}");
 }
+
+/// Failover A→B with extended replication to C: B's promoted log continues
+/// the numbering of A's log under a new epoch. C, one segment behind at the
+/// failover, holds another history than B's new log: it is refused with
+/// ResyncRequired and nothing is deleted at B. Once B forwards what it kept
+/// for C, C follows B without a copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_extended_replica_follows_the_new_primary() {
+    let (b, c) = (replica_site().await, replica_site().await);
+    let p = tokio::task::spawn_blocking(|| serve_new_image(32 * MIB, &[7; 65536])).await.unwrap();
+    let a_to_b = shipper(&b, &material(&b.ca, &["host1.site-a.example.com"]), p.disk.clone(), fast(), None);
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(6));
+    let to_c = || channel(&c.addr.to_string(), REPLICA_NAME, &material(&c.ca, &["agent.site-a.example.com"]));
+    let write = async |url: String, k: u64| {
+        let cmds = vec![format!("write -P {k} {} 8192", k * 1_000_000)];
+        tokio::task::spawn_blocking(move || qemu_io(&url, &cmds)).await.unwrap();
+    };
+    a_to_b.sync_once().await.unwrap();
+    let at_b = applied(&b, 0).await;
+    let b_to_c = Shipper::forwarding(at_b.clone(), to_c().unwrap(), fast(), None, sem.clone());
+    b_to_c.sync_once().await.unwrap();
+    for k in 1..=3 {
+        write(p.url(), k).await;
+        let seal = p.disk.seal().unwrap().unwrap();
+        a_to_b.sync_once().await.unwrap();
+        applied(&b, seal.last_seq).await;
+        if k < 3 {
+            b_to_c.sync_once().await.unwrap(); // C misses the last one
+        }
+    }
+    let n = at_b.state().applied_through;
+    let c_before = fs::read(wait_for(&c, "vm1", n - 1).await.image()).unwrap();
+
+    // Planned failover A→B: A stopped after its last segment; B promotes and
+    // serves its image, logging from n + 1 under epoch 1.
+    let image = at_b.promote().unwrap();
+    assert_eq!(at_b.state().epoch, 1);
+    vmreplica_agent::node::fresh_log("vm1", "root", &image, 1, n + 1).unwrap();
+    let served = tokio::task::spawn_blocking(move || serve_image("vm1", &image)).await.unwrap();
+    write(served.url(), 9).await;
+    let seal = served.disk.seal().unwrap().unwrap();
+    assert_eq!(seal.first_seq, n + 1, "the promoted log continues A's numbering");
+    let resume = Shipper::new("vm1", served.disk.clone(), to_c().unwrap(), fast(), None, sem.clone())
+        .with_epoch(1)
+        .with_log_start(n + 1);
+
+    // C stopped one segment short of what B's image holds: refused, and B
+    // keeps its segment (acknowledging C's position would have dropped it).
+    let err = resume.sync_once().await.unwrap_err();
+    assert_eq!(err.code(), "ResyncRequired", "{err}");
+    assert!(err.to_string().contains("another history"), "{err}");
+    assert_eq!(served.disk.log_status().sealed.len(), 1, "nothing deleted at B");
+    assert_eq!(fs::read(c.service.replica("vm1", "root").unwrap().image()).unwrap(), c_before);
+
+    // B still holds what it kept for C: forwarded, C is where B's log
+    // starts, and follows B: no copy, the new epoch, B's write.
+    assert_eq!(b_to_c.sync_once().await.unwrap(), n);
+    assert_eq!(resume.sync_once().await.unwrap(), seal.last_seq);
+    assert_eq!(resume.stats().initial_copy_bytes, 0);
+    let at_c = wait_for(&c, "vm1", seal.last_seq).await;
+    assert!(identical(path_str(&at_c.image()), path_str(&served.image)), "C holds B's bytes");
+    assert_eq!(at_c.state().epoch, 1);
+}

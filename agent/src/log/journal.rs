@@ -346,6 +346,19 @@ impl Journal {
         Ok(Recovered::Open(Box::new(reader), valid))
     }
 
+    /// Starts an empty log in `dir` whose first record will carry
+    /// `first_seq`: a promoted replica continues the numbering of the log it
+    /// applied, so that replicas of that log can follow the new one.
+    pub fn start_at(dir: &Path, vm_id: &str, disk_id: &str, epoch: u64, first_seq: u64) -> Result<()> {
+        let cfg = JournalConfig {
+            vm_id: vm_id.to_owned(),
+            disk_id: disk_id.to_owned(),
+            disk_size: 0,
+            resync_threshold: 0,
+        };
+        Self::create_active(dir, &cfg, epoch, first_seq).map(drop)
+    }
+
     fn create_active(dir: &Path, cfg: &JournalConfig, epoch: u64, first_seq: u64) -> Result<Active> {
         let path = dir.join(segment_name(first_seq, false));
         let header = SegmentHeader {

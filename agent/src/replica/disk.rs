@@ -335,8 +335,9 @@ impl ReplicaDisk {
     /// Reverse replication after a planned failover: this promoted copy,
     /// whose VM was since prepared (stopped, every write shipped) here,
     /// becomes the replica of the side that promoted it in turn. Both hold
-    /// the same bytes, so nothing is copied: the new primary's log starts at
-    /// sequence 1, and the points of the other direction are dropped.
+    /// the same bytes, so nothing is copied: the new primary's log continues
+    /// after `through` (the last sequence this side logged, which the image
+    /// holds), and the points of the other direction are dropped.
     /// `image`: the old primary's own disk, when it is the image from now on.
     pub fn reverse(
         &self,
@@ -344,6 +345,7 @@ impl ReplicaDisk {
         primary: String,
         trust_group: String,
         image: Option<PathBuf>,
+        through: u64,
     ) -> Result<()> {
         // Every undo file and segment of the other direction goes (folding
         // the undo files first would only rewrite what is deleted next).
@@ -362,8 +364,8 @@ impl ReplicaDisk {
             s.trust_group = trust_group;
             s.has_copy = true;
             s.consistent_from = 0;
-            s.received_through = 0;
-            s.applied_through = 0;
+            s.received_through = through;
+            s.applied_through = through;
             s.points.clear();
             s.removed = false;
             s.removed_at_replica = false;
@@ -733,19 +735,36 @@ impl ReplicaDisk {
                 let image = open_nofollow(&image_path, false, false).map_err(io_at(&image_path))?;
                 sparse_copy(&image, &tmp).map_err(io_at(&tmp))?;
                 File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_at(&tmp))?;
+                let seq = self.state().applied_through;
+                self.record_copy_seq(name, seq)?;
                 fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
-                return Ok((dest, self.state().applied_through));
+                return Ok((dest, seq));
             }
             (s, _) => s,
         };
         self.materialize(seq, &tmp)?;
+        self.record_copy_seq(name, seq)?;
         fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
         sync_dir(dir)?;
         Ok((dest, seq))
     }
 
+    /// Remembers which sequence copy `name` holds (a promotion of the copy
+    /// continues the log from the next one).
+    fn record_copy_seq(&self, name: &str, seq: u64) -> Result<()> {
+        let path = self.materialized_path(name).with_extension("seq");
+        fs::write(&path, seq.to_string()).and_then(|()| File::open(&path)?.sync_all()).map_err(io_at(&path))
+    }
+
+    /// The sequence copy `name` holds, if it exists.
+    pub fn materialized_seq(&self, name: &str) -> Option<u64> {
+        let path = self.materialized_path(name).with_extension("seq");
+        fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
     /// Deletes copy `name`; whether it existed.
     pub fn delete_materialized(&self, name: &str) -> Result<bool> {
+        let _ = fs::remove_file(self.materialized_path(name).with_extension("seq"));
         let path = self.materialized_path(name);
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),

@@ -144,7 +144,7 @@ impl ReplicaService {
         let Some(node) = self.node.get() else { return Ok(None) };
         let Some(disks) = node.release_prepared(vm).await else { return Ok(None) };
         let mut out = Vec::new();
-        for (disk_id, path) in disks {
+        for (disk_id, path, through) in disks {
             let size = std::fs::metadata(&path)
                 .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?
                 .len();
@@ -160,6 +160,8 @@ impl ReplicaService {
                     trust_group: grant.trust_group,
                     primary: grant.primary,
                     has_copy: true,
+                    received_through: through,
+                    applied_through: through,
                     image: Some(path),
                     ..Default::default()
                 }
@@ -168,7 +170,13 @@ impl ReplicaService {
             if replica.state().image.as_deref() != Some(path.as_path()) {
                 // A replica of another direction was left here: take it over.
                 replica
-                    .reverse(epoch, grant.primary.clone(), grant.trust_group.clone(), Some(path.clone()))
+                    .reverse(
+                        epoch,
+                        grant.primary.clone(),
+                        grant.trust_group.clone(),
+                        Some(path.clone()),
+                        through,
+                    )
                     .map_err(status)?;
             }
             tracing::info!(vm, disk = %disk_id, image = %path.display(), epoch, "reverse replication onto the old primary's disk");
@@ -420,17 +428,24 @@ impl ReplicaService {
                 let Some(node) = self.node.get() else {
                     return Err(status(ReplicaError::StaleEpoch { current, found: r.epoch }));
                 };
-                if node.release_prepared(&d.vm_id).await.is_none() {
+                let Some(released) = node.release_prepared(&d.vm_id).await else {
                     return Err(Status::failed_precondition(format!(
                         "{} runs here (promoted at epoch {current}) and was not failed over back: a planned \
                          failover must first stop it here",
                         d.vm_id
                     )));
-                }
+                };
                 for other in self.replicas().into_iter().filter(|o| o.state().vm_id == d.vm_id) {
                     let image = other.state().image.clone();
+                    let disk = other.state().disk_id.clone();
+                    // What this side logged while it ran the VM, up to the end.
+                    let through = released
+                        .iter()
+                        .find(|(name, ..)| *name == disk)
+                        .map(|(.., last)| *last)
+                        .ok_or_else(|| Status::internal(format!("{} served no disk {disk}", d.vm_id)))?;
                     other
-                        .reverse(r.epoch, grant.primary.clone(), grant.trust_group.clone(), image)
+                        .reverse(r.epoch, grant.primary.clone(), grant.trust_group.clone(), image, through)
                         .map_err(status)?;
                 }
                 tracing::info!(primary = %grant.primary, epoch = r.epoch, "failed back: replicating the other way again");

@@ -47,6 +47,12 @@ pub enum ShipError {
          logs cannot bring it up to date; a resynchronisation is required"
     )]
     ResyncRequired { expected: u64, first: u64, last: u64 },
+    #[error(
+        "the replica holds another history (epoch {replica_epoch}, expecting sequence {replica_next}) than \
+         this disk's log (epoch {epoch}, sequences {log_start}..={last_logged}): nothing was deleted; \
+         a resynchronisation is required"
+    )]
+    Diverged { replica_epoch: u64, replica_next: u64, epoch: u64, log_start: u64, last_logged: u64 },
 }
 
 impl ShipError {
@@ -57,7 +63,7 @@ impl ShipError {
             ShipError::Rpc(s) => format!("{:?}", s.code()),
             ShipError::Read { .. } => "LocalRead".into(),
             ShipError::Disk(_) | ShipError::Replica(_) => "LocalDisk".into(),
-            ShipError::ResyncRequired { .. } => "ResyncRequired".into(),
+            ShipError::ResyncRequired { .. } | ShipError::Diverged { .. } => "ResyncRequired".into(),
         }
     }
 }
@@ -219,6 +225,9 @@ pub struct Shipper {
     limiter: Option<Arc<RateLimiter>>,
     transfers: Arc<Semaphore>,
     epoch: u64,
+    /// The first sequence this epoch's log holds (1 unless a promotion
+    /// continued another log's numbering).
+    log_start: u64,
     stats: Mutex<ShipStats>,
     metrics: Option<Arc<Metrics>>,
     /// The initial copy in flight: bytes sent so far and bytes to send (the
@@ -281,6 +290,7 @@ impl Shipper {
             limiter,
             transfers,
             epoch: 0,
+            log_start: 1,
             stats: Mutex::default(),
             metrics: None,
             copying: Arc::default(),
@@ -297,6 +307,13 @@ impl Shipper {
     /// VM's primary (0: never failed over).
     pub fn with_epoch(mut self, epoch: u64) -> Self {
         self.epoch = epoch;
+        self
+    }
+
+    /// Where this epoch's log starts: a replica that has not yet received
+    /// anything of this epoch must hold exactly what came before it.
+    pub fn with_log_start(mut self, first_seq: u64) -> Self {
+        self.log_start = first_seq;
         self
     }
 
@@ -408,6 +425,23 @@ impl Shipper {
         let mut next = reply.next_seq;
         if reply.needs_initial_copy {
             next = self.initial_copy().await?;
+        } else {
+            // Before anything is dropped as "already there": the replica's
+            // sequence must be one of this log's. One that has seen nothing of
+            // this epoch must stop exactly where this log starts, and none may
+            // be ahead of what was logged here (either means it holds another
+            // history, and acknowledging would delete writes it never got).
+            let last_logged = self.source.next_seq() - 1;
+            let foreign = reply.epoch < self.epoch && next != self.log_start;
+            if foreign || next - 1 > last_logged {
+                return Err(ShipError::Diverged {
+                    replica_epoch: reply.epoch,
+                    replica_next: next,
+                    epoch: self.epoch,
+                    log_start: self.log_start,
+                    last_logged,
+                });
+            }
         }
         // What the replica already has is no longer needed here.
         self.source.acknowledge(next - 1)?;

@@ -52,6 +52,18 @@ pub fn serve_new_image_for(vm: &str, size: u64, content: &[u8]) -> Served {
     Served { dir, disk, image, base, socket }
 }
 
+/// Serves an existing image (its log as it is) as export `root` of `vm`.
+pub fn serve_image(vm: &str, image: &Path) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.img");
+    fs::copy(image, &base).unwrap();
+    let (disk, _) = ProtectedDisk::open(vm, "root", image).unwrap();
+    let disk = Arc::new(disk);
+    let socket = dir.path().join("nbd.sock");
+    NbdServer::new([disk.clone()]).serve_unix(UnixListener::bind(&socket).unwrap());
+    Served { dir, disk, image: image.to_owned(), base, socket }
+}
+
 /// Runs `qemu-io` with `commands` against `url`; panics with its output if it fails.
 pub fn qemu_io(url: &str, commands: &[String]) -> String {
     let mut cmd = Command::new("qemu-io");
