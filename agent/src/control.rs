@@ -15,10 +15,10 @@ pub mod proto {
 }
 
 use proto::{
-    AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply, FinalDisk,
-    GetStatusRequest, MaterializeReply, MaterializeRequest, PrepareReply, PrimaryDisk, PromoteRequest,
-    RecoveryPoint, RemoveReplicaRequest, RemoveReply, RemoveRequest, ReplicaDisk, SiteConfiguration,
-    VmReplicationSpec, control_server::Control,
+    AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply,
+    ExtendRequest, FinalDisk, GetStatusRequest, MaterializeReply, MaterializeRequest, PrepareReply,
+    PrimaryDisk, PromoteRequest, RecoveryPoint, RemoveReplicaRequest, RemoveReply, RemoveRequest,
+    ReplicaDisk, SiteConfiguration, VmReplicationSpec, control_server::Control,
 };
 
 use crate::replication::authz::{Entry, SiteConfig};
@@ -109,42 +109,7 @@ impl ControlService {
             shippers.extend(node.all_shippers().await);
             vms = node.protected().await;
         }
-        let primaries = shippers
-            .iter()
-            .map(|s| {
-                let st = s.stats();
-                let resync_required = s.disk().is_some_and(|d| d.log_status().resync_required);
-                let copy = s.copy_progress();
-                let ms = |d: std::time::Duration| d.as_millis() as u64;
-                PrimaryDisk {
-                    vm_id: s.vm_id().to_owned(),
-                    disk_id: s.disk_id().to_owned(),
-                    pending_bytes: s.pending_bytes(),
-                    next_seq: s.next_seq(),
-                    resync_required,
-                    segments_sent: st.segments_sent,
-                    raw_bytes_sent: st.raw_bytes_sent,
-                    wire_bytes_sent: st.wire_bytes_sent,
-                    average_segment_bytes: st.raw_bytes_sent.checked_div(st.segments_sent).unwrap_or(0),
-                    max_segment_bytes: st.max_segment_bytes,
-                    average_latency_ms: ms(st.total_latency).checked_div(st.segments_sent).unwrap_or(0),
-                    errors: st.errors,
-                    successful_cycles: st.successful_cycles,
-                    missed_cycles: st.missed_cycles,
-                    last_replication_unix_ms: st
-                        .last_replication
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, ms),
-                    last_error: st.last_error.unwrap_or_default(),
-                    last_error_code: st.last_error_code.unwrap_or_default(),
-                    copy_sent_bytes: copy.0,
-                    copy_total_bytes: copy.1,
-                    durable_through: st.durable_through,
-                    initial_copy_bytes: st.initial_copy_bytes,
-                    disk_size: s.disk_size(),
-                }
-            })
-            .collect();
+        let primaries = shippers.iter().map(|s| shipped(s)).collect();
         let replicas = self
             .replicas
             .as_ref()
@@ -172,6 +137,7 @@ impl ControlService {
                             primary_final_seq: s.primary_final_seq.unwrap_or(0),
                             primary_finished: s.primary_final_seq.is_some(),
                             reverse: s.image.is_some(),
+                            primary_interval_seconds: s.primary_interval_seconds,
                             promoted: s.promoted,
                             received_through: s.received_through,
                             applied_through: s.applied_through,
@@ -189,7 +155,46 @@ impl ControlService {
                     .collect()
             })
             .unwrap_or_default();
-        AgentStatus { primaries, replicas, vms }
+        let extended = match &self.node {
+            Some(node) => node.extended_shippers().await.iter().map(|s| shipped(s)).collect(),
+            None => Vec::new(),
+        };
+        AgentStatus { primaries, replicas, vms, extended }
+    }
+}
+
+/// A shipper's numbers as the control API reports them.
+fn shipped(s: &Shipper) -> PrimaryDisk {
+    let st = s.stats();
+    let resync_required = s.disk().is_some_and(|d| d.log_status().resync_required);
+    let copy = s.copy_progress();
+    let ms = |d: std::time::Duration| d.as_millis() as u64;
+    PrimaryDisk {
+        vm_id: s.vm_id().to_owned(),
+        disk_id: s.disk_id().to_owned(),
+        pending_bytes: s.pending_bytes(),
+        next_seq: s.next_seq(),
+        resync_required,
+        segments_sent: st.segments_sent,
+        raw_bytes_sent: st.raw_bytes_sent,
+        wire_bytes_sent: st.wire_bytes_sent,
+        average_segment_bytes: st.raw_bytes_sent.checked_div(st.segments_sent).unwrap_or(0),
+        max_segment_bytes: st.max_segment_bytes,
+        average_latency_ms: ms(st.total_latency).checked_div(st.segments_sent).unwrap_or(0),
+        errors: st.errors,
+        successful_cycles: st.successful_cycles,
+        missed_cycles: st.missed_cycles,
+        last_replication_unix_ms: st
+            .last_replication
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, ms),
+        last_error: st.last_error.unwrap_or_default(),
+        last_error_code: st.last_error_code.unwrap_or_default(),
+        copy_sent_bytes: copy.0,
+        copy_total_bytes: copy.1,
+        durable_through: st.durable_through,
+        initial_copy_bytes: st.initial_copy_bytes,
+        disk_size: s.disk_size(),
     }
 }
 
@@ -298,6 +303,11 @@ impl Control for Arc<ControlService> {
         if disks.is_empty() {
             return Ok(Response::new(refuse(format!("no replica of {} on this agent", r.vm_id))));
         }
+        // An extended replica gets what was kept for it first, so that it
+        // can follow the promoted log (a failover without reverse resumes to it).
+        if !node.finish_extended(&r.vm_id).await {
+            tracing::warn!(vm = %r.vm_id, "the extended replica did not get everything before the promotion: it will need a resynchronisation");
+        }
         disks.sort_by_key(|d| d.state().disk_id.clone());
         if !r.copy_name.is_empty() {
             let mut images = Vec::new();
@@ -347,6 +357,19 @@ impl Control for Arc<ControlService> {
             images.push((name, path, d.state().applied_through + 1));
         }
         Ok(Response::new(node.adopt(&r.vm_id, &r.uid, images, epoch(svc, &r.vm_id)).await))
+    }
+
+    async fn extend_replication(&self, req: Request<ExtendRequest>) -> Result<Response<EnableReply>, Status> {
+        let (Some(node), Some(svc)) = (&self.node, &self.replicas) else {
+            return Err(Status::failed_precondition(
+                "extended replication needs an agent in both roles (serve --listen): this one cannot send",
+            ));
+        };
+        let r = req.into_inner();
+        let mut replicas: Vec<_> =
+            svc.replicas().into_iter().filter(|d| d.state().vm_id == r.vm_id).collect();
+        replicas.sort_by_key(|d| d.state().disk_id.clone());
+        Ok(Response::new(node.extend(r, replicas).await))
     }
 
     async fn remove_replica(

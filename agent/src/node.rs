@@ -8,6 +8,10 @@
 //!  RemoveReplication ─▶ stop the cycle ─▶ drop exports ─▶ clean shutdown ─▶ forget the logs
 //! ```
 //! Every refusal says what to fix and leaves what ran before untouched.
+//!
+//! At a replica site the node also runs extended replication (A→B→C): the
+//! segments its replicas of a VM applied are forwarded to a third site
+//! (`ExtendReplication`), by a forwarding shipper per disk on its own interval.
 
 use std::{
     collections::BTreeMap,
@@ -20,12 +24,12 @@ use std::{
 use tokio::sync::{Mutex, Semaphore, watch};
 
 use crate::{
-    control::proto::{EnableReply, ProtectedVm, VmReplicationSpec},
+    control::proto::{EnableReply, ExtendRequest, ProtectedVm, VmReplicationSpec},
     disk::{ProtectedDisk, log_dir_for},
     metrics::Metrics,
     nbd::NbdServer,
     quiesce::Quiesce,
-    replica::names,
+    replica::{ReplicaDisk, names},
     replication::{
         cycle::VmReplication,
         shipper::{RateLimiter, Shipper, ShipperConfig, channel},
@@ -87,6 +91,56 @@ pub struct Node {
     nbd: Arc<NbdServer>,
     metrics: Arc<Metrics>,
     vms: Mutex<BTreeMap<String, Managed>>,
+    /// Extended replication of replicas held here, by VM id.
+    extended: Mutex<BTreeMap<String, Extended>>,
+}
+
+/// One VM's extended replication: a forwarding shipper per replica disk.
+struct Extended {
+    uid: String,
+    generation: i64,
+    shippers: Vec<Arc<Shipper>>,
+    running: (watch::Sender<bool>, tokio::task::JoinHandle<()>),
+}
+
+impl Extended {
+    async fn stop(self) -> Vec<Arc<Shipper>> {
+        let (stop, task) = self.running;
+        let _ = stop.send(true);
+        let _ = task.await;
+        self.shippers
+    }
+}
+
+/// Forwards every `interval` (the first time at once); after a failure, on
+/// the back-off schedule instead.
+async fn forward_loop(
+    shippers: Vec<Arc<Shipper>>,
+    interval: Duration,
+    backoff: Vec<Duration>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut failures = 0;
+    loop {
+        let mut failed = false;
+        for s in &shippers {
+            if let Err(e) = s.sync_once().await {
+                tracing::warn!(vm = s.vm_id(), disk = s.disk_id(), error = %e, "extended replication");
+                failed = true;
+            }
+        }
+        let wait = if failed {
+            failures += 1;
+            backoff.get(failures - 1).or(backoff.last()).copied().unwrap_or(interval)
+        } else {
+            failures = 0;
+            interval
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => return,
+        }
+    }
 }
 
 fn export_name(vm: &str, disk: &str) -> String {
@@ -223,7 +277,7 @@ pub fn check_spec(spec: &VmReplicationSpec, roots: &[PathBuf]) -> Result<Vec<(St
 
 impl Node {
     pub fn new(cfg: NodeConfig, nbd: Arc<NbdServer>, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self { cfg, nbd, metrics, vms: Mutex::default() })
+        Arc::new(Self { cfg, nbd, metrics, vms: Mutex::default(), extended: Mutex::default() })
     }
 
     /// Where the replica server is, and the name its certificate must carry.
@@ -258,6 +312,7 @@ impl Node {
             hourly_points: spec.history_hourly_points,
         };
         let cfg = ShipperConfig {
+            interval_seconds: spec.interval_seconds,
             compression: spec.compression,
             backoff: self.cfg.backoff.clone(),
             history: Some(history),
@@ -622,6 +677,137 @@ impl Node {
         retire(m.disks).await;
         tracing::info!(vm = vm_id, "prepared VM released: its disks become replicas of the promoted side");
         Some(out)
+    }
+
+    /// Extended replication: forwards what `replicas` (this agent's replicas
+    /// of the VM) apply to `r.replica_address`, or stops that (`r.remove`,
+    /// which deletes what was kept for it). Idempotent per uid and generation.
+    pub async fn extend(&self, r: ExtendRequest, replicas: Vec<Arc<ReplicaDisk>>) -> EnableReply {
+        let reply = |accepted, message: String| EnableReply {
+            accepted,
+            message,
+            generation: r.generation,
+            exports: Vec::new(),
+        };
+        let mut extended = self.extended.lock().await;
+        if r.remove {
+            if let Some(e) = extended.remove(&r.vm_id) {
+                e.stop().await;
+                tracing::info!(vm = %r.vm_id, "extended replication removed; the extended replica keeps its disks");
+            }
+            for d in replicas {
+                match tokio::task::spawn_blocking(move || d.set_forward(false)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return reply(false, format!("dropping what was kept for it: {e}")),
+                    Err(e) => return reply(false, e.to_string()),
+                }
+            }
+            return reply(true, String::new());
+        }
+        if replicas.is_empty() {
+            return reply(false, format!("no replica of {} on this agent", r.vm_id));
+        }
+        if replicas.iter().any(|d| d.state().promoted) {
+            return reply(
+                false,
+                format!(
+                    "{} was failed over to this site: it replicates as a primary now (a planned failover \
+                     without reverseReplication resumes to the extended replica)",
+                    r.vm_id
+                ),
+            );
+        }
+        if replicas.iter().any(|d| !d.state().has_copy) {
+            return reply(
+                false,
+                format!(
+                    "the replica of {} has no initial copy yet: extended replication starts after it",
+                    r.vm_id
+                ),
+            );
+        }
+        let primary = replicas.iter().map(|d| d.state().primary_interval_seconds).max().unwrap_or(0);
+        if r.interval_seconds == 0 || r.interval_seconds < primary {
+            return reply(
+                false,
+                format!(
+                    "extended replication every {}s is more often than the primary replicates (every {primary}s): \
+                     forward at least {primary}s apart",
+                    r.interval_seconds
+                ),
+            );
+        }
+        if extended.get(&r.vm_id).is_some_and(|e| e.uid == r.uid && e.generation >= r.generation) {
+            return reply(true, String::new());
+        }
+        let (addr, server_name) = match self.replica_endpoint(&r.replica_address).await {
+            Ok(e) => e,
+            Err(why) => return reply(false, why),
+        };
+        let ch = match channel(&addr, &server_name, &self.cfg.tls) {
+            Ok(c) => c,
+            Err(e) => return reply(false, format!("extended replica server {addr}: {e}")),
+        };
+        let cfg = ShipperConfig {
+            compression: r.compression,
+            backoff: self.cfg.backoff.clone(),
+            history: Some(crate::replication::proto::RecoveryHistory {
+                window_seconds: r.history_window_seconds,
+                hourly_points: r.history_hourly_points,
+            }),
+            interval_seconds: r.interval_seconds,
+            ..Default::default()
+        };
+        let shippers: Vec<Arc<Shipper>> = replicas
+            .into_iter()
+            .map(|d| {
+                let s = Shipper::forwarding(
+                    d,
+                    ch.clone(),
+                    cfg.clone(),
+                    self.cfg.limiter.clone(),
+                    self.cfg.transfers.clone(),
+                );
+                Arc::new(s.with_metrics(self.metrics.clone()))
+            })
+            .collect();
+        if let Some(old) = extended.remove(&r.vm_id) {
+            old.stop().await;
+        }
+        let (stop, stopped) = watch::channel(false);
+        let interval = Duration::from_secs(u64::from(r.interval_seconds));
+        let task = tokio::spawn(forward_loop(shippers.clone(), interval, self.cfg.backoff.clone(), stopped));
+        tracing::info!(vm = %r.vm_id, to = %r.replica_address, every = ?interval, "extended replication");
+        extended.insert(
+            r.vm_id.clone(),
+            Extended { uid: r.uid.clone(), generation: r.generation, shippers, running: (stop, task) },
+        );
+        reply(true, String::new())
+    }
+
+    /// Before a promotion: forwards what was kept for the extended replica
+    /// one last time (so that it can follow the promoted log), then stops
+    /// extended replication of `vm_id`. Whether the extended replica holds
+    /// everything (`true` also when there was none).
+    pub async fn finish_extended(&self, vm_id: &str) -> bool {
+        let Some(e) = self.extended.lock().await.remove(vm_id) else { return true };
+        let mut complete = true;
+        for s in e.stop().await {
+            match tokio::time::timeout(Duration::from_secs(30), s.sync_once()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(vm = vm_id, disk = s.disk_id(), error = %e, "last forward before the promotion");
+                    complete = false;
+                }
+                Err(_) => complete = false,
+            }
+        }
+        complete
+    }
+
+    /// Every forwarding shipper (extended replication).
+    pub async fn extended_shippers(&self) -> Vec<Arc<Shipper>> {
+        self.extended.lock().await.values().flat_map(|e| e.shippers.iter().cloned()).collect()
     }
 
     /// Every shipper of every protected VM.

@@ -114,7 +114,13 @@ fn files_under(dir: &std::path::Path) -> usize {
 async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
     let site = replica_site().await;
     let root = site.storage.path().join("replicas");
-    let open = |vm: &str| OpenRequest { disk: disk(vm), disk_size: 8 * MIB, epoch: 0, history: None };
+    let open = |vm: &str| OpenRequest {
+        disk: disk(vm),
+        disk_size: 8 * MIB,
+        epoch: 0,
+        history: None,
+        interval_seconds: 0,
+    };
 
     // Not authorised: no entry matches site-c.
     let stranger = material(&site.ca, &["host1.site-c.example.com"]);
@@ -240,7 +246,8 @@ async fn statistics_are_exported_as_prometheus_metrics() {
     applied(&site, seg.last_seq).await;
     // A refused request counts by its code.
     let stranger = material(&site.ca, &["x.site-c.example.com"]);
-    let open = OpenRequest { disk: disk("vm1"), disk_size: 32 * MIB, epoch: 0, history: None };
+    let open =
+        OpenRequest { disk: disk("vm1"), disk_size: 32 * MIB, epoch: 0, history: None, interval_seconds: 0 };
     client(&site, &stranger).await.open(open).await.unwrap_err();
 
     let body = http_get(addr, "/metrics").await;

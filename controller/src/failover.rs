@@ -492,7 +492,24 @@ pub async fn planned_replica(
         power.set_running(true).await.map_err(Error::Read)?;
     }
     status.took_over = true;
-    let reverse = if !f.reverse_replication {
+    let extended = crate::extended::server(vmr).filter(|_| vmr.spec.role == vmreplica_crds::Role::Replica);
+    let reverse = if let (false, Some(to)) = (f.reverse_replication, &extended) {
+        // Extended replication: the third site follows this one now.
+        status.phase = FailoverPhase::Reversing;
+        status.message = Some(format!("resuming replication to the extended replica {to}"));
+        write(vmr, ctx, &status).await?;
+        match replicate_promoted(vmr, ctx, &agent, &disks, to).await {
+            Ok(()) => {
+                status.reversed_to = Some(to.clone());
+                format!(
+                    " Replication resumed to the extended replica {to}: no copy, it continues the same log."
+                )
+            }
+            Err(why) => {
+                return fail_with(vmr, ctx, status, format!("resuming to the extended replica: {why}")).await;
+            }
+        }
+    } else if !f.reverse_replication {
         " Not replicated now: request reverseReplication to protect it again.".to_owned()
     } else {
         status.phase = FailoverPhase::Reversing;
@@ -500,8 +517,11 @@ pub async fn planned_replica(
         write(vmr, ctx, &status).await?;
         match reverse(vmr, ctx, f, &agent, &disks).await {
             Ok(to) => {
-                let text =
+                let mut text =
                     format!(" Replication reversed to {to}: no resync, both sides hold the same bytes.");
+                if let Some(c) = extended {
+                    text.push_str(&format!(" The extended replica {c} receives nothing more (orphaned)."));
+                }
                 status.reversed_to = Some(to);
                 text
             }
@@ -542,6 +562,19 @@ async fn reverse(
             return Err("no server to reverse to: set spec.failover.reverseReplicaServer".into());
         }
     };
+    replicate_promoted(vmr, ctx, agent, disks, &to).await?;
+    Ok(to)
+}
+
+/// Replicates the disks promoted on `agent` to the replica server `to`
+/// (HOST:PORT), with the object's own frequency, compression and history.
+async fn replicate_promoted(
+    vmr: &VMReplication,
+    ctx: &Context,
+    agent: &Agent,
+    disks: &[ReplicaDisk],
+    to: &str,
+) -> Result<(), String> {
     let mut images: Vec<&ReplicaDisk> = disks.iter().collect();
     images.sort_by(|a, b| a.disk_id.cmp(&b.disk_id));
     let history = &vmr.spec.recovery_history;
@@ -557,7 +590,7 @@ async fn reverse(
                 path: d.image_path.clone(),
             })
             .collect(),
-        replica_address: to.clone(),
+        replica_address: to.to_owned(),
         interval_seconds: vmr.spec.replication_frequency_seconds,
         compression: vmr.spec.compression_enabled,
         history_window_seconds: u64::from(history.continuous_window_seconds),
@@ -567,7 +600,7 @@ async fn reverse(
     let reply =
         control(agent, ctx, async |mut c| c.enable_replication(spec.clone()).await.map(|r| r.into_inner()))
             .await?;
-    if reply.accepted { Ok(to) } else { Err(reply.message) }
+    if reply.accepted { Ok(()) } else { Err(reply.message) }
 }
 
 async fn fail_with(

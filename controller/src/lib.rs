@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod conditions;
+pub mod extended;
 pub mod failover;
 pub mod leader;
 pub mod plan;

@@ -219,6 +219,7 @@ pub fn replica_status(
         recovery_points: points,
         epoch: disks.iter().map(|d| d.epoch).max().unwrap_or(0),
         last_failover: previous.last_failover.clone(),
+        extended_replication: previous.extended_replication.clone(),
         ..Default::default()
     };
     if promoted {

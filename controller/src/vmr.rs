@@ -121,7 +121,8 @@ impl Context {
     ) -> Result<(), Error> {
         let api =
             Api::<VMReplication>::namespaced(self.site.client.clone(), &vmr.namespace().unwrap_or_default());
-        let owned = VMReplicationStatus { last_failover: None, ..status.clone() };
+        // Fields with managers of their own (failover, extended replication).
+        let owned = VMReplicationStatus { last_failover: None, extended_replication: None, ..status.clone() };
         crate::apply_status(&api, &vmr.name_any(), MANAGER, &owned).await?;
         let uid = vmr.uid().unwrap_or_default();
         self.wrote(&uid);
@@ -608,6 +609,7 @@ fn build_status(
         replica_server: vmr.spec.replica_server.as_ref().map(|r| r.name.clone()),
         epoch: previous.epoch,
         last_failover: previous.last_failover.clone(),
+        extended_replication: previous.extended_replication.clone(),
         ..Default::default()
     };
     if let Outcome::Enabled(v) = outcome {
@@ -791,7 +793,9 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
         if let Some(again) = crate::failover::unplanned_replica(&vmr, &ctx).await? {
             return Ok(Action::requeue(again));
         }
-        return Ok(Action::await_change());
+        return Ok(crate::extended::reconcile(&vmr, &ctx)
+            .await?
+            .map_or(Action::await_change(), Action::requeue));
     }
     if let Some(held) = planned_failover(&vmr, &ctx).await? {
         return Ok(held);

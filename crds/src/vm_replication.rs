@@ -319,6 +319,30 @@ pub struct VMReplicationStatus {
     /// The last failover request handled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover: Option<FailoverStatus>,
+    /// Replica role with `spec.extendedReplica`: forwarding to the third site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extended_replication: Option<ExtendedReplicationStatus>,
+}
+
+/// Extended replication (A→B→C) as site B sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtendedReplicationStatus {
+    /// The third site's replication server, HOST:PORT.
+    pub replica_server: String,
+    /// WaitingForInitialReplication, Replicating, Error or
+    /// WaitingForStartResynchronize.
+    #[serde(default)]
+    pub state: ReplicationState,
+    /// What went wrong, or what the operator should know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the third site last acknowledged everything forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_replication_time: Option<Time>,
+    /// Bytes applied here and not yet forwarded.
+    #[serde(default)]
+    pub pending_replication_bytes: u64,
 }
 
 /// Replication statistics over a monitoring window.

@@ -31,6 +31,7 @@ async fn open(addr: &str, tls: &TlsMaterial) -> Result<(), tonic::Status> {
         disk_size: 1 << 20,
         epoch: 0,
         history: None,
+        interval_seconds: 30,
     };
     ReplicationClient::new(ch).open(req).await.map(|_| ())
 }

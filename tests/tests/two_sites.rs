@@ -4,7 +4,9 @@
 //! frequency are changed for a test machine). The VMReplication applied at A
 //! makes B's controller create the Replica object (or adopt one declared
 //! there), with B's own view of the replica; writes reach B; deleting at A
-//! removes replication on both sides and leaves B's disks in place.
+//! removes replication on both sides and leaves B's disks in place. Planned
+//! failover there and back with reverse replication, and extended replication
+//! to a third site C (a third apiserver) that follows B after a failover.
 
 use std::{path::Path, process::Command, sync::Arc, time::Duration};
 
@@ -513,40 +515,9 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let ca = Ca::new("reverse-ca").unwrap();
     let (a_name, b_name) = ("host1.site-a.example.com", "replica.site-b.example.com");
     write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
-    write_tls(&root.join("b-tls"), &material(&ca, &[b_name, "127.0.0.1"]));
-
     // Site B (its own apiserver), as in the examples.
-    let b_plane = ControlPlane::start().await.unwrap();
-    let b = client_for(&b_plane.kubeconfig_path()).await.unwrap();
-    install_crds(&b).await.unwrap();
-    let b_ns = test_namespace(&b, "rev-b").await;
-    let dr = "finance-dr".to_owned();
-    let ns_obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": dr}});
-    apply_object(&Api::<k8s_openapi::api::core::v1::Namespace>::all(b.clone()), &ns_obj).await;
-    let (b_repl, b_ctl, a_repl, a_ctl) = (free_port(), free_port(), free_port(), free_port());
-    let mut cmd = Command::new(bin("vmreplica-agent"));
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{b_repl}"), "--control-listen"])
-        .arg(format!("127.0.0.1:{b_ctl}"))
-        .arg("--socket")
-        .arg(root.join("b-nbd.sock"))
-        .arg("--tls-dir")
-        .arg(root.join("b-tls"))
-        .args(["--resolve", &format!("{a_name}=127.0.0.1"), "--retry-seconds", "1"])
-        .args(["--node-label", "vmreplica.io/replica-server=true"])
-        .args(lease_args(&b_ns, "node-b", &b_plane.kubeconfig_path()));
-    let _b_agent = Process::spawn_ready(cmd, &root.join("b-agent.log"));
-    let b_storage = root.join("b-replicas");
-    std::fs::create_dir_all(&b_storage).unwrap();
-    let mut rs = example("replicationserver.yaml");
-    rs["spec"]["port"] = json!(b_repl);
-    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(b.clone()), &rs).await;
-    let mut entry = example("authorizationentry.yaml");
-    entry["spec"]["replicaStorageLocation"] = json!(b_storage);
-    apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(b.clone()), &entry).await;
-    let b_ctx = controllers(b.clone(), &b_ns, &ca, None);
-    tokio::spawn(site::run(b_ctx.site.clone(), std::future::pending()));
-    tokio::spawn(vmr::run(b_ctx.clone(), std::future::pending()));
-    tokio::spawn(replicas::run(b_ctx, std::future::pending()));
+    let b = replica_site(root, "rev-b", &ca, b_name, "*.site-a.example.com", &[a_name]).await;
+    let (b_repl, a_repl) = (b.repl_port, free_port());
 
     // Site A (the shared apiserver) is a replica server too, for B: Hyper-V
     // asks the same of a primary that is to receive reverse replication.
@@ -557,19 +528,7 @@ async fn planned_failover_there_and_back_loses_nothing() {
     std::fs::create_dir_all(&a_storage).unwrap();
     let label = format!("vmreplica.io/reverse-test-{}", &a_ns[a_ns.len().saturating_sub(8)..]);
     let socket = root.join("a-nbd.sock");
-    let mut cmd = Command::new(bin("vmreplica-agent"));
-    cmd.args(["serve", "--listen", &format!("127.0.0.1:{a_repl}"), "--control-listen"])
-        .arg(format!("127.0.0.1:{a_ctl}"))
-        .arg("--tls-dir")
-        .arg(root.join("a-tls"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--disk-root")
-        .arg(root.join("disks"))
-        .args(["--resolve", &format!("{b_name}=127.0.0.1"), "--retry-seconds", "1"])
-        .args(["--node-label", &format!("{label}=true")])
-        .args(lease_args(&a_ns, "node-a", &shared_kubeconfig()));
-    let _a_agent = Process::spawn_ready(cmd, &root.join("a-agent.log"));
+    let _a_agent = site_a_agent(root, &a_ns, &label, b_name, Some(a_repl));
     let a_rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
         "metadata": {"name": a_ns}, "spec": {"nodeSelector": {label.clone(): "true"}, "port": a_repl,
         "tlsSecretName": "vmreplica-agent-tls", "allowAnyServer": false}});
@@ -584,7 +543,7 @@ async fn planned_failover_there_and_back_loses_nothing() {
     tokio::spawn(replicas::run(a_ctx, std::future::pending()));
 
     let a_vmrs: Api<VMReplication> = Api::namespaced(a.clone(), &a_ns);
-    let b_vmrs: Api<VMReplication> = Api::namespaced(b.clone(), &dr);
+    let b_vmrs = b.vmrs.clone();
     let img = |name: &str| {
         let p = root.join("disks").join(format!("{name}.img"));
         assert!(
@@ -618,8 +577,7 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let b_disk = |name: &str| replica.spec.disks.iter().find(|d| d.name == name).unwrap().path.clone();
     let (b_root, b_data) = (b_disk("root"), b_disk("data"));
     let a_export = |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", socket.display());
-    let b_export =
-        |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", root.join("b-nbd.sock").display());
+    let b_export = |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", b.socket.display());
     qemu_io(&a_export("root"), "write -P 0x11 1M 64k").unwrap();
     let tester = PatchParams::apply("dr-operator").force();
     let at_b = |failover: serde_json::Value| {
@@ -660,9 +618,9 @@ async fn planned_failover_there_and_back_loses_nothing() {
     assert!(l.message.unwrap().contains("no resync"));
     assert!(identical(&b_root, &root_img) && identical(&b_data, &data_img), "zero loss A→B");
     let moved = wait_secs(30, "B to replicate back", async || {
-        state_is(&b_vmrs, app, ReplicationState::Replicating)
-            .await
-            .filter(|v| v.status.as_ref().is_some_and(|s| s.primary_server.as_deref() == Some("node-b")))
+        state_is(&b_vmrs, app, ReplicationState::Replicating).await.filter(|v| {
+            v.status.as_ref().is_some_and(|s| s.primary_server.as_deref() == Some(b.node.as_str()))
+        })
     })
     .await;
     assert!(moved.status.unwrap().epoch >= 1);
@@ -716,11 +674,227 @@ async fn planned_failover_there_and_back_loses_nothing() {
     qemu_io(&a_export("root"), "write -P 0x33 5M 64k").unwrap();
     wait_secs(30, "A's new write at B", async || qemu_io(&b_root, "read -P 0x33 5M 64k").ok()).await;
     let back = wait_secs(30, "B a replica again", async || {
-        state_is(&b_vmrs, app, ReplicationState::Replicating)
-            .await
-            .filter(|v| v.status.as_ref().is_some_and(|s| s.replica_server.as_deref() == Some("node-b")))
+        state_is(&b_vmrs, app, ReplicationState::Replicating).await.filter(|v| {
+            v.status.as_ref().is_some_and(|s| s.replica_server.as_deref() == Some(b.node.as_str()))
+        })
     })
     .await;
     assert!(back.status.unwrap().epoch >= 2, "the failback is a newer promotion");
     assert!(qemu_io(&b_export("root"), "read 0 512").is_err(), "B no longer serves the VM");
+}
+
+/// Site A's agent on the shared apiserver (TLS in `a-tls`, disks under
+/// `disks`, NBD on `a-nbd.sock`), sending to `to` on loopback; with
+/// `listen`, also a replica server on that port.
+fn site_a_agent(root: &Path, ns: &str, label: &str, to: &str, listen: Option<u16>) -> Process {
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.arg("serve");
+    if let Some(port) = listen {
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+    }
+    cmd.args(["--control-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--tls-dir")
+        .arg(root.join("a-tls"))
+        .arg("--socket")
+        .arg(root.join("a-nbd.sock"))
+        .arg("--disk-root")
+        .arg(root.join("disks"))
+        .args(["--resolve", &format!("{to}=127.0.0.1"), "--retry-seconds", "1"])
+        .args(["--node-label", &format!("{label}=true")])
+        .args(lease_args(ns, "node-a", &shared_kubeconfig()));
+    Process::spawn_ready(cmd, &root.join("a-agent.log"))
+}
+
+/// A replica site with its own apiserver, controller and agent (both roles,
+/// so that it can be failed over to), accepting `allowed` as primaries into
+/// namespace `finance-dr`. `resolve`: names its agent sends to, on loopback.
+struct ReplicaSite {
+    _plane: ControlPlane,
+    vmrs: Api<VMReplication>,
+    repl_port: u16,
+    socket: std::path::PathBuf,
+    /// The node name its agent's Lease carries.
+    node: String,
+    _agent: Process,
+}
+
+async fn replica_site(
+    root: &Path,
+    tag: &str,
+    ca: &Ca,
+    name: &str,
+    allowed: &str,
+    resolve: &[&str],
+) -> ReplicaSite {
+    write_tls(&root.join(format!("{tag}-tls")), &material(ca, &[name, "127.0.0.1"]));
+    let plane = ControlPlane::start().await.unwrap();
+    let client = client_for(&plane.kubeconfig_path()).await.unwrap();
+    install_crds(&client).await.unwrap();
+    let ns = test_namespace(&client, tag).await;
+    let dr = "finance-dr";
+    let ns_obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": dr}});
+    apply_object(&Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()), &ns_obj).await;
+    let (repl_port, ctl_port) = (free_port(), free_port());
+    let socket = root.join(format!("{tag}-nbd.sock"));
+    let node = format!("node-{tag}");
+    let mut cmd = Command::new(bin("vmreplica-agent"));
+    cmd.args(["serve", "--listen", &format!("127.0.0.1:{repl_port}"), "--control-listen"])
+        .arg(format!("127.0.0.1:{ctl_port}"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--tls-dir")
+        .arg(root.join(format!("{tag}-tls")))
+        .args(["--retry-seconds", "1"])
+        .args(["--node-label", "vmreplica.io/replica-server=true"])
+        .args(lease_args(&ns, &node, &plane.kubeconfig_path()));
+    for r in resolve {
+        cmd.args(["--resolve", &format!("{r}=127.0.0.1")]);
+    }
+    let agent = Process::spawn_ready(cmd, &root.join(format!("{tag}-agent.log")));
+    let storage = root.join(format!("{tag}-replicas"));
+    std::fs::create_dir_all(&storage).unwrap();
+    let mut rs = example("replicationserver.yaml");
+    rs["spec"]["port"] = json!(repl_port);
+    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(client.clone()), &rs).await;
+    let mut entry = example("authorizationentry.yaml");
+    entry["spec"]["replicaStorageLocation"] = json!(storage);
+    entry["spec"]["allowedPrimaryServer"] = json!(allowed);
+    apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(client.clone()), &entry).await;
+    let ctx = controllers(client.clone(), &ns, ca, None);
+    tokio::spawn(site::run(ctx.site.clone(), std::future::pending()));
+    tokio::spawn(vmr::run(ctx.clone(), std::future::pending()));
+    tokio::spawn(replicas::run(ctx, std::future::pending()));
+    let vmrs = Api::namespaced(client.clone(), dr);
+    ReplicaSite { _plane: plane, vmrs, repl_port, socket, node, _agent: agent }
+}
+
+/// Extended replication A→B→C across three apiservers: B forwards what it
+/// applies to C (a forwarding interval shorter than the primary's is
+/// refused first), writes at A reach C; then a planned failover A→B without
+/// reverse resumes replication B→C with no copy, and writes at B reach C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_replication_then_failover_to_b_resumes_to_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca = Ca::new("extended-ca").unwrap();
+    let (a_name, b_name, c_name) =
+        ("host1.site-a.example.com", "replica.site-b.example.com", "replica.site-c.example.com");
+    let b = replica_site(root, "ext-b", &ca, b_name, "*.site-a.example.com", &[c_name]).await;
+    let c = replica_site(root, "ext-c", &ca, c_name, b_name, &[]).await;
+
+    // Site A: the shared apiserver, a primary agent.
+    write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
+    let a = client().await;
+    let a_ns = test_namespace(&a, "ext-a").await;
+    std::fs::create_dir_all(root.join("disks")).unwrap();
+    let label = format!("vmreplica.io/extended-test-{}", &a_ns[a_ns.len().saturating_sub(8)..]);
+    let socket = root.join("a-nbd.sock");
+    let _a_agent = site_a_agent(root, &a_ns, &label, b_name, None);
+    let a_ctx = controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone()));
+    tokio::spawn(vmr::run(a_ctx, std::future::pending()));
+    let a_vmrs: Api<VMReplication> = Api::namespaced(a.clone(), &a_ns);
+    let img = root.join("disks").join("app-root.img");
+    assert!(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "raw"])
+            .arg(&img)
+            .arg("8M")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let app = "app";
+    let primary = |failover: serde_json::Value| {
+        let mut o = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+            "metadata": {"name": app}, "spec": {"disks": [{"name": "root", "path": img}],
+            "replicationFrequencySeconds": 2, "replicaServer": {"name": b_name, "port": b.repl_port}}});
+        if !failover.is_null() {
+            o["spec"]["failover"] = failover;
+        }
+        o
+    };
+    apply_object(&a_vmrs, &primary(serde_json::Value::Null)).await;
+    let at_b_obj = wait_secs(60, "B's Replica object", async || {
+        state_is(&b.vmrs, app, ReplicationState::Replicating).await
+    })
+    .await;
+    let b_root = at_b_obj.spec.disks[0].path.clone();
+    let operator = PatchParams::apply("dr-operator").force();
+    let at_b = |every: u32, failover: serde_json::Value| {
+        json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": app},
+               "spec": {"role": "Replica", "disks": at_b_obj.spec.disks, "replicationFrequencySeconds": 2,
+                        "extendedReplica": {"replicaServer": {"name": c_name, "port": c.repl_port},
+                                            "replicationFrequencySeconds": every},
+                        "failover": failover}})
+    };
+    let extended = async |want: ReplicationState| {
+        wait_secs(60, &format!("B's extended replication {want:?}"), async || {
+            let s = b.vmrs.get(app).await.ok()?.status?.extended_replication?;
+            (s.state == want).then_some(s)
+        })
+        .await
+    };
+
+    // More often than A replicates: refused, with the reason.
+    b.vmrs.patch(app, &operator, &Patch::Apply(at_b(1, serde_json::Value::Null))).await.unwrap();
+    let refused = extended(ReplicationState::Error).await;
+    assert!(refused.message.as_deref().unwrap_or_default().contains("at least 2"), "{refused:?}");
+    // As often: C gets a copy of B's replica, then what B applies.
+    b.vmrs.patch(app, &operator, &Patch::Apply(at_b(2, serde_json::Value::Null))).await.unwrap();
+    let on = extended(ReplicationState::Replicating).await;
+    assert_eq!(on.replica_server, format!("{c_name}:{}", c.repl_port));
+    let at_c = wait_secs(60, "C's Replica object", async || {
+        state_is(&c.vmrs, app, ReplicationState::Replicating).await
+    })
+    .await;
+    assert_eq!(at_c.status.unwrap().primary_server.as_deref(), Some(b_name), "C's primary is B");
+    let c_root = at_c.spec.disks[0].path.clone();
+    let a_export = format!("nbd+unix:///{a_ns}.{app}/root?socket={}", socket.display());
+    qemu_io(&a_export, "write -P 0x41 1M 64k").unwrap();
+    wait_secs(60, "A's write at C", async || qemu_io(&c_root, "read -P 0x41 1M 64k").ok()).await;
+
+    // Planned failover A→B, no reverse: B resumes to C.
+    apply_object(&a_vmrs, &primary(json!({"id": "move", "type": "Planned"}))).await;
+    wait_secs(60, "A's part", async || {
+        a_vmrs
+            .get(app)
+            .await
+            .ok()?
+            .status?
+            .last_failover
+            .filter(|l| l.phase == vmreplica_crds::FailoverPhase::Completed)
+    })
+    .await;
+    b.vmrs
+        .patch(app, &operator, &Patch::Apply(at_b(2, json!({"id": "move", "type": "Planned"}))))
+        .await
+        .unwrap();
+    let l = wait_secs(60, "B's part", async || {
+        b.vmrs.get(app).await.ok()?.status?.last_failover.filter(|l| {
+            matches!(
+                l.phase,
+                vmreplica_crds::FailoverPhase::Completed | vmreplica_crds::FailoverPhase::Failed
+            )
+        })
+    })
+    .await;
+    assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
+    let c_addr = format!("{c_name}:{}", c.repl_port);
+    assert_eq!(l.reversed_to.as_deref(), Some(c_addr.as_str()), "{l:?}");
+    assert!(l.message.as_deref().unwrap_or_default().contains("resumed to the extended replica"), "{l:?}");
+    assert!(identical(&b_root, &img), "zero loss A→B");
+    let b_export = format!("nbd+unix:///{a_ns}.{app}/root?socket={}", b.socket.display());
+    qemu_io(&b_export, "write -P 0x42 2M 64k").unwrap();
+    wait_secs(60, "B's write at C", async || qemu_io(&c_root, "read -P 0x42 2M 64k").ok()).await;
+    qemu_io(&c_root, "read -P 0x41 1M 64k").expect("A's write is still at C");
+    let resumed = wait_secs(30, "B's status to say it resumed", async || {
+        let s = b.vmrs.get(app).await.ok()?.status?.extended_replication?;
+        s.message.as_deref().is_some_and(|m| m.contains("resumed")).then_some(s)
+    })
+    .await;
+    assert_eq!(resumed.state, ReplicationState::Replicating);
+    wait_secs(30, "C to show B's epoch", async || {
+        (c.vmrs.get(app).await.ok()?.status?.epoch >= 1).then_some(())
+    })
+    .await;
 }

@@ -151,6 +151,9 @@ pub struct ReplicaState {
     /// the extended replica acknowledges them, instead of being deleted.
     #[serde(default)]
     pub forward: bool,
+    /// The primary's replication interval, as it last said (0: not said).
+    #[serde(default)]
+    pub primary_interval_seconds: u32,
 }
 
 /// Counters of applied segments (kept in `replica.json`).
@@ -287,6 +290,11 @@ impl ReplicaDisk {
         store_state(&self.dir, &next)?;
         *s = next;
         Ok(())
+    }
+
+    /// Records the primary's replication interval.
+    pub fn set_primary_interval(&self, seconds: u32) -> Result<()> {
+        self.update(|s| s.primary_interval_seconds = seconds)
     }
 
     /// Records the recovery history the primary asks for (`None`: the site's).

@@ -489,6 +489,9 @@ impl ReplicaService {
             hourly: h.hourly_points.min(168),
         });
         replica.set_history(history).map_err(status)?;
+        if r.interval_seconds != 0 && replica.state().primary_interval_seconds != r.interval_seconds {
+            replica.set_primary_interval(r.interval_seconds).map_err(status)?;
+        }
         let s = replica.state().clone();
         if s.disk_size != r.disk_size {
             return Err(Status::failed_precondition(format!(

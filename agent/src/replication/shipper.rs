@@ -115,6 +115,8 @@ pub struct ShipperConfig {
     pub backoff: Vec<Duration>,
     /// The VM's recovery history for the replica; `None`: the replica site's.
     pub history: Option<super::proto::RecoveryHistory>,
+    /// The replication interval, told to the replica (0: not said).
+    pub interval_seconds: u32,
 }
 
 impl Default for ShipperConfig {
@@ -125,6 +127,7 @@ impl Default for ShipperConfig {
             chunk_size: 1 << 20,
             backoff: vec![min(1), min(2), min(4), min(8), min(30)],
             history: None,
+            interval_seconds: 0,
         }
     }
 }
@@ -420,6 +423,7 @@ impl Shipper {
             disk_size: self.source.size(),
             epoch: self.epoch,
             history: self.cfg.history,
+            interval_seconds: self.cfg.interval_seconds,
         };
         let reply = client.open(open).await?.into_inner();
         let mut next = reply.next_seq;
