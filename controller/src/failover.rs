@@ -172,7 +172,7 @@ async fn materialize_all(
     disks: &[ReplicaDisk],
     per_disk: &BTreeMap<String, u64>,
     name: &str,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<(String, String)>, String> {
     let mut paths = Vec::new();
     for d in disks {
         let req = MaterializeRequest {
@@ -185,7 +185,7 @@ async fn materialize_all(
             control(agent, ctx, async |mut c| c.materialize_point(req.clone()).await.map(|r| r.into_inner()))
                 .await
                 .map_err(|why| format!("disk {}: {why}", d.disk_id))?;
-        paths.push(format!("{}={}", d.disk_id, r.path));
+        paths.push((d.image_path.clone(), r.path));
     }
     Ok(paths)
 }
@@ -210,6 +210,52 @@ async fn promote(
     let reply =
         control(agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner())).await?;
     if reply.accepted { Ok(reply) } else { Err(reply.message) }
+}
+
+/// The test VM made from VM object `vm`.
+pub fn test_vm_name(vm: &str) -> String {
+    format!("{vm}-test")
+}
+
+/// Creates the test VM when the object names a KubeVirt VM: the copies
+/// (replica image path → test copy) on the test network. Its name, or
+/// `None` when there is no VM to copy.
+async fn test_vm(
+    vmr: &VMReplication,
+    ctx: &Context,
+    copies: BTreeMap<String, String>,
+) -> Result<Option<String>, String> {
+    let Some(vm) = vmr.spec.vm.as_ref().filter(|v| v.runtime == vmreplica_crds::VmRuntime::KubeVirt) else {
+        return Ok(None);
+    };
+    let ns = vmr.namespace().unwrap_or_default();
+    let api: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(ctx.site.client.clone(), &ns, &crate::power::virtual_machines());
+    let source = api
+        .get_opt(&vm.name)
+        .await
+        .map_err(|e| format!("reading VirtualMachine {}: {e}", vm.name))?
+        .ok_or_else(|| format!("VirtualMachine {} does not exist in {ns}", vm.name))?;
+    let name = test_vm_name(&vm.name);
+    let obj =
+        crate::power::test_vm(&source, &name, &vmr.name_any(), &copies, vmr.spec.test_network.as_ref())?;
+    let owner = kube::Resource::controller_owner_ref(vmr, &()).ok_or("the VMReplication has no uid")?;
+    crate::power::create_test_vm(ctx.site.client.clone(), &ns, obj, owner).await?;
+    let on = vmr
+        .spec
+        .test_network
+        .as_ref()
+        .map_or("no network".to_owned(), |t| format!("network {}", t.network_name));
+    Ok(Some(format!("{name} ({on})")))
+}
+
+/// Deletes the VMs of this object's test failovers.
+pub(crate) async fn delete_test_vms(vmr: &VMReplication, ctx: &Context) -> Result<(), Error> {
+    let ns = vmr.namespace().unwrap_or_default();
+    crate::power::delete_test_vms(ctx.site.client.clone(), &ns, &vmr.name_any())
+        .await
+        .map(drop)
+        .map_err(|why| Error::Agent(format!("deleting the test VM: {why}")))
 }
 
 /// Deletes copy `name` of every disk on `agent` (a missing one is no error).
@@ -252,6 +298,8 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
             let mut status = begin(f, FailoverPhase::PreparingDisks, started);
             status.message = Some("materialising the recovery point as test disks".into());
             write(vmr, ctx, &status).await?;
+            // An earlier test's VM runs on the disks about to be replaced.
+            delete_test_vms(vmr, ctx).await?;
             let outcome = async {
                 let (agent, disks) = locate(vmr, ctx)
                     .await?
@@ -261,22 +309,33 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
                     Ok(c) => c,
                     Err(why) => return Ok(Err(why)),
                 };
-                let paths = match materialize_all(&agent, ctx, &disks, &per_disk, &test_copy_name(vmr)).await
+                let copies = match materialize_all(&agent, ctx, &disks, &per_disk, &test_copy_name(vmr)).await
                 {
                     Ok(p) => p,
                     Err(why) => return Ok(Err(why)),
                 };
-                Ok::<_, Error>(Ok((point, paths)))
+                let paths: Vec<String> = copies.iter().map(|(_, copy)| copy.clone()).collect();
+                let vm = match test_vm(vmr, ctx, copies.into_iter().collect()).await {
+                    Ok(vm) => vm,
+                    Err(why) => {
+                        return Ok(Err(format!(
+                            "test disks made ({}), but no test VM: {why}",
+                            paths.join(", ")
+                        )));
+                    }
+                };
+                Ok::<_, Error>(Ok((point, paths, vm)))
             }
             .await;
             match outcome {
-                Ok(Ok((point, paths))) => {
+                Ok(Ok((point, paths, vm))) => {
                     status.phase = FailoverPhase::Completed;
                     status.recovery_point = Some(point.clone());
                     status.end_time = Some(now());
                     status.message = Some(format!(
-                        "test disks at point {point} (replication continues): {}; remove spec.failover to delete them",
-                        paths.join(", ")
+                        "test disks at point {point} (replication continues): {}{}; remove spec.failover to delete them",
+                        paths.join(", "),
+                        vm.map(|v| format!("; test VM {v}")).unwrap_or_default()
                     ));
                     record(vmr, ctx, &status, EventType::Normal, "TestFailoverReady").await?;
                 }
@@ -293,11 +352,12 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
         }
         None => {
             let Some(l) = running_test else { return Ok(false) };
+            delete_test_vms(vmr, ctx).await?;
             match delete_copies(vmr, ctx).await? {
                 Ok(()) => {
                     let mut done = l.clone();
                     done.phase = FailoverPhase::Cancelled;
-                    done.message = Some("test failover stopped: its test disks were deleted".into());
+                    done.message = Some("test failover stopped: its test VM and disks were deleted".into());
                     record(vmr, ctx, &done, EventType::Normal, "TestFailoverCleanedUp").await?;
                     Ok(true)
                 }

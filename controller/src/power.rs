@@ -4,7 +4,7 @@
 //! `status.printableStatus`; `Disks` (runtime `None`) has no VM to drive.
 
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
 };
 use vmreplica_crds::{NicSettings, VMReplication, VmRuntime};
@@ -124,42 +124,174 @@ impl Power for KubeVirt {
             return Ok(());
         }
         let vm = self.api.get(&self.name).await?;
-        let spec = vm.data.pointer("/spec/template/spec").cloned().unwrap_or_default();
-        let mut volumes = spec.get("volumes").and_then(|v| v.as_array()).cloned().unwrap_or_default();
-        let mut disks =
-            spec.pointer("/domain/devices/disks").and_then(|v| v.as_array()).cloned().unwrap_or_default();
-        let data = network_data(nics);
-        // The VM's own cloud-init volume carries it, replacing any network
-        // data it had; without one, a NoCloud volume of ours is added.
-        let own = volumes.iter_mut().find_map(|v| {
-            let o = v.as_object_mut()?;
-            let key =
-                ["cloudInitNoCloud", "cloudInitConfigDrive"].into_iter().find(|k| o.contains_key(*k))?;
-            o.get_mut(key)
-        });
-        match own.and_then(|c| c.as_object_mut()) {
-            Some(c) => {
-                c.remove("networkDataBase64");
-                c.remove("networkDataSecretRef");
-                c.insert("networkData".into(), data.into());
-            }
-            None => {
-                volumes.push(
-                    serde_json::json!({"name": NETWORK_VOLUME, "cloudInitNoCloud": {"networkData": data}}),
-                );
-                if !disks.iter().any(|d| d.get("name").and_then(|n| n.as_str()) == Some(NETWORK_VOLUME)) {
-                    disks.push(serde_json::json!({"name": NETWORK_VOLUME, "disk": {"bus": "virtio"}}));
-                }
-            }
-        }
+        let mut spec = vm.data.pointer("/spec/template/spec").cloned().unwrap_or_default();
+        with_network_data(&mut spec, nics);
         // Lists are replaced whole by a merge patch: the resourceVersion
         // makes it fail rather than drop a concurrent change.
         let patch = serde_json::json!({
             "metadata": {"resourceVersion": vm.metadata.resource_version},
-            "spec": {"template": {"spec": {"volumes": volumes, "domain": {"devices": {"disks": disks}}}}}
+            "spec": {"template": {"spec": {"volumes": spec["volumes"],
+                                          "domain": {"devices": {"disks": spec["domain"]["devices"]["disks"]}}}}}
         });
         self.api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
     }
+}
+
+/// Puts `nics` as cloud-init network data into a VirtualMachine's
+/// `spec.template.spec`: into its own cloud-init volume, replacing any
+/// network data it had, or into a NoCloud volume (and disk) of ours.
+fn with_network_data(spec: &mut serde_json::Value, nics: &[NicSettings]) {
+    let data = network_data(nics);
+    let mut volumes = spec.get("volumes").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let mut disks =
+        spec.pointer("/domain/devices/disks").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let own = volumes.iter_mut().find_map(|v| {
+        let o = v.as_object_mut()?;
+        let key = ["cloudInitNoCloud", "cloudInitConfigDrive"].into_iter().find(|k| o.contains_key(*k))?;
+        o.get_mut(key)
+    });
+    match own.and_then(|c| c.as_object_mut()) {
+        Some(c) => {
+            c.remove("networkDataBase64");
+            c.remove("networkDataSecretRef");
+            c.insert("networkData".into(), data.into());
+        }
+        None => {
+            volumes
+                .push(serde_json::json!({"name": NETWORK_VOLUME, "cloudInitNoCloud": {"networkData": data}}));
+            if !disks.iter().any(|d| d.get("name").and_then(|n| n.as_str()) == Some(NETWORK_VOLUME)) {
+                disks.push(serde_json::json!({"name": NETWORK_VOLUME, "disk": {"bus": "virtio"}}));
+            }
+        }
+    }
+    spec["volumes"] = volumes.into();
+    spec["domain"]["devices"]["disks"] = disks.into();
+}
+
+/// The test VM of a test failover, built from the replica site's VM object
+/// `source` (its `spec.template` and labels): named `name`, running, every
+/// hostDisk volume on a replica image (`copies`: image path → test copy)
+/// moved to its copy, every network on `test.networkName` (Multus), and the
+/// test network's TCP/IP settings as cloud-init network data (no test
+/// network: no network at all). Refused —
+/// nothing is created — when a volume would let the test VM write to
+/// anything the replica VM uses: a replica image not in `copies`, or a
+/// persistent volume.
+pub fn test_vm(
+    source: &DynamicObject,
+    name: &str,
+    vmr: &str,
+    copies: &std::collections::BTreeMap<String, String>,
+    test: Option<&vmreplica_crds::TestNetwork>,
+) -> Result<serde_json::Value, String> {
+    let mut template =
+        source.data.pointer("/spec/template").cloned().ok_or("the VM object has no spec.template")?;
+    let spec = &mut template["spec"];
+    let mut moved = 0;
+    for v in spec.get_mut("volumes").and_then(|v| v.as_array_mut()).into_iter().flatten() {
+        let vol = v.get("name").and_then(|n| n.as_str()).unwrap_or("?").to_owned();
+        if let Some(path) = v.pointer_mut("/hostDisk/path") {
+            let p = path.as_str().unwrap_or_default().to_owned();
+            match copies.get(&p) {
+                Some(copy) => {
+                    *path = copy.clone().into();
+                    moved += 1;
+                }
+                None => {
+                    return Err(format!(
+                        "volume {vol}: hostDisk {p} is not one of the replica's disks: the test VM would share it"
+                    ));
+                }
+            }
+        }
+        for shared in ["persistentVolumeClaim", "dataVolume", "ephemeral"] {
+            if v.get(shared).is_some() {
+                return Err(format!(
+                    "volume {vol} ({shared}) would be shared with the replica VM: not copied"
+                ));
+            }
+        }
+    }
+    if moved == 0 {
+        return Err("the VM object uses none of the replica's disks (as hostDisk volumes)".into());
+    }
+    match test {
+        Some(test) => {
+            for n in spec.get_mut("networks").and_then(|v| v.as_array_mut()).into_iter().flatten() {
+                let net = n.get("name").cloned().unwrap_or_default();
+                *n = serde_json::json!({"name": net, "multus": {"networkName": test.network_name}});
+            }
+            if !test.nics.is_empty() {
+                with_network_data(spec, &test.nics);
+            }
+        }
+        // No test network: not connected (as Hyper-V's test VM by default).
+        None => {
+            spec["networks"] = serde_json::json!([]);
+            spec["domain"]["devices"]["interfaces"] = serde_json::json!([]);
+        }
+    }
+    let mut labels = source.metadata.labels.clone().unwrap_or_default();
+    labels.insert(TEST_VM_LABEL.into(), vmr.to_owned());
+    Ok(serde_json::json!({
+        "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"runStrategy": "Always", "template": template}
+    }))
+}
+
+/// Marks a test VM with the name of the VMReplication whose test failover
+/// made it.
+pub const TEST_VM_LABEL: &str = "vmreplica.io/test-failover-of";
+
+/// Creates (or keeps) test VM `vm` in `namespace`, owned by `owner` so it
+/// goes with it. An existing one not made by a test failover is left alone
+/// and reported.
+pub async fn create_test_vm(
+    client: Client,
+    namespace: &str,
+    vm: serde_json::Value,
+    owner: k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
+) -> Result<(), String> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &virtual_machines());
+    let name = vm["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+    match api.get_opt(&name).await.map_err(|e| e.to_string())? {
+        Some(existing) if existing.metadata.deletion_timestamp.is_some() => {
+            return Err(format!(
+                "the previous test VM {name} is still being deleted: request the test again (a new id) once it is gone"
+            ));
+        }
+        Some(existing) if existing.labels().contains_key(TEST_VM_LABEL) => return Ok(()),
+        Some(_) => {
+            return Err(format!("a VirtualMachine named {name} exists and is not a test VM: not replaced"));
+        }
+        None => {}
+    }
+    let mut vm = vm;
+    vm["metadata"]["ownerReferences"] = serde_json::json!([owner]);
+    let obj: DynamicObject = serde_json::from_value(vm).map_err(|e| e.to_string())?;
+    api.create(&Default::default(), &obj).await.map(drop).map_err(|e| e.to_string())
+}
+
+/// Deletes the test VMs of VMReplication `vmr`'s test failovers (whatever
+/// its spec names now); how many there were.
+pub async fn delete_test_vms(client: Client, namespace: &str, vmr: &str) -> Result<usize, String> {
+    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &virtual_machines());
+    let lp = kube::api::ListParams::default().labels(&format!("{TEST_VM_LABEL}={vmr}"));
+    let vms = match api.list(&lp).await {
+        Ok(l) => l.items,
+        // KubeVirt not installed: there is no test VM.
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(0),
+        Err(e) => return Err(e.to_string()),
+    };
+    for vm in &vms {
+        match api.delete(&vm.name_any(), &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(vms.len())
 }
 
 /// Runtime `None`: only disks; nothing to start or stop.
@@ -226,6 +358,69 @@ mod tests {
 
     fn nic(v: serde_json::Value) -> NicSettings {
         serde_json::from_value(v).unwrap()
+    }
+
+    fn source(volumes: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": "db-vm", "namespace": "dr", "labels": {"app": "db"}, "resourceVersion": "7"},
+            "spec": {"runStrategy": "Halted", "template": {"spec": {
+                "domain": {"devices": {"disks": [{"name": "root", "disk": {}}],
+                                       "interfaces": [{"name": "default", "masquerade": {}}]}},
+                "networks": [{"name": "default", "pod": {}}],
+                "volumes": volumes}}},
+            "status": {"printableStatus": "Stopped"}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_test_vm_runs_on_the_copies_and_the_test_network_only() {
+        let copies: std::collections::BTreeMap<String, String> =
+            [("/r/db/root/disk.img".to_owned(), "/r/db/root/materialized/db-test.img".to_owned())].into();
+        let test: vmreplica_crds::TestNetwork = serde_json::from_value(serde_json::json!({
+            "networkName": "dr-test", "nics": [{"nic": "eth0", "ipv4Address": "192.168.7.5", "ipv4PrefixLength": 24}]}))
+        .unwrap();
+        let src = source(serde_json::json!([
+            {"name": "root", "hostDisk": {"path": "/r/db/root/disk.img", "type": "Disk"}},
+            {"name": "ci", "cloudInitNoCloud": {"userData": "#cloud-config\n"}}]));
+        let vm = test_vm(&src, "db-vm-test", "db", &copies, Some(&test)).unwrap();
+        assert_eq!(vm["metadata"]["name"], "db-vm-test");
+        assert_eq!(vm["metadata"]["labels"], serde_json::json!({"app": "db", TEST_VM_LABEL: "db"}));
+        assert!(vm["metadata"].get("resourceVersion").is_none() && vm.get("status").is_none());
+        assert_eq!(vm["spec"]["runStrategy"], "Always");
+        let spec = &vm["spec"]["template"]["spec"];
+        assert_eq!(spec["volumes"][0]["hostDisk"]["path"], "/r/db/root/materialized/db-test.img");
+        assert_eq!(
+            spec["networks"],
+            serde_json::json!([{"name": "default", "multus": {"networkName": "dr-test"}}])
+        );
+        let data: serde_json::Value =
+            serde_json::from_str(spec["volumes"][1]["cloudInitNoCloud"]["networkData"].as_str().unwrap())
+                .unwrap();
+        assert_eq!(data["ethernets"]["eth0"]["addresses"], serde_json::json!(["192.168.7.5/24"]));
+        assert_eq!(spec["volumes"][1]["cloudInitNoCloud"]["userData"], "#cloud-config\n");
+
+        // No test network: no network at all.
+        let vm = test_vm(&src, "db-vm-test", "db", &copies, None).unwrap();
+        assert_eq!(vm["spec"]["template"]["spec"]["networks"], serde_json::json!([]));
+        assert_eq!(vm["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"], serde_json::json!([]));
+
+        // Anything the test VM would share with the replica VM is refused.
+        for (volumes, why) in [
+            (
+                serde_json::json!([{"name": "root", "hostDisk": {"path": "/r/db/root/disk.img"}},
+                                {"name": "logs", "persistentVolumeClaim": {"claimName": "db-logs"}}]),
+                "persistentVolumeClaim",
+            ),
+            (
+                serde_json::json!([{"name": "root", "hostDisk": {"path": "/elsewhere/root.img"}}]),
+                "not one of the replica's disks",
+            ),
+            (serde_json::json!([{"name": "ci", "cloudInitNoCloud": {}}]), "none of the replica's disks"),
+        ] {
+            let err = test_vm(&source(volumes), "db-vm-test", "db", &copies, Some(&test)).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     #[test]

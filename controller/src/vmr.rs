@@ -943,10 +943,11 @@ async fn planned_failover(vmr: &VMReplication, ctx: &Context) -> Result<Option<A
     Ok(Some(Action::requeue(ctx.poll)))
 }
 
-/// A Replica object goes: its test disks are deleted and the replica agent
-/// stops accepting the primary (the disks and points stay). With no agent
-/// holding the VM (already gone), there is nothing to remove.
+/// A Replica object goes: its test VM and disks are deleted and the replica
+/// agent stops accepting the primary (the disks and points stay). With no
+/// agent holding the VM (already gone), there is nothing more to remove.
 async fn remove_replica(vmr: &VMReplication, ctx: &Context) -> Result<Action, Error> {
+    crate::failover::delete_test_vms(vmr, ctx).await?;
     let Some((agent, disks)) = crate::failover::locate(vmr, ctx).await? else {
         return Ok(Action::await_change());
     };

@@ -156,3 +156,27 @@ pub async fn apply_yaml(
     }
     Ok(applied)
 }
+
+/// Installs KubeVirt's VirtualMachine CRD in its schema-less form (tests
+/// need the API, not KubeVirt's validation).
+pub async fn install_virtual_machine_crd(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "virtualmachines.kubevirt.io"},
+        "spec": {"group": "kubevirt.io", "scope": "Namespaced",
+                 "names": {"kind": "VirtualMachine", "plural": "virtualmachines", "singular": "virtualmachine", "shortNames": ["vm"]},
+                 "versions": [{"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
+                               "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
+    }))
+    .unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch("virtualmachines.kubevirt.io", &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+        .await
+        .unwrap();
+    crate::procs::wait_for("the VirtualMachine CRD", async || {
+        let c = api.get("virtualmachines.kubevirt.io").await.ok()?;
+        c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+    })
+    .await;
+}

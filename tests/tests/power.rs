@@ -11,29 +11,7 @@ use kube::{
 use serde_json::json;
 use vmreplica_controller::power::{Power, PowerState, VmPower, virtual_machines};
 use vmreplica_crds::VMReplication;
-use vmreplica_tests::{FIELD_MANAGER, client, procs::wait_for, test_namespace};
-
-async fn install_virtual_machine_crd(client: &kube::Client) {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let crd: CustomResourceDefinition = serde_json::from_value(json!({
-        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": "virtualmachines.kubevirt.io"},
-        "spec": {"group": "kubevirt.io", "scope": "Namespaced",
-                 "names": {"kind": "VirtualMachine", "plural": "virtualmachines", "singular": "virtualmachine", "shortNames": ["vm"]},
-                 "versions": [{"name": "v1", "served": true, "storage": true, "subresources": {"status": {}},
-                               "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
-    }))
-    .unwrap();
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch("virtualmachines.kubevirt.io", &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
-        .await
-        .unwrap();
-    wait_for("the VirtualMachine CRD", async || {
-        let c = api.get("virtualmachines.kubevirt.io").await.ok()?;
-        c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
-    })
-    .await;
-}
+use vmreplica_tests::{FIELD_MANAGER, client, install_virtual_machine_crd, procs::wait_for, test_namespace};
 
 fn vmr(ns: &str, runtime: &str) -> VMReplication {
     serde_json::from_value(json!({
@@ -146,4 +124,45 @@ async fn failover_network_settings_become_cloud_init_network_data() {
     power.set_network(&[]).await.unwrap();
     VmPower::for_vmr(client.clone(), &vmr(&ns, "None")).set_network(&nics).await.unwrap();
     assert_eq!(vms.get("db-vm").await.unwrap().metadata.resource_version, again.metadata.resource_version);
+}
+
+/// A test failover's VM: created once (again: kept), never over a VM that is
+/// not a test VM, and deleted by the VMReplication it belongs to.
+#[tokio::test]
+async fn test_vms_are_created_once_and_deleted_by_their_vmreplication() {
+    use vmreplica_controller::power::{TEST_VM_LABEL, create_test_vm, delete_test_vms};
+    let client = client().await;
+    install_virtual_machine_crd(&client).await;
+    let ns = test_namespace(&client, "testvm").await;
+    let vms: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &virtual_machines());
+    let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "vmreplica.io/v1alpha1".into(),
+        kind: "VMReplication".into(),
+        name: "db".into(),
+        uid: "0f6b1c1e-0000-4000-8000-000000000001".into(),
+        controller: Some(true),
+        ..Default::default()
+    };
+    let test_vm = |name: &str| {
+        json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+               "metadata": {"name": name, "labels": {TEST_VM_LABEL: "db"}},
+               "spec": {"runStrategy": "Always", "template": {"spec": {}}}})
+    };
+    create_test_vm(client.clone(), &ns, test_vm("db-vm-test"), owner.clone()).await.unwrap();
+    let made = vms.get("db-vm-test").await.unwrap();
+    assert_eq!(made.metadata.owner_references.unwrap()[0].name, "db", "it goes with its VMReplication");
+    create_test_vm(client.clone(), &ns, test_vm("db-vm-test"), owner.clone()).await.unwrap();
+    // Someone's own VM of that name is not replaced.
+    let mine = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "web-test"},
+                      "spec": {"runStrategy": "Halted", "template": {"spec": {}}}});
+    vms.patch("web-test", &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(&mine)).await.unwrap();
+    let err = create_test_vm(client.clone(), &ns, test_vm("web-test"), owner).await.unwrap_err();
+    assert!(err.contains("is not a test VM"), "{err}");
+    assert_eq!(vms.get("web-test").await.unwrap().data["spec"]["runStrategy"], "Halted");
+    // Deleting by VMReplication removes its test VM only.
+    assert_eq!(delete_test_vms(client.clone(), &ns, "db").await.unwrap(), 1);
+    wait_for("the test VM to go", async || vms.get_opt("db-vm-test").await.ok()?.is_none().then_some(()))
+        .await;
+    assert!(vms.get_opt("web-test").await.unwrap().is_some());
+    assert_eq!(delete_test_vms(client.clone(), &ns, "db").await.unwrap(), 0);
 }

@@ -18,7 +18,7 @@ use serde_json::json;
 use vmreplica_controller::{replicas, site, telemetry::Metrics, vmr};
 use vmreplica_crds::{ReplicationState, Role, VMReplication};
 use vmreplica_tests::{
-    ControlPlane, FIELD_MANAGER, client, client_for, install_crds,
+    ControlPlane, FIELD_MANAGER, client, client_for, install_crds, install_virtual_machine_crd,
     pki::Ca,
     procs::{Process, bin, free_port, lease_args, material, wait_secs, write_tls},
     repo_root, shared_kubeconfig, test_namespace,
@@ -79,6 +79,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     let b_plane = ControlPlane::start().await.unwrap();
     let b = client_for(&b_plane.kubeconfig_path()).await.unwrap();
     install_crds(&b).await.unwrap();
+    install_virtual_machine_crd(&b).await;
     let b_ns = test_namespace(&b, "site-b").await;
     // The example entry names namespace finance-dr for site A's replicas.
     let dr = "finance-dr".to_owned();
@@ -211,9 +212,27 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     // Test failover at B: the newest point as <name>-test disks, while
     // replication goes on; an older point; removing the request cleans up.
     let pp = PatchParams::apply(FIELD_MANAGER).force();
+    // The replica VM's object at B (KubeVirt, stopped) on the replica disks:
+    // the test failover runs a copy of it on the test disks and network.
+    let b_vms: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(b.clone(), &dr, &vmreplica_controller::power::virtual_machines());
+    let host_disks: Vec<_> = replica
+        .spec
+        .disks
+        .iter()
+        .map(|d| json!({"name": d.name, "hostDisk": {"path": d.path, "type": "Disk"}}))
+        .collect();
+    let replica_vm = json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "metadata": {"name": "ledger-vm"},
+        "spec": {"runStrategy": "Halted", "template": {"spec": {"volumes": host_disks,
+            "networks": [{"name": "default", "pod": {}}],
+            "domain": {"devices": {"interfaces": [{"name": "default", "masquerade": {}}]}}}}}});
+    apply_object(&b_vms, &replica_vm).await;
     let request = |id: &str, point: &str| {
         json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": ledger},
                "spec": {"role": "Replica", "disks": replica.spec.disks,
+                        "vm": {"runtime": "KubeVirt", "name": "ledger-vm"},
+                        "testNetwork": {"networkName": "dr-test",
+                                        "nics": [{"nic": "eth0", "ipv4Address": "192.168.77.15", "ipv4PrefixLength": 24}]},
                         "failover": {"id": id, "type": "Test", "recoveryPoint": point}}})
     };
     let test_done = |id: &'static str| {
@@ -232,6 +251,32 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
         Path::new(&image).parent().unwrap().join("materialized").join(format!("{ledger}-test.img"));
     qemu_io(test_img.to_str().unwrap(), "read -P 0x3c 2M 64k").expect("the test disk holds the point's data");
     let first_point = l.recovery_point.clone().unwrap();
+    // The test VM: a running copy of the replica VM on the test disks only,
+    // on the test network with its addresses.
+    assert!(
+        l.message.as_deref().unwrap_or_default().contains("test VM ledger-vm-test (network dr-test)"),
+        "{l:?}"
+    );
+    let test_vm = b_vms.get("ledger-vm-test").await.unwrap();
+    assert_eq!(test_vm.data["spec"]["runStrategy"], "Always");
+    let vm_spec = &test_vm.data["spec"]["template"]["spec"];
+    let root_vol = vm_spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "root").unwrap();
+    assert_eq!(root_vol["hostDisk"]["path"], test_img.to_str().unwrap());
+    for v in vm_spec["volumes"].as_array().unwrap().iter().filter_map(|v| v["hostDisk"]["path"].as_str()) {
+        assert!(v.contains("/materialized/"), "{v} is a test copy, not a replica disk");
+    }
+    assert_eq!(vm_spec["networks"], json!([{"name": "default", "multus": {"networkName": "dr-test"}}]));
+    let data = vm_spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| v["cloudInitNoCloud"]["networkData"].as_str());
+    assert!(data.unwrap().contains("192.168.77.15/24"));
+    assert_eq!(
+        b_vms.get("ledger-vm").await.unwrap().data["spec"]["runStrategy"],
+        "Halted",
+        "the replica VM stays off"
+    );
     // Replication goes on: a newer write reaches the replica, not the test disk.
     qemu_io(&export, "write -P 0x4d 2M 64k").unwrap();
     wait_secs(30, "the newer write at B", async || qemu_io(&image, "read -P 0x4d 2M 64k").ok()).await;
@@ -275,6 +320,8 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     .await;
     assert_eq!(cleaned.id, "t3");
     assert!(!test_img.exists(), "the test disks are deleted");
+    assert!(b_vms.get_opt("ledger-vm-test").await.unwrap().is_none(), "the test VM is deleted");
+    assert!(b_vms.get_opt("ledger-vm").await.unwrap().is_some(), "the replica VM stays");
     let _ = pp;
 
     // Planned failover, primary side: A stops the VM, makes the disks
