@@ -92,6 +92,11 @@ pub fn replica_spec(vm_id: &str, disks: &[&ReplicaDisk], node: &str) -> Result<V
     .map_err(|e| format!("replica of {vm_id}: {e}"))
 }
 
+/// Whether the agent holds disks of the VM that `obj`'s spec does not list.
+fn missing_disks(obj: &VMReplication, disks: &[&ReplicaDisk]) -> bool {
+    disks.iter().any(|d| !obj.spec.disks.iter().any(|k| k.name == d.disk_id))
+}
+
 /// The status of a Replica object from its disks on the agent.
 pub fn replica_status(
     previous: &VMReplicationStatus,
@@ -387,6 +392,25 @@ async fn report(
                 "a Primary VMReplication has the replica's name: not adopting it"
             );
             return Ok(false);
+        }
+        // One this site created, made when only some disks had arrived
+        // (each disk opens on its own): the others are added, none removed.
+        Some(o) if o.labels().contains_key(REPLICA_OF) && missing_disks(&o, disks) => {
+            let all: Vec<serde_json::Value> = o
+                .spec
+                .disks
+                .iter()
+                .map(|d| serde_json::json!({"name": d.name, "path": d.path}))
+                .chain(
+                    disks
+                        .iter()
+                        .filter(|d| !o.spec.disks.iter().any(|k| k.name == d.disk_id))
+                        .map(|d| serde_json::json!({"name": d.disk_id, "path": d.image_path})),
+                )
+                .collect();
+            let patch = serde_json::json!({"spec": {"disks": all}});
+            let pp = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };
+            api.patch(name, &pp, &Patch::Merge(&patch)).await.map_err(Error::WriteStatus)?
         }
         Some(o) => o,
         None if disks.iter().all(|d| d.removed) => return Ok(false),

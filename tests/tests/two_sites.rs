@@ -554,7 +554,8 @@ fn identical(a: &str, b: &Path) -> bool {
 /// Planned failover A→B with reverse replication, writes at B reaching A's
 /// own disks with no resync, then back B→A with reverse again: at each
 /// move both sides hold the same bytes (qemu-img compare), and writes at
-/// the new primary reach the other side.
+/// the new primary reach the other side. B's extended replica C is
+/// orphaned by the reverse: it keeps A's data and gets nothing from B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_failover_there_and_back_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -563,7 +564,10 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let (a_name, b_name) = ("host1.site-a.example.com", "replica.site-b.example.com");
     write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
     // Site B (its own apiserver), as in the examples.
-    let b = replica_site(root, "rev-b", &ca, b_name, "*.site-a.example.com", &[a_name]).await;
+    let c_name = "replica.site-c.example.com";
+    let b = replica_site(root, "rev-b", &ca, b_name, "*.site-a.example.com", &[a_name, c_name]).await;
+    // Site C: B's extended replica, orphaned when the failover reverses.
+    let c = replica_site(root, "rev-c", &ca, c_name, b_name, &[]).await;
     let (b_repl, a_repl) = (b.repl_port, free_port());
 
     // Site A (the shared apiserver) is a replica server too, for B: Hyper-V
@@ -630,6 +634,8 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let at_b = |failover: serde_json::Value| {
         json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": app},
                "spec": {"role": "Replica", "disks": replica.spec.disks, "replicationFrequencySeconds": 1,
+                        "extendedReplica": {"replicaServer": {"name": c_name, "port": c.repl_port},
+                                            "replicationFrequencySeconds": 1},
                         "failover": failover}})
     };
     let done = async |api: &Api<VMReplication>, id: &str| {
@@ -644,6 +650,16 @@ async fn planned_failover_there_and_back_loses_nothing() {
         })
         .await
     };
+
+    // B forwards to C.
+    b_vmrs.patch(app, &tester, &Patch::Apply(at_b(serde_json::Value::Null))).await.unwrap();
+    // (Made when C's first disk arrived; the second is added when it does.)
+    let at_c = wait_secs(60, "C's Replica object with both disks", async || {
+        state_is(&c.vmrs, app, ReplicationState::Replicating).await.filter(|v| v.spec.disks.len() == 2)
+    })
+    .await;
+    let c_root = at_c.spec.disks.iter().find(|d| d.name == "root").unwrap().path.clone();
+    wait_secs(30, "A's write at C", async || qemu_io(&c_root, "read -P 0x11 1M 64k").ok()).await;
 
     // A→B: A's part, then B's with reverse replication back to A.
     apply_object(&a_vmrs, &primary(json!({"id": "move", "type": "Planned"}))).await;
@@ -662,7 +678,12 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let l = done(&b_vmrs, "move").await;
     assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
     assert!(l.took_over && l.reversed_to.as_deref() == Some(&format!("{a_name}:{a_repl}")[..]), "{l:?}");
-    assert!(l.message.unwrap().contains("no resync"));
+    let message = l.message.unwrap();
+    assert!(message.contains("no resync"), "{message}");
+    assert!(
+        message.contains(&format!("{c_name}:{} receives nothing more (orphaned)", c.repl_port)),
+        "{message}"
+    );
     assert!(identical(&b_root, &root_img) && identical(&b_data, &data_img), "zero loss A→B");
     let moved = wait_secs(30, "B to replicate back", async || {
         state_is(&b_vmrs, app, ReplicationState::Replicating).await.filter(|v| {
@@ -684,6 +705,15 @@ async fn planned_failover_there_and_back_loses_nothing() {
         !a_storage.join(format!("{a_ns}.{app}")).join("root").join("disk.img").exists(),
         "no copy was made"
     );
+    // C is orphaned, as in Hyper-V: it keeps what it had, gets nothing from B.
+    let orphaned = wait_secs(30, "B's extended replication to stop", async || {
+        let s = b_vmrs.get(app).await.ok()?.status?.extended_replication?;
+        (s.state == ReplicationState::NotEnabled).then_some(s)
+    })
+    .await;
+    assert!(orphaned.message.unwrap().contains("orphaned"));
+    qemu_io(&c_root, "read -P 0x11 1M 64k").expect("C keeps A's write");
+    assert!(qemu_io(&c_root, "read -P 0x22 2M 64k").is_err(), "B's write does not reach C");
     let a_view = wait_secs(30, "A to show the reverse replication", async || {
         state_is(&a_vmrs, app, ReplicationState::Replicating)
             .await
