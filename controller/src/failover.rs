@@ -677,6 +677,43 @@ async fn fail_with(
     Ok(None)
 }
 
+/// The split-brain guard: a primary that replicated a moment ago is
+/// running, so the failover waits (unless forced); when to look again.
+async fn split_brain_guard(
+    vmr: &VMReplication,
+    ctx: &Context,
+    f: &vmreplica_crds::FailoverRequest,
+    same: Option<&FailoverStatus>,
+    status: &mut FailoverStatus,
+    disks: &[ReplicaDisk],
+    now_ms: u64,
+) -> Result<Option<std::time::Duration>, Error> {
+    let contact = disks.iter().map(|d| d.last_contact_unix_ms).max().unwrap_or(0);
+    if f.force || contact == 0 || now_ms.saturating_sub(contact) >= PRIMARY_ALIVE_MS {
+        return Ok(None);
+    }
+    let message = format!(
+        "refused: the primary replicated {} s ago, so it is probably running (two running copies would \
+         diverge). Stop it, or set force: true to fail over anyway",
+        now_ms.saturating_sub(contact) / 1000
+    );
+    if same.and_then(|l| l.message.as_deref()) != Some(message.as_str()) {
+        status.message = Some(message.clone());
+        write(vmr, ctx, status).await?;
+        event(ctx, vmr, EventType::Warning, "UnplannedFailoverRefused", message).await;
+    }
+    Ok(Some(std::time::Duration::from_secs(5)))
+}
+
+/// Whether `agent` serves VM `vm_id` for object `uid` (it was promoted).
+async fn agent_serves(agent: &Agent, ctx: &Context, vm_id: &str, uid: &str) -> Result<bool, Error> {
+    let status =
+        control(agent, ctx, async |mut c| c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner()))
+            .await
+            .map_err(Error::Agent)?;
+    Ok(status.vms.iter().any(|v| v.vm_id == vm_id && v.uid == uid))
+}
+
 /// The name of the copy an unplanned failover runs the VM on.
 pub fn failover_copy_name(vmr: &VMReplication) -> String {
     format!("{}-failover", vmr.name_any())
@@ -754,47 +791,52 @@ pub async fn unplanned_replica(
     let started = same.and_then(|l| l.start_time.clone()).unwrap_or_else(|| Time((ctx.site.now)()));
     let mut status = begin(f, FailoverPhase::Pending, started);
     status.forced = f.force;
-    // The split-brain guard: a primary that replicated a moment ago is running.
-    let contact = disks.iter().map(|d| d.last_contact_unix_ms).max().unwrap_or(0);
-    if !f.force && contact > 0 && now_ms.saturating_sub(contact) < PRIMARY_ALIVE_MS {
-        let message = format!(
-            "refused: the primary replicated {} s ago, so it is probably running (two running copies would \
-             diverge). Stop it, or set force: true to fail over anyway",
-            now_ms.saturating_sub(contact) / 1000
-        );
-        if same.and_then(|l| l.message.as_deref()) != Some(message.as_str()) {
-            status.message = Some(message.clone());
-            write(vmr, ctx, &status).await?;
-            event(ctx, vmr, EventType::Warning, "UnplannedFailoverRefused", message).await;
-        }
-        return Ok(Some(std::time::Duration::from_secs(5)));
-    }
     let refs: Vec<&ReplicaDisk> = disks.iter().collect();
-    let (point, per_disk) = match choose_points(&refs, &f.recovery_point) {
-        Ok(c) => c,
-        Err(why) => {
-            status.phase = FailoverPhase::Failed;
-            status.message = Some(why.clone());
+    // A controller stopped after the promotion (status still says
+    // PreparingDisks): the copy is the VM's disk now, and choosing a point
+    // again or rewriting the copy under the running VM would lose its writes.
+    let chosen =
+        same.filter(|l| l.phase == FailoverPhase::PreparingDisks).and_then(|l| l.recovery_point.clone());
+    let point = match chosen {
+        Some(point) if agent_serves(&agent, ctx, &vm_id, &uid).await? => {
+            status.phase = FailoverPhase::PreparingDisks;
+            status.recovery_point = Some(point.clone());
+            point
+        }
+        _ => {
+            if let Some(wait) = split_brain_guard(vmr, ctx, f, same, &mut status, &disks, now_ms).await? {
+                return Ok(Some(wait));
+            }
+            let (point, per_disk) = match choose_points(&refs, &f.recovery_point) {
+                Ok(c) => c,
+                Err(why) => {
+                    status.phase = FailoverPhase::Failed;
+                    status.message = Some(why.clone());
+                    write(vmr, ctx, &status).await?;
+                    event(ctx, vmr, EventType::Warning, "UnplannedFailoverFailed", why).await;
+                    return Ok(None);
+                }
+            };
+            status.phase = FailoverPhase::PreparingDisks;
+            status.recovery_point = Some(point.clone());
+            status.message = Some(format!("rolling to point {point}"));
             write(vmr, ctx, &status).await?;
-            event(ctx, vmr, EventType::Warning, "UnplannedFailoverFailed", why).await;
-            return Ok(None);
+            if f.force {
+                event(
+                    ctx,
+                    vmr,
+                    EventType::Warning,
+                    "UnplannedFailoverForced",
+                    "force: true overrides the split-brain guard".into(),
+                )
+                .await;
+            }
+            materialize_all(&agent, ctx, &disks, &per_disk, &failover_copy_name(vmr))
+                .await
+                .map_err(Error::Agent)?;
+            point
         }
     };
-    status.phase = FailoverPhase::PreparingDisks;
-    status.recovery_point = Some(point.clone());
-    status.message = Some(format!("rolling to point {point}"));
-    write(vmr, ctx, &status).await?;
-    if f.force {
-        event(
-            ctx,
-            vmr,
-            EventType::Warning,
-            "UnplannedFailoverForced",
-            "force: true overrides the split-brain guard".into(),
-        )
-        .await;
-    }
-    materialize_all(&agent, ctx, &disks, &per_disk, &failover_copy_name(vmr)).await.map_err(Error::Agent)?;
     let reply =
         promote(&agent, ctx, &vm_id, &uid, failover_copy_name(vmr), false).await.map_err(Error::Agent)?;
     let power = VmPower::for_vmr(ctx.site.client.clone(), vmr);

@@ -522,6 +522,22 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     let l = last_of(vmreplica_crds::FailoverPhase::WaitingCompletion).await;
     assert_eq!(l.id, "u2");
     qemu_io(&b_pay, "read -P 0x81 1M 64k").expect("the older point runs at B");
+    // A controller that stopped after the promotion but before recording it
+    // (status still PreparingDisks) resumes without choosing or rewriting
+    // the copy the VM already runs on: the VM's write stays.
+    qemu_io(&b_pay, "write -P 0x83 5M 64k").unwrap();
+    let mut midway = l.clone();
+    midway.phase = vmreplica_crds::FailoverPhase::PreparingDisks;
+    let status = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+                        "status": {"lastFailover": midway}});
+    let pp = PatchParams::apply(vmreplica_controller::failover::FAILOVER_MANAGER).force();
+    b_vmrs.patch_status("pay", &pp, &Patch::Apply(status)).await.unwrap();
+    let resumed = last_of(vmreplica_crds::FailoverPhase::WaitingCompletion).await;
+    assert_eq!((resumed.id.as_str(), resumed.recovery_point.as_deref()), ("u2", Some(p1.as_str())));
+    let copy = Path::new(&pay_replica).parent().unwrap().join("materialized").join("pay-failover.img");
+    qemu_io(copy.to_str().unwrap(), "read -P 0x83 5M 64k")
+        .expect("the copy the VM runs on was not rewritten");
+    qemu_io(&b_pay, "read -P 0x83 5M 64k").unwrap();
     b_vmrs
         .patch(
             "pay",
