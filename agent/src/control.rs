@@ -222,7 +222,15 @@ impl Control for Arc<ControlService> {
                 tracing::info!(rules = site.entries.len(), allow_any = site.allow_any_server, revision = %c.revision, "site configured");
                 svc.set_site(site);
                 svc.set_retention(policy);
-                reply(true, String::new())
+                // Replicas under the (new) storage locations are opened, so
+                // that they are reported and can be promoted before any
+                // primary opens them (after a restart of this agent).
+                let s = svc.clone();
+                match tokio::task::spawn_blocking(move || s.recover_all()).await {
+                    Ok(Ok(_)) => reply(true, String::new()),
+                    Ok(Err(e)) => reply(false, format!("opening the replicas: {e}")),
+                    Err(e) => reply(false, e.to_string()),
+                }
             }
             Err(why) => reply(false, why),
         }))

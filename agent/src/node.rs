@@ -223,11 +223,17 @@ async fn retire(disks: Vec<Arc<ProtectedDisk>>) {
 pub fn fresh_log(vm_id: &str, disk_id: &str, image: &Path, epoch: u64, first_seq: u64) -> Result<(), String> {
     let dir = log_dir_for(image);
     let io = |e: std::io::Error| e.to_string();
+    let size = std::fs::metadata(image).map_err(io)?.len();
+    // This promotion's own log, left by an earlier run of this agent: it
+    // may hold writes not yet shipped, and is reopened (and recovered) as is.
+    if crate::log::dirty::JournalState::load(&dir, size).is_ok_and(|s| s.epoch == epoch) && dir.exists() {
+        return Ok(());
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io)?;
     }
     std::fs::create_dir_all(&dir).map_err(io)?;
-    let mut state = crate::log::dirty::JournalState::new(std::fs::metadata(image).map_err(io)?.len());
+    let mut state = crate::log::dirty::JournalState::new(size);
     state.epoch = epoch;
     state.store(&dir).map_err(io)?;
     crate::log::Journal::start_at(&dir, vm_id, disk_id, epoch, first_seq).map_err(|e| e.to_string())

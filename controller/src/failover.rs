@@ -677,6 +677,43 @@ async fn fail_with(
     Ok(None)
 }
 
+/// After a failover to this side: the agent keeps serving the VM's disks.
+/// One that restarted serves nothing until asked again: it is asked again
+/// (the promotion, and the replication out of here, are idempotent and
+/// reopen the disks with their logs as they were). When to look again.
+pub async fn keep_serving(vmr: &VMReplication, ctx: &Context) -> Result<Option<std::time::Duration>, Error> {
+    let Some(l) = vmr.status.as_ref().and_then(|s| s.last_failover.as_ref()) else { return Ok(None) };
+    let unplanned = l.failover_type == FailoverType::Unplanned
+        && matches!(l.phase, FailoverPhase::WaitingCompletion | FailoverPhase::Completed);
+    let planned =
+        l.failover_type == FailoverType::Planned && l.phase == FailoverPhase::Completed && l.took_over;
+    if !(planned || unplanned) || vmr.spec.role == vmreplica_crds::Role::Primary {
+        return Ok(None);
+    }
+    let Some((agent, disks)) = locate(vmr, ctx).await? else {
+        // The agent is not back (or not configured) yet.
+        return Ok(Some(ctx.poll));
+    };
+    let (vm_id, uid) = (disks[0].vm_id.clone(), vmr.uid().unwrap_or_default());
+    if agent_serves(&agent, ctx, &vm_id, &uid).await? {
+        return Ok(Some(ctx.poll));
+    }
+    let copy = if unplanned { failover_copy_name(vmr) } else { String::new() };
+    let reply = promote(&agent, ctx, &vm_id, &uid, copy, false).await.map_err(Error::Agent)?;
+    if let Some(to) = l.reversed_to.as_deref() {
+        replicate_promoted(vmr, ctx, &agent, &disks, to).await.map_err(Error::Agent)?;
+    }
+    let note = format!(
+        "the agent on {} served nothing (it restarted): the VM's disks are served again at {}{}",
+        agent.node,
+        reply.exports.join(", "),
+        l.reversed_to.as_deref().map(|to| format!(", replicating to {to}")).unwrap_or_default()
+    );
+    tracing::warn!(vm = %vm_id, "{note}");
+    event(ctx, vmr, EventType::Warning, "DisksServedAgain", note).await;
+    Ok(Some(ctx.poll))
+}
+
 /// The split-brain guard: a primary that replicated a moment ago is
 /// running, so the failover waits (unless forced); when to look again.
 async fn split_brain_guard(

@@ -793,9 +793,12 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
         if let Some(again) = crate::failover::unplanned_replica(&vmr, &ctx).await? {
             return Ok(Action::requeue(again));
         }
-        return Ok(crate::extended::reconcile(&vmr, &ctx)
-            .await?
-            .map_or(Action::await_change(), Action::requeue));
+        let serving = crate::failover::keep_serving(&vmr, &ctx).await?;
+        let extended = crate::extended::reconcile(&vmr, &ctx).await?;
+        return Ok(match serving.into_iter().chain(extended).min() {
+            Some(again) => Action::requeue(again),
+            None => Action::await_change(),
+        });
     }
     if let Some(held) = planned_failover(&vmr, &ctx).await? {
         return Ok(held);

@@ -581,7 +581,7 @@ async fn planned_failover_there_and_back_loses_nothing() {
     write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
     // Site B (its own apiserver), as in the examples.
     let c_name = "replica.site-c.example.com";
-    let b = replica_site(root, "rev-b", &ca, b_name, "*.site-a.example.com", &[a_name, c_name]).await;
+    let mut b = replica_site(root, "rev-b", &ca, b_name, "*.site-a.example.com", &[a_name, c_name]).await;
     // Site C: B's extended replica, orphaned when the failover reverses.
     let c = replica_site(root, "rev-c", &ca, c_name, b_name, &[]).await;
     let (b_repl, a_repl) = (b.repl_port, free_port());
@@ -644,7 +644,8 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let b_disk = |name: &str| replica.spec.disks.iter().find(|d| d.name == name).unwrap().path.clone();
     let (b_root, b_data) = (b_disk("root"), b_disk("data"));
     let a_export = |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", socket.display());
-    let b_export = |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", b.socket.display());
+    let b_socket = b.socket.clone();
+    let b_export = |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", b_socket.display());
     qemu_io(&a_export("root"), "write -P 0x11 1M 64k").unwrap();
     let tester = PatchParams::apply("dr-operator").force();
     let at_b = |failover: serde_json::Value| {
@@ -730,6 +731,19 @@ async fn planned_failover_there_and_back_loses_nothing() {
     assert!(orphaned.message.unwrap().contains("orphaned"));
     qemu_io(&c_root, "read -P 0x11 1M 64k").expect("C keeps A's write");
     assert!(qemu_io(&c_root, "read -P 0x22 2M 64k").is_err(), "B's write does not reach C");
+
+    // B's agent is killed and comes back: the controller has it serve the
+    // VM's disks again, with their log, and replicate to A again.
+    qemu_io(&b_export("data"), "write -P 0x25 6M 64k").unwrap();
+    b.restart_agent();
+    wait_secs(60, "B to serve the VM again", async || qemu_io(&b_export("data"), "read -P 0x25 6M 64k").ok())
+        .await;
+    qemu_io(&b_export("root"), "write -P 0x26 7M 64k").unwrap();
+    wait_secs(60, "B's writes from before and after the restart at A", async || {
+        qemu_io(data_img.to_str().unwrap(), "read -P 0x25 6M 64k").ok()?;
+        qemu_io(root_img.to_str().unwrap(), "read -P 0x26 7M 64k").ok()
+    })
+    .await;
     let a_view = wait_secs(30, "A to show the reverse replication", async || {
         state_is(&a_vmrs, app, ReplicationState::Replicating)
             .await
@@ -808,7 +822,20 @@ struct ReplicaSite {
     socket: std::path::PathBuf,
     /// The node name its agent's Lease carries.
     node: String,
-    _agent: Process,
+    agent: Process,
+    /// How its agent was started, to start it again.
+    agent_args: (Vec<std::ffi::OsString>, std::path::PathBuf),
+}
+
+impl ReplicaSite {
+    /// Kills the agent (SIGKILL) and starts it again as it was.
+    fn restart_agent(&mut self) {
+        self.agent.kill();
+        let (args, log) = &self.agent_args;
+        let mut cmd = Command::new(bin("vmreplica-agent"));
+        cmd.args(args);
+        self.agent = Process::spawn_ready(cmd, &log.with_extension("restarted.log"));
+    }
 }
 
 async fn replica_site(
@@ -843,7 +870,8 @@ async fn replica_site(
     for r in resolve {
         cmd.args(["--resolve", &format!("{r}=127.0.0.1")]);
     }
-    let agent = Process::spawn_ready(cmd, &root.join(format!("{tag}-agent.log")));
+    let agent_args = (cmd.get_args().map(|a| a.to_owned()).collect(), root.join(format!("{tag}-agent.log")));
+    let agent = Process::spawn_ready(cmd, &agent_args.1);
     let storage = root.join(format!("{tag}-replicas"));
     std::fs::create_dir_all(&storage).unwrap();
     let mut rs = example("replicationserver.yaml");
@@ -858,7 +886,7 @@ async fn replica_site(
     tokio::spawn(vmr::run(ctx.clone(), std::future::pending()));
     tokio::spawn(replicas::run(ctx, std::future::pending()));
     let vmrs = Api::namespaced(client.clone(), dr);
-    ReplicaSite { _plane: plane, vmrs, repl_port, socket, node, _agent: agent }
+    ReplicaSite { _plane: plane, vmrs, repl_port, socket, node, agent, agent_args }
 }
 
 /// Extended replication A→B→C across three apiservers: B forwards what it

@@ -317,7 +317,12 @@ impl ReplicaDisk {
     /// Makes this replica the VM's disk: everything received is applied, the
     /// epoch moves on (segments of the old primary's epoch are refused from
     /// now on), and nothing more is received. Returns the image path.
+    /// Promoting again (a retry, or serving it again after a restart)
+    /// changes nothing.
     pub fn promote(&self) -> Result<PathBuf> {
+        if self.state().promoted {
+            return Ok(self.image_path());
+        }
         self.apply_pending()?;
         self.update(|s| {
             s.promoted = true;
