@@ -553,6 +553,22 @@ async fn a_replica_forwards_what_it_applied_to_an_extended_replica() {
     );
     assert_eq!(b_to_c.stats().segments_sent, 3);
 
+    // A starts over with B (replication removed and enabled again: a new
+    // initial copy). What B kept for C belongs to the old history; C gets a
+    // new copy of B's image, then the new history's segments.
+    at_b.mark_removed().unwrap();
+    let ahead = write_round(5).await;
+    assert!(at_b.forward_sealed().unwrap().is_empty(), "the old history's segments are gone");
+    let copies = at_c.state().stats.segments;
+    assert_eq!(b_to_c.sync_once().await.unwrap(), at_b.state().applied_through);
+    assert!(b_to_c.stats().initial_copy_bytes > MIB, "a second copy went to C");
+    let last = write_round(6).await;
+    applied(&b, last).await;
+    assert_eq!(b_to_c.sync_once().await.unwrap(), last);
+    let at_c = wait_for(&c, "vm1", last).await;
+    assert!(identical(path_str(&at_c.image()), path_str(&p.image)), "C follows B's new history");
+    assert!(ahead < last && at_c.state().stats.segments > copies);
+
     // Stopping extended replication drops what B kept and keeps nothing more.
     at_b.set_forward(false).unwrap();
     let after = write_round(9).await;

@@ -154,6 +154,13 @@ pub struct ReplicaState {
     /// The primary's replication interval, as it last said (0: not said).
     #[serde(default)]
     pub primary_interval_seconds: u32,
+    /// Initial copies received so far (each starts a new history).
+    #[serde(default)]
+    pub copies: u64,
+    /// Extended replication: which of those the extended replica holds a
+    /// copy of; another one arriving means it needs a new copy too.
+    #[serde(default)]
+    pub forwarded_copy: u64,
 }
 
 /// Counters of applied segments (kept in `replica.json`).
@@ -458,12 +465,17 @@ impl ReplicaDisk {
         let image = self.image_path();
         fs::rename(&copy.path, &image).map_err(io_at(&copy.path))?;
         sync_dir(&self.dir)?;
-        for (_, p) in
-            seq_files(&self.dir.join("log"), ".seg")?.into_iter().chain(undo_files(&self.dir.join("undo"))?)
+        // Segments of the history this copy replaces go, those kept for an
+        // extended replica too: it gets a new copy instead.
+        for (_, p) in seq_files(&self.dir.join("log"), ".seg")?
+            .into_iter()
+            .chain(undo_files(&self.dir.join("undo"))?)
+            .chain(self.forward_sealed()?.into_iter().map(|seg| (seg.first_seq, seg.path)))
         {
             fs::remove_file(&p).map_err(io_at(&p))?;
         }
         self.update(|s| {
+            s.copies += 1;
             s.has_copy = true;
             s.epoch = s.epoch.max(epoch);
             s.received_through = next_seq - 1;
@@ -683,6 +695,11 @@ impl ReplicaDisk {
             self.forward_acknowledge(u64::MAX)?;
         }
         Ok(self.state().applied_through)
+    }
+
+    /// Records that the extended replica now holds initial copy `copy`.
+    pub fn set_forwarded_copy(&self, copy: u64) -> Result<()> {
+        self.update(|s| s.forwarded_copy = copy)
     }
 
     /// Segments kept for the extended replica, oldest first.

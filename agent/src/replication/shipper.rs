@@ -207,6 +207,35 @@ impl Source {
         }
     }
 
+    /// Which initial copy of its own the source holds (a replica receives a
+    /// new one after a break; 0 for a protected disk).
+    fn copy_generation(&self) -> u64 {
+        match self {
+            Self::Protected(_) => 0,
+            Self::Forward(r) => r.state().copies,
+        }
+    }
+
+    /// Whether the replica shipped to must get a new copy although it has
+    /// one: the forwarding source received a new copy since it sent one.
+    fn needs_copy(&self) -> bool {
+        match self {
+            Self::Protected(_) => false,
+            Self::Forward(r) => {
+                let s = r.state();
+                s.copies != s.forwarded_copy
+            }
+        }
+    }
+
+    /// Records that the replica shipped to holds copy `generation`.
+    fn copied(&self, generation: u64) -> Result<(), ShipError> {
+        match self {
+            Self::Protected(_) => Ok(()),
+            Self::Forward(r) => Ok(r.set_forwarded_copy(generation)?),
+        }
+    }
+
     /// The first sequence not yet in the image: where a copy that ends now
     /// is consistent from.
     fn next_seq(&self) -> u64 {
@@ -427,7 +456,7 @@ impl Shipper {
         };
         let reply = client.open(open).await?.into_inner();
         let mut next = reply.next_seq;
-        if reply.needs_initial_copy {
+        if reply.needs_initial_copy || self.source.needs_copy() {
             next = self.initial_copy().await?;
         } else {
             // Before anything is dropped as "already there": the replica's
@@ -564,6 +593,9 @@ impl Shipper {
         // Everything logged before the cut is in the image, so the copy covers
         // it; replication resumes at the cut. (Reading next_seq after sealing
         // instead would race with writes landing in the new segment.)
+        // Read before the cut: a new copy arriving at a forwarding source
+        // during this one leaves the generation behind, so it is sent again.
+        let generation = self.source.copy_generation();
         let next_seq = self.source.cut()?;
         let start = CopyStart {
             disk: Some(self.disk_ref()),
@@ -655,6 +687,7 @@ impl Shipper {
         let wire = produced
             .map_err(|e| ShipError::Read { what: "image reader".into(), source: io::Error::other(e) })??;
         let ack = call?.into_inner();
+        self.source.copied(generation)?;
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         s.initial_copy_bytes += ack.bytes_received;
         s.wire_bytes_sent += wire;
