@@ -243,6 +243,13 @@ impl ProtectedDisk {
         Ok(self.journal().acknowledge(through)?)
     }
 
+    /// The epoch its log's segments carry: that of the promotion that made
+    /// this node the VM's primary (0: never failed over). Kept in the log's
+    /// state file, so a restarted agent ships under the right one.
+    pub fn epoch(&self) -> u64 {
+        self.journal().state().epoch
+    }
+
     pub fn log_status(&self) -> LogStatus {
         let j = self.journal();
         LogStatus {

@@ -483,7 +483,10 @@ impl Node {
             Ok(d) => d,
             Err(why) => return refuse(why),
         };
-        let shippers = match self.shippers(&spec, &disks, &addr, &server_name, (0, &BTreeMap::new())) {
+        // A disk this node took over in a failover and serves again after a
+        // restart: its log says under which epoch it ships.
+        let epoch = disks.iter().map(|d| d.epoch()).max().unwrap_or(0);
+        let shippers = match self.shippers(&spec, &disks, &addr, &server_name, (epoch, &BTreeMap::new())) {
             Ok(s) => s,
             Err(why) => return refuse(why),
         };
@@ -493,7 +496,7 @@ impl Node {
         let exports = self.export_uris(&spec);
         let mut m = Managed {
             prepared: false,
-            epoch: 0,
+            epoch,
             log_starts: BTreeMap::new(),
             spec,
             disks,

@@ -595,7 +595,7 @@ async fn planned_failover_there_and_back_loses_nothing() {
     std::fs::create_dir_all(&a_storage).unwrap();
     let label = format!("vmreplica.io/reverse-test-{}", &a_ns[a_ns.len().saturating_sub(8)..]);
     let socket = root.join("a-nbd.sock");
-    let _a_agent = site_a_agent(root, &a_ns, &label, b_name, Some(a_repl));
+    let mut a_agent = site_a_agent(root, &a_ns, &label, b_name, Some(a_repl));
     let a_rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
         "metadata": {"name": a_ns}, "spec": {"nodeSelector": {label.clone(): "true"}, "port": a_repl,
         "tlsSecretName": "vmreplica-agent-tls", "allowAnyServer": false}});
@@ -788,6 +788,17 @@ async fn planned_failover_there_and_back_loses_nothing() {
     .await;
     assert!(back.status.unwrap().epoch >= 2, "the failback is a newer promotion");
     assert!(qemu_io(&b_export("root"), "read 0 512").is_err(), "B no longer serves the VM");
+
+    // A's agent is killed and comes back: A serves the VM again and ships
+    // under the epoch of its failback (B would refuse an older one).
+    a_agent.kill();
+    a_agent = site_a_agent(root, &a_ns, &label, b_name, Some(a_repl));
+    wait_secs(60, "A to serve the VM again", async || qemu_io(&a_export("root"), "read -P 0x33 5M 64k").ok())
+        .await;
+    qemu_io(&a_export("root"), "write -P 0x34 6M 64k").unwrap();
+    wait_secs(60, "A's write after its restart at B", async || qemu_io(&b_root, "read -P 0x34 6M 64k").ok())
+        .await;
+    drop(a_agent);
 }
 
 /// Site A's agent on the shared apiserver (TLS in `a-tls`, disks under
