@@ -112,37 +112,6 @@ impl Extended {
     }
 }
 
-/// Forwards every `interval` (the first time at once); after a failure, on
-/// the back-off schedule instead.
-async fn forward_loop(
-    shippers: Vec<Arc<Shipper>>,
-    interval: Duration,
-    backoff: Vec<Duration>,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let mut failures = 0;
-    loop {
-        let mut failed = false;
-        for s in &shippers {
-            if let Err(e) = s.sync_once().await {
-                tracing::warn!(vm = s.vm_id(), disk = s.disk_id(), error = %e, "extended replication");
-                failed = true;
-            }
-        }
-        let wait = if failed {
-            failures += 1;
-            backoff.get(failures - 1).or(backoff.last()).copied().unwrap_or(interval)
-        } else {
-            failures = 0;
-            interval
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stopped.changed() => return,
-        }
-    }
-}
-
 fn export_name(vm: &str, disk: &str) -> String {
     format!("{vm}/{disk}")
 }
@@ -785,7 +754,12 @@ impl Node {
         }
         let (stop, stopped) = watch::channel(false);
         let interval = Duration::from_secs(u64::from(r.interval_seconds));
-        let task = tokio::spawn(forward_loop(shippers.clone(), interval, self.cfg.backoff.clone(), stopped));
+        // The same cycle as a primary's: with no disks of its own to cut, it
+        // only ships (at once, then every interval, on the back-off after a failure).
+        let cycle = VmReplication::new(shippers.clone(), interval, self.cfg.backoff.clone(), None);
+        let task = tokio::spawn(async move {
+            cycle.run(stopped).await;
+        });
         tracing::info!(vm = %r.vm_id, to = %r.replica_address, every = ?interval, "extended replication");
         extended.insert(
             r.vm_id.clone(),
