@@ -220,11 +220,14 @@ impl Control for Arc<ControlService> {
         Ok(Response::new(match site_config(&c) {
             Ok((site, policy)) => {
                 tracing::info!(rules = site.entries.len(), allow_any = site.allow_any_server, revision = %c.revision, "site configured");
-                svc.set_site(site);
+                let moved = svc.set_site(site);
                 svc.set_retention(policy);
-                // Replicas under the (new) storage locations are opened, so
-                // that they are reported and can be promoted before any
-                // primary opens them (after a restart of this agent).
+                // Replicas under new storage locations (all of them, the first
+                // time after a restart) are opened, so that they are reported
+                // and can be promoted before any primary opens them.
+                if !moved {
+                    return Ok(Response::new(reply(true, String::new())));
+                }
                 let s = svc.clone();
                 match tokio::task::spawn_blocking(move || s.recover_all()).await {
                     Ok(Ok(_)) => reply(true, String::new()),

@@ -265,10 +265,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         if let Some(n) = &node {
             service.set_node(n.clone());
         }
-        let s = service.clone();
-        let recovered =
-            tokio::task::spawn_blocking(move || s.recover_all()).await.map_err(|e| e.to_string())?;
-        tracing::info!(replicas = recovered.map_err(|e| e.to_string())?, "replicas recovered");
+        // With no rules there is no storage location yet: the replicas are
+        // opened (and recovered) when the controller's first ConfigureSite
+        // names them.
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

@@ -226,9 +226,13 @@ impl ReplicaService {
         Ok(())
     }
 
-    /// Replaces the site's rules (the controller pushes these).
-    pub fn set_site(&self, site: SiteConfig) {
-        *self.site.write().unwrap_or_else(|p| p.into_inner()) = site;
+    /// Replaces the site's rules (the controller pushes these); whether its
+    /// storage locations changed (replicas there may not be open yet).
+    pub fn set_site(&self, site: SiteConfig) -> bool {
+        let mut current = self.site.write().unwrap_or_else(|p| p.into_inner());
+        let moved = storage_roots(&current) != storage_roots(&site);
+        *current = site;
+        moved
     }
 
     fn site(&self) -> SiteConfig {
@@ -673,18 +677,22 @@ pub async fn serve(
         .await
 }
 
+/// Every storage location of `site`'s rules, sorted, once each.
+fn storage_roots(site: &SiteConfig) -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = site.entries.iter().map(|e| e.storage.clone()).collect();
+    roots.extend(site.default_storage.clone());
+    roots.sort();
+    roots.dedup();
+    roots
+}
+
 impl ReplicaService {
     /// Opens every replica under the site's storage locations (recovering any
     /// crash) and applies what they received but had not applied; returns how
     /// many replicas were found.
     pub fn recover_all(&self) -> Result<usize, ReplicaError> {
-        let site = self.site();
-        let mut roots: Vec<PathBuf> = site.entries.iter().map(|e| e.storage.clone()).collect();
-        roots.extend(site.default_storage.clone());
-        roots.sort();
-        roots.dedup();
         let mut found = 0;
-        for root in roots {
+        for root in storage_roots(&self.site()) {
             let Ok(vms) = fs::read_dir(&root) else { continue };
             for vm in vms.flatten() {
                 let Ok(disks) = fs::read_dir(vm.path()) else { continue };
