@@ -21,7 +21,7 @@ use kube::{
     Api, ResourceExt,
     runtime::events::{Event, EventType},
 };
-use vmreplica_agent::control::proto::{ExtendRequest, GetStatusRequest, PrimaryDisk};
+use vmreplica_agent::control::proto::{ExtendRequest, PrimaryDisk};
 use vmreplica_crds::{
     ExtendedReplicationStatus, FailoverPhase, FailoverType, ReplicationState, Role, VMReplication,
 };
@@ -172,10 +172,11 @@ pub async fn reconcile(vmr: &VMReplication, ctx: &Context) -> Result<Option<Dura
         write(vmr, ctx, Some(refused(why))).await?;
         return Ok(None);
     }
-    let Some((agent, disks)) = crate::failover::locate(vmr, ctx).await? else {
+    let Some((agent, reported)) = crate::failover::located(vmr, ctx).await? else {
         write(vmr, ctx, Some(refused("no live replica agent holds this VM".into()))).await?;
         return Ok(Some(RETRY));
     };
+    let disks = &reported.replicas;
     let primary_interval = disks.iter().map(|d| d.primary_interval_seconds).max().unwrap_or(0);
     if let Some(why) = invalid(vmr, primary_interval) {
         write(vmr, ctx, Some(refused(why))).await?;
@@ -200,11 +201,9 @@ pub async fn reconcile(vmr: &VMReplication, ctx: &Context) -> Result<Option<Dura
         write(vmr, ctx, Some(refused(reply.message))).await?;
         return Ok(Some(RETRY));
     }
-    let status =
-        control(&agent, ctx, async |mut c| c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner()))
-            .await
-            .map_err(Error::Agent)?;
-    let shippers: Vec<&PrimaryDisk> = status.extended.iter().filter(|d| d.vm_id == req.vm_id).collect();
+    // As the agent reported it when it was located (a request it just took
+    // for the first time shows as waiting for the initial copy until the next look).
+    let shippers: Vec<&PrimaryDisk> = reported.extended.iter().filter(|d| d.vm_id == req.vm_id).collect();
     write(vmr, ctx, Some(status_of(&to, &shippers))).await?;
     let settled = !shippers.is_empty() && shippers.iter().all(|d| d.successful_cycles > 0);
     Ok(Some(if settled { ctx.poll } else { ctx.poll.min(Duration::from_secs(5)) }))

@@ -19,7 +19,7 @@ use kube::{
     runtime::events::{Event, EventType},
 };
 use vmreplica_agent::control::proto::{
-    DeleteMaterializedRequest, GetStatusRequest, MaterializeRequest, ReplicaDisk,
+    AgentStatus, DeleteMaterializedRequest, GetStatusRequest, MaterializeRequest, ReplicaDisk,
 };
 use vmreplica_crds::{FailoverPhase, FailoverStatus, FailoverType, VMReplication};
 
@@ -88,6 +88,15 @@ pub(crate) async fn locate(
     vmr: &VMReplication,
     ctx: &Context,
 ) -> Result<Option<(Agent, Vec<ReplicaDisk>)>, Error> {
+    Ok(located(vmr, ctx).await?.map(|(agent, status)| (agent, status.replicas)))
+}
+
+/// [`locate`], with the rest of what that agent reported in the same call
+/// (its `replicas` are only this VM's disks).
+pub(crate) async fn located(
+    vmr: &VMReplication,
+    ctx: &Context,
+) -> Result<Option<(Agent, AgentStatus)>, Error> {
     let agents = ctx.agents().await?;
     let name = vmr.name_any();
     // A Primary object's VM comes back here only as a reverse replica.
@@ -100,23 +109,19 @@ pub(crate) async fn locate(
         if vmr.spec.node.as_ref().is_some_and(|n| *n != agent.node) {
             continue;
         }
-        let Ok(status) = control(agent, ctx, async |mut c| {
+        let Ok(mut status) = control(agent, ctx, async |mut c| {
             c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner())
         })
         .await
         else {
             continue;
         };
-        let disks: Vec<ReplicaDisk> = status
-            .replicas
-            .into_iter()
-            .filter(|d| match &vm_id {
-                Some(id) => d.vm_id == *id,
-                None => replica_name(&d.vm_id) == name,
-            })
-            .collect();
-        if !disks.is_empty() {
-            return Ok(Some((agent.clone(), disks)));
+        status.replicas.retain(|d| match &vm_id {
+            Some(id) => d.vm_id == *id,
+            None => replica_name(&d.vm_id) == name,
+        });
+        if !status.replicas.is_empty() {
+            return Ok(Some((agent.clone(), status)));
         }
     }
     Ok(None)
@@ -690,14 +695,15 @@ pub async fn keep_serving(vmr: &VMReplication, ctx: &Context) -> Result<Option<s
     if !(planned || unplanned) || vmr.spec.role == vmreplica_crds::Role::Primary {
         return Ok(None);
     }
-    let Some((agent, disks)) = locate(vmr, ctx).await? else {
+    let Some((agent, status)) = located(vmr, ctx).await? else {
         // The agent is not back (or not configured) yet.
         return Ok(Some(ctx.poll));
     };
-    let (vm_id, uid) = (disks[0].vm_id.clone(), vmr.uid().unwrap_or_default());
-    if agent_serves(&agent, ctx, &vm_id, &uid).await? {
+    let (vm_id, uid) = (status.replicas[0].vm_id.clone(), vmr.uid().unwrap_or_default());
+    if serves(&status, &vm_id, &uid) {
         return Ok(Some(ctx.poll));
     }
+    let disks = status.replicas;
     let copy = if unplanned { failover_copy_name(vmr) } else { String::new() };
     let reply = promote(&agent, ctx, &vm_id, &uid, copy, false).await.map_err(Error::Agent)?;
     if let Some(to) = l.reversed_to.as_deref() {
@@ -742,13 +748,10 @@ async fn split_brain_guard(
     Ok(Some(std::time::Duration::from_secs(5)))
 }
 
-/// Whether `agent` serves VM `vm_id` for object `uid` (it was promoted).
-async fn agent_serves(agent: &Agent, ctx: &Context, vm_id: &str, uid: &str) -> Result<bool, Error> {
-    let status =
-        control(agent, ctx, async |mut c| c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner()))
-            .await
-            .map_err(Error::Agent)?;
-    Ok(status.vms.iter().any(|v| v.vm_id == vm_id && v.uid == uid))
+/// Whether the agent that reported `status` serves VM `vm_id` for object
+/// `uid` (it was promoted there).
+fn serves(status: &AgentStatus, vm_id: &str, uid: &str) -> bool {
+    status.vms.iter().any(|v| v.vm_id == vm_id && v.uid == uid)
 }
 
 /// The name of the copy an unplanned failover runs the VM on.
@@ -802,9 +805,10 @@ pub async fn unplanned_replica(
     if same.is_some_and(|l| matches!(l.phase, FailoverPhase::Completed | FailoverPhase::Failed)) {
         return Ok(None);
     }
-    let Some((agent, disks)) = locate(vmr, ctx).await? else {
+    let Some((agent, reported)) = located(vmr, ctx).await? else {
         return Err(Error::Agent("no live replica agent holds this VM".into()));
     };
+    let disks = &reported.replicas;
     let vm_id = disks[0].vm_id.clone();
     if let Some(l) = same.filter(|l| l.phase == FailoverPhase::WaitingCompletion) {
         if !f.complete {
@@ -835,13 +839,13 @@ pub async fn unplanned_replica(
     let chosen =
         same.filter(|l| l.phase == FailoverPhase::PreparingDisks).and_then(|l| l.recovery_point.clone());
     let point = match chosen {
-        Some(point) if agent_serves(&agent, ctx, &vm_id, &uid).await? => {
+        Some(point) if serves(&reported, &vm_id, &uid) => {
             status.phase = FailoverPhase::PreparingDisks;
             status.recovery_point = Some(point.clone());
             point
         }
         _ => {
-            if let Some(wait) = split_brain_guard(vmr, ctx, f, same, &mut status, &disks, now_ms).await? {
+            if let Some(wait) = split_brain_guard(vmr, ctx, f, same, &mut status, disks, now_ms).await? {
                 return Ok(Some(wait));
             }
             let (point, per_disk) = match choose_points(&refs, &f.recovery_point) {
@@ -868,7 +872,7 @@ pub async fn unplanned_replica(
                 )
                 .await;
             }
-            materialize_all(&agent, ctx, &disks, &per_disk, &failover_copy_name(vmr))
+            materialize_all(&agent, ctx, disks, &per_disk, &failover_copy_name(vmr))
                 .await
                 .map_err(Error::Agent)?;
             point
