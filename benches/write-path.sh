@@ -6,7 +6,7 @@
 # latency ratios (agent / qemu-nbd) as a Markdown table.
 #   benches/write-path.sh [RUNTIME_SECONDS] [REPEATS]
 # Environment: FIO_SIZE (region fio touches, default 1G), WORKLOADS (default:
-# the four of the issue, as "rw bs iodepth" separated by commas).
+# the four of the issue, as "rw bs iodepth" separated by commas), AGENT_BIN.
 # Each workload gets a fresh 64 GiB sparse image, so the agent's log never
 # reaches the resync threshold (half the disk).
 set -euo pipefail
@@ -16,8 +16,12 @@ repeats="${2:-2}"
 fio_size="${FIO_SIZE:-1G}"
 workloads="${WORKLOADS:-randwrite 4k 1,randwrite 4k 16,write 1m 8,randread 4k 16}"
 command -v fio >/dev/null || { echo "needs fio (hack/test-deps.sh installs it)" >&2; exit 1; }
-cargo build -q --release -p vmreplica-agent
-agent_bin="${CARGO_TARGET_DIR:-target}/release/vmreplica-agent"
+# AGENT_BIN: another agent build to measure (e.g. an older commit's, to show
+# a change did not slow the write path); default: this checkout's release build.
+if [ -z "${AGENT_BIN:-}" ]; then
+  cargo build -q --release -p vmreplica-agent
+fi
+agent_bin="${AGENT_BIN:-${CARGO_TARGET_DIR:-target}/release/vmreplica-agent}"
 work=$(mktemp -d -p "${BENCH_DIR:-/var/tmp}" vmreplica-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -128,8 +128,8 @@ fn bench_apply(dir: &Path) {
     let rdir = dir.join("replica");
     fs::create_dir_all(&rdir).unwrap();
     let replica = ReplicaDisk::open(&rdir, || replica_state(size)).unwrap();
-    let copy = replica.begin_copy(size, 0).unwrap();
-    replica.finish_copy(copy, 1, 1, 0).unwrap();
+    let copy = replica.begin_copy(size, 0, 1).unwrap();
+    replica.finish_copy(copy, 1).unwrap();
     let mut times = Vec::new();
     for seg in &rounds {
         let bytes = fs::read(&seg.path).unwrap();

@@ -37,7 +37,9 @@ pub fn site_config(c: &SiteConfiguration) -> Result<(SiteConfig, crate::replica:
     let mut entries = Vec::new();
     for r in &c.rules {
         let pattern = r.allowed_primary_server.to_ascii_lowercase();
-        let label_ok = |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let label_ok = |l: &str| {
+            !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
         let body = pattern.strip_prefix("*.").unwrap_or(&pattern);
         if !body.split('.').all(label_ok) {
             return Err(format!(
@@ -64,6 +66,12 @@ pub fn site_config(c: &SiteConfiguration) -> Result<(SiteConfig, crate::replica:
     };
     let default_trust_group =
         if c.default_trust_group.is_empty() { "default".to_owned() } else { c.default_trust_group.clone() };
+    if c.window_seconds > 86_400 {
+        return Err(format!(
+            "a continuous recovery window of {}s is more than the 86400s (one day) allowed",
+            c.window_seconds
+        ));
+    }
     let policy = crate::replica::retention::Policy {
         window_ms: if c.window_seconds == 0 { 3_600_000 } else { c.window_seconds * 1000 },
         hourly: c.hourly_points.min(168),
@@ -195,6 +203,7 @@ fn shipped(s: &Shipper) -> PrimaryDisk {
         durable_through: st.durable_through,
         initial_copy_bytes: st.initial_copy_bytes,
         disk_size: s.disk_size(),
+        epoch: s.epoch(),
     }
 }
 
@@ -308,8 +317,7 @@ impl Control for Arc<ControlService> {
                 "promotion needs an agent in both roles (serve --listen): this one cannot serve the disks",
             ));
         };
-        let refuse =
-            |message: String| EnableReply { accepted: false, message, generation: 0, exports: Vec::new() };
+        let refuse = |message: String| EnableReply { accepted: false, message, ..Default::default() };
         let mut disks: Vec<_> = svc.replicas().into_iter().filter(|d| d.state().vm_id == r.vm_id).collect();
         if disks.is_empty() {
             return Ok(Response::new(refuse(format!("no replica of {} on this agent", r.vm_id))));
@@ -406,16 +414,45 @@ impl Control for Arc<ControlService> {
     }
 }
 
-/// Serves the control API with mutual TLS on `listener` until `shutdown` completes.
+/// The certificate name the controller presents when none is configured
+/// (`vmreplica-agent --controller-name`).
+pub const DEFAULT_CONTROLLER_NAME: &str = "vmreplica-controller";
+
+/// Admits a control call only from a certificate naming one of
+/// `controllers`: sites often share a CA (each must trust the other's
+/// certificates), and a peer site's agent must not promote, remove or
+/// reconfigure anything here.
+pub fn authorize_controller(names: &[String], controllers: &[String]) -> Result<(), Status> {
+    if names.iter().any(|n| controllers.iter().any(|c| c.eq_ignore_ascii_case(n))) {
+        return Ok(());
+    }
+    let presented = if names.is_empty() { "no DNS name".to_owned() } else { names.join(", ") };
+    Err(Status::permission_denied(format!(
+        "the control API admits only the controller ({}), and this client certificate names {presented}: \
+         an agent of another site may not call it (set --controller-name to the controller's certificate name)",
+        controllers.join(", ")
+    )))
+}
+
+/// Serves the control API with mutual TLS on `listener` until `shutdown`
+/// completes, to clients whose certificate names one of `controllers`.
 pub async fn serve(
     service: Arc<ControlService>,
     listener: tokio::net::TcpListener,
     tls: &crate::replication::tls::TlsMaterial,
+    controllers: Vec<String>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let check = move |req: Request<()>| {
+        let names = req
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| crate::replication::tls::dns_names(c.as_ref())))
+            .unwrap_or_default();
+        authorize_controller(&names, &controllers).map(|()| req)
+    };
     tonic::transport::Server::builder()
         .tls_config(tls.server())?
-        .add_service(proto::control_server::ControlServer::new(service))
+        .add_service(proto::control_server::ControlServer::with_interceptor(service, check))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
         .await
 }

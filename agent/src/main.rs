@@ -116,6 +116,10 @@ struct Serve {
     /// Also serve NBD over TCP on this loopback address.
     #[arg(long)]
     tcp: Option<SocketAddr>,
+    /// Most NBD connections one export serves at once (a VM's QEMU opens
+    /// one, or a few with multi-conn); more are refused.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    nbd_max_connections: u16,
     /// Seconds between replication cycles (sealing, and shipping when replicating).
     #[arg(long = "interval", alias = "seal-interval")]
     interval: Option<u64>,
@@ -161,6 +165,10 @@ struct Serve {
     control_listen: Option<SocketAddr>,
     #[command(flatten)]
     announce: AnnounceArgs,
+    /// The controller's certificate name (a DNS name in its SAN), repeatable:
+    /// only it may call the control API, and it may not call the replication API.
+    #[arg(long = "controller-name", default_value = vmreplica_agent::control::DEFAULT_CONTROLLER_NAME)]
+    controller_names: Vec<String>,
 }
 
 #[derive(ClapArgs)]
@@ -186,8 +194,8 @@ struct Receive {
     /// Most transfers at once.
     #[arg(long, default_value_t = 6)]
     max_transfers: usize,
-    /// Every replication cycle within this many seconds is a recovery point.
-    #[arg(long, default_value_t = 3600)]
+    /// Every replication cycle within this many seconds is a recovery point (at most a day).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     window_seconds: u64,
     /// Beyond the window, keep one point per hour for this many hours (0-168).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=168))]
@@ -200,6 +208,10 @@ struct Receive {
     control_listen: Option<SocketAddr>,
     #[command(flatten)]
     announce: AnnounceArgs,
+    /// The controller's certificate name (a DNS name in its SAN), repeatable:
+    /// only it may call the control API, and it may not call the replication API.
+    #[arg(long = "controller-name", default_value = vmreplica_agent::control::DEFAULT_CONTROLLER_NAME)]
+    controller_names: Vec<String>,
 }
 
 fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
@@ -323,10 +335,15 @@ fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
         bandwidth: s.bandwidth_limit,
         max_transfers: s.max_transfers,
         allow_quiesce_commands: s.allow_quiesce_commands,
+        controllers: s.controller_names,
         receive: s.listen,
         receive_retention: Policy::default(),
         socket: s.socket,
         tcp: s.tcp,
+        nbd_limits: vmreplica_agent::nbd::server::Limits {
+            max_connections_per_export: usize::from(s.nbd_max_connections),
+            ..Default::default()
+        },
         interval: s.interval.map(|x| Duration::from_secs(x.max(1))),
         replicate,
     })
@@ -355,6 +372,7 @@ fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
         metrics: r.metrics,
         control: r.control_listen,
         announce,
+        controllers: r.controller_names,
     })
 }
 

@@ -21,6 +21,8 @@ use std::{
     time::Duration,
 };
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use tokio::sync::{Mutex, Semaphore, watch};
 
 use crate::{
@@ -32,7 +34,7 @@ use crate::{
     replica::{ReplicaDisk, names},
     replication::{
         cycle::VmReplication,
-        shipper::{RateLimiter, Shipper, ShipperConfig, channel},
+        shipper::{Peer, RateLimiter, Shipper, ShipperConfig},
         tls::TlsMaterial,
     },
 };
@@ -70,6 +72,9 @@ struct Managed {
     disks: Vec<Arc<ProtectedDisk>>,
     shippers: Vec<Arc<Shipper>>,
     running: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    /// The newer epoch that fenced this VM (0: not fenced): a replica refused
+    /// this side's epoch, so its disks are read-only and it replicates no more.
+    fenced: Arc<AtomicU64>,
 }
 
 impl Managed {
@@ -281,7 +286,8 @@ impl Node {
         name: &str,
         (epoch, log_starts): (u64, &BTreeMap<String, u64>),
     ) -> Result<Vec<Arc<Shipper>>, String> {
-        let ch = channel(addr, name, &self.cfg.tls).map_err(|e| format!("replica server {addr}: {e}"))?;
+        let peer = Peer { addr: addr.to_owned(), server_name: name.to_owned(), tls: self.cfg.tls.clone() };
+        let ch = peer.channel().map_err(|e| format!("replica server {addr}: {e}"))?;
         let history = crate::replication::proto::RecoveryHistory {
             window_seconds: spec.history_window_seconds,
             hourly_points: spec.history_hourly_points,
@@ -306,6 +312,7 @@ impl Node {
                         self.cfg.transfers.clone(),
                     )
                     .with_metrics(self.metrics.clone())
+                    .with_peer(peer.clone())
                     .with_epoch(epoch)
                     .with_log_start(log_starts.get(d.name()).copied().unwrap_or(1)),
                 )
@@ -314,7 +321,7 @@ impl Node {
     }
 
     fn start(&self, m: &mut Managed) {
-        if m.spec.suspended || m.prepared || m.running.is_some() {
+        if m.spec.suspended || m.prepared || m.running.is_some() || m.fenced.load(Ordering::Acquire) != 0 {
             return;
         }
         let (stop, stopped) = watch::channel(false);
@@ -324,7 +331,8 @@ impl Node {
             self.cfg.backoff.clone(),
             // Checked before the spec was accepted.
             quiesce(&m.spec, self.cfg.allow_quiesce_commands).ok().flatten(),
-        );
+        )
+        .with_fence(m.fenced.clone());
         let at = m.spec.initial_replication_at_unix_ms;
         let task = tokio::spawn(async move {
             let mut stopped = stopped;
@@ -364,6 +372,7 @@ impl Node {
             message,
             generation: spec.generation,
             exports: Vec::new(),
+            epoch: 0,
         };
         let paths = match check_spec(&spec, &self.cfg.disk_roots) {
             Ok(p) => p,
@@ -396,6 +405,7 @@ impl Node {
                     message: String::new(),
                     generation: m.spec.generation,
                     exports: self.export_uris(&m.spec),
+                    epoch: m.epoch,
                 };
             }
             if !m.serves(&paths) {
@@ -437,6 +447,7 @@ impl Node {
                 message: String::new(),
                 generation: m.spec.generation,
                 exports: self.export_uris(&m.spec),
+                epoch: m.epoch,
             };
         }
         // A disk protected for another VM cannot be taken.
@@ -471,12 +482,13 @@ impl Node {
             disks,
             shippers,
             running: None,
+            fenced: Arc::default(),
         };
         self.start(&mut m);
         tracing::info!(vm = %m.spec.vm_id, generation = m.spec.generation, disks = m.disks.len(), suspended = m.spec.suspended, "replication enabled");
         let generation = m.spec.generation;
         vms.insert(m.spec.vm_id.clone(), m);
-        EnableReply { accepted: true, message: String::new(), generation, exports }
+        EnableReply { accepted: true, message: String::new(), generation, exports, epoch }
     }
 
     /// Stops replicating `vm_id` (only when `uid` matches) and forgets its logs.
@@ -569,15 +581,17 @@ impl Node {
                 .collect(),
             ..Default::default()
         };
-        if vms.contains_key(vm_id) {
+        if let Some(m) = vms.get(vm_id) {
             return EnableReply {
                 accepted: true,
                 message: String::new(),
                 generation: 0,
                 exports: self.export_uris(&spec),
+                epoch: m.epoch,
             };
         }
-        let refuse = |message| EnableReply { accepted: false, message, generation: 0, exports: Vec::new() };
+        let refuse =
+            |message| EnableReply { accepted: false, message, generation: 0, exports: Vec::new(), epoch: 0 };
         // A log left by an earlier time this image was served belongs to
         // another direction: this promotion's log continues the numbering
         // of what the image holds, where the other side's replicas expect it.
@@ -599,9 +613,18 @@ impl Node {
         tracing::info!(vm = vm_id, disks = disks.len(), "promoted replica served as the VM's disks");
         vms.insert(
             vm_id.to_owned(),
-            Managed { prepared: false, epoch, log_starts, spec, disks, shippers: Vec::new(), running: None },
+            Managed {
+                prepared: false,
+                epoch,
+                log_starts,
+                spec,
+                disks,
+                shippers: Vec::new(),
+                running: None,
+                fenced: Arc::default(),
+            },
         );
-        EnableReply { accepted: true, message: String::new(), generation: 0, exports }
+        EnableReply { accepted: true, message: String::new(), generation: 0, exports, epoch }
     }
 
     /// Serves `disks` as the exports `<vm>/<disk>`; on a clash, withdraws
@@ -666,6 +689,7 @@ impl Node {
             message,
             generation: r.generation,
             exports: Vec::new(),
+            epoch: 0,
         };
         let mut extended = self.extended.lock().await;
         if r.remove {
@@ -722,7 +746,8 @@ impl Node {
             Ok(e) => e,
             Err(why) => return reply(false, why),
         };
-        let ch = match channel(&addr, &server_name, &self.cfg.tls) {
+        let peer = Peer { addr: addr.clone(), server_name, tls: self.cfg.tls.clone() };
+        let ch = match peer.channel() {
             Ok(c) => c,
             Err(e) => return reply(false, format!("extended replica server {addr}: {e}")),
         };
@@ -746,7 +771,7 @@ impl Node {
                     self.cfg.limiter.clone(),
                     self.cfg.transfers.clone(),
                 );
-                Arc::new(s.with_metrics(self.metrics.clone()))
+                Arc::new(s.with_metrics(self.metrics.clone()).with_peer(peer.clone()))
             })
             .collect();
         if let Some(old) = extended.remove(&r.vm_id) {
@@ -809,6 +834,7 @@ impl Node {
                 generation: m.spec.generation,
                 suspended: m.spec.suspended,
                 prepared: m.prepared,
+                fenced_epoch: m.fenced.load(Ordering::Acquire),
             })
             .collect()
     }

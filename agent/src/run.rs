@@ -18,7 +18,7 @@ use crate::{
         authz::SiteConfig,
         cycle::VmReplication,
         service::{ReplicaService, serve as serve_replication},
-        shipper::{RateLimiter, Shipper, ShipperConfig, channel},
+        shipper::{Peer, RateLimiter, Shipper, ShipperConfig},
         tls::TlsMaterial,
     },
 };
@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub disks: Vec<(String, PathBuf)>,
     pub socket: Option<PathBuf>,
     pub tcp: Option<SocketAddr>,
+    /// What one NBD client may hold of the agent.
+    pub nbd_limits: crate::nbd::server::Limits,
     /// Seal (and ship, when replicating) this often.
     pub interval: Option<Duration>,
     /// Quiesce the guest for an application-consistent point this often.
@@ -59,6 +61,9 @@ pub struct ServeOptions {
     pub max_transfers: usize,
     /// VMReplications may name freeze/thaw commands to run on this node.
     pub allow_quiesce_commands: bool,
+    /// The controller's certificate names: the only callers of the control
+    /// API, and refused on the replication API.
+    pub controllers: Vec<String>,
     /// Also receive replication here (one agent per node serves both roles:
     /// what reverse replication needs). Its rules come from the controller.
     pub receive: Option<SocketAddr>,
@@ -119,12 +124,19 @@ async fn announce(
 }
 
 /// Starts the control API on `addr`; it stops with the process.
-async fn spawn_control(control: ControlService, addr: SocketAddr, tls: TlsMaterial) -> Result<(), String> {
+async fn spawn_control(
+    control: ControlService,
+    addr: SocketAddr,
+    tls: TlsMaterial,
+    controllers: Vec<String>,
+) -> Result<(), String> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "serving the control API");
     tokio::spawn(async move {
-        if let Err(e) = crate::control::serve(Arc::new(control), listener, &tls, terminated()).await {
+        if let Err(e) =
+            crate::control::serve(Arc::new(control), listener, &tls, controllers, terminated()).await
+        {
             tracing::error!(error = %e, "control API failed");
         }
     });
@@ -155,7 +167,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         tracing::info!(disk = name, image = %path.display(), size = disk.size(), ?recovery, "disk opened");
         disks.push(Arc::new(disk));
     }
-    let server = NbdServer::new(disks.iter().cloned());
+    let server = NbdServer::with_limits(disks.iter().cloned(), opts.nbd_limits);
     if let Some(path) = &opts.socket {
         // A socket file left by a previous run would make bind fail.
         let _ = std::fs::remove_file(path);
@@ -196,8 +208,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         (Some(r), interval) => {
             let interval = interval.unwrap_or(Duration::from_secs(300));
             let tls = opts.tls.as_ref().ok_or("--replicate-to needs --tls-dir")?;
-            let ch = channel(&r.addr, &r.server_name, tls)
-                .map_err(|e| format!("replica address {}: {e}", r.addr))?;
+            let peer = Peer { addr: r.addr.clone(), server_name: r.server_name.clone(), tls: tls.clone() };
+            let ch = peer.channel().map_err(|e| format!("replica address {}: {e}", r.addr))?;
             let shippers = disks
                 .iter()
                 .map(|d| {
@@ -210,6 +222,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                         transfers.clone(),
                     )
                     .with_metrics(metrics.clone())
+                    .with_peer(peer.clone())
                 })
                 .map(Arc::new)
                 .collect::<Vec<_>>();
@@ -262,6 +275,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         let service = ReplicaService::new(site, opts.max_transfers);
         service.set_retention(opts.receive_retention);
         service.set_metrics(metrics.clone());
+        service.set_controller_names(opts.controllers.clone());
         if let Some(n) = &node {
             service.set_node(n.clone());
         }
@@ -281,7 +295,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     }
     if let Some(addr) = opts.control {
         let tls = opts.tls.clone().ok_or("--control-listen needs --tls-dir")?;
-        spawn_control(control, addr, tls).await?;
+        spawn_control(control, addr, tls, opts.controllers.clone()).await?;
     }
     if let Some(a) = &opts.announce {
         let capability = if opts.receive.is_some() { "primary,replica" } else { "primary" };
@@ -320,6 +334,8 @@ pub struct ReceiveOptions {
     pub control: Option<SocketAddr>,
     /// Keep a Lease announcing this agent.
     pub announce: Option<Announce>,
+    /// The controller's certificate names (see [`ServeOptions::controllers`]).
+    pub controllers: Vec<String>,
 }
 
 /// Starts the metrics endpoint when asked; it stops with the process.
@@ -343,10 +359,11 @@ async fn metrics_endpoint(addr: Option<SocketAddr>) -> Result<Arc<Metrics>, Stri
 pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
     let service = ReplicaService::new(opts.site, opts.max_transfers);
     service.set_retention(opts.retention);
+    service.set_controller_names(opts.controllers.clone());
     service.set_metrics(metrics_endpoint(opts.metrics).await?);
     if let Some(addr) = opts.control {
         let control = ControlService { replicas: Some(service.clone()), ..Default::default() };
-        spawn_control(control, addr, opts.tls.clone()).await?;
+        spawn_control(control, addr, opts.tls.clone(), opts.controllers.clone()).await?;
     }
     // Finish what a previous run left: recover and apply received segments.
     let s = service.clone();

@@ -10,13 +10,13 @@ mod common;
 use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
-    os::unix::{fs::FileExt, net::UnixStream},
+    os::unix::fs::FileExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::*;
+use common::{nbd_raw::*, *};
 use vmreplica_agent::{
     disk::{ProtectedDisk, log_dir_for},
     log::{
@@ -269,50 +269,6 @@ fn an_unclean_restart_while_resync_is_required_marks_the_whole_disk_dirty() {
 }
 
 // --- hostile frames ---------------------------------------------------------
-
-fn request(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = 0x2560_9513u32.to_be_bytes().to_vec();
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
-}
-
-fn reply(s: &mut UnixStream) -> (u32, u64) {
-    let mut b = [0u8; 16];
-    s.read_exact(&mut b).unwrap();
-    assert_eq!(&b[..4], &0x6744_6698u32.to_be_bytes(), "simple reply magic");
-    (u32::from_be_bytes(b[4..8].try_into().unwrap()), u64::from_be_bytes(b[8..16].try_into().unwrap()))
-}
-
-fn option(s: &mut UnixStream, opt: u32, data: &[u8]) {
-    let mut b = 0x4948_4156_454f_5054u64.to_be_bytes().to_vec();
-    b.extend_from_slice(&opt.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    s.write_all(&b).unwrap();
-}
-
-fn option_reply(s: &mut UnixStream) -> (u32, Vec<u8>) {
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).unwrap();
-    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-    let mut data = vec![0u8; len as usize];
-    s.read_exact(&mut data).unwrap();
-    (u32::from_be_bytes(h[12..16].try_into().unwrap()), data)
-}
-
-fn connect(socket: &Path) -> UnixStream {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut hello = [0u8; 18];
-    s.read_exact(&mut hello).unwrap();
-    assert_eq!(&hello[..8], b"NBDMAGIC");
-    s.write_all(&3u32.to_be_bytes()).unwrap(); // fixed newstyle, no zeroes
-    s
-}
 
 #[test]
 fn hostile_negotiation_gets_errors_not_a_crash() {

@@ -74,9 +74,9 @@ fn new_replica(dir: &Path, base: &Path) -> ReplicaDisk {
     })
     .unwrap();
     assert_eq!(replica.next_seq(), None, "no copy yet");
-    let mut copy = replica.begin_copy(size, 0).unwrap();
+    let mut copy = replica.begin_copy(size, 0, 1).unwrap();
     copy.write_range(0, &fs::read(base).unwrap()).unwrap();
-    replica.finish_copy(copy, 1, 1, 0).unwrap();
+    replica.finish_copy(copy, 1).unwrap();
     assert_eq!(replica.next_seq(), Some(1));
     replica
 }
@@ -189,12 +189,12 @@ fn resends_gaps_stale_epochs_and_tampering_are_each_handled() {
     let dir2 = tempfile::tempdir().unwrap();
     let promoted = new_replica(dir2.path(), &p.served.base);
     let size = 64 * MIB;
-    let copy = promoted.begin_copy(size, 2).unwrap();
-    promoted.finish_copy(copy, 1, 1, 2).unwrap();
+    let copy = promoted.begin_copy(size, 2, 1).unwrap();
+    promoted.finish_copy(copy, 1).unwrap();
     let err = promoted.begin_segment(1, 1, 1, 100).map(|_| ()).unwrap_err();
     assert!(matches!(err, ReplicaError::StaleEpoch { current: 2, found: 1 }), "{err}");
     assert!(err.to_string().contains("a newer primary exists"));
-    assert!(matches!(promoted.begin_copy(size, 1).map(|_| ()), Err(ReplicaError::StaleEpoch { .. })));
+    assert!(matches!(promoted.begin_copy(size, 1, 1).map(|_| ()), Err(ReplicaError::StaleEpoch { .. })));
     // A truncated stream: fewer bytes than announced.
     let bytes = fs::read(&p.segments[1].path).unwrap();
     let Incoming::New(mut inc) = replica
@@ -315,4 +315,44 @@ fn reversing_drops_the_other_directions_points_undo_and_segments_and_keeps_the_i
     drop(replica);
     let reopened = ReplicaDisk::open(dir.path(), || unreachable!("replica.json exists")).unwrap();
     assert_eq!(*reopened.state(), s);
+}
+
+#[test]
+fn a_crash_while_committing_an_initial_copy_is_finished_on_open_and_a_damaged_state_is_named() {
+    let _serial = serial();
+    let p = primary(2, 31);
+    let dir = tempfile::tempdir().unwrap();
+    let replica = new_replica(dir.path(), &p.served.base);
+    for seg in &p.segments {
+        send(&replica, seg, false).unwrap();
+    }
+    replica.apply_pending().unwrap();
+    assert_eq!(replica.points().len(), 2);
+    // A new copy (of the newest snapshot) arrives; the agent dies right after
+    // recording that it commits it, before the image is replaced.
+    let size = 64 * MIB;
+    let next = p.segments[1].last_seq + 1;
+    let mut copy = replica.begin_copy(size, 0, next).unwrap();
+    copy.write_range(0, &fs::read(&p.snapshots[1]).unwrap()).unwrap();
+    failpoint::arm_once("copy.after-intent");
+    replica.finish_copy(copy, next).unwrap_err();
+    drop(replica);
+    // What a restarted agent finds: the commit completed, no stale point.
+    let reopened = ReplicaDisk::open(dir.path(), || unreachable!("replica.json exists")).unwrap();
+    let s = reopened.state().clone();
+    assert!(s.has_copy && s.committing_copy.is_none(), "{s:?}");
+    assert_eq!((s.received_through, s.applied_through, s.consistent_from), (next - 1, next - 1, next));
+    assert!(s.points.is_empty(), "points of the replaced image would materialise garbage");
+    assert!(identical(path_str(&reopened.image()), path_str(&p.snapshots[1])));
+    assert_eq!(fs::read_dir(dir.path().join("undo")).unwrap().count(), 0);
+    drop(reopened);
+
+    // A replica.json whose numbers cannot be right is refused by name.
+    let path = dir.path().join("replica.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    v["receivedThrough"] = serde_json::json!(u64::MAX);
+    fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = ReplicaDisk::open(dir.path(), || unreachable!()).map(|_| ()).unwrap_err();
+    assert!(matches!(err, ReplicaError::BadState { .. }), "{err}");
+    assert!(err.to_string().contains("replica.json") && err.to_string().contains("receivedThrough"), "{err}");
 }

@@ -409,8 +409,12 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_tls = material(&site.ca, &["agent.site-b.example.com", "127.0.0.1"]);
-    tokio::spawn(async move { serve(control, listener, &server_tls, std::future::pending()).await.unwrap() });
-    let controller = material(&site.ca, &["vmreplica-controller.vmreplica.svc"]);
+    let controller_name = "vmreplica-controller.vmreplica.svc";
+    let names = vec![controller_name.to_owned()];
+    tokio::spawn(async move {
+        serve(control, listener, &server_tls, names, std::future::pending()).await.unwrap()
+    });
+    let controller = material(&site.ca, &[controller_name]);
     let ch = channel(&addr.to_string(), "agent.site-b.example.com", &controller).unwrap();
     let status = ControlClient::new(ch).get_status(GetStatusRequest {}).await.unwrap().into_inner();
 
@@ -424,6 +428,37 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
     assert_eq!((r.trust_group.as_str(), r.primary.as_str()), ("finance", "host1.site-a.example.com"));
     assert_eq!((r.applied_through, r.points.len()), (seg.last_seq, 1));
     assert_eq!(r.points[0].kind, "Standard");
+
+    // Another site's agent, with a certificate from the same CA, may not
+    // call the control API: not even to read, let alone promote or remove.
+    use vmreplica_agent::control::proto::{PromoteRequest, RemoveReplicaRequest, SiteConfiguration};
+    let before = site.service.replica("vm1", "root").unwrap().state().clone();
+    let ch = channel(&addr.to_string(), "agent.site-b.example.com", &tls).unwrap();
+    let mut peer = ControlClient::new(ch);
+    let refused = |r: Result<(), tonic::Status>, what: &str| {
+        let err = r.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{what}: {err}");
+        assert!(
+            err.message().contains("admits only the controller (vmreplica-controller.vmreplica.svc)")
+                && err.message().contains("host1.site-a.example.com"),
+            "{what}: {err}"
+        );
+    };
+    refused(peer.get_status(GetStatusRequest {}).await.map(drop), "GetStatus");
+    let promote = PromoteRequest { vm_id: "vm1".into(), uid: "x".into(), ..Default::default() };
+    refused(peer.promote(promote).await.map(drop), "Promote");
+    let remove = RemoveReplicaRequest { vm_id: "vm1".into(), disk_id: "root".into() };
+    refused(peer.remove_replica(remove).await.map(drop), "RemoveReplica");
+    refused(peer.configure_site(SiteConfiguration::default()).await.map(drop), "ConfigureSite");
+    assert_eq!(site.service.replica("vm1", "root").unwrap().state().clone(), before, "nothing changed");
+    // And the controller's identity may not use the replication API.
+    site.service.set_controller_names(vec![controller_name.into()]);
+    let open =
+        OpenRequest { disk: disk("vm1"), disk_size: 32 * MIB, epoch: 0, history: None, interval_seconds: 0 };
+    let err = client(&site, &controller).await.open(open).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("is the controller's certificate name"), "{err}");
+    assert_eq!(site.service.replica("vm1", "root").unwrap().state().clone(), before, "nothing changed");
 
     // A client without a certificate from the site CA gets nothing.
     let other = vmreplica_tests::pki::Ca::new("other").unwrap();

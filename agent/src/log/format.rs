@@ -33,6 +33,10 @@ pub const RECORD_TRAILER_LEN: usize = 4;
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// Longest VM or disk id.
 pub const MAX_ID_LEN: usize = 255;
+/// Largest sequence number (and epoch) a log may carry. Every number read from
+/// a file or the wire is checked against it, so `seq + 1` can never wrap: a
+/// disk logging a billion records a second takes 146 years to get here.
+pub const MAX_SEQ: u64 = 1 << 62;
 const HEADER_FIXED_LEN: usize = 42;
 const DIGEST_LEN: usize = 32;
 /// Payload of a seal record: digest and seal time.
@@ -174,9 +178,16 @@ impl SegmentHeader {
         }
         let text =
             |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| FormatError::BadHeader("id is not UTF-8"));
+        let (epoch, first_seq) = (u64_at(&fixed, 16), u64_at(&fixed, 24));
+        if first_seq == 0 || first_seq > MAX_SEQ {
+            return Err(FormatError::BadHeader("first sequence is 0 or beyond the largest allowed"));
+        }
+        if epoch > MAX_SEQ {
+            return Err(FormatError::BadHeader("epoch is beyond the largest allowed"));
+        }
         let header = Self {
-            epoch: u64_at(&fixed, 16),
-            first_seq: u64_at(&fixed, 24),
+            epoch,
+            first_seq,
             created_unix_ms: u64_at(&fixed, 32),
             vm_id: text(&rest[..vm_len])?,
             disk_id: text(&rest[vm_len..vm_len + disk_len])?,
@@ -682,6 +693,17 @@ mod tests {
             let err = verify_sealed(&bytes).expect_err(what);
             assert!(check(&err), "{what}: got {err}");
         }
+    }
+
+    #[test]
+    fn a_header_whose_numbers_would_overflow_is_refused() {
+        for (first_seq, epoch) in [(0, 0), (MAX_SEQ + 1, 0), (u64::MAX, 0), (1, u64::MAX)] {
+            let h = SegmentHeader { first_seq, epoch, ..header() }.encode();
+            let err = SegmentHeader::read_from(&mut &h[..]).unwrap_err();
+            assert!(matches!(err, FormatError::BadHeader(_)), "{first_seq}/{epoch}: {err}");
+        }
+        let h = SegmentHeader { first_seq: MAX_SEQ, epoch: MAX_SEQ, ..header() }.encode();
+        assert!(SegmentHeader::read_from(&mut &h[..]).is_ok());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use super::{
     apply::apply_record,
     dirty::JournalState,
     format::{
-        FormatError, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SEAL_FLAG_APP_CONSISTENT,
+        FormatError, MAX_SEQ, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SEAL_FLAG_APP_CONSISTENT,
         SEAL_RECORD_LEN, SegmentHeader, SegmentReader, encode_record, encode_seal, record_crc, record_header,
     },
 };
@@ -265,10 +265,14 @@ impl Journal {
             return Err(damaged(FormatError::NotSealed));
         }
         let field = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        let last_seq = field(8);
+        if last_seq < header.first_seq || last_seq > MAX_SEQ {
+            return Err(damaged(FormatError::SealMismatch("last sequence number")));
+        }
         Ok(SealedSegment {
             path: path.to_owned(),
             first_seq: header.first_seq,
-            last_seq: field(8),
+            last_seq,
             records: field(16),
             bytes,
             app_consistent: h[5] & SEAL_FLAG_APP_CONSISTENT != 0,

@@ -6,14 +6,28 @@
 //! can recover from (bad range, unknown command, oversize request) get the
 //! protocol's error reply and the connection goes on; a request with a bad magic
 //! means the stream is out of step, and only then is the connection closed.
+//!
+//! What a client can make the agent hold is bounded ([`Limits`]):
+//! ```text
+//!  accept ─▶ handshaking < max_handshakes?  else closed at once
+//!          ─▶ negotiation within handshake_timeout
+//!          ─▶ export's connections < max_connections_per_export?  else NBD_REP_ERR_POLICY
+//!          ─▶ requests: payloads read and written in CHUNK pieces (memory per
+//!             connection: one chunk), each request's bytes within request_timeout
+//!             of its first byte; an idle connection may wait forever
+//! ```
 
 use std::{
     collections::BTreeMap,
-    io::{self, BufReader, Read, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     os::unix::net::{UnixListener, UnixStream},
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     thread,
+    time::{Duration, Instant},
 };
 
 use super::proto::*;
@@ -22,14 +36,48 @@ use crate::{
     log::{JournalError, format::RECORD_HEADER_LEN, journal::Journal},
 };
 
+/// Largest piece of a payload held in memory: a WRITE is logged and applied
+/// as records of at most this many bytes, a READ answered in pieces of it.
+pub const CHUNK: usize = 1 << 20;
+
+/// What one client may hold of the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections an export serves at once (a VM's QEMU opens one, or a few
+    /// with multi-conn); more are refused with NBD_REP_ERR_POLICY.
+    pub max_connections_per_export: usize,
+    /// Connections still negotiating at once; more are closed on accept.
+    pub max_handshakes: usize,
+    /// How long a connection may take to choose an export.
+    pub handshake_timeout: Duration,
+    /// How long a request's header and payload may take once its first byte came.
+    pub request_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections_per_export: 16,
+            max_handshakes: 64,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A byte stream a client connected on.
 pub trait Stream: Read + Write + Send + Sized + 'static {
     fn try_clone_stream(&self) -> io::Result<Self>;
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
 }
 
 impl Stream for UnixStream {
     fn try_clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
     }
 }
 
@@ -37,21 +85,61 @@ impl Stream for TcpStream {
     fn try_clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
     }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+}
+
+/// An export: its disk and how many connections it serves now.
+#[derive(Clone)]
+struct Export {
+    disk: Arc<ProtectedDisk>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// Counts a connection while it lives.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Takes one of `limit` slots of `count`, if one is free.
+    fn take(count: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|_| Self(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves a set of protected disks, each as the export of its name.
 /// Exports can be added and removed while it serves (the control API does);
 /// connections already open keep their disk.
 pub struct NbdServer {
-    exports: RwLock<BTreeMap<String, Arc<ProtectedDisk>>>,
+    exports: RwLock<BTreeMap<String, Export>>,
+    limits: Limits,
+    handshaking: Arc<AtomicUsize>,
 }
 
 impl NbdServer {
     pub fn new(disks: impl IntoIterator<Item = Arc<ProtectedDisk>>) -> Arc<Self> {
-        Arc::new(Self { exports: RwLock::new(disks.into_iter().map(|d| (d.name().to_owned(), d)).collect()) })
+        Self::with_limits(disks, Limits::default())
     }
 
-    fn exports(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<ProtectedDisk>>> {
+    pub fn with_limits(disks: impl IntoIterator<Item = Arc<ProtectedDisk>>, limits: Limits) -> Arc<Self> {
+        let exports = disks
+            .into_iter()
+            .map(|d| (d.name().to_owned(), Export { disk: d, connections: Arc::default() }))
+            .collect();
+        Arc::new(Self { exports: RwLock::new(exports), limits, handshaking: Arc::default() })
+    }
+
+    fn exports(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Export>> {
         self.exports.read().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -61,13 +149,18 @@ impl NbdServer {
         if exports.contains_key(name) {
             return false;
         }
-        exports.insert(name.to_owned(), disk);
+        exports.insert(name.to_owned(), Export { disk, connections: Arc::default() });
         true
     }
 
     /// Stops offering export `name` to new connections.
     pub fn remove_export(&self, name: &str) -> Option<Arc<ProtectedDisk>> {
-        self.exports.write().unwrap_or_else(|p| p.into_inner()).remove(name)
+        self.exports.write().unwrap_or_else(|p| p.into_inner()).remove(name).map(|e| e.disk)
+    }
+
+    /// Connections export `name` serves now.
+    pub fn connections(&self, name: &str) -> usize {
+        self.exports().get(name).map_or(0, |e| e.connections.load(Ordering::Acquire))
     }
 
     /// Accepts connections on `listener` in a background thread.
@@ -100,9 +193,16 @@ impl NbdServer {
     }
 
     fn spawn_connection<S: Stream>(self: &Arc<Self>, stream: S) {
+        let Some(slot) = Slot::take(&self.handshaking, self.limits.max_handshakes) else {
+            tracing::warn!(
+                limit = self.limits.max_handshakes,
+                "too many NBD connections negotiating at once: closing a new one"
+            );
+            return;
+        };
         let server = self.clone();
         thread::spawn(move || {
-            if let Err(e) = server.handle(stream) {
+            if let Err(e) = server.handle_counted(stream, slot) {
                 tracing::debug!(error = %e, "NBD connection ended");
             }
         });
@@ -110,17 +210,62 @@ impl NbdServer {
 
     /// Runs one connection to its end.
     pub fn handle<S: Stream>(&self, stream: S) -> io::Result<()> {
+        let slot = Slot::take(&self.handshaking, usize::MAX).expect("no limit");
+        self.handle_counted(stream, slot)
+    }
+
+    fn handle_counted<S: Stream>(&self, stream: S, handshake: Slot) -> io::Result<()> {
+        // A stalled read wakes up every tick so deadlines are enforced; an
+        // idle connection between requests simply waits again.
+        let tick = self.limits.request_timeout.min(self.limits.handshake_timeout).min(Duration::from_secs(5));
+        stream.set_timeouts(Some(tick), Some(self.limits.request_timeout))?;
         let mut writer = stream.try_clone_stream()?;
-        let mut reader = BufReader::with_capacity(64 << 10, stream);
-        match self.negotiate(&mut reader, &mut writer)? {
-            Some(disk) => Transmission { disk, reader, writer, buf: Vec::new() }.run(),
+        let mut reader = Timed { inner: BufReader::with_capacity(64 << 10, stream), deadline: None };
+        reader.deadline = Some(Instant::now() + self.limits.handshake_timeout);
+        let negotiated = self.negotiate(&mut reader, &mut writer);
+        drop(handshake);
+        match negotiated? {
+            Some((disk, slot)) => {
+                reader.deadline = None;
+                Transmission {
+                    disk,
+                    reader,
+                    writer,
+                    buf: Vec::new(),
+                    timeout: self.limits.request_timeout,
+                    _slot: slot,
+                }
+                .run()
+            }
             None => Ok(()),
+        }
+    }
+
+    /// Takes a connection slot of export `name`, or says why not.
+    fn open_export(&self, name: &str) -> Result<(Arc<ProtectedDisk>, Slot), (u32, String)> {
+        let Some(e) = self.exports().get(name).cloned() else {
+            return Err((REP_ERR_UNKNOWN, format!("no export named {name:?}")));
+        };
+        let limit = self.limits.max_connections_per_export;
+        match Slot::take(&e.connections, limit) {
+            Some(slot) => Ok((e.disk, slot)),
+            None => Err((
+                REP_ERR_POLICY,
+                format!(
+                    "export {name:?} already serves {limit} connections, the most allowed \
+                     (vmreplica-agent --nbd-max-connections)"
+                ),
+            )),
         }
     }
 
     /// The fixed-newstyle handshake; the export to serve, or `None` when the
     /// client aborted.
-    fn negotiate<R: Read, W: Write>(&self, r: &mut R, w: &mut W) -> io::Result<Option<Arc<ProtectedDisk>>> {
+    fn negotiate<R: Read, W: Write>(
+        &self,
+        r: &mut R,
+        w: &mut W,
+    ) -> io::Result<Option<(Arc<ProtectedDisk>, Slot)>> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -147,10 +292,11 @@ impl NbdServer {
             match option {
                 OPT_EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data);
-                    let Some(disk) = self.exports().get(name.as_ref()).cloned() else {
-                        // This option has no error reply: closing is the answer.
-                        return Err(protocol("unknown export requested with NBD_OPT_EXPORT_NAME"));
-                    };
+                    // This option has no error reply: closing is the answer.
+                    let (disk, slot) = self.open_export(&name).map_err(|(_, why)| {
+                        tracing::warn!(export = %name, "NBD_OPT_EXPORT_NAME refused: {why}");
+                        protocol("export refused with NBD_OPT_EXPORT_NAME")
+                    })?;
                     let mut reply = Vec::with_capacity(134);
                     reply.extend_from_slice(&disk.size().to_be_bytes());
                     reply.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
@@ -158,7 +304,7 @@ impl NbdServer {
                         reply.extend_from_slice(&[0u8; 124]);
                     }
                     w.write_all(&reply)?;
-                    return Ok(Some(disk));
+                    return Ok(Some((disk, slot)));
                 }
                 OPT_ABORT => {
                     w.write_all(&option_reply(option, REP_ACK, &[]))?;
@@ -179,38 +325,94 @@ impl NbdServer {
                 }
                 OPT_INFO | OPT_GO => match parse_info_request(&data) {
                     Err(why) => w.write_all(&option_reply(option, REP_ERR_INVALID, why.as_bytes()))?,
-                    Ok((name, infos)) => match self.exports().get(&name).cloned() {
-                        None => {
-                            let msg = format!("no export named {name:?}");
-                            w.write_all(&option_reply(option, REP_ERR_UNKNOWN, msg.as_bytes()))?;
-                        }
-                        Some(disk) => {
-                            let mut export = INFO_EXPORT.to_be_bytes().to_vec();
-                            export.extend_from_slice(&disk.size().to_be_bytes());
-                            export.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
-                            w.write_all(&option_reply(option, REP_INFO, &export))?;
-                            if infos.contains(&INFO_NAME) {
-                                let mut d = INFO_NAME.to_be_bytes().to_vec();
-                                d.extend_from_slice(name.as_bytes());
-                                w.write_all(&option_reply(option, REP_INFO, &d))?;
-                            }
-                            if infos.contains(&INFO_BLOCK_SIZE) {
-                                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                                for v in [1u32, 4096, MAX_PAYLOAD] {
-                                    d.extend_from_slice(&v.to_be_bytes());
+                    Ok((name, infos)) => {
+                        let opened = if option == OPT_GO {
+                            self.open_export(&name).map(|(d, slot)| (d, Some(slot)))
+                        } else {
+                            let disk = self.exports().get(&name).map(|e| e.disk.clone());
+                            disk.map(|d| (d, None))
+                                .ok_or((REP_ERR_UNKNOWN, format!("no export named {name:?}")))
+                        };
+                        match opened {
+                            Err((code, msg)) => w.write_all(&option_reply(option, code, msg.as_bytes()))?,
+                            Ok((disk, slot)) => {
+                                write_infos(w, option, &name, &infos, &disk)?;
+                                if let Some(slot) = slot {
+                                    return Ok(Some((disk, slot)));
                                 }
-                                w.write_all(&option_reply(option, REP_INFO, &d))?;
-                            }
-                            w.write_all(&option_reply(option, REP_ACK, &[]))?;
-                            if option == OPT_GO {
-                                return Ok(Some(disk));
                             }
                         }
-                    },
+                    }
                 },
                 // Structured replies, metadata contexts, TLS, extended headers:
                 // not offered; clients fall back to simple replies.
                 _ => w.write_all(&option_reply(option, REP_ERR_UNSUP, b"option not supported"))?,
+            }
+        }
+    }
+}
+
+/// The replies to NBD_OPT_INFO / NBD_OPT_GO for an export: its size and
+/// flags, the name and block sizes when asked, then the ACK.
+fn write_infos<W: Write>(
+    w: &mut W,
+    option: u32,
+    name: &str,
+    infos: &[u16],
+    disk: &ProtectedDisk,
+) -> io::Result<()> {
+    let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+    export.extend_from_slice(&disk.size().to_be_bytes());
+    export.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+    w.write_all(&option_reply(option, REP_INFO, &export))?;
+    if infos.contains(&INFO_NAME) {
+        let mut d = INFO_NAME.to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        w.write_all(&option_reply(option, REP_INFO, &d))?;
+    }
+    if infos.contains(&INFO_BLOCK_SIZE) {
+        let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [1u32, 4096, MAX_PAYLOAD] {
+            d.extend_from_slice(&v.to_be_bytes());
+        }
+        w.write_all(&option_reply(option, REP_INFO, &d))?;
+    }
+    w.write_all(&option_reply(option, REP_ACK, &[]))
+}
+
+/// A reader whose reads fail once `deadline` passes; the socket's read
+/// timeout (a tick) wakes a blocked read so the deadline is seen. Without a
+/// deadline, a read that times out is simply tried again.
+struct Timed<R> {
+    inner: R,
+    deadline: Option<Instant>,
+}
+
+impl<R: Read> Read for Timed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "the client stalled"));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl<R: BufRead> Timed<R> {
+    /// Waits, however long, for the first byte of the next request; `false`
+    /// at the end of the stream.
+    fn wait_for_request(&mut self) -> io::Result<bool> {
+        loop {
+            match self.inner.fill_buf() {
+                Ok(b) => return Ok(!b.is_empty()),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -232,16 +434,26 @@ fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), &'static str> {
 
 struct Transmission<R, W> {
     disk: Arc<ProtectedDisk>,
-    reader: BufReader<R>,
+    reader: Timed<BufReader<R>>,
     writer: W,
-    /// Reused request buffer: reply header + read data, or record header + write payload.
+    /// Reused buffer of at most one chunk: reply header + read data, or
+    /// record header + write payload + CRC.
     buf: Vec<u8>,
+    timeout: Duration,
+    /// This connection's place in its export's count.
+    _slot: Slot,
 }
 
 impl<R: Read, W: Write> Transmission<R, W> {
     fn run(mut self) -> io::Result<()> {
         let mut header = [0u8; Request::LEN];
         loop {
+            self.reader.deadline = None;
+            if !self.reader.wait_for_request()? {
+                return Ok(());
+            }
+            // From its first byte, a request must arrive whole in time.
+            self.reader.deadline = Some(Instant::now() + self.timeout);
             match self.reader.read_exact(&mut header) {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 other => other?,
@@ -258,6 +470,53 @@ impl<R: Read, W: Write> Transmission<R, W> {
         self.writer.write_all(&simple_reply(error, cookie))
     }
 
+    /// Reads a WRITE's payload chunk by chunk, logging and applying each as
+    /// it arrives; the error to reply with (0: none). After a failed chunk
+    /// the rest of the payload is read and dropped, to stay in step.
+    fn write_chunks(&mut self, offset: u64, len: u64, fua: bool) -> io::Result<u32> {
+        let mut error = 0;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            self.buf.resize(Journal::record_len(n), 0);
+            self.reader.read_exact(&mut self.buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + n])?;
+            if error == 0 {
+                let last = done + n as u64 == len;
+                if let Err(e) = self.disk.write(&mut self.buf, offset + done, fua && last) {
+                    error = errno(&e);
+                }
+            }
+            done += n as u64;
+        }
+        Ok(error)
+    }
+
+    /// Answers a READ in chunks. The reply header goes first with the first
+    /// chunk; a disk error after it has been sent can only be answered by
+    /// closing the connection (the protocol's way out).
+    fn read_chunks(&mut self, offset: u64, len: u64, cookie: u64) -> io::Result<()> {
+        let mut done = 0u64;
+        loop {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            let head = if done == 0 { 16 } else { 0 };
+            self.buf.resize(head + n, 0);
+            if let Err(e) = self.disk.read(&mut self.buf[head..], offset + done) {
+                if done == 0 {
+                    return self.reply(errno(&e), cookie);
+                }
+                return Err(io::Error::other(format!("reading the disk mid-reply: {e}")));
+            }
+            if done == 0 {
+                self.buf[..16].copy_from_slice(&simple_reply(0, cookie));
+            }
+            self.writer.write_all(&self.buf)?;
+            done += n as u64;
+            if done >= len {
+                return Ok(());
+            }
+        }
+    }
+
     fn serve(&mut self, req: Request) -> io::Result<()> {
         let (off, len) = (req.offset, req.length as u64);
         let in_range = off.checked_add(len).is_some_and(|end| end <= self.disk.size());
@@ -270,14 +529,7 @@ impl<R: Read, W: Write> Transmission<R, W> {
                 } else if !in_range {
                     EINVAL
                 } else {
-                    self.buf.resize(16 + req.length as usize, 0);
-                    match self.disk.read(&mut self.buf[16..], off) {
-                        Ok(()) => {
-                            self.buf[..16].copy_from_slice(&simple_reply(0, req.cookie));
-                            return self.writer.write_all(&self.buf);
-                        }
-                        Err(e) => errno(&e),
-                    }
+                    return self.read_chunks(off, len, req.cookie);
                 };
                 self.reply(error, req.cookie)
             }
@@ -293,13 +545,13 @@ impl<R: Read, W: Write> Transmission<R, W> {
                     };
                     return self.reply(error, req.cookie);
                 }
-                self.buf.resize(Journal::record_len(req.length as usize), 0);
-                let payload_end = RECORD_HEADER_LEN + req.length as usize;
-                self.reader.read_exact(&mut self.buf[RECORD_HEADER_LEN..payload_end])?;
                 let fua = req.flags & CMD_FLAG_FUA != 0;
-                let error = match self.disk.write(&mut self.buf, off, fua) {
-                    Ok(_) => 0,
-                    Err(e) => errno(&e),
+                // Nothing to log for an empty write; FUA still makes what
+                // came before durable.
+                let error = if len == 0 {
+                    if fua { self.disk.flush().err().map_or(0, |e| errno(&e)) } else { 0 }
+                } else {
+                    self.write_chunks(off, len, fua)?
                 };
                 self.reply(error, req.cookie)
             }
@@ -314,13 +566,15 @@ impl<R: Read, W: Write> Transmission<R, W> {
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 let trim = req.kind == CMD_TRIM;
                 let allowed = if trim { CMD_FLAG_FUA } else { CMD_FLAG_FUA | CMD_FLAG_NO_HOLE };
+                let fua = req.flags & CMD_FLAG_FUA != 0;
                 let error = if req.flags & !allowed != 0 {
                     EINVAL
                 } else if !in_range {
                     if trim { EINVAL } else { ENOSPC }
+                } else if len == 0 {
+                    if fua { self.disk.flush().err().map_or(0, |e| errno(&e)) } else { 0 }
                 } else {
                     let keep = req.flags & CMD_FLAG_NO_HOLE != 0;
-                    let fua = req.flags & CMD_FLAG_FUA != 0;
                     self.disk.zero(off, len, trim, keep, fua).err().map_or(0, |e| errno(&e))
                 };
                 self.reply(error, req.cookie)

@@ -36,9 +36,40 @@ use crate::{
     log::{
         FormatError, Record, RecordKind, SegmentHeader, SegmentReader,
         apply::{apply_record, check_bounds},
-        format::{MAX_PAYLOAD, RECORD_HEADER_LEN, SegmentWriter},
+        format::{MAX_PAYLOAD, MAX_SEQ, RECORD_HEADER_LEN, SegmentWriter},
     },
 };
+
+/// Largest disk a replica accepts (64 TiB, VHDX's limit too).
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// Checks a sequence number from the wire: 1..=MAX_SEQ.
+pub fn check_seq(field: &'static str, value: u64) -> Result<()> {
+    if value == 0 || value > MAX_SEQ {
+        return Err(ReplicaError::Invalid { field, value, why: "sequence numbers run from 1 to 2^62" });
+    }
+    Ok(())
+}
+
+/// Checks an epoch from the wire: at most MAX_SEQ.
+pub fn check_epoch(value: u64) -> Result<()> {
+    if value > MAX_SEQ {
+        return Err(ReplicaError::Invalid { field: "epoch", value, why: "epochs run from 0 to 2^62" });
+    }
+    Ok(())
+}
+
+/// Checks a disk size from the wire: 1 byte to [`MAX_DISK_SIZE`].
+pub fn check_disk_size(value: u64) -> Result<()> {
+    if value == 0 || value > MAX_DISK_SIZE {
+        return Err(ReplicaError::Invalid {
+            field: "disk_size",
+            value,
+            why: "a replicated disk holds 1 byte to 64 TiB",
+        });
+    }
+    Ok(())
+}
 
 /// Why a replica operation failed. Each says what was refused; none leaves a
 /// partly written file behind.
@@ -66,6 +97,8 @@ pub enum ReplicaError {
     NoSuchPoint(u64),
     #[error("replica state file {path} is unreadable: {why}")]
     BadState { path: PathBuf, why: String },
+    #[error("{field} {value} is not allowed: {why}")]
+    Invalid { field: &'static str, value: u64, why: &'static str },
 }
 
 type Result<T, E = ReplicaError> = std::result::Result<T, E>;
@@ -161,6 +194,51 @@ pub struct ReplicaState {
     /// copy of; another one arriving means it needs a new copy too.
     #[serde(default)]
     pub forwarded_copy: u64,
+    /// An initial copy is being committed (it is durable in
+    /// `incoming/disk.img.part` until it replaces the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committing_copy: Option<CopyCommit>,
+}
+
+/// Where replication resumes after an initial copy (see [`ReplicaDisk::finish_copy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyCommit {
+    pub next_seq: u64,
+    pub consistent_from: u64,
+    pub epoch: u64,
+}
+
+impl ReplicaState {
+    /// Checks what `replica.json` says before it is used: the numbers a
+    /// damaged or hand-edited file could carry that arithmetic relies on.
+    fn check(&self) -> std::result::Result<(), String> {
+        let bad = |field: &str, v: u64| Err(format!("{field} {v} is out of range"));
+        if self.disk_size == 0 || self.disk_size > MAX_DISK_SIZE {
+            return bad("diskSize", self.disk_size);
+        }
+        if self.epoch > MAX_SEQ {
+            return bad("epoch", self.epoch);
+        }
+        if self.received_through > MAX_SEQ {
+            return bad("receivedThrough", self.received_through);
+        }
+        if self.applied_through > self.received_through {
+            return bad("appliedThrough (beyond receivedThrough)", self.applied_through);
+        }
+        if self.consistent_from > MAX_SEQ {
+            return bad("consistentFrom", self.consistent_from);
+        }
+        if let Some(p) = self.points.iter().find(|p| p.seq > self.applied_through) {
+            return bad("a recovery point's seq (beyond appliedThrough)", p.seq);
+        }
+        if let Some(c) = self.committing_copy
+            && (c.next_seq == 0 || c.next_seq > MAX_SEQ || c.consistent_from < c.next_seq)
+        {
+            return bad("committingCopy.nextSeq", c.next_seq);
+        }
+        Ok(())
+    }
 }
 
 /// Counters of applied segments (kept in `replica.json`).
@@ -227,7 +305,7 @@ impl ReplicaDisk {
             fs::create_dir_all(&d).map_err(io_at(&d))?;
         }
         let state_path = dir.join("replica.json");
-        let state = match fs::read(&state_path) {
+        let state: ReplicaState = match fs::read(&state_path) {
             Ok(b) => serde_json::from_slice(&b)
                 .map_err(|e| ReplicaError::BadState { path: state_path.clone(), why: e.to_string() })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -237,6 +315,7 @@ impl ReplicaDisk {
             }
             Err(e) => return Err(ReplicaError::Io { path: state_path, source: e }),
         };
+        state.check().map_err(|why| ReplicaError::BadState { path: state_path.clone(), why })?;
         let disk = Self {
             dir: dir.to_owned(),
             state: Mutex::new(state),
@@ -248,6 +327,10 @@ impl ReplicaDisk {
     }
 
     fn recover(&self) -> Result<()> {
+        let committing = self.state().committing_copy;
+        if let Some(c) = committing {
+            self.commit_copy(c)?;
+        }
         // Partial receptions and partial undo files never counted for anything.
         for (_, p) in seq_files(&self.dir.join("incoming"), ".part")?
             .into_iter()
@@ -431,8 +514,13 @@ impl ReplicaDisk {
         })
     }
 
-    /// Starts receiving the initial copy: a fresh sparse image of the disk's size.
-    pub fn begin_copy(&self, disk_size: u64, epoch: u64) -> Result<IncomingCopy> {
+    /// Starts receiving the initial copy announced by `start`: a fresh sparse
+    /// image of the disk's size beside the replica. Everything the copy says
+    /// about itself is checked here, before anything is written; the replica
+    /// stays as it was until [`Self::finish_copy`] commits the whole copy.
+    pub fn begin_copy(&self, disk_size: u64, epoch: u64, next_seq: u64) -> Result<IncomingCopy> {
+        check_seq("next_seq", next_seq)?;
+        check_epoch(epoch)?;
         let s = self.state();
         if epoch < s.epoch {
             return Err(ReplicaError::StaleEpoch { current: s.epoch, found: epoch });
@@ -448,23 +536,52 @@ impl ReplicaDisk {
         let _ = fs::remove_file(&path);
         let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
         file.set_len(disk_size).map_err(io_at(&path))?;
-        Ok(IncomingCopy { path, file, size: disk_size, received: 0 })
+        Ok(IncomingCopy { path, file, size: disk_size, received: 0, next_seq, epoch })
     }
 
-    /// Makes a received initial copy the replica image. Replication resumes at
-    /// `next_seq`; points become consistent from `consistent_from`.
-    pub fn finish_copy(
-        &self,
-        copy: IncomingCopy,
-        next_seq: u64,
-        consistent_from: u64,
-        epoch: u64,
-    ) -> Result<()> {
+    /// Makes a received initial copy the replica image. Replication resumes
+    /// at the copy's `next_seq`; points become consistent from
+    /// `consistent_from` (the primary's next sequence when its reading ended,
+    /// so never before `next_seq`).
+    ///
+    /// The commit is crash-safe: the copy is made durable and the intent
+    /// recorded in `replica.json` (no points from then on: they belonged to
+    /// the image being replaced) before the image is replaced and the old
+    /// history deleted; [`Self::open`] finishes an interrupted commit.
+    pub fn finish_copy(&self, copy: IncomingCopy, consistent_from: u64) -> Result<()> {
+        if consistent_from < copy.next_seq || consistent_from > MAX_SEQ {
+            let _ = fs::remove_file(&copy.path);
+            return Err(ReplicaError::Invalid {
+                field: "consistent_from",
+                value: consistent_from,
+                why: "it must lie between the copy's next_seq and 2^62",
+            });
+        }
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         copy.file.sync_all().map_err(io_at(&copy.path))?;
-        let image = self.image_path();
-        fs::rename(&copy.path, &image).map_err(io_at(&copy.path))?;
-        sync_dir(&self.dir)?;
+        let commit = CopyCommit { next_seq: copy.next_seq, consistent_from, epoch: copy.epoch };
+        self.update(|s| {
+            s.has_copy = false;
+            s.points.clear();
+            s.committing_copy = Some(commit);
+        })?;
+        fail("copy.after-intent")?;
+        self.commit_copy(commit)
+    }
+
+    /// The second half of [`Self::finish_copy`], also run by recovery: the
+    /// durable copy replaces the image (unless it already did), the history
+    /// it replaces goes, and the new positions are recorded. Idempotent.
+    fn commit_copy(&self, c: CopyCommit) -> Result<()> {
+        let part = self.dir.join("incoming").join("disk.img.part");
+        if part.exists() {
+            let image = self.image_path();
+            fs::rename(&part, &image).map_err(io_at(&part))?;
+            sync_dir(&self.dir)?;
+            if let Some(parent) = image.parent() {
+                sync_dir(parent)?;
+            }
+        }
         // Segments of the history this copy replaces go, those kept for an
         // extended replica too: it gets a new copy instead.
         for (_, p) in seq_files(&self.dir.join("log"), ".seg")?
@@ -477,11 +594,13 @@ impl ReplicaDisk {
         self.update(|s| {
             s.copies += 1;
             s.has_copy = true;
-            s.epoch = s.epoch.max(epoch);
-            s.received_through = next_seq - 1;
-            s.applied_through = next_seq - 1;
-            s.consistent_from = consistent_from;
+            s.epoch = s.epoch.max(c.epoch);
+            // Checked when the copy began: next_seq >= 1.
+            s.received_through = c.next_seq - 1;
+            s.applied_through = c.next_seq - 1;
+            s.consistent_from = c.consistent_from;
             s.points.clear();
+            s.committing_copy = None;
         })
     }
 
@@ -493,6 +612,16 @@ impl ReplicaDisk {
 
     /// Starts receiving a segment announced as `[first_seq, last_seq]`, `len` bytes.
     pub fn begin_segment(&self, first_seq: u64, last_seq: u64, epoch: u64, len: u64) -> Result<Incoming> {
+        check_seq("first_seq", first_seq)?;
+        check_seq("last_seq", last_seq)?;
+        check_epoch(epoch)?;
+        if last_seq < first_seq {
+            return Err(ReplicaError::Invalid {
+                field: "last_seq",
+                value: last_seq,
+                why: "a segment cannot end before its first_seq",
+            });
+        }
         let s = self.state();
         if !s.has_copy {
             return Err(ReplicaError::NoInitialCopy);
@@ -1231,6 +1360,8 @@ pub struct IncomingCopy {
     file: File,
     size: u64,
     received: u64,
+    next_seq: u64,
+    epoch: u64,
 }
 
 impl IncomingCopy {

@@ -29,7 +29,7 @@ pub fn plan(points: &[Point], now_ms: u64, policy: &Policy) -> Vec<Option<PointK
     let oldest_hour = (now_ms / HOUR_MS).saturating_sub(policy.hourly as u64);
     for (i, p) in points.iter().enumerate() {
         let newest = i + 1 == points.len();
-        if newest || p.time_ms + policy.window_ms >= now_ms {
+        if newest || p.time_ms.saturating_add(policy.window_ms) >= now_ms {
             out[i] = Some(p.kind);
         }
     }

@@ -62,10 +62,41 @@ pub enum Denied {
     WrongTrustGroup { replica_group: String, names: String, granted: String },
     #[error("allowAnyServer is on but the ReplicationServer has no defaultStorageLocation")]
     NoDefaultStorage,
+    #[error(
+        "the client certificate's DNS names ({names}) are wildcards or not host names; a primary is \
+         authorised by its own host name: issue its certificate for that"
+    )]
+    NoHostName { names: String },
+    #[error(
+        "{names} is the controller's certificate name (--controller-name): the controller may use the \
+         control API only, never the replication API"
+    )]
+    ControllerIdentity { names: String },
 }
 
-/// Whether `pattern` (lower case, validated by the CRD schema) matches `name`.
+/// Whether `name` is a host name a certificate may identify a primary by:
+/// labels of 1-63 letters, digits and `-`, not starting or ending with `-`,
+/// 253 characters at most. A wildcard (`*.site-a.example.com`) names no host:
+/// presented by a client it must never match anything.
+pub fn is_host_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// Whether `pattern` (lower case, validated by the CRD schema) matches `name`,
+/// a name presented in a certificate (never matched unless a host name).
 pub fn matches(pattern: &str, name: &str) -> bool {
+    if !is_host_name(name) {
+        return false;
+    }
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     match pattern.strip_prefix("*.") {
         // Exactly one label in front of the suffix: `*.b.c` matches `a.b.c` only.
@@ -94,6 +125,11 @@ impl SiteConfig {
         if names.is_empty() {
             return Err(Denied::NoDnsName);
         }
+        let hosts: Vec<String> = names.iter().filter(|n| is_host_name(n)).cloned().collect();
+        if hosts.is_empty() {
+            return Err(Denied::NoHostName { names: names.join(", ") });
+        }
+        let names = &hosts[..];
         if let Some((e, n)) = self.matching(names).next() {
             return Ok(Grant {
                 primary: n.clone(),
@@ -121,6 +157,8 @@ impl SiteConfig {
         if first.trust_group == trust_group {
             return Ok(first);
         }
+        let hosts: Vec<String> = names.iter().filter(|n| is_host_name(n)).cloned().collect();
+        let names = &hosts[..];
         if let Some((e, n)) = self.matching(names).find(|(e, _)| e.trust_group == trust_group) {
             return Ok(Grant {
                 primary: n.clone(),
@@ -165,6 +203,28 @@ mod tests {
         assert!(!matches("*.site-a.example.com", "host1.site-a.example.com.evil.org"));
         assert!(matches("db.site-a.example.com", "db.site-a.example.com"));
         assert!(!matches("db.site-a.example.com", "db2.site-a.example.com"));
+    }
+
+    #[test]
+    fn a_wildcard_presented_in_a_certificate_never_matches() {
+        assert!(!matches("*.site-a.example.com", "*.site-a.example.com"));
+        assert!(!matches("*.site-a.example.com", "a*.site-a.example.com"));
+        assert!(!matches("db.site-a.example.com", "db .site-a.example.com"));
+        assert!(!matches("*.site-a.example.com", &format!("{}.site-a.example.com", "a".repeat(64))));
+        assert!(matches("*.site-a.example.com", &format!("{}.site-a.example.com", "a".repeat(63))));
+        let cfg = SiteConfig {
+            entries: vec![entry("a-wild", "*.site-a.example.com", "finance")],
+            allow_any_server: true,
+            default_storage: Some("/srv/any".into()),
+            default_trust_group: "default".into(),
+        };
+        // Not even allowAnyServer records a wildcard as the primary's name.
+        let err = cfg.authorize(&["*.site-a.example.com".into()]).unwrap_err();
+        assert!(matches!(err, Denied::NoHostName { .. }), "{err}");
+        assert!(err.to_string().contains("wildcards or not host names"), "{err}");
+        // A real name beside it is the one that counts.
+        let g = cfg.authorize(&["*.site-a.example.com".into(), "h1.site-a.example.com".into()]).unwrap();
+        assert_eq!((g.primary.as_str(), g.trust_group.as_str()), ("h1.site-a.example.com", "finance"));
     }
 
     #[test]

@@ -8,10 +8,15 @@
 //! ```
 //! Cutting all disks together under one freeze makes the point consistent
 //! across the VM's disks. After a failed cycle the next one waits on the
-//! back-off schedule instead of the interval.
+//! back-off schedule instead of the interval. A replica that refuses this
+//! side's epoch (the VM was failed over elsewhere) fences it: the disks
+//! become read-only and the cycle ends.
 
 use std::{
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -29,6 +34,8 @@ pub struct CycleReport {
     pub quiesce_error: Option<String>,
     /// Errors per disk that failed to seal or ship.
     pub errors: Vec<String>,
+    /// A replica refused this side's epoch: the newer epoch that exists.
+    pub stale_epoch: Option<u64>,
 }
 
 /// Replicates one VM: its disks and a shipper for each.
@@ -40,6 +47,8 @@ pub struct VmReplication {
     /// Quiesce and how often an application-consistent point is taken.
     app_consistent: Option<(Quiesce, Duration)>,
     last_app: Option<Instant>,
+    /// Set to the newer epoch when this VM was fenced (0: not fenced).
+    fenced: Arc<AtomicU64>,
 }
 
 impl VmReplication {
@@ -50,7 +59,14 @@ impl VmReplication {
         app_consistent: Option<(Quiesce, Duration)>,
     ) -> Self {
         let disks = shippers.iter().filter_map(|s| s.disk().cloned()).collect();
-        Self { disks, shippers, interval, backoff, app_consistent, last_app: None }
+        Self { disks, shippers, interval, backoff, app_consistent, last_app: None, fenced: Arc::default() }
+    }
+
+    /// Shares the fence flag: set to the newer epoch once a replica refuses
+    /// this side's (see [`Self::run`]).
+    pub fn with_fence(mut self, fenced: Arc<AtomicU64>) -> Self {
+        self.fenced = fenced;
+        self
     }
 
     pub fn shippers(&self) -> &[Arc<Shipper>] {
@@ -107,7 +123,12 @@ impl VmReplication {
         }
         let results: Vec<Result<u64, ShipError>> =
             futures::future::join_all(self.shippers.iter().map(|s| s.sync_once())).await;
-        report.errors.extend(results.into_iter().filter_map(|r| r.err()).map(|e| e.to_string()));
+        for e in results.into_iter().filter_map(|r| r.err()) {
+            if let ShipError::StaleEpoch { current, .. } = e {
+                report.stale_epoch = Some(report.stale_epoch.unwrap_or(0).max(current));
+            }
+            report.errors.push(e.to_string());
+        }
         report
     }
 
@@ -121,6 +142,20 @@ impl VmReplication {
                 _ = stop.changed() => return self,
             }
             let report = self.cycle_once().await;
+            if let Some(epoch) = report.stale_epoch.filter(|_| !self.disks.is_empty()) {
+                // A newer primary of this VM exists: every write from now on
+                // would diverge from it and could never replicate. Fence.
+                for d in &self.disks {
+                    d.make_read_only();
+                }
+                self.fenced.store(epoch, Ordering::Release);
+                tracing::error!(
+                    epoch,
+                    "fenced: the replica is at a newer epoch (the VM was failed over); the disks are read-only \
+                     and replication stops here"
+                );
+                return self;
+            }
             if report.errors.is_empty() {
                 failures = 0;
                 wait = self.interval;

@@ -13,20 +13,26 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
+use prost::Message;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
     authz::{Denied, SiteConfig},
     proto::{
-        CopyAck, CopyChunk, DiskRef, FinalizeRequest, OpenReply, OpenRequest, RemoveAck, SegmentAck,
-        SegmentChunk, replication_server::Replication,
+        CopyAck, CopyChunk, DiskRef, FinalizeRequest, OpenReply, OpenRequest, RefusalKind, RemoveAck,
+        SegmentAck, SegmentChunk, replication_server::Replication,
     },
     tls::dns_names,
 };
 use crate::{
     metrics::Metrics,
-    replica::{Incoming, ReplicaDisk, ReplicaError, ReplicaState, names, retention::Policy},
+    replica::{
+        Incoming, ReplicaDisk, ReplicaError, ReplicaState,
+        disk::{check_disk_size, check_epoch},
+        names,
+        retention::Policy,
+    },
 };
 
 /// Largest chunk, raw or compressed, a sender may send.
@@ -52,6 +58,8 @@ pub struct ReplicaService {
     /// One reverse-replication decision at a time: the Opens of a VM's
     /// disks arrive together, and the first one converts them all.
     reversing: tokio::sync::Mutex<()>,
+    /// Certificate names of the controller, refused here.
+    controllers: RwLock<Vec<String>>,
 }
 
 fn denied(d: Denied) -> Status {
@@ -61,11 +69,15 @@ fn denied(d: Denied) -> Status {
 /// The gRPC status for a replica error: what the sender should do differs per kind.
 pub fn status(e: ReplicaError) -> Status {
     let msg = e.to_string();
+    if let ReplicaError::StaleEpoch { current, .. } = e {
+        let refusal = super::proto::Refusal { kind: RefusalKind::StaleEpoch as i32, current_epoch: current };
+        return Status::with_details(tonic::Code::FailedPrecondition, msg, refusal.encode_to_vec().into());
+    }
     match e {
         ReplicaError::Verification { .. } => Status::data_loss(msg),
         ReplicaError::OutOfOrder { .. } | ReplicaError::ChunkOutOfOrder { .. } => Status::out_of_range(msg),
         ReplicaError::StaleEpoch { .. } | ReplicaError::NoInitialCopy => Status::failed_precondition(msg),
-        ReplicaError::Mismatch { .. } => Status::invalid_argument(msg),
+        ReplicaError::Mismatch { .. } | ReplicaError::Invalid { .. } => Status::invalid_argument(msg),
         ReplicaError::TooLarge { .. } => Status::resource_exhausted(msg),
         ReplicaError::NoSuchPoint(_) => Status::not_found(msg),
         ReplicaError::Io { .. } | ReplicaError::BadState { .. } => Status::internal(msg),
@@ -122,6 +134,7 @@ impl ReplicaService {
             metrics: RwLock::new(None),
             node: std::sync::OnceLock::new(),
             reversing: tokio::sync::Mutex::new(()),
+            controllers: RwLock::new(Vec::new()),
         })
     }
 
@@ -183,6 +196,25 @@ impl ReplicaService {
             out.push(replica);
         }
         Ok(Some(out))
+    }
+
+    /// Refuses these certificate names on the replication API: the
+    /// controller's identity may call the control API only.
+    pub fn set_controller_names(&self, names: Vec<String>) {
+        *self.controllers.write().unwrap_or_else(|p| p.into_inner()) =
+            names.into_iter().map(|n| n.to_ascii_lowercase()).collect();
+    }
+
+    /// Authorises a caller presenting `names` under `site`'s rules; the
+    /// controller's identity is refused whatever the rules say.
+    fn admit(&self, site: &SiteConfig, names: &[String]) -> Result<super::authz::Grant, Status> {
+        let controllers = self.controllers.read().unwrap_or_else(|p| p.into_inner());
+        let theirs: Vec<&String> = names.iter().filter(|n| controllers.contains(n)).collect();
+        if !theirs.is_empty() {
+            let names = theirs.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(denied(Denied::ControllerIdentity { names }));
+        }
+        site.authorize(names).map_err(denied)
     }
 
     /// Also reports to these Prometheus metrics.
@@ -298,7 +330,7 @@ impl ReplicaService {
         }
         // Refuse strangers before saying whether anything exists.
         let site = self.site();
-        site.authorize(names).map_err(denied)?;
+        self.admit(&site, names)?;
         let replica = self.existing(names, vm, disk)?.ok_or_else(|| {
             Status::failed_precondition(format!("no replica of {vm}/{disk} here: call Open first"))
         })?;
@@ -316,6 +348,13 @@ impl ReplicaService {
         let r = req.into_inner();
         let d = r.disk.ok_or_else(|| Status::invalid_argument("disk is required"))?;
         let replica = self.require(&names, &d.vm_id, &d.disk_id)?;
+        if r.last_seq > crate::log::format::MAX_SEQ {
+            return Err(status(ReplicaError::Invalid {
+                field: "last_seq",
+                value: r.last_seq,
+                why: "sequence numbers run from 1 to 2^62",
+            }));
+        }
         let s = replica.state().clone();
         if s.received_through < r.last_seq {
             return Err(Status::failed_precondition(format!(
@@ -335,7 +374,7 @@ impl ReplicaService {
         tracing::Span::current().record("vm", &d.vm_id).record("disk", &d.disk_id);
         names::check("VM id", &d.vm_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         names::check("disk id", &d.disk_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.site().authorize(&names).map_err(denied)?;
+        self.admit(&self.site(), &names)?;
         let Some(replica) = self.existing(&names, &d.vm_id, &d.disk_id)? else {
             return Ok(Response::new(RemoveAck { removed: false }));
         };
@@ -421,7 +460,8 @@ impl ReplicaService {
         tracing::Span::current().record("vm", &d.vm_id).record("disk", &d.disk_id);
         names::check("VM id", &d.vm_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         names::check("disk id", &d.disk_id).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let grant = self.site().authorize(&names).map_err(denied)?;
+        let grant = self.admit(&self.site(), &names)?;
+        check_epoch(r.epoch).and_then(|()| check_disk_size(r.disk_size)).map_err(status)?;
         // Only a promoted side (epoch > 0) may reverse onto this one.
         let _reversing = if r.epoch > 0 { Some(self.reversing.lock().await) } else { None };
         let replica = match self.existing(&names, &d.vm_id, &d.disk_id)? {
@@ -619,7 +659,7 @@ impl ReplicaService {
         let mut stream = req.into_inner();
         let (first, start, replica, _permit) =
             self.begin_stream(&names, &mut stream, |c| c.start.clone(), |s| s.disk.clone()).await?;
-        let mut copy = replica.begin_copy(start.disk_size, start.epoch).map_err(status)?;
+        let mut copy = replica.begin_copy(start.disk_size, start.epoch, start.next_seq).map_err(status)?;
         let mut chunk = Some(first);
         let mut received = 0u64;
         let mut consistent_from = None;
@@ -650,12 +690,10 @@ impl ReplicaService {
             return Err(Status::aborted("the initial copy ended before its last chunk; send it again"));
         };
         let next_seq = start.next_seq;
-        tokio::task::spawn_blocking(move || {
-            replica.finish_copy(copy, next_seq, consistent_from, start.epoch)
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))?
-        .map_err(status)?;
+        tokio::task::spawn_blocking(move || replica.finish_copy(copy, consistent_from))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
         Ok(Response::new(CopyAck { bytes_received: received, next_seq }))
     }
 }

@@ -47,6 +47,15 @@ pub enum ShipError {
          logs cannot bring it up to date; a resynchronisation is required"
     )]
     ResyncRequired { expected: u64, first: u64, last: u64 },
+    #[error("{0}")]
+    Tls(String),
+    #[error(
+        "the replica refused this primary's epoch {mine}: it is at epoch {current}, a newer primary of this \
+         VM exists (it was failed over); this side's disks are made read-only: {message}"
+    )]
+    StaleEpoch { current: u64, mine: u64, message: String },
+    #[error("the replica answered {call} with next_seq {value}, which no log can hold: nothing was deleted")]
+    BadReply { call: &'static str, value: u64 },
     #[error(
         "the replica holds another history (epoch {replica_epoch}, expecting sequence {replica_next}) than \
          this disk's log (epoch {epoch}, sequences {log_start}..={last_logged}): nothing was deleted; \
@@ -63,6 +72,9 @@ impl ShipError {
             ShipError::Rpc(s) => format!("{:?}", s.code()),
             ShipError::Read { .. } => "LocalRead".into(),
             ShipError::Disk(_) | ShipError::Replica(_) => "LocalDisk".into(),
+            ShipError::BadReply { .. } => "BadReply".into(),
+            ShipError::Tls(_) => "TlsRefused".into(),
+            ShipError::StaleEpoch { .. } => "StaleEpoch".into(),
             ShipError::ResyncRequired { .. } | ShipError::Diverged { .. } => "ResyncRequired".into(),
         }
     }
@@ -75,6 +87,22 @@ pub fn channel(addr: &str, server_name: &str, tls: &TlsMaterial) -> Result<Chann
         .tls_config(tls.client(server_name))?
         .connect_timeout(Duration::from_secs(10))
         .connect_lazy())
+}
+
+/// Where a shipper's channel leads, for telling a refused certificate from
+/// a broken connection when a call fails ([`super::tls::diagnose`]).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: String,
+    pub server_name: String,
+    pub tls: TlsMaterial,
+}
+
+impl Peer {
+    /// The lazily connecting channel to this peer.
+    pub fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        channel(&self.addr, &self.server_name, &self.tls)
+    }
 }
 
 /// A token bucket in bytes per second, shared by an agent's transfers.
@@ -265,6 +293,8 @@ pub struct Shipper {
     /// The initial copy in flight: bytes sent so far and bytes to send (the
     /// image's allocated extents), both 0 when none runs.
     copying: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+    /// Where the channel leads (to diagnose TLS failures).
+    peer: Option<Peer>,
 }
 
 /// What one chunk producer hands the gRPC stream.
@@ -326,7 +356,47 @@ impl Shipper {
             stats: Mutex::default(),
             metrics: None,
             copying: Arc::default(),
+            peer: None,
         }
+    }
+
+    /// Names where the channel leads, so a refused certificate is reported
+    /// as one (which side refused, and why) rather than a broken connection.
+    pub fn with_peer(mut self, peer: Peer) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    /// A failed call, told apart: a certificate refused by either side
+    /// becomes [`ShipError::Tls`], which says which side and why.
+    async fn explain(&self, e: ShipError) -> ShipError {
+        let ShipError::Rpc(status) = &e else { return e };
+        use prost::Message;
+        if let Ok(r) = super::proto::Refusal::decode(status.details())
+            && r.kind() == super::proto::RefusalKind::StaleEpoch
+        {
+            return ShipError::StaleEpoch {
+                current: r.current_epoch,
+                mine: self.epoch,
+                message: status.message().to_owned(),
+            };
+        }
+        let server = self.peer.as_ref().map_or("the replica server", |p| p.server_name.as_str());
+        if let Some(f) = super::tls::tls_failure(status) {
+            return ShipError::Tls(f.explain(server));
+        }
+        // A connection broken with no reason given: in TLS 1.3 the server's
+        // refusal of our certificate arrives after the handshake, and the
+        // RPC layer sees only a closed stream. Ask once more by hand.
+        let transport =
+            matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable)
+                && std::error::Error::source(status).is_some();
+        if let (true, Some(p)) = (transport, &self.peer)
+            && let Some(f) = super::tls::diagnose(&p.addr, &p.server_name, &p.tls).await
+        {
+            return ShipError::Tls(f.explain(server));
+        }
+        e
     }
 
     /// Also reports to these Prometheus metrics.
@@ -351,6 +421,11 @@ impl Shipper {
 
     fn labels(&self) -> [&str; 2] {
         [self.vm_id.as_str(), self.disk_id.as_str()]
+    }
+
+    /// The epoch this shipper sends under.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn vm_id(&self) -> &str {
@@ -413,7 +488,13 @@ impl Shipper {
     /// Brings the replica up to date with every sealed segment; returns the
     /// sequence the replica is durable through.
     pub async fn sync_once(&self) -> Result<u64, ShipError> {
-        let result = self.sync_inner().await;
+        let result = match self.sync_inner().await {
+            Err(e) => Err(self.explain(e).await),
+            ok => ok,
+        };
+        if let Err(ShipError::Tls(why)) = &result {
+            tracing::warn!(vm = %self.vm_id, disk = %self.disk_id, "{why}");
+        }
         let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let [vm, disk] = self.labels();
         match &result {
@@ -455,9 +536,9 @@ impl Shipper {
             interval_seconds: self.cfg.interval_seconds,
         };
         let reply = client.open(open).await?.into_inner();
-        let mut next = reply.next_seq;
+        let mut next = checked_next(reply.next_seq, "Open")?;
         if reply.needs_initial_copy || self.source.needs_copy() {
-            next = self.initial_copy().await?;
+            next = checked_next(self.initial_copy().await?, "PushInitialCopy")?;
         } else {
             // Before anything is dropped as "already there": the replica's
             // sequence must be one of this log's. One that has seen nothing of
@@ -698,6 +779,14 @@ impl Shipper {
         }
         Ok(ack.next_seq)
     }
+}
+
+/// A replica's "next sequence" answer, checked before any arithmetic on it.
+fn checked_next(value: u64, call: &'static str) -> Result<u64, ShipError> {
+    if value == 0 || value > crate::log::format::MAX_SEQ + 1 {
+        return Err(ShipError::BadReply { call, value });
+    }
+    Ok(value)
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {

@@ -54,3 +54,105 @@ pub fn dns_names(der: &[u8]) -> Vec<String> {
         })
         .collect()
 }
+
+/// Which side of a TLS handshake refused the other's certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The server refused the certificate this agent presented.
+    TheyRefusedUs,
+    /// This agent refused the server's certificate.
+    WeRefusedThem,
+}
+
+/// What went wrong in a TLS handshake, when a certificate was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFailure {
+    pub refusal: Refusal,
+    /// rustls's name for it (`UnknownCA`, `UnknownIssuer`, `CertificateExpired`, ...).
+    pub reason: String,
+}
+
+impl TlsFailure {
+    /// What an operator reads: which side refused, why, and what to change.
+    pub fn explain(&self, server: &str) -> String {
+        match self.refusal {
+            Refusal::TheyRefusedUs => format!(
+                "TLS: the server {server} refused this agent's certificate ({}): it does not trust the CA \
+                 that signed it, or the certificate is expired or not for client use; give that site this \
+                 site's CA (its ca.crt) or issue this agent's certificate from a CA it trusts",
+                self.reason
+            ),
+            Refusal::WeRefusedThem => format!(
+                "TLS: this agent refused the certificate of {server} ({}): it is not signed by the CA in this \
+                 agent's ca.crt, is expired, or does not name {server}; add that site's CA to ca.crt or fix \
+                 the server name",
+                self.reason
+            ),
+        }
+    }
+}
+
+/// Finds a certificate refusal in an error's chain of sources: an alert the
+/// server sent (it refused us) or a certificate error of ours.
+pub fn tls_failure(err: &(dyn std::error::Error + 'static)) -> Option<TlsFailure> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        let rustls_err = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).and_then(|i| i.downcast_ref())
+        });
+        if let Some(r) = rustls_err {
+            return classify(r);
+        }
+        next = e.source();
+    }
+    None
+}
+
+fn classify(e: &rustls::Error) -> Option<TlsFailure> {
+    use rustls::Error as E;
+    let (refusal, reason) = match e {
+        E::AlertReceived(a) => (Refusal::TheyRefusedUs, format!("{a:?}")),
+        E::InvalidCertificate(c) => (Refusal::WeRefusedThem, format!("{c:?}")),
+        E::NoCertificatesPresented => (Refusal::WeRefusedThem, "no certificate presented".into()),
+        _ => return None,
+    };
+    Some(TlsFailure { refusal, reason })
+}
+
+/// After a connection to `addr` broke for no reason the RPC layer could see:
+/// a handshake made by hand, and one read, which in TLS 1.3 is where a
+/// server's refusal of the client certificate arrives. `None` when the
+/// handshake and the read go through (the failure was something else).
+pub async fn diagnose(addr: &str, server_name: &str, tls: &TlsMaterial) -> Option<TlsFailure> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+    use tokio::io::AsyncReadExt;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes()).collect::<Result<_, _>>().ok()?;
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes()).ok()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes()) {
+        roots.add(ca.ok()?).ok()?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .ok()?;
+    let name = ServerName::try_from(server_name.to_owned()).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let mut stream = match connector.connect(name, tcp).await {
+            Ok(s) => s,
+            Err(e) => return tls_failure(&e),
+        };
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(std::time::Duration::from_secs(2), stream.read(&mut b)).await {
+            Ok(Err(e)) => tls_failure(&e),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), attempt).await.ok().flatten()
+}

@@ -2,6 +2,7 @@
 //! socket, and the real NBD clients from qemu-utils.
 #![allow(dead_code)]
 
+pub mod nbd_raw;
 pub mod net;
 
 use std::{

@@ -10,7 +10,7 @@ use vmreplica_agent::{
     replication::{
         authz::{Entry, SiteConfig},
         service::{ReplicaService, serve},
-        shipper::{RateLimiter, Shipper, ShipperConfig, channel},
+        shipper::{Peer, RateLimiter, Shipper, ShipperConfig},
         tls::TlsMaterial,
     },
 };
@@ -94,8 +94,10 @@ pub fn shipper_for(
     cfg: ShipperConfig,
     limit: Option<u64>,
 ) -> Shipper {
-    let ch = channel(&site.addr.to_string(), REPLICA_NAME, tls).unwrap();
+    let peer = Peer { addr: site.addr.to_string(), server_name: REPLICA_NAME.into(), tls: tls.clone() };
+    let ch = peer.channel().unwrap();
     Shipper::new(vm, disk, ch, cfg, limit.map(|l| Arc::new(RateLimiter::new(l))), Arc::new(Semaphore::new(6)))
+        .with_peer(peer)
 }
 
 /// Waits until the replica has applied everything through `seq`.
