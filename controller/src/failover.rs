@@ -83,6 +83,25 @@ pub fn choose_points(disks: &[&ReplicaDisk], id: &str) -> Result<(String, BTreeM
     Ok((chosen.seq.to_string(), per_disk))
 }
 
+/// What an unplanned failover to `point` (a point id, or `latest` when the
+/// replica had none) loses of what reached the replica: the seconds from the
+/// point to the newest replicated write, and when that write was sealed.
+pub fn data_loss_window(disks: &[&ReplicaDisk], point: &str) -> (Option<u64>, Option<u64>) {
+    let newest = disks
+        .iter()
+        .map(|d| d.points.last().map_or(0, |p| p.time_unix_ms).max(d.last_applied_sealed_unix_ms))
+        .max()
+        .filter(|ms| *ms > 0);
+    let point_ms = disks.iter().flat_map(|d| d.points.iter()).find(|p| p.seq.to_string() == point);
+    let window = match (point_ms, newest) {
+        (Some(p), Some(n)) => Some(n.saturating_sub(p.time_unix_ms) / 1000),
+        // No point yet: the images as they are, which is all that arrived.
+        (None, _) if point == "latest" => Some(0),
+        _ => None,
+    };
+    (window, newest)
+}
+
 /// The replica agent holding this object's VM, and its disks there.
 pub(crate) async fn locate(
     vmr: &VMReplication,
@@ -148,6 +167,23 @@ async fn write(vmr: &VMReplication, ctx: &Context, last: &FailoverStatus) -> Res
     let api = Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default());
     crate::apply_status(&api, &vmr.name_any(), FAILOVER_MANAGER, &serde_json::json!({"lastFailover": last}))
         .await
+}
+
+/// Writes a completed `last` together with the epoch it moved the VM to, in
+/// one update (whoever waits for Completed reads the new epoch with it), and
+/// emits an Event carrying its message.
+async fn write_completed(
+    vmr: &VMReplication,
+    ctx: &Context,
+    last: &FailoverStatus,
+    epoch: u64,
+    reason: &str,
+) -> Result<(), Error> {
+    let api = Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default());
+    let status = serde_json::json!({"lastFailover": last, "epoch": epoch});
+    crate::apply_status(&api, &vmr.name_any(), FAILOVER_MANAGER, &status).await?;
+    event(ctx, vmr, EventType::Normal, reason, last.message.clone().unwrap_or_default()).await;
+    Ok(())
 }
 
 /// Writes `status` and emits an Event carrying its message.
@@ -372,6 +408,27 @@ pub async fn reconcile_test(vmr: &VMReplication, ctx: &Context) -> Result<bool, 
     }
 }
 
+/// The VMReplication at the other site of this one, as an operator finds it:
+/// a Replica object's primary is `<namespace>/<name>` at its primary server;
+/// a Primary object's replica has its name at the replica server (in the
+/// namespace the AuthorizationEntry there names).
+pub fn other_side(vmr: &VMReplication) -> String {
+    if vmr.spec.role == vmreplica_crds::Role::Primary {
+        let server = vmr.spec.replica_server.as_ref().map_or("the replica site", |r| r.name.as_str());
+        return format!(
+            "the Replica object {} at {server} (in the namespace its AuthorizationEntry names)",
+            vmr.name_any()
+        );
+    }
+    let object = vmr
+        .labels()
+        .get(REPLICA_OF)
+        .and_then(|id| id.split_once('.'))
+        .map_or_else(|| vmr.name_any(), |(ns, name)| format!("{ns}/{name}"));
+    let server = vmr.spec.primary_server.as_deref().unwrap_or("the primary site");
+    format!("the Primary object {object} at {server}")
+}
+
 /// What a planned failover means for the primary object this pass.
 pub enum PlannedPrimary {
     /// No planned failover governs the VM: replicate as usual.
@@ -473,8 +530,10 @@ pub async fn planned_primary(
     status.data_loss_window_seconds = Some(0);
     status.message = Some(format!(
         "primary side done: VM stopped, disks read-only, the replica holds every write ({}); now request the \
-         planned failover on the Replica object at the replica site",
-        finals.join(", ")
+         planned failover on {}, with the same id{}",
+        finals.join(", "),
+        other_side(vmr),
+        if vmr.spec.role == vmreplica_crds::Role::Primary { "" } else { " and reverseReplication: true" },
     ));
     record(vmr, ctx, &status, EventType::Normal, "PlannedFailoverPrepared").await?;
     held(status)
@@ -532,8 +591,12 @@ pub async fn planned_replica(
     let finished =
         disks.iter().all(|d| d.promoted || (d.primary_finished && d.received_through >= d.primary_final_seq));
     if !finished {
-        let message = "waiting for the primary's part: request the planned failover on the primary VMReplication \
-                       (it stops the VM and ships the last log)";
+        let message = format!(
+            "waiting for the other side's part: request the planned failover on {}, with the same id (it stops \
+             the VM and ships the last log)",
+            other_side(vmr)
+        );
+        let message = message.as_str();
         if last.as_ref().and_then(|l| l.message.as_deref()) != Some(message) {
             status.message = Some(message.into());
             write(vmr, ctx, &status).await?;
@@ -600,7 +663,7 @@ pub async fn planned_replica(
         "failed over with no loss: the VM's disks are served at {}.{reverse}",
         reply.exports.join(", ")
     ));
-    record(vmr, ctx, &status, EventType::Normal, "PlannedFailoverCompleted").await?;
+    write_completed(vmr, ctx, &status, reply.epoch, "PlannedFailoverCompleted").await?;
     Ok(None)
 }
 
@@ -825,7 +888,7 @@ pub async fn unplanned_replica(
              the block-hash resync), so protecting it again means enabling replication anew, with a full network copy",
             reply.exports.join(", ")
         ));
-        record(vmr, ctx, &done, EventType::Normal, "UnplannedFailoverCompleted").await?;
+        write_completed(vmr, ctx, &done, reply.epoch, "UnplannedFailoverCompleted").await?;
         return Ok(None);
     }
     let now_ms = (ctx.site.now)().as_millisecond().max(0) as u64;
@@ -885,18 +948,19 @@ pub async fn unplanned_replica(
     if f.start_vm {
         power.set_running(true).await.map_err(Error::Read)?;
     }
-    let point_ms = refs
-        .iter()
-        .flat_map(|d| d.points.iter())
-        .filter(|p| p.seq.to_string() == point)
-        .map(|p| p.time_unix_ms)
-        .next();
+    let (window, newest_ms) = data_loss_window(&refs, &point);
     status.phase = FailoverPhase::WaitingCompletion;
-    status.data_loss_window_seconds = point_ms.map(|t| now_ms.saturating_sub(t) / 1000);
+    status.data_loss_window_seconds = window;
+    let last_replicated = newest_ms
+        .and_then(|ms| k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64).ok())
+        .map_or_else(|| "never".to_owned(), |t| t.to_string());
     status.message = Some(format!(
         "the VM runs on point {point} at {}; set complete: true to keep it (the other points are folded away), \
-         or remove the request to cancel",
-        reply.exports.join(", ")
+         or remove the request to cancel. Data-loss window: {}s of replicated writes after the point; the \
+         primary's last write to reach this site was sealed at {last_replicated}, anything it wrote after that \
+         never arrived",
+        reply.exports.join(", "),
+        window.unwrap_or(0)
     ));
     record(vmr, ctx, &status, EventType::Normal, "UnplannedFailoverWaitingCompletion").await?;
     Ok(None)
@@ -918,6 +982,25 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_data_loss_window_counts_replicated_writes_after_the_point_not_the_clock() {
+        let root = disk("root", &[(5, 1_000), (9, 7_000), (12, 13_000)]);
+        let mut data = disk("data", &[(4, 7_003)]);
+        data.last_applied_sealed_unix_ms = 14_500;
+        assert_eq!(
+            data_loss_window(&[&root, &data], "12"),
+            (Some(1), Some(14_500)),
+            "newest write 1.5 s later"
+        );
+        assert_eq!(
+            data_loss_window(&[&root], "12"),
+            (Some(0), Some(13_000)),
+            "the newest point loses nothing"
+        );
+        assert_eq!(data_loss_window(&[&root], "9"), (Some(6), Some(13_000)));
+        assert_eq!(data_loss_window(&[&disk("x", &[])], "latest"), (Some(0), None));
     }
 
     #[test]

@@ -248,6 +248,11 @@ pub struct VmView {
     pub resync_required: bool,
     /// Code and message of a disk's last failure, when its last cycle failed.
     pub failure: Option<(String, String)>,
+    /// The agent fenced the VM: a newer epoch of it exists (0: not fenced).
+    pub fenced_epoch: u64,
+    /// The epoch the disks ship under (the newest promotion that made this
+    /// node the VM's primary).
+    pub epoch: u64,
 }
 
 pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
@@ -278,6 +283,7 @@ pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
             v.copy_total += if d.successful_cycles > 0 { d.initial_copy_bytes } else { d.disk_size };
         }
         v.resync_required |= d.resync_required;
+        v.epoch = v.epoch.max(d.epoch);
         if d.last_replication_unix_ms == 0 {
             all_replicated = false;
         } else {
@@ -298,9 +304,21 @@ fn refused_by_replica(v: &VmView) -> Option<&str> {
     v.failure
         .as_ref()
         .filter(|(code, _)| {
-            matches!(code.as_str(), "PermissionDenied" | "InvalidArgument" | "FailedPrecondition")
+            matches!(
+                code.as_str(),
+                "PermissionDenied" | "InvalidArgument" | "FailedPrecondition" | "TlsRefused" | "StaleEpoch"
+            )
         })
         .map(|(_, m)| m.as_str())
+}
+
+/// What an operator reads about a fenced VM.
+pub fn fenced_text(epoch: u64) -> String {
+    format!(
+        "Fenced: a newer primary of this VM exists (epoch {epoch}, after a failover), so its disks here are \
+         read-only and its VM was stopped: writes here could never replicate. Fail the VM back to this site \
+         to run it here again"
+    )
 }
 
 /// What the reconciler found out about the VM.
@@ -320,7 +338,7 @@ pub fn state(suspended: bool, outcome: &Outcome, previous: ReplicationState) -> 
     match outcome {
         Outcome::Invalid { .. } => Error,
         Outcome::AgentUnavailable(_) => previous,
-        Outcome::Enabled(v) if refused_by_replica(v).is_some() => Error,
+        Outcome::Enabled(v) if v.fenced_epoch > 0 || refused_by_replica(v).is_some() => Error,
         Outcome::Enabled(v) if v.resync_required => WaitingForStartResynchronize,
         Outcome::Enabled(_) if suspended => Suspended,
         Outcome::Enabled(v) if v.disks > 0 && v.replicated == v.disks => Replicating,
@@ -404,7 +422,11 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
             critical.push(format!("Replication cannot be checked or carried out: {why}"))
         }
         Outcome::Enabled(v) => {
-            if let Some(m) = refused_by_replica(v) {
+            if v.fenced_epoch > 0 {
+                critical.push(fenced_text(v.fenced_epoch));
+            } else if let Some((_, m)) = v.failure.as_ref().filter(|(code, _)| code == "TlsRefused") {
+                critical.push(format!("Replication fails at the TLS handshake, disk by disk: {m}"));
+            } else if let Some(m) = refused_by_replica(v) {
                 critical.push(format!(
                     "The replica server refused this primary ({m}); on the replica site, add an \
                      AuthorizationEntry whose allowedPrimaryServer matches this agent's certificate name"
@@ -541,7 +563,17 @@ async fn enable_and_read(agent: &Agent, spec: &VmReplicationSpec, ctx: &Context)
         .await
     {
         Err(why) => Outcome::AgentUnavailable(why),
-        Ok(status) => Outcome::Enabled(view(&spec.vm_id, &status.primaries)),
+        Ok(status) => {
+            let mut v = view(&spec.vm_id, &status.primaries);
+            v.fenced_epoch = status
+                .vms
+                .iter()
+                .filter(|m| m.vm_id == spec.vm_id)
+                .map(|m| m.fenced_epoch)
+                .max()
+                .unwrap_or(0);
+            Outcome::Enabled(v)
+        }
     }
 }
 
@@ -607,7 +639,10 @@ fn build_status(
         // while replication ran the other way are gone with it).
         primary_server: vmr.spec.node.clone(),
         replica_server: vmr.spec.replica_server.as_ref().map(|r| r.name.clone()),
-        epoch: previous.epoch,
+        epoch: match outcome {
+            Outcome::Enabled(v) => previous.epoch.max(v.epoch),
+            _ => previous.epoch,
+        },
         last_failover: previous.last_failover.clone(),
         extended_replication: previous.extended_replication.clone(),
         ..Default::default()
@@ -650,7 +685,11 @@ fn build_status(
     let (ready, reason, message) = match outcome {
         Outcome::Invalid { reason, message } => (false, *reason, message.clone()),
         Outcome::AgentUnavailable(why) => (false, "AgentUnavailable", why.clone()),
+        Outcome::Enabled(v) if v.fenced_epoch > 0 => (false, "Fenced", fenced_text(v.fenced_epoch)),
         Outcome::Enabled(v) => match refused_by_replica(v) {
+            Some(m) if v.failure.as_ref().is_some_and(|(code, _)| code == "TlsRefused") => {
+                (false, "TlsRefused", m.to_owned())
+            }
             Some(m) => (false, "ReplicaRefused", format!("the replica server refused this primary: {m}")),
             None => (true, "Enabled", format!("the agent protects {} disk(s)", v.disks)),
         },
@@ -804,6 +843,11 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
         return Ok(held);
     }
     let (outcome, agent) = observe(&vmr, &ctx).await?;
+    if let Outcome::Enabled(v) = &outcome
+        && v.fenced_epoch > 0
+    {
+        fence(&vmr, &ctx, v.fenced_epoch).await?;
+    }
     let status = build_status(&vmr, &ctx, &outcome, monitoring(&ctx, agent.as_ref()).await?);
     let previous = vmr.status.clone().unwrap_or_default();
     if ctx.should_write(&vmr.uid().unwrap_or_default(), &previous, &status) {
@@ -826,6 +870,33 @@ async fn apply(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Err
     let settled = matches!(status.state, ReplicationState::Replicating | ReplicationState::Suspended)
         && status.health == Health::Normal;
     Ok(Action::requeue(if settled { ctx.poll } else { ctx.poll.min(Duration::from_secs(5)) }))
+}
+
+/// The agent fenced the VM (its disks are read-only): its VM is stopped
+/// through the power runtime, with an Event the first time.
+async fn fence(vmr: &VMReplication, ctx: &Context, epoch: u64) -> Result<(), Error> {
+    use crate::power::{Power, PowerState, VmPower};
+    let power = VmPower::for_vmr(ctx.site.client.clone(), vmr);
+    let running =
+        !matches!(power.state().await.map_err(Error::Read)?, PowerState::Stopped | PowerState::Missing);
+    if running {
+        power.set_running(false).await.map_err(Error::Read)?;
+    }
+    let already = vmr
+        .status
+        .as_ref()
+        .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "Fenced"));
+    if !already || running {
+        let e = Event {
+            type_: EventType::Warning,
+            reason: "Fenced".into(),
+            note: Some(truncate(fenced_text(epoch))),
+            action: "Fence".into(),
+            secondary: None,
+        };
+        ctx.publish(vmr, e).await;
+    }
+    Ok(())
 }
 
 async fn cleanup(vmr: Arc<VMReplication>, ctx: Arc<Context>) -> Result<Action, Error> {

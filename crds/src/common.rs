@@ -10,11 +10,13 @@ use serde::{Deserialize, Serialize};
 
 /// An absolute path with no `.` or `..` components and no empty ones.
 pub const ABSOLUTE_PATH_PATTERN: &str = r"^/$|^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+/?$";
-/// A DNS name, optionally with `*` as the whole first label (`*.site-a.example.com`).
+/// A DNS name (labels of 1-63 characters), optionally with `*` as the whole
+/// first label (`*.site-a.example.com`).
 pub const SERVER_PATTERN_PATTERN: &str =
-    r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
-/// A DNS name or an IPv4 address (a replica server to connect to).
-pub const HOST_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+    r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$";
+/// A DNS name (labels of 1-63 characters) or an IPv4 address (a replica
+/// server to connect to).
+pub const HOST_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$";
 /// An RFC 1123 label: disk names, trust groups, namespaces.
 pub const LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 /// 1h to 7d, in whole hours (`12h`) or days (`2d`).

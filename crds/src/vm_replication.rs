@@ -460,7 +460,11 @@ pub struct FailoverStatus {
     /// When it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_time: Option<Time>,
-    /// Writes the primary made after the chosen point, in seconds (0 for planned).
+    /// The primary's replicated writes lost by the chosen point, in seconds: from
+    /// the chosen point to the newest write that reached the replica (0 for
+    /// planned, and for an unplanned failover to the newest point). Writes the
+    /// primary made after its last replication never reached this site and
+    /// cannot be counted here; the message says when that last replication was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_loss_window_seconds: Option<u64>,
     /// The split-brain guard was overridden with `force`.

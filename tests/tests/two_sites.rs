@@ -498,6 +498,8 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     b_vmrs.patch("pay", &tester, &Patch::Apply(request("u1", json!({"force": true})))).await.unwrap();
     let l = last_of(vmreplica_crds::FailoverPhase::WaitingCompletion).await;
     assert!(l.forced);
+    assert_eq!(l.data_loss_window_seconds, Some(0), "the newest point loses none of what arrived: {l:?}");
+    assert!(l.message.as_deref().unwrap_or_default().contains("never arrived"), "{l:?}");
     wait_secs(30, "FailOverWaitingCompletion", async || {
         state_is(&b_vmrs, "pay", ReplicationState::FailOverWaitingCompletion).await
     })
@@ -551,6 +553,27 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
             .await;
     let ready = stale.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
     assert!(ready.message.contains("epoch"), "{ready:?}");
+    // ... and fenced: its disks take no more writes (they could never
+    // replicate), status and an Event say so and what to do.
+    let fenced = wait_secs(30, "A's pay fenced", async || {
+        let s = a_vmrs.get("pay").await.ok()?.status?;
+        s.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "Fenced").then_some(s)
+    })
+    .await;
+    assert_eq!(fenced.health, vmreplica_crds::Health::Critical);
+    assert!(
+        fenced.health_details.iter().any(|d| d.contains("Fenced") && d.contains("Fail the VM back")),
+        "{:?}",
+        fenced.health_details
+    );
+    assert!(qemu_io(&pay_export, "write -P 0x84 1M 4k").is_err(), "a fenced disk refuses writes");
+    qemu_io(&pay_export, "read -P 0x82 1M 64k").expect("and still reads what it held");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(a.clone(), &a_ns);
+    wait_secs(30, "the Fenced Event", async || {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("Fenced")).then_some(())
+    })
+    .await;
 }
 
 /// Compares two raw images byte for byte.
@@ -650,6 +673,17 @@ async fn planned_failover_there_and_back_loses_nothing() {
                                             "replicationFrequencySeconds": 1},
                         "failover": failover}})
     };
+    // Completed and the epoch it moved to, as one read of the object sees them.
+    let completed_with_epoch = async |api: &Api<VMReplication>, id: &str| {
+        wait_secs(60, &format!("failover {id} to complete"), async || {
+            let s = api.get(app).await.ok()?.status?;
+            let l = s
+                .last_failover
+                .filter(|l| l.id == id && l.phase == vmreplica_crds::FailoverPhase::Completed)?;
+            Some((l, s.epoch))
+        })
+        .await
+    };
     let done = async |api: &Api<VMReplication>, id: &str| {
         wait_secs(60, &format!("failover {id} to complete"), async || {
             api.get(app).await.ok()?.status?.last_failover.filter(|l| {
@@ -689,6 +723,8 @@ async fn planned_failover_there_and_back_loses_nothing() {
         .unwrap();
     let l = done(&b_vmrs, "move").await;
     assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
+    let (_, epoch) = completed_with_epoch(&b_vmrs, "move").await;
+    assert!(epoch >= 1, "Completed is written with the epoch it moved to: {epoch}");
     assert!(l.took_over && l.reversed_to.as_deref() == Some(&format!("{a_name}:{a_repl}")[..]), "{l:?}");
     let message = l.message.unwrap();
     assert!(message.contains("no resync"), "{message}");
@@ -754,6 +790,12 @@ async fn planned_failover_there_and_back_loses_nothing() {
     b_vmrs.patch(app, &tester, &Patch::Apply(at_b(json!({"id": "back", "type": "Planned"})))).await.unwrap();
     let l = done(&b_vmrs, "back").await;
     assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
+    // The next step is on the other site's object, and the message says so.
+    let next = l.message.clone().unwrap();
+    assert!(
+        next.contains(&format!("on the Primary object {a_ns}/{app} at {a_name}")),
+        "the message names where the next step happens: {next}"
+    );
     wait_secs(30, "B SyncedReplicationComplete", async || {
         state_is(&b_vmrs, app, ReplicationState::SyncedReplicationComplete).await
     })
@@ -763,6 +805,8 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let l = done(&a_vmrs, "back").await;
     assert_eq!(l.phase, vmreplica_crds::FailoverPhase::Completed, "{l:?}");
     assert!(l.took_over, "{l:?}");
+    let (_, a_epoch) = completed_with_epoch(&a_vmrs, "back").await;
+    assert!(a_epoch >= 2, "A's object moves to the failback's epoch with Completed: {a_epoch}");
     assert!(identical(&b_root, &root_img) && identical(&b_data, &data_img), "zero loss B→A");
     qemu_io(&a_export("root"), "read -P 0x24 4M 64k").expect("A serves B's last write");
     wait_secs(60, "A to replicate to B again", async || {
@@ -781,7 +825,12 @@ async fn planned_failover_there_and_back_loses_nothing() {
         })
     })
     .await;
-    assert!(back.status.unwrap().epoch >= 2, "the failback is a newer promotion");
+    let b_epoch = back.status.unwrap().epoch;
+    assert!(b_epoch >= 2, "the failback is a newer promotion");
+    wait_secs(30, "both objects to show the same epoch", async || {
+        (a_vmrs.get(app).await.ok()?.status?.epoch == b_epoch).then_some(())
+    })
+    .await;
     assert!(qemu_io(&b_export("root"), "read 0 512").is_err(), "B no longer serves the VM");
 
     // A's agent is killed and comes back: A serves the VM again and ships

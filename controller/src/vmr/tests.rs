@@ -158,6 +158,29 @@ fn health_rules_fire_with_details() {
         d[0].contains("No replication cycle has succeeded for 5m") && d[0].contains("connection refused")
     );
 
+    let mut tls = ok.clone();
+    let why = "disk root: TLS: the server b refused this agent's certificate (UnknownCA)";
+    tls.failure = Some(("TlsRefused".into(), why.into()));
+    let (h, d) = health(&input(&Outcome::Enabled(tls.clone()), w(0, 0), 1_000_000));
+    assert_eq!(h, Health::Critical, "at once: retrying does not fix a certificate");
+    assert!(d[0].contains("TLS handshake") && d[0].contains("UnknownCA"), "{d:?}");
+    assert!(!d[0].contains("AuthorizationEntry"), "not an authorisation problem: {d:?}");
+    assert_eq!(state(false, &Outcome::Enabled(tls), ReplicationState::Replicating), ReplicationState::Error);
+
+    let mut fenced = ok.clone();
+    fenced.fenced_epoch = 3;
+    fenced.failure = Some(("StaleEpoch".into(), "refused this primary's epoch 1".into()));
+    let (h, d) = health(&input(&Outcome::Enabled(fenced.clone()), w(0, 0), 1_000_000));
+    assert_eq!(h, Health::Critical);
+    assert!(
+        d[0].contains("Fenced") && d[0].contains("epoch 3") && d[0].contains("Fail the VM back"),
+        "{d:?}"
+    );
+    assert_eq!(
+        state(false, &Outcome::Enabled(fenced), ReplicationState::Replicating),
+        ReplicationState::Error
+    );
+
     let mut refused = ok;
     refused.failure = Some(("PermissionDenied".into(), "no AuthorizationEntry matches".into()));
     let (h, d) = health(&input(&Outcome::Enabled(refused), w(0, 0), 1_000_000));

@@ -3,11 +3,21 @@
 //! `crdgen` prints them all to stdout as one multi-document stream;
 //! `crdgen <dir>` writes one `<name>.yaml` per CRD into `<dir>` (the chart's
 //! `charts/vmreplica/crds/`), which is what is committed.
-use std::{env, fs, io::Write, path::PathBuf, process::ExitCode};
+use std::{fs, io::Write, path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+
+/// Prints the CRDs of every vmreplica kind, or writes them into a directory.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Write one `<name>.yaml` per CRD here (e.g. charts/vmreplica/crds) instead of printing them.
+    dir: Option<PathBuf>,
+}
 
 fn main() -> ExitCode {
     let crds = vmreplica_crds::crds();
-    match env::args_os().nth(1).map(PathBuf::from) {
+    match Args::parse().dir {
         None => {
             let mut out = std::io::stdout().lock();
             for crd in &crds {

@@ -4,14 +4,22 @@
 //! in the background and stop it from a trap.
 use std::{path::PathBuf, process::ExitCode};
 
+use clap::Parser;
 use vmreplica_tests::{ControlPlane, client_for, install_crds};
+
+/// Runs etcd and kube-apiserver on loopback with vmreplica's CRDs installed,
+/// until SIGTERM or SIGINT. The binaries come from $KUBEBUILDER_ASSETS
+/// (`hack/test-deps.sh` prints such a directory).
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Where to write the kubeconfig once the control plane is ready (removed on stop).
+    kubeconfig_out: PathBuf,
+}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let Some(out) = std::env::args_os().nth(1).map(PathBuf::from) else {
-        eprintln!("usage: vmreplica-testenv <kubeconfig-out>");
-        return ExitCode::from(2);
-    };
+    let out = Args::parse().kubeconfig_out;
     let cp = match ControlPlane::start().await {
         Ok(cp) => cp,
         Err(e) => {
