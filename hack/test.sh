@@ -10,7 +10,10 @@ KUBEBUILDER_ASSETS="${KUBEBUILDER_ASSETS:-$(hack/test-deps.sh)}"
 export KUBEBUILDER_ASSETS
 target="${CARGO_TARGET_DIR:-target}"
 
-cargo build --workspace --all-targets --locked
+# The agent's fail points (crash tests) exist only with this feature; the
+# release build leaves them out.
+features=(--features vmreplica-agent/failpoints)
+cargo build --workspace --all-targets --locked "${features[@]}"
 
 run=$(mktemp -d -t vmreplica-test.XXXXXX)
 "$target/debug/vmreplica-testenv" "$run/kubeconfig" 2>"$run/testenv.log" &
@@ -34,7 +37,7 @@ done
 
 export VMREPLICA_TEST_KUBECONFIG="$run/kubeconfig"
 status=0
-cargo test --workspace --locked "$@" 2>&1 | tee "$run/test.log" || status=$?
+cargo test --workspace --locked "${features[@]}" "$@" 2>&1 | tee "$run/test.log" || status=$?
 # One closing line for the whole run (cargo ends on its last crate's doc tests).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i; if ($(i+1) ~ /^ignored;?$/) s += $i } }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$run/test.log"

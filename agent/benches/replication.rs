@@ -23,16 +23,17 @@ use std::{
 
 use tokio::sync::{Semaphore, oneshot};
 use vmreplica_agent::{
+    agent::Agent,
     disk::ProtectedDisk,
+    grpc::replication::serve,
     log::Journal,
-    replica::{Incoming, ReplicaDisk, ReplicaState},
+    replica::{Incoming, ReplicaDisk, ReplicaState, store::ReplicaStore},
     replication::{
         authz::{Entry, SiteConfig},
-        service::{ReplicaService, serve},
-        shipper::{Shipper, ShipperConfig, channel},
-        tls::TlsMaterial,
+        shipper::{Shipper, ShipperConfig},
     },
 };
+use vmreplica_api::tls::{TlsMaterial, channel};
 use vmreplica_tests::pki::Ca;
 
 const MIB: u64 = 1 << 20;
@@ -96,7 +97,6 @@ fn replica_state(size: u64) -> ReplicaState {
         epoch: 0,
         trust_group: "bench".into(),
         primary: "bench".into(),
-        has_copy: false,
         consistent_from: 0,
         received_through: 0,
         applied_through: 0,
@@ -210,7 +210,7 @@ fn bench_apply(dir: &Path) {
 }
 
 struct Site {
-    service: Arc<ReplicaService>,
+    service: Arc<ReplicaStore>,
     addr: String,
     client_tls: TlsMaterial,
     _stop: oneshot::Sender<()>,
@@ -231,14 +231,14 @@ async fn site(storage: &Path) -> Site {
         }],
         ..Default::default()
     };
-    let service = ReplicaService::new(cfg, 6);
+    let service = ReplicaStore::new(cfg, 6);
+    let agent = Agent::new(None, Some(service.clone()), Vec::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server_tls = leaf(&["replica.site-b.example.com"]);
     let (stop, stopped) = oneshot::channel::<()>();
-    let svc = service.clone();
     tokio::spawn(async move {
-        serve(svc, listener, &server_tls, async {
+        serve(agent, listener, &server_tls, async {
             let _ = stopped.await;
         })
         .await

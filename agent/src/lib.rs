@@ -5,12 +5,16 @@
 //! ```text
 //!  QEMU ──NBD──▶ nbd::NbdServer ──▶ disk::ProtectedDisk ──▶ log::Journal (segments)
 //!                                                      └──▶ raw image
+//!  controller ─▶ grpc::control ─▶ agent::Agent ─▶ node::Node (VMs served here) ─▶ replication::shipper
+//!  primaries  ─▶ grpc::replication ─┘         └──▶ replica::store (replicas kept here)
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod control;
+pub mod agent;
+pub mod cli;
 pub mod disk;
 pub mod failpoint;
+pub mod grpc;
 pub mod image;
 pub mod lease;
 pub mod log;

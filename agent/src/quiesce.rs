@@ -82,7 +82,7 @@ async fn guest_agent(socket: &PathBuf, command: &str) -> Result<(), String> {
     let stream = UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
-    let id = std::process::id() as u64 * 1000 + (crate::replica::disk::now_ms() % 1000);
+    let id = std::process::id() as u64 * 1000 + (crate::replica::now_ms() % 1000);
     w.write_all(format!("{{\"execute\":\"guest-sync\",\"arguments\":{{\"id\":{id}}}}}\n").as_bytes())
         .await
         .map_err(|e| e.to_string())?;

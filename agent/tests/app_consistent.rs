@@ -15,9 +15,10 @@ use vmreplica_agent::{
     replica::{PointKind, retention::Policy},
     replication::{
         cycle::VmReplication,
-        shipper::{Shipper, ShipperConfig, channel},
+        shipper::{Shipper, ShipperConfig},
     },
 };
+use vmreplica_api::tls::channel;
 
 const MIB: u64 = 1 << 20;
 

@@ -9,12 +9,14 @@ mod common;
 use std::fs;
 
 use common::{net::*, *};
-use vmreplica_agent::replication::{
-    proto::{
+use vmreplica_agent::replication::shipper::ShipperConfig;
+use vmreplica_api::{
+    control::FailureKind,
+    replication::{
         CopyChunk, CopyStart, DiskRef, OpenRequest, SegmentChunk, SegmentStart,
         replication_client::ReplicationClient,
     },
-    shipper::{ShipperConfig, channel},
+    tls::channel,
 };
 
 const MIB: u64 = 1 << 20;
@@ -126,7 +128,7 @@ async fn a_refused_certificate_is_reported_as_tls_naming_the_side_that_refused()
     );
     assert!(text.contains("UnknownCA") && text.contains("CA"), "{text}");
     let stats = ship.stats();
-    assert_eq!(stats.last_error_code.as_deref(), Some("TlsRefused"));
+    assert_eq!(stats.last_failure, FailureKind::TlsRefused);
     assert_eq!(stats.last_error.as_deref(), Some(text.as_str()));
     // We do not trust the replica's CA.
     let distrusting = material(&other, &["host1.site-a.example.com"]);

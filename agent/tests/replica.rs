@@ -65,7 +65,6 @@ fn new_replica(dir: &Path, base: &Path) -> ReplicaDisk {
         epoch: 0,
         trust_group: "finance".into(),
         primary: "host1.site-a.example.com".into(),
-        has_copy: false,
         consistent_from: 0,
         received_through: 0,
         applied_through: 0,
@@ -305,7 +304,7 @@ fn reversing_drops_the_other_directions_points_undo_and_segments_and_keeps_the_i
     replica.reverse(2, "replica.site-b.example.com".into(), "finance".into(), None, 40).unwrap();
     let s = replica.state().clone();
     assert_eq!((s.epoch, s.received_through, s.applied_through), (2, 40, 40));
-    assert!(s.has_copy && !s.promoted && s.points.is_empty() && s.primary_final_seq.is_none());
+    assert!(s.has_copy() && !s.promoted() && s.points.is_empty() && s.primary_final_seq().is_none());
     assert_eq!(s.primary, "replica.site-b.example.com");
     assert_eq!(replica.next_seq(), Some(41), "the new primary's log continues the numbering");
     assert_eq!(fs::read_dir(dir.path().join("log")).unwrap().count(), 0, "no old segment is applied later");
@@ -340,7 +339,7 @@ fn a_crash_while_committing_an_initial_copy_is_finished_on_open_and_a_damaged_st
     // What a restarted agent finds: the commit completed, no stale point.
     let reopened = ReplicaDisk::open(dir.path(), || unreachable!("replica.json exists")).unwrap();
     let s = reopened.state().clone();
-    assert!(s.has_copy && s.committing_copy.is_none(), "{s:?}");
+    assert!(s.has_copy() && s.lifecycle == vmreplica_agent::replica::Lifecycle::Receiving, "{s:?}");
     assert_eq!((s.received_through, s.applied_through, s.consistent_from), (next - 1, next - 1, next));
     assert!(s.points.is_empty(), "points of the replaced image would materialise garbage");
     assert!(identical(path_str(&reopened.image()), path_str(&p.snapshots[1])));

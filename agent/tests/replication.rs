@@ -9,13 +9,13 @@ mod common;
 use std::{fs, time::Instant};
 
 use common::{net::*, *};
-use vmreplica_agent::replication::{
-    proto::{
+use vmreplica_agent::replication::shipper::{Shipper, ShipperConfig};
+use vmreplica_api::{
+    replication::{
         CopyChunk, CopyStart, DiskRef, OpenRequest, SegmentChunk, SegmentStart,
         replication_client::ReplicationClient,
     },
-    shipper::{Shipper, ShipperConfig, channel},
-    tls::TlsMaterial,
+    tls::{TlsMaterial, channel},
 };
 
 const MIB: u64 = 1 << 20;
@@ -211,7 +211,7 @@ async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
     assert!(err.message().contains("no initial copy"), "{err}");
     assert_eq!(files_under(&root.join("vm1")), before, "no refused request left a file behind");
     let replica = site.service.replica("vm1", "root").unwrap();
-    assert!(!replica.state().has_copy);
+    assert!(!replica.state().has_copy());
 }
 
 /// GET `path` from `addr` with a minimal HTTP/1.0 request; returns the body.
@@ -385,11 +385,8 @@ async fn a_point_materialises_while_replication_continues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
-    use vmreplica_agent::control::{
-        ControlService,
-        proto::{GetStatusRequest, control_client::ControlClient},
-        serve,
-    };
+    use vmreplica_agent::{agent::Agent, grpc::control::serve};
+    use vmreplica_api::control::{GetStatusRequest, control_client::ControlClient};
     let site = replica_site().await;
     let p = tokio::task::spawn_blocking(|| serve_new_image(32 * MIB, b"boot")).await.unwrap();
     let tls = material(&site.ca, &["host1.site-a.example.com"]);
@@ -401,11 +398,7 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
     ship.sync_once().await.unwrap();
     applied(&site, seg.last_seq).await;
 
-    let control = std::sync::Arc::new(ControlService {
-        shippers: vec![ship.clone()],
-        replicas: Some(site.service.clone()),
-        node: None,
-    });
+    let control = Agent::new(None, Some(site.service.clone()), vec![ship.clone()]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_tls = material(&site.ca, &["agent.site-b.example.com", "127.0.0.1"]);
@@ -431,7 +424,7 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
 
     // Another site's agent, with a certificate from the same CA, may not
     // call the control API: not even to read, let alone promote or remove.
-    use vmreplica_agent::control::proto::{PromoteRequest, RemoveReplicaRequest, SiteConfiguration};
+    use vmreplica_api::control::{PromoteRequest, RemoveReplicaRequest, SiteConfiguration};
     let before = site.service.replica("vm1", "root").unwrap().state().clone();
     let ch = channel(&addr.to_string(), "agent.site-b.example.com", &tls).unwrap();
     let mut peer = ControlClient::new(ch);
@@ -478,8 +471,7 @@ async fn the_vms_own_recovery_history_overrides_the_sites() {
         tokio::task::spawn_blocking(|| serve_new_image_for("vm-all", 8 * MIB, &[1; 4096])).await.unwrap();
     let latest =
         tokio::task::spawn_blocking(|| serve_new_image_for("vm-latest", 8 * MIB, &[1; 4096])).await.unwrap();
-    let history =
-        vmreplica_agent::replication::proto::RecoveryHistory { window_seconds: 0, hourly_points: 0 };
+    let history = vmreplica_agent::replication::shipper::History { window_seconds: 0, hourly_points: 0 };
     let ships = [
         shipper_for("vm-all", &site, &tls, keep_all.disk.clone(), fast(), None),
         shipper_for(
@@ -570,6 +562,9 @@ async fn a_replica_forwards_what_it_applied_to_an_extended_replica() {
     for k in 1..4 {
         last = write_round(k).await;
         applied(&b, last).await;
+        // Kept once applied: the point is recorded (what `applied` sees)
+        // just before the segment moves to forward/.
+        wait_until(|| at_b.forward_sealed().unwrap().last().map(|s| s.last_seq) == Some(last)).await;
         assert_eq!(at_b.forward_sealed().unwrap().last().map(|s| s.last_seq), Some(last), "kept for C");
         // B forwards at its own pace: every other round, two segments at once.
         if k % 2 == 0 {
@@ -658,7 +653,7 @@ async fn after_a_failover_the_extended_replica_follows_the_new_primary() {
     // serves its image, logging from n + 1 under epoch 1.
     let image = at_b.promote().unwrap();
     assert_eq!(at_b.state().epoch, 1);
-    vmreplica_agent::node::fresh_log("vm1", "root", &image, 1, n + 1).unwrap();
+    vmreplica_agent::node::disks::fresh_log("vm1", "root", &image, 1, n + 1).unwrap();
     let served = tokio::task::spawn_blocking(move || serve_image("vm1", &image)).await.unwrap();
     write(served.url(), 9).await;
     let seal = served.disk.seal().unwrap().unwrap();
@@ -670,7 +665,7 @@ async fn after_a_failover_the_extended_replica_follows_the_new_primary() {
     // C stopped one segment short of what B's image holds: refused, and B
     // keeps its segment (acknowledging C's position would have dropped it).
     let err = resume.sync_once().await.unwrap_err();
-    assert_eq!(err.code(), "ResyncRequired", "{err}");
+    assert_eq!(err.kind(), vmreplica_api::control::FailureKind::ResyncRequired, "{err}");
     assert!(err.to_string().contains("another history"), "{err}");
     assert_eq!(served.disk.log_status().sealed.len(), 1, "nothing deleted at B");
     assert_eq!(fs::read(c.service.replica("vm1", "root").unwrap().image()).unwrap(), c_before);

@@ -56,8 +56,7 @@ async fn tampering_and_cut_streams_are_refused_then_recovered_and_failures_back_
     let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead_addr = dead.local_addr().unwrap();
     drop(dead);
-    let ch =
-        vmreplica_agent::replication::shipper::channel(&dead_addr.to_string(), REPLICA_NAME, &tls).unwrap();
+    let ch = vmreplica_api::tls::channel(&dead_addr.to_string(), REPLICA_NAME, &tls).unwrap();
     let lost = vmreplica_agent::replication::shipper::Shipper::new(
         "vm1",
         p.disk.clone(),

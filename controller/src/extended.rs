@@ -21,7 +21,7 @@ use kube::{
     Api, ResourceExt,
     runtime::events::{Event, EventType},
 };
-use vmreplica_agent::control::proto::{ExtendRequest, PrimaryDisk};
+use vmreplica_api::control::{ExtendRequest, FailureKind, PrimaryDisk};
 use vmreplica_crds::{
     ExtendedReplicationStatus, FailoverPhase, FailoverType, ReplicationState, Role, VMReplication,
 };
@@ -67,7 +67,9 @@ pub fn invalid(vmr: &VMReplication, primary_interval: u32) -> Option<String> {
 pub fn status_of(to: &str, shippers: &[&PrimaryDisk]) -> ExtendedReplicationStatus {
     let error = shippers.iter().find(|d| !d.last_error.is_empty());
     let state = match error {
-        Some(d) if d.last_error_code == "ResyncRequired" => ReplicationState::WaitingForStartResynchronize,
+        Some(d) if d.failure_kind() == FailureKind::ResyncRequired => {
+            ReplicationState::WaitingForStartResynchronize
+        }
         Some(_) => ReplicationState::Error,
         None if !shippers.is_empty() && shippers.iter().all(|d| d.successful_cycles > 0) => {
             ReplicationState::Replicating
@@ -237,30 +239,33 @@ mod tests {
 
     #[test]
     fn forwarding_state_follows_the_agents_shippers() {
-        let disk = |cycles, code: &str, err: &str, ms| PrimaryDisk {
+        let disk = |cycles, kind: FailureKind, err: &str, ms| PrimaryDisk {
             disk_id: "root".into(),
             successful_cycles: cycles,
-            last_error_code: code.into(),
+            failure_kind: kind as i32,
             last_error: err.into(),
             last_replication_unix_ms: ms,
             pending_bytes: 10,
             ..Default::default()
         };
-        let ok = [disk(2, "", "", 1_800_000_000_000), disk(1, "", "", 1_800_000_001_000)];
+        let ok = [
+            disk(2, FailureKind::Unspecified, "", 1_800_000_000_000),
+            disk(1, FailureKind::Unspecified, "", 1_800_000_001_000),
+        ];
         let s = status_of("c:1", &ok.iter().collect::<Vec<_>>());
         assert_eq!(s.state, ReplicationState::Replicating);
         assert_eq!(s.pending_replication_bytes, 20);
         assert_eq!(s.last_replication_time.unwrap().0.as_millisecond(), 1_800_000_000_000);
-        let copying = [disk(0, "", "", 0)];
+        let copying = [disk(0, FailureKind::Unspecified, "", 0)];
         assert_eq!(
             status_of("c:1", &copying.iter().collect::<Vec<_>>()).state,
             ReplicationState::WaitingForInitialReplication
         );
-        let diverged = [disk(3, "ResyncRequired", "another history", 5)];
+        let diverged = [disk(3, FailureKind::ResyncRequired, "another history", 5)];
         let s = status_of("c:1", &diverged.iter().collect::<Vec<_>>());
         assert_eq!(s.state, ReplicationState::WaitingForStartResynchronize);
         assert_eq!(s.message.as_deref(), Some("disk root: another history"));
-        let refused = [disk(3, "PermissionDenied", "not authorised", 5)];
+        let refused = [disk(3, FailureKind::RefusedPermission, "not authorised", 5)];
         assert_eq!(status_of("c:1", &refused.iter().collect::<Vec<_>>()).state, ReplicationState::Error);
     }
 }

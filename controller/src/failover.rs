@@ -18,7 +18,7 @@ use kube::{
     Api, ResourceExt,
     runtime::events::{Event, EventType},
 };
-use vmreplica_agent::control::proto::{
+use vmreplica_api::control::{
     AgentStatus, DeleteMaterializedRequest, GetStatusRequest, MaterializeRequest, ReplicaDisk,
 };
 use vmreplica_crds::{FailoverPhase, FailoverStatus, FailoverType, VMReplication};
@@ -241,8 +241,8 @@ async fn promote(
     uid: &str,
     copy_name: String,
     complete: bool,
-) -> Result<vmreplica_agent::control::proto::EnableReply, String> {
-    let req = vmreplica_agent::control::proto::PromoteRequest {
+) -> Result<vmreplica_api::control::EnableReply, String> {
+    let req = vmreplica_api::control::PromoteRequest {
         vm_id: vm_id.to_owned(),
         uid: uid.to_owned(),
         copy_name,
@@ -507,7 +507,7 @@ pub async fn planned_primary(
     status.phase = FailoverPhase::SyncingFinalLog;
     status.message = Some("shipping the last log with the disks read-only".into());
     write(vmr, ctx, &status).await?;
-    let req = vmreplica_agent::control::proto::RemoveRequest {
+    let req = vmreplica_api::control::RemoveRequest {
         vm_id: vm_id.to_owned(),
         uid: vmr.metadata.uid.clone().unwrap_or_default(),
     };
@@ -706,17 +706,14 @@ async fn replicate_promoted(
     let mut images: Vec<&ReplicaDisk> = disks.iter().collect();
     images.sort_by(|a, b| a.disk_id.cmp(&b.disk_id));
     let history = &vmr.spec.recovery_history;
-    let spec = vmreplica_agent::control::proto::VmReplicationSpec {
+    let spec = vmreplica_api::control::VmReplicationSpec {
         vm_id: disks[0].vm_id.clone(),
         uid: vmr.metadata.uid.clone().unwrap_or_default(),
         // Above the promotion's (0).
         generation: vmr.metadata.generation.unwrap_or(1).max(1),
         disks: images
             .iter()
-            .map(|d| vmreplica_agent::control::proto::DiskSpec {
-                name: d.disk_id.clone(),
-                path: d.image_path.clone(),
-            })
+            .map(|d| vmreplica_api::control::DiskSpec { name: d.disk_id.clone(), path: d.image_path.clone() })
             .collect(),
         replica_address: to.to_owned(),
         interval_seconds: vmr.spec.replication_frequency_seconds,
@@ -850,10 +847,7 @@ pub async fn unplanned_replica(
         let Some((agent, disks)) = locate(vmr, ctx).await? else {
             return Err(Error::Agent("no live replica agent holds this VM".into()));
         };
-        let req = vmreplica_agent::control::proto::RemoveRequest {
-            vm_id: disks[0].vm_id.clone(),
-            uid: uid.clone(),
-        };
+        let req = vmreplica_api::control::RemoveRequest { vm_id: disks[0].vm_id.clone(), uid: uid.clone() };
         control(&agent, ctx, async |mut c| c.remove_replication(req.clone()).await.map(|r| r.into_inner()))
             .await
             .map_err(Error::Agent)?;
@@ -968,7 +962,7 @@ pub async fn unplanned_replica(
 
 #[cfg(test)]
 mod tests {
-    use vmreplica_agent::control::proto::RecoveryPoint as Point;
+    use vmreplica_api::control::RecoveryPoint as Point;
 
     use super::*;
 

@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{ArgAction, Parser};
 use tracing_subscriber::EnvFilter;
-use vmreplica_agent::{replication::tls::TlsMaterial, run::terminated};
+use vmreplica_api::tls::TlsMaterial;
 use vmreplica_controller::{leader::Election, plan, preflight, replicas, site, telemetry::Metrics, vmr};
 
 /// Reconciles vmreplica's resources in the cluster of the current kubeconfig
@@ -39,6 +39,16 @@ struct Args {
     /// This replica's identity in the leader Lease (default: POD_NAME, else host and pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {

@@ -19,9 +19,9 @@ use kube::{
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::events::{Event, EventType},
 };
-use vmreplica_agent::{
-    control::proto::{GetStatusRequest, ReplicaDisk},
-    replication::authz::matches,
+use vmreplica_api::{
+    control::{GetStatusRequest, ReplicaDisk},
+    names::matches,
 };
 use vmreplica_crds::{
     AuthorizationEntry, Health, RecoveryPoint, RecoveryPointKind, ReplicationServer, ReplicationState,
@@ -510,7 +510,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
 #[cfg(test)]
 mod tests {
-    use vmreplica_agent::control::proto::RecoveryPoint as Point;
+    use vmreplica_api::control::RecoveryPoint as Point;
 
     use super::*;
 

@@ -18,9 +18,9 @@ use kube::{
     api::ListParams,
     runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
-use vmreplica_agent::{
-    control::proto::{AuthorizationRule, SiteConfiguration, control_client::ControlClient},
-    replication::{shipper::channel, tls::TlsMaterial},
+use vmreplica_api::{
+    control::{AuthorizationRule, SiteConfiguration, control_client::ControlClient},
+    tls::{TlsMaterial, channel},
 };
 use vmreplica_crds::{AgentAcceptance, AuthorizationEntry, ReplicationServer, ReplicationServerStatus};
 

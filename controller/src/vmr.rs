@@ -30,12 +30,12 @@ use kube::{
         watcher,
     },
 };
-use vmreplica_agent::{
-    control::proto::{
-        DiskSpec, EnableReply, GetStatusRequest, PrimaryDisk, RemoveRequest, VmReplicationSpec,
+use vmreplica_api::{
+    control::{
+        DiskSpec, EnableReply, FailureKind, GetStatusRequest, PrimaryDisk, RemoveRequest, VmReplicationSpec,
         control_client::ControlClient,
     },
-    replication::shipper::channel,
+    tls::channel,
 };
 use vmreplica_crds::{
     Health, Progress, ReplicationServer, ReplicationState, ReplicationStatistics, Role, VMReplication,
@@ -246,8 +246,8 @@ pub struct VmView {
     pub copy_done: u64,
     pub copy_total: u64,
     pub resync_required: bool,
-    /// Code and message of a disk's last failure, when its last cycle failed.
-    pub failure: Option<(String, String)>,
+    /// Kind and message of a disk's last failure, when its last cycle failed.
+    pub failure: Option<(FailureKind, String)>,
     /// The agent fenced the VM: a newer epoch of it exists (0: not fenced).
     pub fenced_epoch: u64,
     /// The epoch the disks ship under (the newest promotion that made this
@@ -291,7 +291,7 @@ pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
             oldest = Some(oldest.map_or(t, |o| o.min(t)));
         }
         if !d.last_error.is_empty() && v.failure.is_none() {
-            v.failure = Some((d.last_error_code.clone(), format!("disk {}: {}", d.disk_id, d.last_error)));
+            v.failure = Some((d.failure_kind(), format!("disk {}: {}", d.disk_id, d.last_error)));
         }
     }
     v.last_replication_ms = oldest.filter(|_| all_replicated);
@@ -303,10 +303,14 @@ pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
 fn refused_by_replica(v: &VmView) -> Option<&str> {
     v.failure
         .as_ref()
-        .filter(|(code, _)| {
+        .filter(|(kind, _)| {
             matches!(
-                code.as_str(),
-                "PermissionDenied" | "InvalidArgument" | "FailedPrecondition" | "TlsRefused" | "StaleEpoch"
+                kind,
+                FailureKind::RefusedPermission
+                    | FailureKind::RefusedRequest
+                    | FailureKind::RefusedPrecondition
+                    | FailureKind::TlsRefused
+                    | FailureKind::StaleEpoch
             )
         })
         .map(|(_, m)| m.as_str())
@@ -424,7 +428,9 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
         Outcome::Enabled(v) => {
             if v.fenced_epoch > 0 {
                 critical.push(fenced_text(v.fenced_epoch));
-            } else if let Some((_, m)) = v.failure.as_ref().filter(|(code, _)| code == "TlsRefused") {
+            } else if let Some((_, m)) =
+                v.failure.as_ref().filter(|(kind, _)| *kind == FailureKind::TlsRefused)
+            {
                 critical.push(format!("Replication fails at the TLS handshake, disk by disk: {m}"));
             } else if let Some(m) = refused_by_replica(v) {
                 critical.push(format!(
@@ -687,7 +693,7 @@ fn build_status(
         Outcome::AgentUnavailable(why) => (false, "AgentUnavailable", why.clone()),
         Outcome::Enabled(v) if v.fenced_epoch > 0 => (false, "Fenced", fenced_text(v.fenced_epoch)),
         Outcome::Enabled(v) => match refused_by_replica(v) {
-            Some(m) if v.failure.as_ref().is_some_and(|(code, _)| code == "TlsRefused") => {
+            Some(m) if v.failure.as_ref().is_some_and(|(kind, _)| *kind == FailureKind::TlsRefused) => {
                 (false, "TlsRefused", m.to_owned())
             }
             Some(m) => (false, "ReplicaRefused", format!("the replica server refused this primary: {m}")),
@@ -1029,7 +1035,7 @@ async fn remove_replica(vmr: &VMReplication, ctx: &Context) -> Result<Action, Er
         return Err(Error::Agent(format!("deleting test disks: {why}")));
     }
     for d in &disks {
-        let req = vmreplica_agent::control::proto::RemoveReplicaRequest {
+        let req = vmreplica_api::control::RemoveReplicaRequest {
             vm_id: d.vm_id.clone(),
             disk_id: d.disk_id.clone(),
         };

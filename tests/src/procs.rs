@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use vmreplica_agent::replication::tls::TlsMaterial;
+use vmreplica_api::tls::TlsMaterial;
 
 use crate::pki::Ca;
 

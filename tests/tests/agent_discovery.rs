@@ -82,9 +82,7 @@ async fn agents_are_found_by_their_leases_and_their_liveness_follows_renewal() {
 /// replication, announces both, and takes the site's rules from the controller.
 #[tokio::test]
 async fn one_agent_serves_both_roles() {
-    use vmreplica_agent::control::proto::{
-        AuthorizationRule, SiteConfiguration, control_client::ControlClient,
-    };
+    use vmreplica_api::control::{AuthorizationRule, SiteConfiguration, control_client::ControlClient};
     let client = client().await;
     let ns = test_namespace(&client, "both-roles").await;
     let dir = tempfile::tempdir().unwrap();
@@ -110,8 +108,7 @@ async fn one_agent_serves_both_roles() {
     assert_eq!(found[0].replication_endpoint.as_deref(), Some(format!("127.0.0.1:{repl}").as_str()));
     // The site's rules reach its replica half.
     let tls = material(&ca, &["vmreplica-controller"]);
-    let ch = vmreplica_agent::replication::shipper::channel(&format!("127.0.0.1:{ctl}"), "127.0.0.1", &tls)
-        .unwrap();
+    let ch = vmreplica_api::tls::channel(&format!("127.0.0.1:{ctl}"), "127.0.0.1", &tls).unwrap();
     let cfg = SiteConfiguration {
         rules: vec![AuthorizationRule {
             name: "a".into(),

@@ -10,10 +10,9 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::json;
-use vmreplica_agent::replication::{
-    proto::{DiskRef, OpenRequest, replication_client::ReplicationClient},
-    shipper::channel,
-    tls::TlsMaterial,
+use vmreplica_api::{
+    replication::{DiskRef, OpenRequest, replication_client::ReplicationClient},
+    tls::{TlsMaterial, channel},
 };
 use vmreplica_controller::site;
 use vmreplica_crds::{AuthorizationEntry, ReplicationServer};

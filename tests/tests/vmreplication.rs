@@ -12,7 +12,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use serde_json::json;
-use vmreplica_agent::control::proto::{GetStatusRequest, control_client::ControlClient};
+use vmreplica_api::control::{GetStatusRequest, control_client::ControlClient};
 use vmreplica_controller::{site, telemetry::Metrics, vmr};
 use vmreplica_crds::{Health, ReplicationState, VMReplication};
 use vmreplica_tests::{
@@ -184,14 +184,11 @@ impl Site {
         .await
     }
 
-    async fn agent_status(&self) -> vmreplica_agent::control::proto::AgentStatus {
+    async fn agent_status(&self) -> vmreplica_api::control::AgentStatus {
         let tls = material(&self.ca, &["vmreplica-controller"]);
-        let ch = vmreplica_agent::replication::shipper::channel(
-            &format!("127.0.0.1:{}", self.primary_control),
-            "127.0.0.1",
-            &tls,
-        )
-        .unwrap();
+        let ch =
+            vmreplica_api::tls::channel(&format!("127.0.0.1:{}", self.primary_control), "127.0.0.1", &tls)
+                .unwrap();
         ControlClient::new(ch).get_status(GetStatusRequest {}).await.unwrap().into_inner()
     }
 
@@ -310,7 +307,7 @@ async fn a_vm_replicates_suspends_resumes_and_is_removed() {
 
     // Delete: the agent forgets the VM and its log, the finalizer goes, the
     // replica's disk stays.
-    let log_dir = vmreplica_agent::disk::log_dir_for(&disk.canonicalize().unwrap());
+    let log_dir = log_dir_for(&disk.canonicalize().unwrap());
     assert!(log_dir.exists());
     s.vmrs.delete("db", &DeleteParams::default()).await.unwrap();
     wait_secs(30, "the object to go", async || s.vmrs.get_opt("db").await.unwrap().is_none().then_some(()))
@@ -395,7 +392,7 @@ async fn a_bad_spec_gives_error_with_what_to_fix_and_changes_nothing() {
     // Nothing else changed: no replica written on the refusing server, no log
     // next to the image outside the roots, nothing left protected.
     assert!(files_under(&s.denied_storage).is_empty(), "{:?}", files_under(&s.denied_storage));
-    assert!(!vmreplica_agent::disk::log_dir_for(&outside).exists());
+    assert!(!log_dir_for(&outside).exists());
     let status = s.agent_status().await;
     assert!(status.vms.is_empty(), "{status:?}");
 }
@@ -518,4 +515,12 @@ async fn a_controller_killed_mid_failover_resumes_from_status_and_finishes() {
         .status()
         .unwrap();
     assert!(same.success(), "no write lost across the restart");
+}
+
+/// Where the agent keeps an image's log: next to it, as `<image>.vmrlog`
+/// (docs/architecture.md, "Segments").
+fn log_dir_for(image: &std::path::Path) -> std::path::PathBuf {
+    let mut name = image.file_name().unwrap().to_owned();
+    name.push(".vmrlog");
+    image.with_file_name(name)
 }

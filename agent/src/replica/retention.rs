@@ -3,25 +3,10 @@
 //! most recent N hours, an application-consistent one where the hour has one;
 //! and always the newest. Pure: the replica prunes (folding undo) what this drops.
 
-use super::disk::{Point, PointKind};
+pub use super::state::Policy;
+use super::state::{Point, PointKind};
 
 const HOUR_MS: u64 = 3_600_000;
-
-/// The replica side's recovery history settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Policy {
-    /// Every point newer than this is kept (default one hour).
-    pub window_ms: u64,
-    /// Hourly points kept beyond the window (default 24, up to 168).
-    pub hourly: u32,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Self { window_ms: HOUR_MS, hourly: 24 }
-    }
-}
 
 /// For each point (oldest first), `Some(kind)` to keep it as that kind, `None` to drop it.
 pub fn plan(points: &[Point], now_ms: u64, policy: &Policy) -> Vec<Option<PointKind>> {

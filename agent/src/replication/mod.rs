@@ -1,13 +1,8 @@
-//! Agent↔agent replication over mutually authenticated gRPC: the replica's
-//! service, the primary's shipper, and the authorisation rules between them.
+//! Agent↔agent replication, the primary's half and the rules both halves
+//! share: the per-VM replication cycle, the shipper that sends a disk's log,
+//! and which primaries a replica site accepts. The replica's half is
+//! [`crate::replica`]; its gRPC adapter [`crate::grpc::replication`].
 
 pub mod authz;
 pub mod cycle;
-pub mod service;
 pub mod shipper;
-pub mod tls;
-
-/// Generated from `agent/proto/replication.proto`.
-pub mod proto {
-    tonic::include_proto!("vmreplica.replication.v1");
-}

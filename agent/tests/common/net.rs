@@ -6,14 +6,16 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use tokio::sync::{Semaphore, oneshot};
 use vmreplica_agent::{
+    agent::Agent,
     disk::ProtectedDisk,
+    grpc::replication::serve,
+    replica::store::ReplicaStore,
     replication::{
         authz::{Entry, SiteConfig},
-        service::{ReplicaService, serve},
         shipper::{Peer, RateLimiter, Shipper, ShipperConfig},
-        tls::TlsMaterial,
     },
 };
+use vmreplica_api::tls::TlsMaterial;
 use vmreplica_tests::pki::Ca;
 
 pub const REPLICA_NAME: &str = "replica.site-b.example.com";
@@ -21,7 +23,10 @@ pub const REPLICA_NAME: &str = "replica.site-b.example.com";
 pub struct Site {
     pub ca: Ca,
     pub storage: tempfile::TempDir,
-    pub service: Arc<ReplicaService>,
+    /// The replicas this site keeps.
+    pub service: Arc<ReplicaStore>,
+    /// The agent they belong to (replica role only).
+    pub agent: Arc<Agent>,
     pub addr: SocketAddr,
     _stop: oneshot::Sender<()>,
 }
@@ -59,12 +64,13 @@ pub async fn replica_site_with(max_transfers: usize) -> Site {
         ],
         ..Default::default()
     };
-    let service = ReplicaService::new(site, max_transfers);
+    let service = ReplicaStore::new(site, max_transfers);
+    let agent = Agent::new(None, Some(service.clone()), Vec::new());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = material(&ca, &[REPLICA_NAME, "127.0.0.1"]);
     let (stop, stopped) = oneshot::channel::<()>();
-    let svc = service.clone();
+    let svc = agent.clone();
     tokio::spawn(async move {
         serve(svc, listener, &tls, async {
             let _ = stopped.await;
@@ -72,7 +78,7 @@ pub async fn replica_site_with(max_transfers: usize) -> Site {
         .await
         .unwrap();
     });
-    Site { ca, storage, service, addr, _stop: stop }
+    Site { ca, storage, service, agent, addr, _stop: stop }
 }
 
 pub fn shipper(

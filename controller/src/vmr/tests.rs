@@ -76,13 +76,13 @@ fn the_view_sums_a_vms_disks_only() {
     b.missed_cycles = 2;
     b.last_replication_unix_ms = 4_000;
     b.last_error = "replica refused: boom".into();
-    b.last_error_code = "Unavailable".into();
+    b.failure_kind = FailureKind::Unreachable as i32;
     let other = disk("prod.other", "root");
     let v = view("prod.db", &[a.clone(), b, other]);
     assert_eq!((v.disks, v.replicated, v.successful, v.missed), (2, 2, 3, 2));
     assert_eq!((v.raw_bytes, v.pending_bytes, v.copy_total), (200, 7, 0), "both copies done, nothing sent");
     assert_eq!(v.last_replication_ms, Some(4_000), "the oldest disk decides");
-    assert_eq!(v.failure.as_ref().unwrap().0, "Unavailable");
+    assert_eq!(v.failure.as_ref().unwrap().0, FailureKind::Unreachable);
     let mut never = disk("prod.db", "data");
     never.last_replication_unix_ms = 0;
     assert_eq!(
@@ -114,7 +114,7 @@ fn states_follow_the_agents_numbers() {
     v.resync_required = true;
     assert_eq!(on(&v, false), WaitingForStartResynchronize);
     v.resync_required = false;
-    v.failure = Some(("PermissionDenied".into(), "no entry matches".into()));
+    v.failure = Some((FailureKind::RefusedPermission, "no entry matches".into()));
     assert_eq!(on(&v, false), Error);
     let invalid = Outcome::Invalid { reason: "NoAgent", message: "x".into() };
     assert_eq!(state(false, &invalid, Replicating), Error);
@@ -149,7 +149,7 @@ fn health_rules_fire_with_details() {
     assert!(d[0].contains("2h0m behind"), "{d:?}");
 
     let mut failing = ok.clone();
-    failing.failure = Some(("Unavailable".into(), "disk root: connection refused".into()));
+    failing.failure = Some((FailureKind::Unreachable, "disk root: connection refused".into()));
     let (h, _) = health(&input(&Outcome::Enabled(failing.clone()), w(10, 1), 1_000_000 + 299_000));
     assert_eq!(h, Health::Normal, "failing for less than ten intervals");
     let (h, d) = health(&input(&Outcome::Enabled(failing), w(10, 1), 1_000_000 + 301_000));
@@ -160,7 +160,7 @@ fn health_rules_fire_with_details() {
 
     let mut tls = ok.clone();
     let why = "disk root: TLS: the server b refused this agent's certificate (UnknownCA)";
-    tls.failure = Some(("TlsRefused".into(), why.into()));
+    tls.failure = Some((FailureKind::TlsRefused, why.into()));
     let (h, d) = health(&input(&Outcome::Enabled(tls.clone()), w(0, 0), 1_000_000));
     assert_eq!(h, Health::Critical, "at once: retrying does not fix a certificate");
     assert!(d[0].contains("TLS handshake") && d[0].contains("UnknownCA"), "{d:?}");
@@ -169,7 +169,7 @@ fn health_rules_fire_with_details() {
 
     let mut fenced = ok.clone();
     fenced.fenced_epoch = 3;
-    fenced.failure = Some(("StaleEpoch".into(), "refused this primary's epoch 1".into()));
+    fenced.failure = Some((FailureKind::StaleEpoch, "refused this primary's epoch 1".into()));
     let (h, d) = health(&input(&Outcome::Enabled(fenced.clone()), w(0, 0), 1_000_000));
     assert_eq!(h, Health::Critical);
     assert!(
@@ -182,7 +182,7 @@ fn health_rules_fire_with_details() {
     );
 
     let mut refused = ok;
-    refused.failure = Some(("PermissionDenied".into(), "no AuthorizationEntry matches".into()));
+    refused.failure = Some((FailureKind::RefusedPermission, "no AuthorizationEntry matches".into()));
     let (h, d) = health(&input(&Outcome::Enabled(refused), w(0, 0), 1_000_000));
     assert_eq!(h, Health::Critical);
     assert!(d[0].contains("add an AuthorizationEntry"), "{d:?}");

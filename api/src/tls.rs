@@ -1,9 +1,11 @@
-//! Mutual TLS for agent↔agent traffic: every connection presents a certificate
-//! signed by the site CA, and the replica reads the primary's DNS names from it.
+//! Mutual TLS for every connection (controller → agent, agent ↔ agent): each
+//! side presents a certificate signed by a CA the other trusts, and the
+//! server reads the client's DNS names from it. When a handshake fails on a
+//! certificate, [`tls_failure`] and [`diagnose`] say which side refused and why.
 
-use std::{fs, io, path::Path};
+use std::{fs, io, path::Path, time::Duration};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 /// An agent's certificate, key and the CA it trusts, PEM.
 #[derive(Clone, Debug)]
@@ -155,4 +157,29 @@ pub async fn diagnose(addr: &str, server_name: &str, tls: &TlsMaterial) -> Optio
         }
     };
     tokio::time::timeout(std::time::Duration::from_secs(10), attempt).await.ok().flatten()
+}
+
+/// Opens a lazily connecting mutual-TLS channel to `addr` (`host:port`),
+/// verifying the server as `server_name`.
+pub fn channel(addr: &str, server_name: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls.client(server_name))?
+        .connect_timeout(Duration::from_secs(10))
+        .connect_lazy())
+}
+
+/// Where a channel leads, kept for telling a refused certificate from a
+/// broken connection when a call fails ([`diagnose`]).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: String,
+    pub server_name: String,
+    pub tls: TlsMaterial,
+}
+
+impl Peer {
+    /// The lazily connecting channel to this peer.
+    pub fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+        channel(&self.addr, &self.server_name, &self.tls)
+    }
 }

@@ -1,0 +1,377 @@
+//! The agent's command line: what each flag means, checked and turned into
+//! the options [`crate::run`] takes. `main.rs` only parses and dispatches.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use vmreplica_api::tls::TlsMaterial;
+
+use crate::{
+    log,
+    quiesce::Quiesce,
+    replica::retention::Policy,
+    replication::{
+        authz::{Entry, SiteConfig},
+        shipper::ShipperConfig,
+    },
+    run,
+};
+
+/// vmreplica's node agent.
+#[derive(Parser)]
+#[command(version)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve protected disks over NBD, logging every write; optionally replicate them.
+    Serve(Box<Serve>),
+    /// Accept replication from authorised primaries (a replica site's server).
+    Receive(Box<Receive>),
+    /// Apply sealed segments, in order, to a copy of the base image. Every
+    /// segment is verified before anything is written.
+    Replay {
+        /// The image to bring forward (a copy of the image the first segment starts from).
+        #[arg(long)]
+        image: PathBuf,
+        /// Sealed segments, oldest first.
+        #[arg(required = true)]
+        segments: Vec<PathBuf>,
+    },
+    /// Verify sealed segments and print what they hold.
+    Inspect {
+        #[arg(required = true)]
+        segments: Vec<PathBuf>,
+    },
+}
+
+/// How the agent announces itself in the cluster (a Lease per node).
+#[derive(ClapArgs, Clone)]
+struct AnnounceArgs {
+    /// Keep a Lease in this namespace announcing the agent to the controller.
+    #[arg(long)]
+    lease_namespace: Option<String>,
+    /// This agent's node name.
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
+    /// A label of this node (`key=value`, repeatable), copied onto the Lease.
+    #[arg(long = "node-label", value_parser = parse_label)]
+    node_labels: Vec<(String, String)>,
+    /// Kubeconfig to reach the apiserver (default: in-cluster or $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Host the controller and peers reach this agent at (default: the node name).
+    #[arg(long)]
+    advertise_host: Option<String>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected key=value"))
+}
+
+impl AnnounceArgs {
+    fn resolve(self) -> Result<Option<run::Announce>, String> {
+        let Some(namespace) = self.lease_namespace else { return Ok(None) };
+        let node = self.node.ok_or("--lease-namespace needs --node (or NODE_NAME)")?;
+        Ok(Some(run::Announce {
+            kubeconfig: self.kubeconfig,
+            namespace,
+            host: self.advertise_host.unwrap_or_else(|| node.clone()),
+            node,
+            labels: self.node_labels.into_iter().collect(),
+        }))
+    }
+}
+
+#[derive(ClapArgs)]
+pub struct Serve {
+    /// The protected VM's id (written into every log segment) of the --disk images.
+    #[arg(long, requires = "disks")]
+    vm: Option<String>,
+    /// A disk to protect, as NAME=PATH of an existing raw image. Repeatable.
+    /// Without any, the agent protects what the controller enables through
+    /// the control API (--control-listen).
+    #[arg(long = "disk", value_parser = parse_disk, required_unless_present = "control_listen")]
+    disks: Vec<(String, PathBuf)>,
+    /// A directory whose images the controller may ask this agent to serve. Repeatable.
+    #[arg(long = "disk-root", default_value = "/var/lib/vmreplica/disks")]
+    disk_roots: Vec<PathBuf>,
+    /// Also receive replication on this address (mutual TLS), with the rules
+    /// the controller pushes: one agent per node in both roles.
+    #[arg(long, requires = "control_listen")]
+    listen: Option<SocketAddr>,
+    /// Let VMReplications name freeze/thaw commands, run here as the agent.
+    /// Off by default: whoever may create a VMReplication could run them.
+    #[arg(long)]
+    allow_quiesce_commands: bool,
+    /// Resolve HOST to ADDRESS instead of asking DNS (`HOST=ADDRESS`, repeatable).
+    #[arg(long, value_parser = parse_resolve)]
+    resolve: Vec<(String, std::net::IpAddr)>,
+    /// Unix socket to serve NBD on (`nbd+unix:///NAME?socket=PATH`).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Also serve NBD over TCP on this loopback address.
+    #[arg(long)]
+    tcp: Option<SocketAddr>,
+    /// Most NBD connections one export serves at once (a VM's QEMU opens
+    /// one, or a few with multi-conn); more are refused.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    nbd_max_connections: u16,
+    /// Seconds between replication cycles (sealing, and shipping when replicating).
+    #[arg(long = "interval", alias = "seal-interval")]
+    interval: Option<u64>,
+    /// Replicate to the replica site's server at HOST:PORT.
+    #[arg(long)]
+    replicate_to: Option<String>,
+    /// The replica server's name in its certificate (default: the host of --replicate-to).
+    #[arg(long)]
+    replica_server_name: Option<String>,
+    /// Directory with tls.crt, tls.key and ca.crt (needed to replicate).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Send segments uncompressed.
+    #[arg(long)]
+    no_compression: bool,
+    /// Replication bandwidth limit, bytes per second.
+    #[arg(long)]
+    bandwidth_limit: Option<u64>,
+    /// Most transfers at once (Hyper-V's MaximumActiveTransfers).
+    #[arg(long, default_value_t = 6)]
+    max_transfers: usize,
+    /// Waits after failed cycles, in seconds; the last repeats.
+    #[arg(long, value_delimiter = ',', default_values_t = [60, 120, 240, 480, 1800])]
+    retry_seconds: Vec<u64>,
+    /// Take an application-consistent point this often (seconds), quiescing
+    /// with --freeze-command/--thaw-command or --guest-agent-socket.
+    #[arg(long)]
+    app_consistent_every: Option<u64>,
+    /// Freeze command, run with `sh -c`.
+    #[arg(long, requires = "thaw_command")]
+    freeze_command: Option<String>,
+    /// Thaw command, run with `sh -c` after every freeze attempt.
+    #[arg(long, requires = "freeze_command")]
+    thaw_command: Option<String>,
+    /// The QEMU guest agent's socket (guest-fsfreeze-freeze / -thaw).
+    #[arg(long, conflicts_with = "freeze_command")]
+    guest_agent_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics (/metrics) and /healthz on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Serve the control API (mutual TLS, certificates from --tls-dir) on this address.
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    announce: AnnounceArgs,
+    /// The controller's certificate name (a DNS name in its SAN), repeatable:
+    /// only it may call the control API, and it may not call the replication API.
+    #[arg(long = "controller-name", default_value = crate::grpc::control::DEFAULT_CONTROLLER_NAME)]
+    controller_names: Vec<String>,
+}
+
+#[derive(ClapArgs)]
+pub struct Receive {
+    /// Address to listen on for replication (mutual TLS).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Directory with tls.crt, tls.key and ca.crt.
+    #[arg(long)]
+    tls_dir: PathBuf,
+    /// An authorised primary, as `pattern=*.site-a.example.com,storage=/dir,trust-group=NAME`. Repeatable.
+    #[arg(long = "authorize", value_parser = parse_entry)]
+    entries: Vec<Entry>,
+    /// Accept any primary the CA signed, storing its replicas under --storage.
+    #[arg(long)]
+    allow_any_server: bool,
+    /// Storage for replicas accepted through --allow-any-server.
+    #[arg(long)]
+    storage: Option<PathBuf>,
+    /// Trust group of replicas accepted through --allow-any-server.
+    #[arg(long, default_value = "default")]
+    default_trust_group: String,
+    /// Most transfers at once.
+    #[arg(long, default_value_t = 6)]
+    max_transfers: usize,
+    /// Every replication cycle within this many seconds is a recovery point (at most a day).
+    #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    window_seconds: u64,
+    /// Beyond the window, keep one point per hour for this many hours (0-168).
+    #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=168))]
+    hourly_points: u32,
+    /// Serve Prometheus metrics (/metrics) and /healthz on this address.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
+    /// Serve the control API (mutual TLS, certificates from --tls-dir) on this address.
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    announce: AnnounceArgs,
+    /// The controller's certificate name (a DNS name in its SAN), repeatable:
+    /// only it may call the control API, and it may not call the replication API.
+    #[arg(long = "controller-name", default_value = crate::grpc::control::DEFAULT_CONTROLLER_NAME)]
+    controller_names: Vec<String>,
+}
+
+fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = s.split_once('=').ok_or("expected NAME=PATH")?;
+    crate::replica::names::check("disk name", name).map_err(|e| e.to_string())?;
+    Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (host, ip) = s.split_once('=').ok_or("expected HOST=ADDRESS")?;
+    Ok((host.to_ascii_lowercase(), ip.parse().map_err(|e| format!("{ip:?}: {e}"))?))
+}
+
+fn parse_entry(s: &str) -> Result<Entry, String> {
+    let mut e = Entry {
+        name: String::new(),
+        allowed_primary_server: String::new(),
+        storage: PathBuf::new(),
+        trust_group: String::new(),
+    };
+    for kv in s.split(',') {
+        match kv.split_once('=') {
+            Some(("pattern", v)) => e.allowed_primary_server = v.to_ascii_lowercase(),
+            Some(("storage", v)) => e.storage = PathBuf::from(v),
+            Some(("trust-group", v)) => e.trust_group = v.to_owned(),
+            Some(("name", v)) => e.name = v.to_owned(),
+            _ => {
+                return Err(format!(
+                    "unknown part {kv:?}: expected pattern=, storage=, trust-group= (and name=)"
+                ));
+            }
+        }
+    }
+    if e.allowed_primary_server.is_empty() || e.trust_group.is_empty() || !e.storage.is_absolute() {
+        return Err("pattern, trust-group and an absolute storage are required".into());
+    }
+    if e.name.is_empty() {
+        e.name = e.allowed_primary_server.clone();
+    }
+    Ok(e)
+}
+
+pub fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
+    let tls = s.tls_dir.as_deref().map(TlsMaterial::from_dir).transpose().map_err(|e| e.to_string())?;
+    if !s.disks.is_empty() && s.vm.is_none() {
+        return Err("--disk needs --vm (the protected VM's id)".into());
+    }
+    let retry: Vec<Duration> = s.retry_seconds.iter().map(|&x| Duration::from_secs(x)).collect();
+    let replicate = match s.replicate_to {
+        None => None,
+        Some(addr) => {
+            if tls.is_none() {
+                return Err("--replicate-to needs --tls-dir".into());
+            }
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).to_owned();
+            Some(run::ReplicateTo {
+                server_name: s.replica_server_name.unwrap_or(host),
+                addr,
+                shipper: ShipperConfig {
+                    compression: !s.no_compression,
+                    backoff: retry.clone(),
+                    ..Default::default()
+                },
+            })
+        }
+    };
+    let sh = |c: String| vec!["sh".to_owned(), "-c".to_owned(), c];
+    let quiesce = match (s.freeze_command, s.thaw_command, s.guest_agent_socket) {
+        (Some(f), Some(t), None) => Some(Quiesce::Command { freeze: sh(f), thaw: sh(t) }),
+        (None, None, Some(socket)) => Some(Quiesce::GuestAgent { socket }),
+        _ => None,
+    };
+    let app_consistent = match (s.app_consistent_every, quiesce) {
+        (Some(every), Some(q)) => Some((q, Duration::from_secs(every))),
+        (Some(_), None) => return Err("--app-consistent-every needs a way to quiesce: --freeze-command and --thaw-command, or --guest-agent-socket".into()),
+        (None, _) => None,
+    };
+    Ok(run::ServeOptions {
+        app_consistent,
+        metrics: s.metrics,
+        control: s.control_listen,
+        announce: s.announce.resolve()?,
+        vm: s.vm.unwrap_or_default(),
+        disks: s.disks,
+        tls,
+        disk_roots: s.disk_roots,
+        resolve: s.resolve.into_iter().collect(),
+        retry,
+        bandwidth: s.bandwidth_limit,
+        max_transfers: s.max_transfers,
+        allow_quiesce_commands: s.allow_quiesce_commands,
+        controllers: s.controller_names,
+        receive: s.listen,
+        receive_retention: Policy::default(),
+        socket: s.socket,
+        tcp: s.tcp,
+        nbd_limits: crate::nbd::server::Limits {
+            max_connections_per_export: usize::from(s.nbd_max_connections),
+            ..Default::default()
+        },
+        interval: s.interval.map(|x| Duration::from_secs(x.max(1))),
+        replicate,
+    })
+}
+
+pub fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
+    let announce = r.announce.resolve()?;
+    if r.entries.is_empty() && !r.allow_any_server && announce.is_none() {
+        return Err(
+            "give --authorize entries, --allow-any-server, or --lease-namespace (the controller then \
+                    configures the site): otherwise no primary is accepted"
+                .into(),
+        );
+    }
+    Ok(run::ReceiveOptions {
+        listen: r.listen,
+        tls: TlsMaterial::from_dir(&r.tls_dir).map_err(|e| e.to_string())?,
+        site: SiteConfig {
+            allow_any_server: r.allow_any_server,
+            default_storage: r.storage,
+            default_trust_group: r.default_trust_group,
+            entries: r.entries,
+        },
+        max_transfers: r.max_transfers,
+        retention: Policy { window_ms: r.window_seconds * 1000, hourly: r.hourly_points },
+        metrics: r.metrics,
+        control: r.control_listen,
+        announce,
+        controllers: r.controller_names,
+    })
+}
+
+pub fn inspect(segments: &[PathBuf]) -> Result<(), String> {
+    let mut failed = false;
+    for path in segments {
+        let result = std::fs::File::open(path).map_err(log::FormatError::Io).and_then(|f| {
+            let mut r = log::SegmentReader::new(std::io::BufReader::new(f))?;
+            while r.next_record()?.is_some() {}
+            let h = r.header.clone();
+            Ok((h, r.finish_sealed()?))
+        });
+        match result {
+            Ok((h, seal)) => println!(
+                "{}: ok: {}/{} epoch {} sequence {}..={} ({} records, {} data bytes)",
+                path.display(),
+                h.vm_id,
+                h.disk_id,
+                h.epoch,
+                h.first_seq,
+                seal.last_seq,
+                seal.records,
+                seal.data_bytes
+            ),
+            Err(e) => {
+                failed = true;
+                println!("{}: DAMAGED: {e}", path.display());
+            }
+        }
+    }
+    if failed { Err("some segments are damaged".into()) } else { Ok(()) }
+}

@@ -1,0 +1,332 @@
+//! The replication API (`vmreplica.replication.v1.Replication`) over the
+//! agent's replica role: the wire in, [`crate::agent::Agent`] calls out.
+//!
+//! Every call: the client certificate's DNS names are what it is authorised
+//! by (nothing is created or written before that), and chunk and
+//! decompressed sizes are bounded. A segment is acknowledged only once
+//! durable and verified; applying it happens after, in the background.
+//! Refusals are gRPC codes a sender acts on, with a typed [`Refusal`] in the
+//! details where the sender must do something particular (a stale epoch).
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status, Streaming};
+use vmreplica_api::{
+    MAX_CHUNK, MAX_FRAME,
+    replication::{
+        CopyAck, CopyChunk, DiskRef, FinalizeRequest, OpenReply, OpenRequest, Refusal, RefusalKind,
+        RemoveAck, SegmentAck, SegmentChunk, replication_server::Replication,
+    },
+    tls::{TlsMaterial, dns_names},
+};
+
+use crate::{
+    agent::{Agent, OpenArgs},
+    replica::{Incoming, ReplicaDisk, ReplicaError, retention::Policy, store::StoreError},
+};
+
+/// The gRPC status for a replica error: what the sender should do differs per kind.
+pub fn status(e: ReplicaError) -> Status {
+    let msg = e.to_string();
+    if let ReplicaError::StaleEpoch { current, .. } = e {
+        let refusal = Refusal { kind: RefusalKind::StaleEpoch as i32, current_epoch: current };
+        return Status::with_details(tonic::Code::FailedPrecondition, msg, refusal.encode_to_vec().into());
+    }
+    match e {
+        ReplicaError::Verification { .. } => Status::data_loss(msg),
+        ReplicaError::OutOfOrder { .. } | ReplicaError::ChunkOutOfOrder { .. } => Status::out_of_range(msg),
+        ReplicaError::StaleEpoch { .. } | ReplicaError::NoInitialCopy => Status::failed_precondition(msg),
+        ReplicaError::Mismatch { .. } | ReplicaError::Invalid { .. } => Status::invalid_argument(msg),
+        ReplicaError::TooLarge { .. } => Status::resource_exhausted(msg),
+        ReplicaError::NoSuchPoint(_) => Status::not_found(msg),
+        ReplicaError::Io { .. } | ReplicaError::BadState { .. } => Status::internal(msg),
+    }
+}
+
+/// The gRPC status for a store refusal.
+fn refused(e: StoreError) -> Status {
+    let msg = e.to_string();
+    match e {
+        StoreError::Denied(_) | StoreError::NotPlainDirectory { .. } => Status::permission_denied(msg),
+        StoreError::BadName(_) => Status::invalid_argument(msg),
+        StoreError::Precondition(_) => Status::failed_precondition(msg),
+        StoreError::NotFound(_) => Status::not_found(msg),
+        StoreError::Io { .. } => Status::internal(msg),
+        StoreError::Replica(r) => status(r),
+    }
+}
+
+fn peer_names<T>(req: &Request<T>) -> Vec<String> {
+    req.peer_certs().and_then(|c| c.first().map(|c| dns_names(c.as_ref()))).unwrap_or_default()
+}
+
+/// The replication API of one agent.
+pub struct ReplicationService {
+    agent: Arc<Agent>,
+}
+
+impl ReplicationService {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Self { agent }
+    }
+
+    /// Counts a refusal by its gRPC code (a bounded label).
+    fn counted<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
+        if let (Err(s), Some(m)) = (&r, self.agent.store().ok().and_then(|s| s.metrics())) {
+            m.refused.with_label_values(&[&format!("{:?}", s.code())]).inc();
+        }
+        r
+    }
+
+    fn require(&self, names: &[String], vm: &str, disk: &str) -> Result<Arc<ReplicaDisk>, Status> {
+        let store = self.agent.store().map_err(|e| Status::failed_precondition(e.to_string()))?;
+        store.require(names, vm, disk).map_err(refused)
+    }
+
+    /// Reads a stream's first chunk and its start, authorises the sender for
+    /// the replica it names, and waits for a transfer slot.
+    async fn begin_stream<C, S>(
+        &self,
+        names: &[String],
+        stream: &mut Streaming<C>,
+        start_of: impl Fn(&C) -> Option<S>,
+        disk_of: impl Fn(&S) -> Option<DiskRef>,
+    ) -> Result<(C, S, Arc<ReplicaDisk>, tokio::sync::SemaphorePermit<'_>), Status> {
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
+        let start =
+            start_of(&first).ok_or_else(|| Status::invalid_argument("the first chunk must carry start"))?;
+        let d = disk_of(&start).ok_or_else(|| Status::invalid_argument("start.disk is required"))?;
+        let replica = self.require(names, &d.vm_id, &d.disk_id)?;
+        let store = self.agent.store().map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let permit = store.transfer().await.ok_or_else(|| Status::unavailable("shutting down"))?;
+        Ok((first, start, replica, permit))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn push_segment_inner(
+        &self,
+        req: Request<Streaming<SegmentChunk>>,
+    ) -> Result<Response<SegmentAck>, Status> {
+        let names = peer_names(&req);
+        let mut stream = req.into_inner();
+        let (first, start, replica, _permit) =
+            self.begin_stream(&names, &mut stream, |c| c.start.clone(), |s| s.disk.clone()).await?;
+        let r = replica.clone();
+        let incoming = tokio::task::spawn_blocking(move || {
+            r.begin_segment(start.first_seq, start.last_seq, start.epoch, start.length)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status)?;
+        let mut seg = match incoming {
+            Incoming::Duplicate { durable_through } => {
+                return Ok(Response::new(SegmentAck { durable_through, bytes_written: 0 }));
+            }
+            Incoming::New(seg) => seg,
+        };
+        let mut chunk = Some(first);
+        let mut written = 0u64;
+        while let Some(c) = chunk.take() {
+            let step = decode_chunk(c.data, c.compressed, c.raw_len)
+                .and_then(|raw| seg.write_chunk(c.offset, &raw).map(|()| raw.len()).map_err(status));
+            match step {
+                Ok(n) => written += n as u64,
+                Err(e) => {
+                    seg.discard();
+                    return Err(e);
+                }
+            }
+            match stream.message().await {
+                Ok(next) => chunk = next,
+                Err(e) => {
+                    seg.discard();
+                    return Err(e);
+                }
+            }
+        }
+        let r = replica.clone();
+        let durable_through = tokio::task::spawn_blocking(move || r.finish_segment(seg))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
+        // Apply after acknowledging: the segment is already durable and verified.
+        if let Ok(store) = self.agent.store().cloned() {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.apply_and_retain(&replica) {
+                    tracing::error!(error = %e, "applying received segments failed");
+                }
+            });
+        }
+        Ok(Response::new(SegmentAck { durable_through, bytes_written: written }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn push_initial_copy_inner(
+        &self,
+        req: Request<Streaming<CopyChunk>>,
+    ) -> Result<Response<CopyAck>, Status> {
+        let names = peer_names(&req);
+        let mut stream = req.into_inner();
+        let (first, start, replica, _permit) =
+            self.begin_stream(&names, &mut stream, |c| c.start.clone(), |s| s.disk.clone()).await?;
+        let mut copy = replica.begin_copy(start.disk_size, start.epoch, start.next_seq).map_err(status)?;
+        let mut chunk = Some(first);
+        let mut received = 0u64;
+        let mut consistent_from = None;
+        while let Some(c) = chunk.take() {
+            let step = decode_chunk(c.data, c.compressed, c.raw_len)
+                .and_then(|raw| copy.write_range(c.offset, &raw).map(|()| raw.len()).map_err(status));
+            match step {
+                Ok(n) => received += n as u64,
+                Err(e) => {
+                    copy.discard();
+                    return Err(e);
+                }
+            }
+            if c.last {
+                consistent_from = Some(c.consistent_from);
+                break;
+            }
+            chunk = match stream.message().await {
+                Ok(next) => next,
+                Err(e) => {
+                    copy.discard();
+                    return Err(e);
+                }
+            };
+        }
+        let Some(consistent_from) = consistent_from else {
+            copy.discard();
+            return Err(Status::aborted("the initial copy ended before its last chunk; send it again"));
+        };
+        let next_seq = start.next_seq;
+        tokio::task::spawn_blocking(move || replica.finish_copy(copy, consistent_from))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
+        Ok(Response::new(CopyAck { bytes_received: received, next_seq }))
+    }
+}
+
+fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Result<Vec<u8>, Status> {
+    let raw_len = raw_len as usize;
+    if raw_len > MAX_CHUNK || data.len() > MAX_CHUNK {
+        return Err(Status::resource_exhausted(format!(
+            "chunk of {raw_len} bytes exceeds the {MAX_CHUNK}-byte limit"
+        )));
+    }
+    if !compressed {
+        if data.len() != raw_len {
+            return Err(Status::invalid_argument("chunk length differs from its raw_len"));
+        }
+        return Ok(data);
+    }
+    // Decompression into a buffer of the announced size: a frame that would
+    // expand beyond it (a zstd bomb) fails instead of allocating.
+    let out = zstd::bulk::decompress(&data, raw_len).map_err(|e| {
+        Status::resource_exhausted(format!(
+            "compressed chunk does not decompress to its announced {raw_len} bytes: {e}"
+        ))
+    })?;
+    if out.len() != raw_len {
+        return Err(Status::invalid_argument(format!(
+            "chunk decompressed to {} bytes, {raw_len} announced",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+#[tonic::async_trait]
+impl Replication for ReplicationService {
+    #[tracing::instrument(skip_all, fields(vm, disk))]
+    async fn open(&self, req: Request<OpenRequest>) -> Result<Response<OpenReply>, Status> {
+        let names = peer_names(&req);
+        let r = req.into_inner();
+        let d = r.disk.ok_or_else(|| Status::invalid_argument("disk is required"));
+        let result = async {
+            let d = d?;
+            tracing::Span::current().record("vm", &d.vm_id).record("disk", &d.disk_id);
+            let args = OpenArgs {
+                vm_id: d.vm_id,
+                disk_id: d.disk_id,
+                disk_size: r.disk_size,
+                epoch: r.epoch,
+                history: r.history.map(|h| Policy {
+                    window_ms: h.window_seconds.min(86_400) * 1000,
+                    hourly: h.hourly_points.min(168),
+                }),
+                interval_seconds: r.interval_seconds,
+            };
+            let o = self.agent.open(&names, args).await.map_err(refused)?;
+            Ok(Response::new(OpenReply {
+                needs_initial_copy: o.needs_initial_copy,
+                next_seq: o.next_seq,
+                epoch: o.epoch,
+            }))
+        }
+        .await;
+        self.counted(result)
+    }
+
+    async fn push_segment(
+        &self,
+        req: Request<Streaming<SegmentChunk>>,
+    ) -> Result<Response<SegmentAck>, Status> {
+        let r = self.push_segment_inner(req).await;
+        self.counted(r)
+    }
+
+    async fn push_initial_copy(
+        &self,
+        req: Request<Streaming<CopyChunk>>,
+    ) -> Result<Response<CopyAck>, Status> {
+        let r = self.push_initial_copy_inner(req).await;
+        self.counted(r)
+    }
+
+    #[tracing::instrument(skip_all, fields(vm, disk))]
+    async fn remove(&self, req: Request<DiskRef>) -> Result<Response<RemoveAck>, Status> {
+        let names = peer_names(&req);
+        let d = req.into_inner();
+        tracing::Span::current().record("vm", &d.vm_id).record("disk", &d.disk_id);
+        let r = self
+            .agent
+            .remove(&names, &d.vm_id, &d.disk_id)
+            .map(|removed| Response::new(RemoveAck { removed }));
+        self.counted(r.map_err(refused))
+    }
+
+    #[tracing::instrument(skip_all, fields(vm, disk))]
+    async fn finalize(&self, req: Request<FinalizeRequest>) -> Result<Response<RemoveAck>, Status> {
+        let names = peer_names(&req);
+        let r = req.into_inner();
+        let result = async {
+            let d = r.disk.ok_or_else(|| Status::invalid_argument("disk is required"))?;
+            self.agent.finalize(&names, &d.vm_id, &d.disk_id, r.last_seq).map_err(refused)?;
+            Ok(Response::new(RemoveAck { removed: true }))
+        }
+        .await;
+        self.counted(result)
+    }
+}
+
+/// Serves the replication API of `agent` with mutual TLS on `listener` until `shutdown` completes.
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    tls: &TlsMaterial,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let svc = vmreplica_api::replication::replication_server::ReplicationServer::new(
+        ReplicationService::new(agent),
+    )
+    .max_decoding_message_size(MAX_FRAME)
+    .max_encoding_message_size(MAX_FRAME);
+    tonic::transport::Server::builder()
+        .tls_config(tls.server())?
+        .add_service(svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,345 @@
+//! Applying received segments with undo (DESIGN step 4), and why each crash
+//! point is safe:
+//! 1. the segment's undo file is written from the image's current contents,
+//!    fsynced and renamed into place (crash before the rename: the image is
+//!    untouched; the partial undo is deleted and rebuilt);
+//! 2. its records are applied and the image fsynced (crash here: the undo
+//!    file is complete, and applying again from the start is idempotent);
+//! 3. `replica.json` records the new point (crash before: step 2 repeats);
+//! 4. the segment file is deleted, or kept for forwarding (crash before: it
+//!    is recognised as applied).
+//!
+//! Aligned I/O bypasses the page cache ([`super::direct`]); a parser thread
+//! checks records while this one writes.
+
+use std::{
+    fs::{self, File},
+    io::{self, BufReader, Write},
+    os::unix::fs::FileExt,
+    path::Path,
+};
+
+use super::{
+    Point, PointKind, ReplicaDisk, ReplicaError, Result, fail,
+    files::{open_nofollow, seq_files, sync_dir, verify_file},
+    io_at, now_ms,
+    ranges::{RangeMap, Source},
+};
+use crate::log::{
+    FormatError, Record, RecordKind, SegmentHeader, SegmentReader,
+    apply::{apply_record, check_bounds},
+    format::{MAX_PAYLOAD, SegmentWriter},
+};
+
+impl ReplicaDisk {
+    /// Applies every received segment not yet applied; returns how many.
+    pub fn apply_pending(&self) -> Result<usize> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        for (first, seg) in seq_files(&self.dir.join("log"), ".seg")? {
+            if first <= self.state().applied_through {
+                continue;
+            }
+            self.apply_one(first, &seg)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn apply_one(&self, first: u64, seg: &Path) -> Result<()> {
+        let image_path = self.image_path();
+        let image = open_nofollow(&image_path, true, false).map_err(io_at(&image_path))?;
+        // Aligned reads and writes of the image bypass the page cache (see
+        // `super::direct`); `None` where the filesystem refuses.
+        let direct = super::direct::open(&image_path);
+        let size = self.state().disk_size;
+        let verification = |source| ReplicaError::Verification { first_seq: first, source };
+        // Pass 1: the union of ranges the segment touches, from its record
+        // headers (it was verified in full when it was received).
+        let file = open_nofollow(seg, false, false).map_err(io_at(seg))?;
+        let (header, ranges, seal) =
+            crate::log::format::scan_ranges(BufReader::with_capacity(64 << 10, file))
+                .map_err(verification)?;
+        // The image is input 0; its byte at disk offset X is at file offset X.
+        // Holes read as zeroes without being read (an empty replica's first
+        // segments would otherwise read, and check, gigabytes of zeroes).
+        let mut touched = RangeMap::default();
+        for (start, end) in ranges {
+            touched.insert(start, end.min(size), Source::Zero);
+        }
+        let spans: Vec<(u64, u64)> = touched.iter().map(|(s, e, _)| (s, e)).collect();
+        for (start, end) in spans {
+            for (at, len) in crate::image::data_within(&image, start, end).map_err(io_at(&image_path))? {
+                touched.insert(at, at + len, Source::File { file: 0, offset: at });
+            }
+        }
+        // Step 1: the undo file.
+        let undo_name = format!("{first:020}.undo");
+        let undo_path = self.dir.join("undo").join(&undo_name);
+        if verify_file(&undo_path).is_err() {
+            let part = self.dir.join("undo").join(format!("{undo_name}.part"));
+            let _ = fs::remove_file(&part);
+            let f = open_nofollow(&part, true, true).map_err(io_at(&part))?;
+            let out = super::direct::DirectWriter::new(f, super::direct::open(&part));
+            let mut w = SegmentWriter::new(out, &SegmentHeader { first_seq: first, ..header.clone() })
+                .map_err(io_at(&part))?;
+            write_ranges(&mut w, &touched, &[&image], direct.as_ref(), &image_path, size)?;
+            let (out, _) = w.finish(now_ms()).map_err(io_at(&part))?;
+            let f = out.finish().map_err(io_at(&part))?;
+            f.sync_all().map_err(io_at(&part))?;
+            fs::rename(&part, &undo_path).map_err(io_at(&part))?;
+            sync_dir(&self.dir.join("undo"))?;
+        }
+        fail!("apply.after-undo");
+        // Step 2: apply, checking each record's CRC as it goes.
+        let f = open_nofollow(seg, false, false).map_err(io_at(seg))?;
+        let seg_file = f.try_clone().map_err(io_at(seg))?;
+        let reader =
+            SegmentReader::new_verified(BufReader::with_capacity(1 << 20, f)).map_err(verification)?;
+        let direct_bytes = apply_records(reader, &seg_file, &image, direct.as_ref(), size, seal.records)
+            .map_err(|e| match e {
+                ApplyError::Format(source) => verification(source),
+                ApplyError::Io(source) => ReplicaError::Io { path: image_path.clone(), source },
+                ApplyError::Stopped(e) => e,
+            })?;
+        image.sync_all().map_err(io_at(&image_path))?;
+        fail!("apply.before-point");
+        // Step 3: the point.
+        self.update(|s| {
+            s.applied_through = seal.last_seq;
+            s.stats.segments += 1;
+            s.stats.bytes += seal.data_bytes;
+            s.stats.max_segment_bytes = s.stats.max_segment_bytes.max(seal.data_bytes);
+            s.stats.direct_bytes += direct_bytes;
+            s.stats.last_sealed_unix_ms = seal.sealed_unix_ms;
+            if seal.last_seq + 1 >= s.consistent_from {
+                let undo = if s.points.is_empty() { None } else { Some(undo_name.clone()) };
+                let kind =
+                    if seal.app_consistent { PointKind::ApplicationConsistent } else { PointKind::Standard };
+                s.points.push(Point { seq: seal.last_seq, time_ms: seal.sealed_unix_ms, kind, undo });
+            }
+        })?;
+        // Kept only when the new point refers to it: the oldest point needs no
+        // undo, and segments before the first consistent point make no point.
+        if self.state().points.last().is_none_or(|p| p.undo.as_deref() != Some(undo_name.as_str())) {
+            fs::remove_file(&undo_path).map_err(io_at(&undo_path))?;
+        }
+        fail!("apply.before-delete");
+        // Step 4.
+        if self.state().forward {
+            return self.keep_for_forwarding(seg, first, seal.last_seq);
+        }
+        fs::remove_file(seg).map_err(io_at(seg))?;
+        // The last handle on the unlinked segment: closing it frees its blocks
+        // (with online discard, ~0.15 s per GiB here), which the next apply
+        // need not wait for.
+        std::thread::spawn(move || drop(seg_file));
+        Ok(())
+    }
+}
+
+enum ApplyError {
+    Format(FormatError),
+    Io(io::Error),
+    /// A fail point stopped the apply (tests only).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    Stopped(ReplicaError),
+}
+
+/// A record on its way from the reader thread to the writer: with its payload
+/// in an aligned buffer when it can be written direct.
+enum Staged {
+    Direct(Record, super::direct::AlignedBuf),
+    Buffered(Record),
+}
+
+/// Applies `reader`'s records to `image` (DESIGN step 4's "apply"): a reader
+/// thread parses and checks records while this one writes, aligned writes
+/// through `direct` when given. Buffered bytes are flushed every
+/// WRITEBACK_STEP by a helper thread so writeback overlaps the apply and the
+/// caller's final fsync has little left to do.
+fn apply_records(
+    mut reader: SegmentReader<BufReader<File>>,
+    segment: &File,
+    image: &File,
+    direct: Option<&File>,
+    size: u64,
+    records: u64,
+) -> std::result::Result<u64, ApplyError> {
+    use super::direct::{AlignedBuf, aligned};
+    use std::sync::{atomic::AtomicBool, atomic::Ordering::Relaxed, mpsc};
+    const WRITEBACK_STEP: u64 = 64 << 20;
+    let direct_ok = AtomicBool::new(direct.is_some());
+    std::thread::scope(|scope| {
+        // One record being read, one queued, one being written: at most three
+        // payloads (each at most MAX_PAYLOAD) in memory per apply.
+        let (work_tx, work_rx) = mpsc::sync_channel::<Staged>(1);
+        let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
+        let direct_ok = &direct_ok;
+        let parser = scope.spawn(move || -> std::result::Result<(), FormatError> {
+            // The segment is deleted once applied: its cached pages are
+            // dropped as they are read, here, rather than all at once by the
+            // unlink after the point is recorded.
+            let mut uncached = 0;
+            while let Some(mut r) = reader.next_record()? {
+                if let Some(len) = std::num::NonZeroU64::new(reader.position.saturating_sub(uncached))
+                    && len.get() >= WRITEBACK_STEP
+                {
+                    let _ = rustix::fs::fadvise(segment, uncached, Some(len), rustix::fs::Advice::DontNeed);
+                    uncached = reader.position;
+                }
+                let staged = if r.kind == RecordKind::Write
+                    && direct_ok.load(Relaxed)
+                    && aligned(r.offset, r.payload.len())
+                {
+                    let mut buf = free_rx
+                        .try_recv()
+                        .ok()
+                        .filter(|b| b.capacity() >= r.payload.len())
+                        .unwrap_or_else(|| AlignedBuf::with_capacity(r.payload.len()));
+                    buf.fill_from(&r.payload);
+                    r.payload = Vec::new();
+                    Staged::Direct(r, buf)
+                } else {
+                    Staged::Buffered(r)
+                };
+                if work_tx.send(staged).is_err() {
+                    break; // the writer stopped; its error is the one reported
+                }
+            }
+            Ok(())
+        });
+        let (flush_tx, flush_rx) = mpsc::sync_channel::<()>(1);
+        let flusher = scope.spawn(move || {
+            while flush_rx.recv().is_ok() {
+                let _ = image.sync_data();
+            }
+        });
+        let written = (|| {
+            let (mut applied, mut since_flush, mut direct_bytes) = (0u64, 0u64, 0u64);
+            for staged in work_rx {
+                match staged {
+                    Staged::Direct(r, buf) => {
+                        check_bounds(size, &r).map_err(ApplyError::Io)?;
+                        let dio = direct.expect("direct records only with a direct file");
+                        match dio.write_all_at(buf.as_slice(), r.offset) {
+                            Ok(()) => direct_bytes += buf.as_slice().len() as u64,
+                            // A filesystem that opened O_DIRECT but wants
+                            // other alignment: the page cache from here on.
+                            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                                tracing::warn!(error = %e, "direct writes refused; applying through the page cache");
+                                direct_ok.store(false, Relaxed);
+                                image.write_all_at(buf.as_slice(), r.offset).map_err(ApplyError::Io)?;
+                                since_flush += buf.as_slice().len() as u64;
+                            }
+                            Err(e) => return Err(ApplyError::Io(e)),
+                        }
+                        let _ = free_tx.send(buf);
+                    }
+                    Staged::Buffered(r) => {
+                        apply_record(image, size, &r).map_err(ApplyError::Io)?;
+                        since_flush += r.payload.len() as u64;
+                    }
+                }
+                applied += 1;
+                if since_flush >= WRITEBACK_STEP {
+                    let _ = flush_tx.try_send(()); // skipped when a flush is still running
+                    since_flush = 0;
+                }
+                if applied == records.div_ceil(2) {
+                    crate::fail_point!("apply.mid-records", |source| {
+                        ApplyError::Stopped(ReplicaError::Io { path: "apply.mid-records".into(), source })
+                    });
+                }
+            }
+            Ok(direct_bytes)
+        })();
+        drop(flush_tx);
+        flusher.join().expect("the flusher does not panic");
+        let parsed = parser.join().expect("the parser does not panic");
+        let direct_bytes = written?;
+        parsed.map_err(ApplyError::Format)?;
+        Ok(direct_bytes)
+    })
+}
+
+/// Writes `map`'s ranges as records, reading bytes from `inputs` (the image
+/// when building an undo, undo files when folding); all-zero chunks become
+/// WriteZeroes records, which carry no payload. `direct` is an O_DIRECT handle
+/// on input 0: aligned reads from it bypass the page cache (an undo reads
+/// what is about to be overwritten; caching it only evicts something useful).
+pub(super) fn write_ranges<W: Write>(
+    w: &mut SegmentWriter<W>,
+    map: &RangeMap,
+    inputs: &[&File],
+    direct: Option<&File>,
+    path: &Path,
+    size: u64,
+) -> Result<()> {
+    use super::direct::AlignedBuf;
+    use std::sync::mpsc;
+    const CHUNK: u64 = MAX_PAYLOAD as u64 / 8;
+    // A reader thread reads chunk k+1 while this one checksums and writes
+    // chunk k (reading is as much of an undo's time as writing is).
+    let chunks = map.iter().flat_map(|(start, end, src)| {
+        let end = end.min(size);
+        (start..end).step_by(CHUNK as usize).map(move |off| (off, (end - off).min(CHUNK), src, start))
+    });
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel::<io::Result<(u64, u64, Option<AlignedBuf>)>>(1);
+        let (give_back, free) = mpsc::channel::<AlignedBuf>();
+        scope.spawn(move || {
+            let (mut direct, mut no_direct) = (direct, None);
+            for (off, n, src, start) in chunks {
+                let read = match src {
+                    Source::Zero => Ok(None),
+                    Source::File { file, offset } => {
+                        let mut buf =
+                            free.try_recv().unwrap_or_else(|_| AlignedBuf::with_capacity(CHUNK as usize));
+                        let dio = if file == 0 { &mut direct } else { &mut no_direct };
+                        read_chunk(inputs[file], dio, buf.slice_mut(n as usize), offset + (off - start))
+                            .map(|()| Some(buf))
+                    }
+                };
+                let failed = read.is_err();
+                if tx.send(read.map(|b| (off, n, b))).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for item in rx {
+            let (off, n, buf) = item.map_err(io_at(path))?;
+            match buf {
+                Some(buf) if !is_zero(buf.as_slice()) => {
+                    w.write_record(RecordKind::Write, off, n, buf.as_slice()).map_err(io_at(path))?;
+                    let _ = give_back.send(buf);
+                }
+                _ => w.write_record(RecordKind::WriteZeroes, off, n, &[]).map_err(io_at(path))?,
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Reads `chunk` at `at`: through `direct` (O_DIRECT) when aligned, else the page
+/// cache. A refusal (other alignment wanted, or a short read at the end of the
+/// file) turns direct reads off for the rest of this pass.
+fn read_chunk(file: &File, direct: &mut Option<&File>, chunk: &mut [u8], at: u64) -> io::Result<()> {
+    if let Some(d) = direct.filter(|_| super::direct::aligned(at, chunk.len())) {
+        match d.read_exact_at(chunk, at) {
+            Ok(()) => return Ok(()),
+            Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof) => {
+                *direct = None
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    file.read_exact_at(chunk, at)
+}
+
+/// Whether `data` is all zeroes (compared a page at a time: memcmp runs
+/// vector-wide where a byte loop would not).
+fn is_zero(data: &[u8]) -> bool {
+    static ZEROES: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROES.len()).all(|c| c == &ZEROES[..c.len()])
+}

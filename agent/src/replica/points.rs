@@ -1,0 +1,226 @@
+//! Recovery points: materialising one as an image of its own (test
+//! failover, a chosen point of an unplanned failover), and dropping points a
+//! recovery history no longer keeps, folding their undo files so the points
+//! that remain stay exact and storage is the union of what changed between them.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, BufWriter},
+    path::{Path, PathBuf},
+};
+
+use super::{
+    Point, PointKind, ReplicaDisk, ReplicaError, Result,
+    apply::write_ranges,
+    files::{open_nofollow, open_reader, sync_dir, undo_files},
+    io_at, now_ms,
+    ranges::{RangeMap, Source},
+    retention::{Policy, plan},
+};
+use crate::{
+    image::sparse_copy,
+    log::{
+        RecordKind,
+        apply::apply_record,
+        format::{RECORD_HEADER_LEN, SegmentWriter},
+    },
+};
+
+impl ReplicaDisk {
+    /// Recovery points, oldest first.
+    pub fn points(&self) -> Vec<Point> {
+        self.state().points.clone()
+    }
+
+    /// Where a materialised copy named `name` (a plain label) lives.
+    pub fn materialized_path(&self, name: &str) -> PathBuf {
+        self.dir.join("materialized").join(format!("{name}.img"))
+    }
+
+    /// Materialises point `seq` (0: the newest, or the image as it is when
+    /// there is no point yet) as copy `name`, replacing an earlier one of that
+    /// name; returns its path and the point's sequence.
+    pub fn materialize_named(&self, seq: u64, name: &str) -> Result<(PathBuf, u64)> {
+        let dest = self.materialized_path(name);
+        let dir = dest.parent().expect("under the replica dir");
+        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let tmp = dest.with_extension("img.part");
+        let _ = fs::remove_file(&tmp);
+        let seq = match (seq, self.points().last()) {
+            (0, Some(p)) => p.seq,
+            (0, None) => {
+                let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let image_path = self.image_path();
+                let image = open_nofollow(&image_path, false, false).map_err(io_at(&image_path))?;
+                sparse_copy(&image, &tmp).map_err(io_at(&tmp))?;
+                File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_at(&tmp))?;
+                let seq = self.state().applied_through;
+                self.record_copy_seq(name, seq)?;
+                fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
+                return Ok((dest, seq));
+            }
+            (s, _) => s,
+        };
+        self.materialize(seq, &tmp)?;
+        self.record_copy_seq(name, seq)?;
+        fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
+        sync_dir(dir)?;
+        Ok((dest, seq))
+    }
+
+    /// Remembers which sequence copy `name` holds (a promotion of the copy
+    /// continues the log from the next one).
+    fn record_copy_seq(&self, name: &str, seq: u64) -> Result<()> {
+        let path = self.materialized_path(name).with_extension("seq");
+        fs::write(&path, seq.to_string()).and_then(|()| File::open(&path)?.sync_all()).map_err(io_at(&path))
+    }
+
+    /// The sequence copy `name` holds, if it exists.
+    pub fn materialized_seq(&self, name: &str) -> Option<u64> {
+        let path = self.materialized_path(name).with_extension("seq");
+        fs::read_to_string(path).ok()?.trim().parse().ok()
+    }
+
+    /// Deletes copy `name`; whether it existed.
+    pub fn delete_materialized(&self, name: &str) -> Result<bool> {
+        let _ = fs::remove_file(self.materialized_path(name).with_extension("seq"));
+        let path = self.materialized_path(name);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
+    /// Writes the image as it was at point `seq` to a new sparse file at `dest`
+    /// (a reflink where the filesystem allows). Application waits meanwhile;
+    /// reception does not.
+    pub fn materialize(&self, seq: u64, dest: &Path) -> Result<()> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let points = self.points();
+        let at = points.iter().position(|p| p.seq == seq).ok_or(ReplicaError::NoSuchPoint(seq))?;
+        let image_path = self.image_path();
+        let image = open_nofollow(&image_path, false, false).map_err(io_at(&image_path))?;
+        sparse_copy(&image, dest).map_err(io_at(dest))?;
+        let out = OpenOptions::new().read(true).write(true).open(dest).map_err(io_at(dest))?;
+        let size = self.state().disk_size;
+        // Newest first: each undo takes a point back to the one before it.
+        for p in points[at + 1..].iter().rev() {
+            let undo =
+                self.dir.join("undo").join(p.undo.as_deref().expect("only the oldest point lacks an undo"));
+            let verification = |source| ReplicaError::Verification { first_seq: p.seq, source };
+            let mut reader = open_reader(&undo).map_err(verification)?;
+            while let Some(r) = reader.next_record().map_err(verification)? {
+                apply_record(&out, size, &r).map_err(io_at(dest))?;
+            }
+            reader.finish_sealed().map_err(verification)?;
+        }
+        out.sync_all().map_err(io_at(dest))
+    }
+
+    /// Drops the points `keep` rejects (never the newest), folding their undo
+    /// files into their successors' so the remaining points stay reachable and
+    /// storage is the union of what changed between the remaining points.
+    pub fn prune(&self, keep: impl Fn(&Point) -> bool) -> Result<usize> {
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut points = self.points();
+        let mut removed = 0;
+        let mut i = 0;
+        while i + 1 < points.len() {
+            if keep(&points[i]) {
+                i += 1;
+                continue;
+            }
+            // Removing point i: point i+1's undo must now reach point i-1, i.e.
+            // undo(i+1) then undo(i). The oldest point has no predecessor: its
+            // successor's undo simply goes.
+            let next_undo = points[i + 1].undo.clone().expect("not the oldest");
+            let new_undo = match points[i].undo.clone() {
+                None => None,
+                Some(this_undo) => Some(self.fold(&next_undo, &this_undo)?),
+            };
+            let old = [points[i].undo.clone(), Some(next_undo)];
+            points[i + 1].undo = new_undo;
+            points.remove(i);
+            self.update(|s| s.points = points.clone())?;
+            for name in old.into_iter().flatten() {
+                if points.iter().all(|p| p.undo.as_deref() != Some(name.as_str())) {
+                    let p = self.dir.join("undo").join(&name);
+                    fs::remove_file(&p).map_err(io_at(&p))?;
+                }
+            }
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Applies a recovery-history policy as of `now_ms`: drops (folding) what
+    /// it rejects and relabels kept points (Standard points beyond the window
+    /// become Hourly). Returns how many points were dropped.
+    pub fn apply_retention(&self, policy: &Policy, now_ms: u64) -> Result<usize> {
+        let points = self.points();
+        let plan = plan(&points, now_ms, policy);
+        let decided: std::collections::HashMap<u64, Option<PointKind>> =
+            points.iter().zip(&plan).map(|(p, k)| (p.seq, *k)).collect();
+        let dropped = self.prune(|p| decided.get(&p.seq).is_some_and(|k| k.is_some()))?;
+        self.update(|s| {
+            for p in &mut s.points {
+                if let Some(Some(kind)) = decided.get(&p.seq) {
+                    p.kind = *kind;
+                }
+            }
+        })?;
+        Ok(dropped)
+    }
+
+    /// One undo file equal to applying `first` then `second`; returns its name.
+    fn fold(&self, first: &str, second: &str) -> Result<String> {
+        let undo_dir = self.dir.join("undo");
+        let paths = [undo_dir.join(first), undo_dir.join(second)];
+        let mut map = RangeMap::default();
+        let mut header = None;
+        for (i, path) in paths.iter().enumerate() {
+            let verification = |source| ReplicaError::Verification { first_seq: 0, source };
+            let mut reader = open_reader(path).map_err(verification)?;
+            header.get_or_insert_with(|| reader.header.clone());
+            loop {
+                let at = reader.position;
+                let Some(r) = reader.next_record().map_err(verification)? else { break };
+                let src = match r.kind {
+                    RecordKind::Write => Source::File { file: i, offset: at + RECORD_HEADER_LEN as u64 },
+                    _ => Source::Zero,
+                };
+                map.insert(r.offset, r.offset + r.length, src);
+            }
+            reader.finish_sealed().map_err(verification)?;
+        }
+        let files: Vec<File> =
+            paths.iter().map(|p| File::open(p).map_err(io_at(p))).collect::<Result<_>>()?;
+        // Named after the newer file, with a fold counter so names never repeat.
+        let name = format!("{}.f{}.undo", first.trim_end_matches(".undo"), now_ms());
+        let part = undo_dir.join(format!("{name}.part"));
+        let f = open_nofollow(&part, true, true).map_err(io_at(&part))?;
+        let mut w =
+            SegmentWriter::new(BufWriter::new(f), &header.expect("two files read")).map_err(io_at(&part))?;
+        let size = self.state().disk_size;
+        let inputs: Vec<&File> = files.iter().collect();
+        write_ranges(&mut w, &map, &inputs, None, &part, size)?;
+        let (out, _) = w.finish(now_ms()).map_err(io_at(&part))?;
+        let f =
+            out.into_inner().map_err(|e| ReplicaError::Io { path: part.clone(), source: e.into_error() })?;
+        f.sync_all().map_err(io_at(&part))?;
+        let dest = undo_dir.join(&name);
+        fs::rename(&part, &dest).map_err(io_at(&part))?;
+        sync_dir(&undo_dir)?;
+        Ok(name)
+    }
+
+    /// Bytes held by undo files (the storage recovery points cost).
+    pub fn undo_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for (_, path) in undo_files(&self.dir.join("undo"))? {
+            total += fs::metadata(&path).map_err(io_at(&path))?.len();
+        }
+        Ok(total)
+    }
+}

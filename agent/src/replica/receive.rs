@@ -1,0 +1,276 @@
+//! Reception: segments and initial copies arriving from a primary. Nothing
+//! received counts until it is durable and verified; an initial copy replaces
+//! the image only once whole, through an intent recorded in `replica.json`.
+
+use std::{
+    fs::{self, File},
+    io::{BufWriter, Write},
+    os::unix::fs::FileExt,
+    path::PathBuf,
+};
+
+use super::{
+    CopyCommit, Lifecycle, MAX_SEGMENT_LEN, ReplicaDisk, ReplicaError, Result, check_epoch, check_seq, fail,
+    files::{open_nofollow, seq_files, sync_dir, undo_files, verify_file},
+    io_at,
+};
+use crate::log::format::MAX_SEQ;
+
+impl ReplicaDisk {
+    /// Starts receiving the initial copy announced by `start`: a fresh sparse
+    /// image of the disk's size beside the replica. Everything the copy says
+    /// about itself is checked here, before anything is written; the replica
+    /// stays as it was until [`Self::finish_copy`] commits the whole copy.
+    pub fn begin_copy(&self, disk_size: u64, epoch: u64, next_seq: u64) -> Result<IncomingCopy> {
+        check_seq("next_seq", next_seq)?;
+        check_epoch(epoch)?;
+        let s = self.state();
+        if epoch < s.epoch {
+            return Err(ReplicaError::StaleEpoch { current: s.epoch, found: epoch });
+        }
+        if disk_size != s.disk_size {
+            return Err(ReplicaError::Mismatch {
+                first_seq: 0,
+                what: format!("disk size {disk_size}, replica has {}", s.disk_size),
+            });
+        }
+        drop(s);
+        let path = self.dir.join("incoming").join("disk.img.part");
+        let _ = fs::remove_file(&path);
+        let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
+        file.set_len(disk_size).map_err(io_at(&path))?;
+        Ok(IncomingCopy { path, file, size: disk_size, received: 0, next_seq, epoch })
+    }
+
+    /// Makes a received initial copy the replica image. Replication resumes
+    /// at the copy's `next_seq`; points become consistent from
+    /// `consistent_from` (the primary's next sequence when its reading ended,
+    /// so never before `next_seq`).
+    ///
+    /// The commit is crash-safe: the copy is made durable and the intent
+    /// recorded in `replica.json` (no points from then on: they belonged to
+    /// the image being replaced) before the image is replaced and the old
+    /// history deleted; [`Self::open`] finishes an interrupted commit.
+    pub fn finish_copy(&self, copy: IncomingCopy, consistent_from: u64) -> Result<()> {
+        if consistent_from < copy.next_seq || consistent_from > MAX_SEQ {
+            let _ = fs::remove_file(&copy.path);
+            return Err(ReplicaError::Invalid {
+                field: "consistent_from",
+                value: consistent_from,
+                why: "it must lie between the copy's next_seq and 2^62",
+            });
+        }
+        let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+        copy.file.sync_all().map_err(io_at(&copy.path))?;
+        let commit = CopyCommit { next_seq: copy.next_seq, consistent_from, epoch: copy.epoch };
+        self.update(|s| {
+            s.points.clear();
+            s.lifecycle = Lifecycle::CommittingCopy { commit };
+        })?;
+        fail!("copy.after-intent");
+        self.commit_copy(commit)
+    }
+
+    /// The second half of [`Self::finish_copy`], also run by recovery: the
+    /// durable copy replaces the image (unless it already did), the history
+    /// it replaces goes, and the new positions are recorded. Idempotent.
+    pub(super) fn commit_copy(&self, c: CopyCommit) -> Result<()> {
+        let part = self.dir.join("incoming").join("disk.img.part");
+        if part.exists() {
+            let image = self.image_path();
+            fs::rename(&part, &image).map_err(io_at(&part))?;
+            sync_dir(&self.dir)?;
+            if let Some(parent) = image.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        // Segments of the history this copy replaces go, those kept for an
+        // extended replica too: it gets a new copy instead.
+        for (_, p) in seq_files(&self.dir.join("log"), ".seg")?
+            .into_iter()
+            .chain(undo_files(&self.dir.join("undo"))?)
+            .chain(self.forward_sealed()?.into_iter().map(|seg| (seg.first_seq, seg.path)))
+        {
+            fs::remove_file(&p).map_err(io_at(&p))?;
+        }
+        self.update(|s| {
+            s.copies += 1;
+            s.lifecycle = Lifecycle::Receiving;
+            s.epoch = s.epoch.max(c.epoch);
+            // Checked when the copy began: next_seq >= 1.
+            s.received_through = c.next_seq - 1;
+            s.applied_through = c.next_seq - 1;
+            s.consistent_from = c.consistent_from;
+            s.points.clear();
+        })
+    }
+
+    /// Starts receiving a segment announced as `[first_seq, last_seq]`, `len` bytes.
+    pub fn begin_segment(&self, first_seq: u64, last_seq: u64, epoch: u64, len: u64) -> Result<Incoming> {
+        check_seq("first_seq", first_seq)?;
+        check_seq("last_seq", last_seq)?;
+        check_epoch(epoch)?;
+        if last_seq < first_seq {
+            return Err(ReplicaError::Invalid {
+                field: "last_seq",
+                value: last_seq,
+                why: "a segment cannot end before its first_seq",
+            });
+        }
+        let s = self.state();
+        if !s.has_copy() {
+            return Err(ReplicaError::NoInitialCopy);
+        }
+        if epoch < s.epoch {
+            return Err(ReplicaError::StaleEpoch { current: s.epoch, found: epoch });
+        }
+        if len > MAX_SEGMENT_LEN {
+            return Err(ReplicaError::TooLarge { what: "segment", len, limit: MAX_SEGMENT_LEN });
+        }
+        if last_seq <= s.received_through {
+            return Ok(Incoming::Duplicate { durable_through: s.received_through });
+        }
+        if first_seq != s.received_through + 1 {
+            return Err(ReplicaError::OutOfOrder { expected: s.received_through + 1, found: first_seq });
+        }
+        drop(s);
+        let path = self.dir.join("incoming").join(format!("{first_seq:020}.part"));
+        let _ = fs::remove_file(&path);
+        let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
+        Ok(Incoming::New(IncomingSegment {
+            path,
+            file: BufWriter::with_capacity(1 << 20, file),
+            first_seq,
+            last_seq,
+            epoch,
+            len,
+            received: 0,
+        }))
+    }
+
+    /// Verifies a fully received segment, makes it durable and queues it for
+    /// apply; returns the sequence the replica is durable through.
+    pub fn finish_segment(&self, seg: IncomingSegment) -> Result<u64> {
+        let IncomingSegment { path, file, first_seq, last_seq, epoch, len, received } = seg;
+        let discard = |e: ReplicaError| {
+            let _ = fs::remove_file(&path);
+            e
+        };
+        if received != len {
+            return Err(discard(ReplicaError::Mismatch {
+                first_seq,
+                what: format!("{received} bytes received, {len} announced"),
+            }));
+        }
+        let file = file
+            .into_inner()
+            .map_err(|e| discard(ReplicaError::Io { path: path.clone(), source: e.into_error() }))?;
+        file.sync_all().map_err(|e| discard(ReplicaError::Io { path: path.clone(), source: e }))?;
+        let (header, seal) =
+            verify_file(&path).map_err(|e| discard(ReplicaError::Verification { first_seq, source: e }))?;
+        let s = self.state().clone();
+        let what =
+            if (header.vm_id.as_str(), header.disk_id.as_str()) != (s.vm_id.as_str(), s.disk_id.as_str()) {
+                Some(format!("segment is for {}/{}", header.vm_id, header.disk_id))
+            } else if header.first_seq != first_seq || seal.last_seq != last_seq {
+                Some(format!("holds {}..={}", header.first_seq, seal.last_seq))
+            } else if header.epoch != epoch {
+                Some(format!("epoch {} inside, {epoch} announced", header.epoch))
+            } else {
+                None
+            };
+        if let Some(what) = what {
+            return Err(discard(ReplicaError::Mismatch { first_seq, what }));
+        }
+        let dest = self.dir.join("log").join(format!("{first_seq:020}.seg"));
+        fs::rename(&path, &dest).map_err(io_at(&path))?;
+        sync_dir(dest.parent().expect("log dir"))?;
+        self.update(|s| {
+            s.received_through = last_seq;
+            s.epoch = s.epoch.max(epoch);
+        })?;
+        Ok(last_seq)
+    }
+}
+
+/// A segment being received, or one the replica already has.
+pub enum Incoming {
+    New(IncomingSegment),
+    Duplicate { durable_through: u64 },
+}
+
+/// The file a segment is received into.
+pub struct IncomingSegment {
+    path: PathBuf,
+    file: BufWriter<File>,
+    first_seq: u64,
+    last_seq: u64,
+    epoch: u64,
+    len: u64,
+    received: u64,
+}
+
+impl IncomingSegment {
+    /// Appends the chunk that starts at byte `offset` of the segment.
+    pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if offset != self.received {
+            return Err(ReplicaError::ChunkOutOfOrder {
+                what: "segment",
+                expected: self.received,
+                found: offset,
+            });
+        }
+        if self.received + data.len() as u64 > self.len {
+            return Err(ReplicaError::TooLarge {
+                what: "segment data",
+                len: self.received + data.len() as u64,
+                limit: self.len,
+            });
+        }
+        self.file.write_all(data).map_err(io_at(&self.path))?;
+        self.received += data.len() as u64;
+        Ok(())
+    }
+
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// The sparse image an initial copy is received into.
+pub struct IncomingCopy {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    received: u64,
+    next_seq: u64,
+    epoch: u64,
+}
+
+impl IncomingCopy {
+    /// Writes a data range of the copy. Ranges arrive in increasing order.
+    pub fn write_range(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        if offset < self.received {
+            return Err(ReplicaError::ChunkOutOfOrder {
+                what: "initial copy",
+                expected: self.received,
+                found: offset,
+            });
+        }
+        let end = offset.checked_add(data.len() as u64).filter(|&e| e <= self.size);
+        let Some(end) = end else {
+            return Err(ReplicaError::TooLarge {
+                what: "copy range end",
+                len: offset.saturating_add(data.len() as u64),
+                limit: self.size,
+            });
+        };
+        self.file.write_all_at(data, offset).map_err(io_at(&self.path))?;
+        self.received = end;
+        Ok(())
+    }
+
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}

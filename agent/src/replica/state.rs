@@ -1,0 +1,370 @@
+//! What `replica.json` holds, and how it is read and written: a versioned
+//! file, replaced atomically, checked before use. Where a replica stands in
+//! its life is one [`Lifecycle`] value, not a set of flags that could
+//! contradict each other.
+//!
+//! ```text
+//!  AwaitingCopy ──copy durable──▶ CommittingCopy ──image replaced──▶ Receiving ◀──▶ Finalized(last)
+//!        ▲                                                              │   │           │
+//!        └── opened again ── Removed{by primary | at replica} ◀─────────┘   └─ promote ─┴─▶ Promoted
+//! ```
+//! Version 1 files (before the lifecycle was one field) are read and
+//! migrated; a newer version than this agent knows is refused by name.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ReplicaError, Result, files::sync_dir, io_at};
+use crate::log::format::MAX_SEQ;
+
+/// The `replica.json` format this agent writes.
+pub const STATE_VERSION: u32 = 2;
+
+/// Largest disk a replica accepts (64 TiB, VHDX's limit too).
+pub const MAX_DISK_SIZE: u64 = 64 << 40;
+
+/// The replica side's recovery history settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    /// Every point newer than this is kept (default one hour).
+    pub window_ms: u64,
+    /// Hourly points kept beyond the window (default 24, up to 168).
+    pub hourly: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { window_ms: 3_600_000, hourly: 24 }
+    }
+}
+
+/// How a recovery point came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PointKind {
+    Standard,
+    Hourly,
+    ApplicationConsistent,
+}
+
+/// One recovery point: the image as it was after applying sequence `seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Point {
+    pub seq: u64,
+    /// When the primary sealed the segment ending here (ms since the epoch).
+    pub time_ms: u64,
+    pub kind: PointKind,
+    /// Undo file (in `undo/`) that takes this point back to the previous one;
+    /// `None` for the oldest point.
+    pub undo: Option<String>,
+}
+
+/// Where replication resumes after an initial copy (see [`super::ReplicaDisk::finish_copy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CopyCommit {
+    pub next_seq: u64,
+    pub consistent_from: u64,
+    pub epoch: u64,
+}
+
+/// Where a replica stands in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "camelCase")]
+pub enum Lifecycle {
+    /// Created; no initial copy has landed yet (or a new one is awaited).
+    #[default]
+    AwaitingCopy,
+    /// A received copy is durable in `incoming/` and replaces the image.
+    CommittingCopy { commit: CopyCommit },
+    /// Receiving and applying the primary's segments.
+    Receiving,
+    /// Planned failover: the primary stopped writing after `last_seq`.
+    #[serde(rename_all = "camelCase")]
+    Finalized { last_seq: u64 },
+    /// This copy is the VM's disk now; nothing more is received.
+    Promoted,
+    /// Replication was removed (by the primary, or at this replica site);
+    /// the disk and points stay.
+    #[serde(rename_all = "camelCase")]
+    Removed { at_replica: bool },
+}
+
+/// What `replica.json` holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaState {
+    /// The file's format ([`STATE_VERSION`] when written by this agent).
+    #[serde(default = "version_one")]
+    pub version: u32,
+    pub vm_id: String,
+    pub disk_id: String,
+    pub disk_size: u64,
+    pub epoch: u64,
+    /// Trust group of the authorisation that created this replica.
+    pub trust_group: String,
+    /// The primary server name that created it.
+    pub primary: String,
+    #[serde(default)]
+    pub lifecycle: Lifecycle,
+    /// Points ending before this sequence are not crash-consistent (the initial
+    /// copy was read while the VM kept writing).
+    pub consistent_from: u64,
+    pub received_through: u64,
+    pub applied_through: u64,
+    pub points: Vec<Point>,
+    /// What was applied, for the replica side's statistics.
+    #[serde(default)]
+    pub stats: ApplyStats,
+    /// The VM's own recovery history, as its primary last sent it; `None`:
+    /// the site's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<Policy>,
+    /// Reverse replication onto the old primary: its own disk is the image
+    /// (set by this agent, never from the wire). `None`: `disk.img` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+    /// Extended replication: applied segments are kept in `forward/` until
+    /// the extended replica acknowledges them, instead of being deleted.
+    #[serde(default)]
+    pub forward: bool,
+    /// The primary's replication interval, as it last said (0: not said).
+    #[serde(default)]
+    pub primary_interval_seconds: u32,
+    /// Initial copies received so far (each starts a new history).
+    #[serde(default)]
+    pub copies: u64,
+    /// Extended replication: which of those the extended replica holds a
+    /// copy of; another one arriving means it needs a new copy too.
+    #[serde(default)]
+    pub forwarded_copy: u64,
+}
+
+fn version_one() -> u32 {
+    1
+}
+
+/// How version 1 of `replica.json` said where a replica stood.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LegacyFlags {
+    #[serde(default)]
+    has_copy: bool,
+    #[serde(default)]
+    removed: bool,
+    #[serde(default)]
+    removed_at_replica: bool,
+    #[serde(default)]
+    primary_final_seq: Option<u64>,
+    #[serde(default)]
+    promoted: bool,
+}
+
+impl LegacyFlags {
+    fn lifecycle(&self) -> Lifecycle {
+        match self {
+            LegacyFlags { promoted: true, .. } => Lifecycle::Promoted,
+            LegacyFlags { removed: true, removed_at_replica, .. } => {
+                Lifecycle::Removed { at_replica: *removed_at_replica }
+            }
+            LegacyFlags { has_copy: false, .. } => Lifecycle::AwaitingCopy,
+            LegacyFlags { primary_final_seq: Some(last_seq), .. } => {
+                Lifecycle::Finalized { last_seq: *last_seq }
+            }
+            LegacyFlags { .. } => Lifecycle::Receiving,
+        }
+    }
+}
+
+/// Counters of applied segments (kept in `replica.json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyStats {
+    pub segments: u64,
+    pub bytes: u64,
+    pub max_segment_bytes: u64,
+    /// Of `bytes`, how many were written with O_DIRECT (aligned writes on a
+    /// filesystem that allows it); the rest went through the page cache.
+    #[serde(default)]
+    pub direct_bytes: u64,
+    /// When the newest applied segment was sealed on the primary.
+    pub last_sealed_unix_ms: u64,
+}
+
+impl ReplicaState {
+    /// A new replica's state, waiting for its initial copy.
+    pub fn new(
+        vm_id: &str,
+        disk_id: &str,
+        disk_size: u64,
+        epoch: u64,
+        trust_group: &str,
+        primary: &str,
+    ) -> Self {
+        Self {
+            version: STATE_VERSION,
+            vm_id: vm_id.to_owned(),
+            disk_id: disk_id.to_owned(),
+            disk_size,
+            epoch,
+            trust_group: trust_group.to_owned(),
+            primary: primary.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    /// An initial copy has landed (and replication may have moved on since).
+    pub fn has_copy(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Receiving | Lifecycle::Finalized { .. } | Lifecycle::Promoted)
+            || matches!(self.lifecycle, Lifecycle::Removed { .. }) && self.copies > 0
+    }
+
+    /// Replication was removed, by either side.
+    pub fn removed(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Removed { .. })
+    }
+
+    /// Replication was removed at this (the replica) site.
+    pub fn removed_at_replica(&self) -> bool {
+        matches!(self.lifecycle, Lifecycle::Removed { at_replica: true })
+    }
+
+    pub fn promoted(&self) -> bool {
+        self.lifecycle == Lifecycle::Promoted
+    }
+
+    /// Planned failover: the primary's final sequence, once it finished.
+    pub fn primary_final_seq(&self) -> Option<u64> {
+        match self.lifecycle {
+            Lifecycle::Finalized { last_seq } => Some(last_seq),
+            _ => None,
+        }
+    }
+
+    /// Checks what `replica.json` says before it is used: the numbers a
+    /// damaged or hand-edited file could carry that arithmetic relies on.
+    fn check(&self) -> std::result::Result<(), String> {
+        let bad = |field: &str, v: u64| Err(format!("{field} {v} is out of range"));
+        if self.disk_size == 0 || self.disk_size > MAX_DISK_SIZE {
+            return bad("diskSize", self.disk_size);
+        }
+        if self.epoch > MAX_SEQ {
+            return bad("epoch", self.epoch);
+        }
+        if self.received_through > MAX_SEQ {
+            return bad("receivedThrough", self.received_through);
+        }
+        if self.applied_through > self.received_through {
+            return bad("appliedThrough (beyond receivedThrough)", self.applied_through);
+        }
+        if self.consistent_from > MAX_SEQ + 1 {
+            return bad("consistentFrom", self.consistent_from);
+        }
+        if let Some(p) = self.points.iter().find(|p| p.seq > self.applied_through) {
+            return bad("a recovery point's seq (beyond appliedThrough)", p.seq);
+        }
+        if let Lifecycle::CommittingCopy { commit: c } = self.lifecycle
+            && (c.next_seq == 0 || c.next_seq > MAX_SEQ || c.consistent_from < c.next_seq)
+        {
+            return bad("lifecycle.commit.nextSeq", c.next_seq);
+        }
+        Ok(())
+    }
+}
+
+/// Reads `dir/replica.json`: `None` when there is none; an error naming the
+/// file when it is unreadable, of an unknown version, or out of range.
+pub fn load(dir: &Path) -> Result<Option<ReplicaState>> {
+    let path = dir.join("replica.json");
+    let bad = |why: String| ReplicaError::BadState { path: path.clone(), why };
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ReplicaError::Io { path, source: e }),
+    };
+    let mut state: ReplicaState = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    match state.version {
+        1 => {
+            let legacy: LegacyFlags = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+            state.lifecycle = legacy.lifecycle();
+            state.version = STATE_VERSION;
+        }
+        STATE_VERSION => {}
+        v => {
+            return Err(bad(format!(
+                "format version {v} is newer than this agent reads ({STATE_VERSION}): run a newer agent"
+            )));
+        }
+    }
+    state.check().map_err(bad)?;
+    Ok(Some(state))
+}
+
+/// Replaces `dir/replica.json` with `s`, durably (write, fsync, rename, fsync dir).
+pub fn store(dir: &Path, s: &ReplicaState) -> Result<()> {
+    let tmp = dir.join("replica.json.tmp");
+    let body = serde_json::to_vec_pretty(&ReplicaState { version: STATE_VERSION, ..s.clone() })
+        .expect("state serialises");
+    fs::write(&tmp, body).and_then(|()| File::open(&tmp)?.sync_all()).map_err(io_at(&tmp))?;
+    fs::rename(&tmp, dir.join("replica.json")).map_err(io_at(&tmp))?;
+    sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_one_files_migrate_and_unknown_versions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = serde_json::json!({
+            "vmId": "ns.vm", "diskId": "root", "diskSize": 1024, "epoch": 1, "trustGroup": "g",
+            "primary": "h", "hasCopy": true, "consistentFrom": 1, "receivedThrough": 9, "appliedThrough": 9,
+            "points": [], "primaryFinalSeq": 9,
+        });
+        fs::write(dir.path().join("replica.json"), v1.to_string()).unwrap();
+        let s = load(dir.path()).unwrap().unwrap();
+        assert_eq!((s.version, s.lifecycle), (STATE_VERSION, Lifecycle::Finalized { last_seq: 9 }));
+        store(dir.path(), &s).unwrap();
+        let written: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.path().join("replica.json")).unwrap()).unwrap();
+        assert_eq!(written["version"], 2);
+        assert_eq!(written["lifecycle"], serde_json::json!({"stage": "finalized", "lastSeq": 9}));
+        assert!(written.get("hasCopy").is_none(), "the flags are gone: {written}");
+        assert_eq!(load(dir.path()).unwrap().unwrap(), s);
+
+        let mut v3 = written.clone();
+        v3["version"] = serde_json::json!(3);
+        fs::write(dir.path().join("replica.json"), v3.to_string()).unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("replica.json") && err.contains("version 3"), "{err}");
+        fs::write(dir.path().join("replica.json"), b"{not json").unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("replica.json") && err.contains("unreadable"), "{err}");
+    }
+
+    #[test]
+    fn each_legacy_combination_maps_to_one_stage() {
+        let f = |has_copy, removed, at_replica, final_seq, promoted| {
+            LegacyFlags {
+                has_copy,
+                removed,
+                removed_at_replica: at_replica,
+                primary_final_seq: final_seq,
+                promoted,
+            }
+            .lifecycle()
+        };
+        assert_eq!(f(false, false, false, None, false), Lifecycle::AwaitingCopy);
+        assert_eq!(f(true, false, false, None, false), Lifecycle::Receiving);
+        assert_eq!(f(true, false, false, Some(4), false), Lifecycle::Finalized { last_seq: 4 });
+        assert_eq!(f(true, true, false, None, false), Lifecycle::Removed { at_replica: false });
+        assert_eq!(f(true, true, true, None, false), Lifecycle::Removed { at_replica: true });
+        assert_eq!(f(true, false, false, Some(4), true), Lifecycle::Promoted);
+    }
+}

@@ -1,0 +1,411 @@
+//! The primary side: ships one disk's sealed segments (and first its initial
+//! copy) to the replica, deleting each segment only once the replica says it
+//! is durable. The same shipper forwards a replica's applied segments to an
+//! extended replica ([`source::Source`]).
+//!
+//! ```text
+//!  sync_once(): Open ─▶ [initial copy] ─▶ drop what the replica has ─▶ push the rest, in order
+//!  push:   reader thread: read 1 MiB ─▶ zstd ─▶ bandwidth limit ─▶ channel ─▶ gRPC stream (transfer.rs)
+//! ```
+
+mod error;
+mod limiter;
+pub mod source;
+mod transfer;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+pub use error::ShipError;
+pub use limiter::RateLimiter;
+pub use source::Source;
+use tokio::sync::Semaphore;
+use tonic::transport::Channel;
+pub use vmreplica_api::tls::Peer;
+use vmreplica_api::{
+    control::FailureKind,
+    replication::{
+        DiskRef, FinalizeRequest, OpenRequest, RecoveryHistory, replication_client::ReplicationClient,
+    },
+};
+
+use crate::{disk::ProtectedDisk, metrics::Metrics, replica::ReplicaDisk};
+
+/// A recovery history for the replica to keep: every point within the
+/// window, then one per hour for `hourly_points` hours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct History {
+    pub window_seconds: u64,
+    pub hourly_points: u32,
+}
+
+/// How a disk is shipped.
+#[derive(Clone, Debug)]
+pub struct ShipperConfig {
+    pub compression: bool,
+    pub chunk_size: usize,
+    /// Waits between failed attempts; the last repeats.
+    pub backoff: Vec<Duration>,
+    /// The VM's recovery history for the replica; `None`: the replica site's.
+    pub history: Option<History>,
+    /// The replication interval, told to the replica (0: not said).
+    pub interval_seconds: u32,
+}
+
+impl Default for ShipperConfig {
+    fn default() -> Self {
+        let min = |m: u64| Duration::from_secs(60 * m);
+        Self {
+            compression: true,
+            chunk_size: 1 << 20,
+            backoff: vec![min(1), min(2), min(4), min(8), min(30)],
+            history: None,
+            interval_seconds: 0,
+        }
+    }
+}
+
+/// Per-replication statistics (Measure-VMReplication's numbers).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShipStats {
+    pub segments_sent: u64,
+    pub raw_bytes_sent: u64,
+    pub wire_bytes_sent: u64,
+    pub max_segment_bytes: u64,
+    pub last_latency: Duration,
+    pub total_latency: Duration,
+    pub errors: u64,
+    pub successful_cycles: u64,
+    /// Cycles that did not complete (each failed sync is one).
+    pub missed_cycles: u64,
+    pub last_error: Option<String>,
+    /// [`ShipError::kind`] of `last_error` (`Unspecified` when none).
+    pub last_failure: FailureKind,
+    pub last_replication: Option<SystemTime>,
+    pub durable_through: u64,
+    pub initial_copy_bytes: u64,
+}
+
+/// Ships one disk's log (a protected disk's, or a replica's applied
+/// segments) to one replica.
+pub struct Shipper {
+    vm_id: String,
+    disk_id: String,
+    source: Source,
+    client: ReplicationClient<Channel>,
+    cfg: ShipperConfig,
+    limiter: Option<Arc<RateLimiter>>,
+    transfers: Arc<Semaphore>,
+    epoch: u64,
+    /// The first sequence this epoch's log holds (1 unless a promotion
+    /// continued another log's numbering).
+    log_start: u64,
+    stats: Mutex<ShipStats>,
+    metrics: Option<Arc<Metrics>>,
+    /// The initial copy in flight: bytes sent so far and bytes to send (the
+    /// image's allocated extents), both 0 when none runs.
+    copying: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+    /// Where the channel leads (to diagnose TLS failures).
+    peer: Option<Peer>,
+}
+
+impl Shipper {
+    pub fn new(
+        vm_id: &str,
+        disk: Arc<ProtectedDisk>,
+        channel: Channel,
+        cfg: ShipperConfig,
+        limiter: Option<Arc<RateLimiter>>,
+        transfers: Arc<Semaphore>,
+    ) -> Self {
+        let disk_id = disk.name().to_owned();
+        Self::with_source(vm_id, &disk_id, Source::Protected(disk), channel, cfg, limiter, transfers)
+    }
+
+    /// Extended replication: ships the segments `replica` applied (it keeps
+    /// them from the first sync on) to another replica.
+    pub fn forwarding(
+        replica: Arc<ReplicaDisk>,
+        channel: Channel,
+        cfg: ShipperConfig,
+        limiter: Option<Arc<RateLimiter>>,
+        transfers: Arc<Semaphore>,
+    ) -> Self {
+        let (vm_id, disk_id) = {
+            let s = replica.state();
+            (s.vm_id.clone(), s.disk_id.clone())
+        };
+        let epoch = replica.state().epoch;
+        Self::with_source(&vm_id, &disk_id, Source::Forward(replica), channel, cfg, limiter, transfers)
+            .with_epoch(epoch)
+    }
+
+    fn with_source(
+        vm_id: &str,
+        disk_id: &str,
+        source: Source,
+        channel: Channel,
+        cfg: ShipperConfig,
+        limiter: Option<Arc<RateLimiter>>,
+        transfers: Arc<Semaphore>,
+    ) -> Self {
+        let client = ReplicationClient::new(channel)
+            .max_decoding_message_size(vmreplica_api::MAX_FRAME)
+            .max_encoding_message_size(vmreplica_api::MAX_FRAME);
+        Self {
+            vm_id: vm_id.to_owned(),
+            disk_id: disk_id.to_owned(),
+            source,
+            client,
+            cfg,
+            limiter,
+            transfers,
+            epoch: 0,
+            log_start: 1,
+            stats: Mutex::default(),
+            metrics: None,
+            copying: Arc::default(),
+            peer: None,
+        }
+    }
+
+    /// Names where the channel leads, so a refused certificate is reported
+    /// as one (which side refused, and why) rather than a broken connection.
+    pub fn with_peer(mut self, peer: Peer) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    /// A failed call, told apart: a certificate refused by either side
+    /// becomes [`ShipError::Tls`], which says which side and why.
+    async fn explain(&self, e: ShipError) -> ShipError {
+        let ShipError::Rpc(status) = &e else { return e };
+        use prost::Message;
+        if let Ok(r) = vmreplica_api::replication::Refusal::decode(status.details())
+            && r.kind() == vmreplica_api::replication::RefusalKind::StaleEpoch
+        {
+            return ShipError::StaleEpoch {
+                current: r.current_epoch,
+                mine: self.epoch,
+                message: status.message().to_owned(),
+            };
+        }
+        let server = self.peer.as_ref().map_or("the replica server", |p| p.server_name.as_str());
+        if let Some(f) = vmreplica_api::tls::tls_failure(status) {
+            return ShipError::Tls(f.explain(server));
+        }
+        // A connection broken with no reason given: in TLS 1.3 the server's
+        // refusal of our certificate arrives after the handshake, and the
+        // RPC layer sees only a closed stream. Ask once more by hand.
+        let transport =
+            matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Unavailable)
+                && std::error::Error::source(status).is_some();
+        if let (true, Some(p)) = (transport, &self.peer)
+            && let Some(f) = vmreplica_api::tls::diagnose(&p.addr, &p.server_name, &p.tls).await
+        {
+            return ShipError::Tls(f.explain(server));
+        }
+        e
+    }
+
+    /// Also reports to these Prometheus metrics.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Sends under this epoch: that of the promotion that made this the
+    /// VM's primary (0: never failed over).
+    pub fn with_epoch(mut self, epoch: u64) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    /// Where this epoch's log starts: a replica that has not yet received
+    /// anything of this epoch must hold exactly what came before it.
+    pub fn with_log_start(mut self, first_seq: u64) -> Self {
+        self.log_start = first_seq;
+        self
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [self.vm_id.as_str(), self.disk_id.as_str()]
+    }
+
+    /// The epoch this shipper sends under.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn vm_id(&self) -> &str {
+        &self.vm_id
+    }
+
+    pub fn disk_id(&self) -> &str {
+        &self.disk_id
+    }
+
+    /// The protected disk shipped; `None` for a forwarding shipper.
+    pub fn disk(&self) -> Option<&Arc<ProtectedDisk>> {
+        match &self.source {
+            Source::Protected(d) => Some(d),
+            Source::Forward(_) => None,
+        }
+    }
+
+    /// Bytes logged (or kept, when forwarding) and not yet acknowledged.
+    pub fn pending_bytes(&self) -> u64 {
+        self.source.pending_bytes()
+    }
+
+    /// The first sequence not yet in the shipped disk's image.
+    pub fn next_seq(&self) -> u64 {
+        self.source.next_seq()
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.source.size()
+    }
+
+    /// The initial copy in flight: (bytes sent, bytes to send); (0, 0) when none runs.
+    pub fn copy_progress(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.copying.0.load(Relaxed), self.copying.1.load(Relaxed))
+    }
+
+    pub fn stats(&self) -> ShipStats {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn disk_ref(&self) -> DiskRef {
+        DiskRef { vm_id: self.vm_id.clone(), disk_id: self.disk_id.clone() }
+    }
+
+    /// Tells the replica that replication of this disk is removed (it keeps
+    /// its disk and accepts nothing more).
+    pub async fn remove_remote(&self) -> Result<bool, ShipError> {
+        Ok(self.client.clone().remove(self.disk_ref()).await?.into_inner().removed)
+    }
+
+    /// Tells the replica the primary stopped writing after `last_seq`.
+    pub async fn finalize(&self, last_seq: u64) -> Result<(), ShipError> {
+        let req = FinalizeRequest { disk: Some(self.disk_ref()), last_seq };
+        self.client.clone().finalize(req).await?;
+        Ok(())
+    }
+
+    /// Brings the replica up to date with every sealed segment; returns the
+    /// sequence the replica is durable through.
+    pub async fn sync_once(&self) -> Result<u64, ShipError> {
+        let result = match self.sync_inner().await {
+            Err(e) => Err(self.explain(e).await),
+            ok => ok,
+        };
+        if let Err(ShipError::Tls(why)) = &result {
+            tracing::warn!(vm = %self.vm_id, disk = %self.disk_id, "{why}");
+        }
+        let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let [vm, disk] = self.labels();
+        match &result {
+            Ok(through) => {
+                s.successful_cycles += 1;
+                s.durable_through = *through;
+                s.last_replication = Some(SystemTime::now());
+                s.last_error = None;
+                s.last_failure = FailureKind::Unspecified;
+                if let Some(m) = &self.metrics {
+                    m.cycles.with_label_values(&[vm, disk, "successful"]).inc();
+                    let now = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    m.last_replication.with_label_values(&[vm, disk]).set(now.as_secs_f64());
+                }
+            }
+            Err(e) => {
+                s.errors += 1;
+                s.missed_cycles += 1;
+                s.last_error = Some(e.to_string());
+                s.last_failure = e.kind();
+                if let Some(m) = &self.metrics {
+                    m.cycles.with_label_values(&[vm, disk, "missed"]).inc();
+                }
+            }
+        }
+        if let Some(m) = &self.metrics {
+            m.pending_bytes.with_label_values(&[vm, disk]).set(self.source.pending_bytes() as i64);
+        }
+        result
+    }
+
+    async fn sync_inner(&self) -> Result<u64, ShipError> {
+        let mut client = self.client.clone();
+        let open = OpenRequest {
+            disk: Some(self.disk_ref()),
+            disk_size: self.source.size(),
+            epoch: self.epoch,
+            history: self.cfg.history.map(|h| RecoveryHistory {
+                window_seconds: h.window_seconds,
+                hourly_points: h.hourly_points,
+            }),
+            interval_seconds: self.cfg.interval_seconds,
+        };
+        let reply = client.open(open).await?.into_inner();
+        let mut next = checked_next(reply.next_seq, "Open")?;
+        if reply.needs_initial_copy || self.source.needs_copy() {
+            next = checked_next(self.initial_copy().await?, "PushInitialCopy")?;
+        } else {
+            // Before anything is dropped as "already there": the replica's
+            // sequence must be one of this log's. One that has seen nothing of
+            // this epoch must stop exactly where this log starts, and none may
+            // be ahead of what was logged here (either means it holds another
+            // history, and acknowledging would delete writes it never got).
+            let last_logged = self.source.next_seq() - 1;
+            let foreign = reply.epoch < self.epoch && next != self.log_start;
+            if foreign || next - 1 > last_logged {
+                return Err(ShipError::Diverged {
+                    replica_epoch: reply.epoch,
+                    replica_next: next,
+                    epoch: self.epoch,
+                    log_start: self.log_start,
+                    last_logged,
+                });
+            }
+        }
+        // What the replica already has is no longer needed here.
+        self.source.acknowledge(next - 1)?;
+        let mut through = next - 1;
+        for seg in self.source.sealed()? {
+            if seg.first_seq < next && seg.last_seq >= next {
+                return Err(ShipError::ResyncRequired {
+                    expected: next,
+                    first: seg.first_seq,
+                    last: seg.last_seq,
+                });
+            }
+            let started = Instant::now();
+            through = self.push(&seg).await?;
+            self.source.acknowledge(through)?;
+            let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            s.segments_sent += 1;
+            s.max_segment_bytes = s.max_segment_bytes.max(seg.bytes);
+            let latency = started.elapsed();
+            s.last_latency = latency;
+            s.total_latency += latency;
+            if let Some(m) = &self.metrics {
+                let l = self.labels();
+                m.segments_sent.with_label_values(&l).inc();
+                m.transfer_seconds.with_label_values(&l).observe(latency.as_secs_f64());
+                m.segment_bytes.with_label_values(&l).observe(seg.bytes as f64);
+            }
+        }
+        Ok(through)
+    }
+}
+
+/// A replica's "next sequence" answer, checked before any arithmetic on it.
+fn checked_next(value: u64, call: &'static str) -> Result<u64, ShipError> {
+    if value == 0 || value > crate::log::format::MAX_SEQ + 1 {
+        return Err(ShipError::BadReply { call, value });
+    }
+    Ok(value)
+}

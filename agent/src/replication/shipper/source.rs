@@ -1,0 +1,100 @@
+//! What a shipper sends: a protected disk's own log, or (extended
+//! replication) the segments a replica applied, kept in its `forward/`.
+
+use std::sync::Arc;
+
+use super::ShipError;
+use crate::{disk::ProtectedDisk, log::SealedSegment, replica::ReplicaDisk};
+
+/// What a shipper sends: a protected disk's own log, or (extended
+/// replication) the segments a replica applied, kept in its `forward/`.
+#[derive(Clone)]
+pub enum Source {
+    Protected(Arc<ProtectedDisk>),
+    Forward(Arc<ReplicaDisk>),
+}
+
+impl Source {
+    pub(super) fn size(&self) -> u64 {
+        match self {
+            Self::Protected(d) => d.size(),
+            Self::Forward(r) => r.state().disk_size,
+        }
+    }
+
+    pub(super) fn image_path(&self) -> std::path::PathBuf {
+        match self {
+            Self::Protected(d) => d.path().to_owned(),
+            Self::Forward(r) => r.image(),
+        }
+    }
+
+    pub(super) fn sealed(&self) -> Result<Vec<SealedSegment>, ShipError> {
+        match self {
+            Self::Protected(d) => Ok(d.log_status().sealed),
+            Self::Forward(r) => Ok(r.forward_sealed()?),
+        }
+    }
+
+    pub(super) fn acknowledge(&self, through: u64) -> Result<(), ShipError> {
+        match self {
+            Self::Protected(d) => Ok(d.acknowledge(through)?),
+            Self::Forward(r) => Ok(r.forward_acknowledge(through)?),
+        }
+    }
+
+    pub(super) fn pending_bytes(&self) -> u64 {
+        match self {
+            Self::Protected(d) => d.log_status().pending_bytes,
+            Self::Forward(r) => r.forward_sealed().map(|s| s.iter().map(|s| s.bytes).sum()).unwrap_or(0),
+        }
+    }
+
+    /// Where replication resumes after an initial copy that starts now:
+    /// everything before it is in the image already. A protected disk cuts
+    /// its log; a replica keeps every segment it applies from now on.
+    pub(super) fn cut(&self) -> Result<u64, ShipError> {
+        match self {
+            Self::Protected(d) => Ok(d.cut()?.0),
+            Self::Forward(r) => Ok(r.set_forward(true)? + 1),
+        }
+    }
+
+    /// Which initial copy of its own the source holds (a replica receives a
+    /// new one after a break; 0 for a protected disk).
+    pub(super) fn copy_generation(&self) -> u64 {
+        match self {
+            Self::Protected(_) => 0,
+            Self::Forward(r) => r.state().copies,
+        }
+    }
+
+    /// Whether the replica shipped to must get a new copy although it has
+    /// one: the forwarding source received a new copy since it sent one.
+    pub(super) fn needs_copy(&self) -> bool {
+        match self {
+            Self::Protected(_) => false,
+            Self::Forward(r) => {
+                let s = r.state();
+                s.copies != s.forwarded_copy
+            }
+        }
+    }
+
+    /// Records that the replica shipped to holds copy `generation`.
+    pub(super) fn copied(&self, generation: u64) -> Result<(), ShipError> {
+        match self {
+            Self::Protected(_) => Ok(()),
+            Self::Forward(r) => Ok(r.set_forwarded_copy(generation)?),
+        }
+    }
+
+    /// The first sequence not yet in the image: where a copy that ends now
+    /// is consistent from.
+    pub(super) fn next_seq(&self) -> u64 {
+        match self {
+            Self::Protected(d) => d.log_status().next_seq,
+            Self::Forward(r) => r.state().applied_through + 1,
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! What `vmreplica-agent serve` and `receive` are told to do.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use vmreplica_api::tls::TlsMaterial;
+
+use super::announce::Announce;
+use crate::{
+    quiesce::Quiesce,
+    replica::retention::Policy,
+    replication::{authz::SiteConfig, shipper::ShipperConfig},
+};
+
+/// Where a primary's `--disk` images replicate to (with the agent's
+/// certificates, bandwidth limit and transfer limit).
+pub struct ReplicateTo {
+    pub addr: String,
+    pub server_name: String,
+    pub shipper: ShipperConfig,
+}
+
+/// A primary agent's options.
+pub struct ServeOptions {
+    pub vm: String,
+    pub disks: Vec<(String, PathBuf)>,
+    pub socket: Option<PathBuf>,
+    pub tcp: Option<SocketAddr>,
+    /// What one NBD client may hold of the agent.
+    pub nbd_limits: crate::nbd::server::Limits,
+    /// Seal (and ship, when replicating) this often.
+    pub interval: Option<Duration>,
+    /// Quiesce the guest for an application-consistent point this often.
+    pub app_consistent: Option<(Quiesce, Duration)>,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
+    /// Serve the control API (mutual TLS) here.
+    pub control: Option<SocketAddr>,
+    pub replicate: Option<ReplicateTo>,
+    /// Keep a Lease announcing this agent.
+    pub announce: Option<Announce>,
+    /// Certificates for the control API and for replication the controller enables.
+    pub tls: Option<TlsMaterial>,
+    /// Where images the controller names may lie.
+    pub disk_roots: Vec<PathBuf>,
+    /// Host names resolved without DNS.
+    pub resolve: std::collections::BTreeMap<String, std::net::IpAddr>,
+    pub retry: Vec<Duration>,
+    pub bandwidth: Option<u64>,
+    pub max_transfers: usize,
+    /// VMReplications may name freeze/thaw commands to run on this node.
+    pub allow_quiesce_commands: bool,
+    /// The controller's certificate names: the only callers of the control
+    /// API, and refused on the replication API.
+    pub controllers: Vec<String>,
+    /// Also receive replication here (one agent per node serves both roles:
+    /// what reverse replication needs). Its rules come from the controller.
+    pub receive: Option<SocketAddr>,
+    pub receive_retention: Policy,
+}
+
+/// A replica site's options.
+pub struct ReceiveOptions {
+    pub listen: SocketAddr,
+    pub tls: TlsMaterial,
+    pub site: SiteConfig,
+    pub max_transfers: usize,
+    pub retention: Policy,
+    /// Serve Prometheus metrics here.
+    pub metrics: Option<SocketAddr>,
+    /// Serve the control API (mutual TLS) here.
+    pub control: Option<SocketAddr>,
+    /// Keep a Lease announcing this agent.
+    pub announce: Option<Announce>,
+    /// The controller's certificate names (see [`ServeOptions::controllers`]).
+    pub controllers: Vec<String>,
+}
