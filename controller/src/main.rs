@@ -4,7 +4,13 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use clap::{ArgAction, Parser};
 use tracing_subscriber::EnvFilter;
 use vmreplica_api::tls::TlsMaterial;
-use vmreplica_controller::{leader::Election, plan, preflight, replicas, site, telemetry::Metrics, vmr};
+use vmreplica_controller::{
+    context::{Context, Shared},
+    leader::Election,
+    plan, preflight, replica_site, site,
+    telemetry::Metrics,
+    vmreplication,
+};
 
 /// Reconciles vmreplica's resources in the cluster of the current kubeconfig
 /// (or the in-cluster service account).
@@ -56,6 +62,34 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// What the controllers need before they start: the certificate, metrics
+/// served, a client, and the CRDs checked. The error says what is missing.
+async fn prepare(args: &Args) -> Result<(TlsMaterial, Arc<Metrics>, kube::Client), String> {
+    let tls = TlsMaterial::from_dir(&args.tls_dir).map_err(|e| e.to_string())?;
+    let metrics = Metrics::new();
+    let listener = tokio::net::TcpListener::bind(args.metrics)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.metrics))?;
+    tokio::spawn(vmreplica_controller::telemetry::serve(metrics.clone(), listener, std::future::pending()));
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("no usable kubeconfig or in-cluster config: {e}"))?;
+    preflight::check_crds(&client).await.map_err(|e| e.to_string())?;
+    Ok((tls, metrics, client))
+}
+
+/// The leader election this replica takes part in, unless disabled.
+fn election(args: &Args, client: &kube::Client) -> Option<Election> {
+    args.leader_elect.then(|| {
+        let identity = args.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        let lease = Duration::from_secs(args.leader_lease_seconds);
+        Election::new(client.clone(), &args.namespace, "vmreplica-controller", &identity, lease)
+    })
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -63,35 +97,13 @@ async fn main() -> ExitCode {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
-    let tls = match TlsMaterial::from_dir(&args.tls_dir) {
-        Ok(t) => t,
+    let (tls, metrics, client) = match prepare(&args).await {
+        Ok(p) => p,
         Err(e) => return fail(e),
     };
-    let metrics = Metrics::new();
-    match tokio::net::TcpListener::bind(args.metrics).await {
-        Ok(l) => {
-            tokio::spawn(vmreplica_controller::telemetry::serve(metrics.clone(), l, std::future::pending()));
-        }
-        Err(e) => return fail(format!("cannot listen on {}: {e}", args.metrics)),
-    }
-    let client = match kube::Client::try_default().await {
-        Ok(c) => c,
-        Err(e) => return fail(format!("no usable kubeconfig or in-cluster config: {e}")),
-    };
-    if let Err(e) = preflight::check_crds(&client).await {
-        return fail(e);
-    }
     // A standby is ready too: it is healthy and waiting (the leader gauge says who acts).
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-
-    let mut election = args.leader_elect.then(|| {
-        let identity = args.identity.clone().unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-            format!("{}-{}", host.trim(), std::process::id())
-        });
-        let lease = Duration::from_secs(args.leader_lease_seconds);
-        Election::new(client.clone(), &args.namespace, "vmreplica-controller", &identity, lease)
-    });
+    let mut election = election(&args, &client);
     if let Some(e) = election.as_mut() {
         tokio::select! {
             _ = e.acquire() => {}
@@ -99,16 +111,20 @@ async fn main() -> ExitCode {
         }
     }
     metrics.leader.set(1);
-
-    let ctx = Arc::new(site::Context {
+    let ctx = Arc::new(Shared {
         client,
         agents_namespace: args.namespace.clone(),
         tls,
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: metrics.clone(),
     });
+    run(&args, ctx, election).await
+}
+
+/// Runs every controller until SIGTERM (or the leader Lease is lost).
+async fn run(args: &Args, ctx: Arc<Shared>, mut election: Option<Election>) -> ExitCode {
     let vm_ctx =
-        vmr::Context::new(ctx.clone(), Duration::from_secs(args.poll_seconds), args.watch_namespace.clone());
+        Context::new(ctx.clone(), Duration::from_secs(args.poll_seconds), args.watch_namespace.clone());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let on_stop = || {
         let mut s = stopped.clone();
@@ -129,8 +145,8 @@ async fn main() -> ExitCode {
     };
     let controllers = futures::future::join4(
         sites,
-        vmr::run(vm_ctx.clone(), on_stop()),
-        replicas::run(vm_ctx, on_stop()),
+        vmreplication::run(vm_ctx.clone(), on_stop()),
+        replica_site::run(vm_ctx, on_stop()),
         plan::run(ctx.clone(), args.watch_namespace.clone(), on_stop()),
     );
     tokio::pin!(controllers);

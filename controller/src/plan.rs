@@ -4,7 +4,7 @@
 //! `batch/v1` JobTemplateSpec with a container, and every member is a
 //! Primary or Replica that can be failed over (not Error).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::JobTemplateSpec;
@@ -15,7 +15,11 @@ use kube::{
 };
 use vmreplica_crds::{RecoveryPlan, RecoveryPlanStatus, ReplicationState, VMReplication};
 
-use crate::{Error, conditions, site::MANAGER};
+use crate::{
+    Error, conditions,
+    context::Shared,
+    status::{MANAGER, apply_status},
+};
 
 /// What is wrong with a plan, one sentence per problem; empty when valid.
 pub fn problems(plan: &RecoveryPlan, members: &BTreeMap<String, VMReplication>) -> Vec<String> {
@@ -72,19 +76,19 @@ pub fn summary(plan: &RecoveryPlan, members: &BTreeMap<String, VMReplication>) -
     format!("{} groups, {total} VMReplications: {}", plan.spec.groups.len(), parts.join(", "))
 }
 
-async fn reconcile(plan: Arc<RecoveryPlan>, ctx: Arc<crate::site::Context>) -> Result<Action, Error> {
+async fn reconcile(plan: Arc<RecoveryPlan>, ctx: Arc<Shared>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let result = reconcile_inner(plan, &ctx).await;
-    ctx.metrics.observe("RecoveryPlan", started, result.as_ref().err().map(Error::class));
+    ctx.metrics.observe("RecoveryPlan", started, result.as_ref().err().map(Error::label));
     result
 }
 
-async fn reconcile_inner(plan: Arc<RecoveryPlan>, ctx: &crate::site::Context) -> Result<Action, Error> {
+async fn reconcile_inner(plan: Arc<RecoveryPlan>, ctx: &Shared) -> Result<Action, Error> {
     let ns = plan.namespace().unwrap_or_default();
     let members: BTreeMap<String, VMReplication> = Api::<VMReplication>::namespaced(ctx.client.clone(), &ns)
         .list(&ListParams::default())
         .await
-        .map_err(Error::Read)?
+        .map_err(Error::read("VMReplications"))?
         .items
         .into_iter()
         .map(|v| (v.name_any(), v))
@@ -113,20 +117,20 @@ async fn reconcile_inner(plan: Arc<RecoveryPlan>, ctx: &crate::site::Context) ->
     );
     if status != previous {
         let api = Api::<RecoveryPlan>::namespaced(ctx.client.clone(), &ns);
-        crate::apply_status(&api, &plan.name_any(), MANAGER, &status).await?;
+        apply_status(&api, &plan.name_any(), MANAGER, &status).await?;
     }
     Ok(Action::await_change())
 }
 
-fn error_policy(_p: Arc<RecoveryPlan>, e: &Error, _ctx: Arc<crate::site::Context>) -> Action {
+fn error_policy(_p: Arc<RecoveryPlan>, e: &Error, _ctx: Arc<Shared>) -> Action {
     tracing::warn!(error = %e, "reconciling a RecoveryPlan failed");
-    Action::requeue(Duration::from_secs(5))
+    e.action()
 }
 
 /// Runs the RecoveryPlan controller until `shutdown` completes; a change to
 /// a VMReplication reconciles the plans of its namespace that name it.
 pub async fn run(
-    ctx: Arc<crate::site::Context>,
+    ctx: Arc<Shared>,
     namespace: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {

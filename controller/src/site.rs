@@ -12,9 +12,8 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::jiff::Timestamp;
 use kube::{
-    Api, Client, ResourceExt,
+    Api, ResourceExt,
     api::ListParams,
     runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
@@ -25,25 +24,12 @@ use vmreplica_api::{
 use vmreplica_crds::{AgentAcceptance, AuthorizationEntry, ReplicationServer, ReplicationServerStatus};
 
 use crate::{
-    agents::{Agent, discover},
+    Error,
+    agents::Agent,
     conditions,
+    context::Shared,
+    status::{MANAGER, apply_status},
 };
-
-/// The field manager of everything the controller writes.
-pub const MANAGER: &str = "vmreplica-controller";
-
-pub use crate::Error;
-
-/// What the site reconciler needs.
-pub struct Context {
-    pub client: Client,
-    /// Namespace of the agents' Leases (the controller's own).
-    pub agents_namespace: String,
-    /// The controller's client certificate for agents' control APIs.
-    pub tls: TlsMaterial,
-    pub now: fn() -> Timestamp,
-    pub metrics: Arc<crate::telemetry::Metrics>,
-}
 
 /// The configuration every agent of `rs` gets: its rules and all entries.
 pub fn site_configuration(rs: &ReplicationServer, entries: &[AuthorizationEntry]) -> SiteConfiguration {
@@ -118,20 +104,20 @@ async fn push(agent: &Agent, cfg: &SiteConfiguration, tls: &TlsMaterial) -> Agen
 
 /// Reconciles one ReplicationServer, recording it in the metrics.
 #[tracing::instrument(skip_all, fields(name = %rs.name_any()))]
-pub async fn reconcile(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(rs: Arc<ReplicationServer>, ctx: Arc<Shared>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let result = reconcile_inner(rs, ctx.clone()).await;
-    let class = result.as_ref().err().map(Error::class);
+    let class = result.as_ref().err().map(Error::label);
     ctx.metrics.observe("ReplicationServer", started, class);
     result
 }
 
-async fn reconcile_inner(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Result<Action, Error> {
+async fn reconcile_inner(rs: Arc<ReplicationServer>, ctx: Arc<Shared>) -> Result<Action, Error> {
     let entries = Api::<AuthorizationEntry>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await
-        .map_err(Error::Read)?;
-    let agents = discover(&ctx.client, &ctx.agents_namespace, (ctx.now)()).await.map_err(Error::Read)?;
+        .map_err(Error::read("AuthorizationEntries"))?;
+    let agents = ctx.agents().await?;
     let cfg = site_configuration(&rs, &entries.items);
     let chosen = selected(&rs, &agents);
     let results = futures::future::join_all(chosen.iter().map(|a| push(a, &cfg, &ctx.tls))).await;
@@ -163,13 +149,8 @@ async fn reconcile_inner(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Resul
         (ctx.now)(),
     );
     if status != previous {
-        crate::apply_status(
-            &Api::<ReplicationServer>::all(ctx.client.clone()),
-            &rs.name_any(),
-            MANAGER,
-            &status,
-        )
-        .await?;
+        apply_status(&Api::<ReplicationServer>::all(ctx.client.clone()), &rs.name_any(), MANAGER, &status)
+            .await?;
     }
     // Agents come and go without an event on this object: look again soon.
     Ok(Action::requeue(Duration::from_secs(30)))
@@ -177,20 +158,20 @@ async fn reconcile_inner(rs: Arc<ReplicationServer>, ctx: Arc<Context>) -> Resul
 
 /// Reconciles one AuthorizationEntry's status, recording it in the metrics.
 #[tracing::instrument(skip_all, fields(name = %entry.name_any()))]
-pub async fn reconcile_entry(entry: Arc<AuthorizationEntry>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile_entry(entry: Arc<AuthorizationEntry>, ctx: Arc<Shared>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
     let result = report_entries(&ctx, std::slice::from_ref(entry.as_ref())).await;
-    ctx.metrics.observe("AuthorizationEntry", started, result.as_ref().err().map(Error::class));
+    ctx.metrics.observe("AuthorizationEntry", started, result.as_ref().err().map(Error::label));
     result.map(|()| Action::await_change())
 }
 
 /// An entry is enforced where every ReplicationServer's agents accepted the
 /// configuration it is part of: its Ready condition sums them over all servers.
-async fn report_entries(ctx: &Context, entries: &[AuthorizationEntry]) -> Result<(), Error> {
+async fn report_entries(ctx: &Shared, entries: &[AuthorizationEntry]) -> Result<(), Error> {
     let servers = Api::<ReplicationServer>::all(ctx.client.clone())
         .list(&ListParams::default())
         .await
-        .map_err(Error::Read)?;
+        .map_err(Error::read("ReplicationServers"))?;
     let (mut accepted, mut selected, mut refusals) = (0usize, 0usize, Vec::new());
     for rs in &servers.items {
         for a in rs.status.iter().flat_map(|s| &s.agents) {
@@ -229,22 +210,22 @@ async fn report_entries(ctx: &Context, entries: &[AuthorizationEntry]) -> Result
             (ctx.now)(),
         );
         if status != previous {
-            crate::apply_status(&api, &e.name_any(), MANAGER, &status).await?;
+            apply_status(&api, &e.name_any(), MANAGER, &status).await?;
         }
     }
     Ok(())
 }
 
-fn error_policy(_rs: Arc<ReplicationServer>, e: &Error, _ctx: Arc<Context>) -> Action {
+fn error_policy(_rs: Arc<ReplicationServer>, e: &Error, _ctx: Arc<Shared>) -> Action {
     tracing::warn!(error = %e, "reconciling a ReplicationServer failed");
-    Action::requeue(Duration::from_secs(5))
+    e.action()
 }
 
 /// Runs the ReplicationServer and AuthorizationEntry controllers until
 /// `shutdown` completes. Any entry change reconciles every server (their
 /// configuration holds all entries); any server change (its status says which
 /// agents accepted) reconciles every entry.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(ctx: Arc<Shared>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let servers = Api::<ReplicationServer>::all(ctx.client.clone());
     let entries = Api::<AuthorizationEntry>::all(ctx.client.clone());
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -282,7 +263,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     both.await;
 }
 
-fn entry_error_policy(_e: Arc<AuthorizationEntry>, e: &Error, _ctx: Arc<Context>) -> Action {
+fn entry_error_policy(_e: Arc<AuthorizationEntry>, e: &Error, _ctx: Arc<Shared>) -> Action {
     tracing::warn!(error = %e, "reconciling an AuthorizationEntry failed");
-    Action::requeue(Duration::from_secs(5))
+    e.action()
 }

@@ -9,7 +9,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use serde_json::json;
-use vmreplica_controller::{plan, site, telemetry::Metrics};
+use vmreplica_controller::{context, plan, telemetry::Metrics};
 use vmreplica_crds::RecoveryPlan;
 use vmreplica_tests::{
     FIELD_MANAGER, client,
@@ -22,7 +22,7 @@ use vmreplica_tests::{
 async fn a_plan_is_ready_once_every_member_exists() {
     let client = client().await;
     let ns = test_namespace(&client, "plan").await;
-    let ctx = Arc::new(site::Context {
+    let ctx = Arc::new(context::Shared {
         client: client.clone(),
         agents_namespace: ns.clone(),
         tls: material(&Ca::new("plan-ca").unwrap(), &["vmreplica-controller"]),

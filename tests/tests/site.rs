@@ -14,7 +14,7 @@ use vmreplica_api::{
     replication::{DiskRef, OpenRequest, replication_client::ReplicationClient},
     tls::{TlsMaterial, channel},
 };
-use vmreplica_controller::site;
+use vmreplica_controller::{context, site};
 use vmreplica_crds::{AuthorizationEntry, ReplicationServer};
 use vmreplica_tests::{
     FIELD_MANAGER, client,
@@ -70,7 +70,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     tokio::spawn(vmreplica_controller::telemetry::serve(metrics.clone(), listener, std::future::pending()));
     assert_eq!(code(&http_get(metrics_addr, "/readyz").await), "503", "not ready before the controllers run");
     metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    let ctx = Arc::new(site::Context {
+    let ctx = Arc::new(context::Shared {
         client: client.clone(),
         agents_namespace: ns.clone(),
         tls: material(&ca, &["vmreplica-controller"]),

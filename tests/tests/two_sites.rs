@@ -15,7 +15,7 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::json;
-use vmreplica_controller::{replicas, site, telemetry::Metrics, vmr};
+use vmreplica_controller::{context, replica_site, site, telemetry::Metrics, vmreplication};
 use vmreplica_crds::{ReplicationState, Role, VMReplication};
 use vmreplica_tests::{
     ControlPlane, FIELD_MANAGER, client, client_for, install_crds, install_virtual_machine_crd,
@@ -48,15 +48,15 @@ async fn last_failover(api: &Api<VMReplication>, name: &str) -> vmreplica_crds::
     api.get(name).await.unwrap().status.unwrap().last_failover.unwrap()
 }
 
-fn controllers(client: kube::Client, ns: &str, ca: &Ca, watch: Option<String>) -> Arc<vmr::Context> {
-    let base = Arc::new(site::Context {
+fn controllers(client: kube::Client, ns: &str, ca: &Ca, watch: Option<String>) -> Arc<context::Context> {
+    let base = Arc::new(context::Shared {
         client,
         agents_namespace: ns.to_owned(),
         tls: material(ca, &["vmreplica-controller"]),
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: Metrics::new(),
     });
-    vmr::Context::new(base, Duration::from_secs(2), watch)
+    context::Context::new(base, Duration::from_secs(2), watch)
 }
 
 async fn apply(api: &Api<VMReplication>, name: &str, spec: serde_json::Value) {
@@ -118,8 +118,8 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(b.clone()), &entry).await;
     let b_ctx = controllers(b.clone(), &b_ns, &ca, None);
     tokio::spawn(site::run(b_ctx.site.clone(), std::future::pending()));
-    tokio::spawn(vmr::run(b_ctx.clone(), std::future::pending()));
-    tokio::spawn(replicas::run(b_ctx, std::future::pending()));
+    tokio::spawn(vmreplication::run(b_ctx.clone(), std::future::pending()));
+    tokio::spawn(replica_site::run(b_ctx, std::future::pending()));
 
     // Site A's agent and controller.
     std::fs::create_dir_all(root.join("disks")).unwrap();
@@ -135,7 +135,10 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
         .args(["--resolve", "replica.site-b.example.com=127.0.0.1", "--retry-seconds", "1"])
         .args(lease_args(&a_ns, "node-a", &shared_kubeconfig()));
     let _a_agent = Process::spawn_ready(cmd, &root.join("a-agent.log"));
-    tokio::spawn(vmr::run(controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone())), std::future::pending()));
+    tokio::spawn(vmreplication::run(
+        controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone())),
+        std::future::pending(),
+    ));
 
     let a_vmrs: Api<VMReplication> = Api::namespaced(a.clone(), &a_ns);
     let b_vmrs: Api<VMReplication> = Api::namespaced(b.clone(), &dr);
@@ -174,7 +177,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     })
     .await;
     assert_eq!(replica.spec.primary_server.as_deref(), Some(primary_name.as_str()));
-    assert_eq!(replica.labels().get(replicas::REPLICA_OF), Some(&format!("{a_ns}.{ledger}")));
+    assert_eq!(replica.labels().get(vmreplication::replica::REPLICA_OF), Some(&format!("{a_ns}.{ledger}")));
     let rs = replica.status.clone().unwrap();
     assert_eq!(rs.primary_server.as_deref(), Some(primary_name.as_str()));
     assert_eq!(rs.replica_server.as_deref(), Some("node-b"));
@@ -415,7 +418,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     .await;
     assert_eq!(adopted.spec, declared.spec, "the controller never writes spec");
     assert_eq!(adopted.metadata.generation, declared.metadata.generation);
-    assert!(adopted.labels().get(replicas::REPLICA_OF).is_none(), "adopted, not created");
+    assert!(adopted.labels().get(vmreplication::replica::REPLICA_OF).is_none(), "adopted, not created");
 
     // Deleting the Replica object at B removes replication there: the object
     // is not recreated, A is refused and says why, B's disk stays.
@@ -527,7 +530,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     midway.phase = vmreplica_crds::FailoverPhase::PreparingDisks;
     let status = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
                         "status": {"lastFailover": midway}});
-    let pp = PatchParams::apply(vmreplica_controller::failover::FAILOVER_MANAGER).force();
+    let pp = PatchParams::apply(vmreplica_controller::status::FAILOVER_MANAGER).force();
     b_vmrs.patch_status("pay", &pp, &Patch::Apply(status)).await.unwrap();
     let resumed = last_of(vmreplica_crds::FailoverPhase::WaitingCompletion).await;
     assert_eq!((resumed.id.as_str(), resumed.recovery_point.as_deref()), ("u2", Some(p1.as_str())));
@@ -624,8 +627,8 @@ async fn planned_failover_there_and_back_loses_nothing() {
     apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(a.clone()), &a_entry).await;
     let a_ctx = controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone()));
     tokio::spawn(site::run(a_ctx.site.clone(), std::future::pending()));
-    tokio::spawn(vmr::run(a_ctx.clone(), std::future::pending()));
-    tokio::spawn(replicas::run(a_ctx, std::future::pending()));
+    tokio::spawn(vmreplication::run(a_ctx.clone(), std::future::pending()));
+    tokio::spawn(replica_site::run(a_ctx, std::future::pending()));
 
     let a_vmrs: Api<VMReplication> = Api::namespaced(a.clone(), &a_ns);
     let b_vmrs = b.vmrs.clone();
@@ -938,8 +941,8 @@ async fn replica_site(
     apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(client.clone()), &entry).await;
     let ctx = controllers(client.clone(), &ns, ca, None);
     tokio::spawn(site::run(ctx.site.clone(), std::future::pending()));
-    tokio::spawn(vmr::run(ctx.clone(), std::future::pending()));
-    tokio::spawn(replicas::run(ctx, std::future::pending()));
+    tokio::spawn(vmreplication::run(ctx.clone(), std::future::pending()));
+    tokio::spawn(replica_site::run(ctx, std::future::pending()));
     let vmrs = Api::namespaced(client.clone(), dr);
     ReplicaSite { _plane: plane, vmrs, repl_port, socket, node, agent, agent_args }
 }
@@ -967,7 +970,7 @@ async fn extended_replication_then_failover_to_b_resumes_to_c() {
     let socket = root.join("a-nbd.sock");
     let _a_agent = site_a_agent(root, &a_ns, &label, b_name, None);
     let a_ctx = controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone()));
-    tokio::spawn(vmr::run(a_ctx, std::future::pending()));
+    tokio::spawn(vmreplication::run(a_ctx, std::future::pending()));
     let a_vmrs: Api<VMReplication> = Api::namespaced(a.clone(), &a_ns);
     let img = root.join("disks").join("app-root.img");
     assert!(

@@ -13,7 +13,7 @@ use kube::{
 };
 use serde_json::json;
 use vmreplica_api::control::{GetStatusRequest, control_client::ControlClient};
-use vmreplica_controller::{site, telemetry::Metrics, vmr};
+use vmreplica_controller::{context, telemetry::Metrics, vmreplication};
 use vmreplica_crds::{Health, ReplicationState, VMReplication};
 use vmreplica_tests::{
     FIELD_MANAGER, client,
@@ -85,7 +85,7 @@ struct Site {
     denied_port: u16,
     ca: Ca,
     metrics: Arc<Metrics>,
-    base: Arc<site::Context>,
+    base: Arc<context::Shared>,
     controller: tokio::task::JoinHandle<()>,
     replicas: Vec<Process>,
     primary_name: String,
@@ -135,15 +135,15 @@ async fn site_with(primary_args: &[&str]) -> Site {
     let primary = Process::spawn_ready(cmd, &root.join("primary.log"));
 
     let metrics = Metrics::new();
-    let base = Arc::new(site::Context {
+    let base = Arc::new(context::Shared {
         client: client.clone(),
         agents_namespace: ns.clone(),
         tls: material(&ca, &["vmreplica-controller"]),
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: metrics.clone(),
     });
-    let ctx = vmr::Context::new(base.clone(), Duration::from_secs(2), Some(ns.clone()));
-    let controller = tokio::spawn(vmr::run(ctx, std::future::pending()));
+    let ctx = context::Context::new(base.clone(), Duration::from_secs(2), Some(ns.clone()));
+    let controller = tokio::spawn(vmreplication::run(ctx, std::future::pending()));
     let vmrs = Api::namespaced(client.clone(), &ns);
     Site {
         _dir: dir,
@@ -245,7 +245,7 @@ async fn a_vm_replicates_suspends_resumes_and_is_removed() {
 
     let v = s.wait_state("db", ReplicationState::Replicating, 60).await;
     assert!(frozen.exists() && thawed.exists(), "the spec's quiesce commands ran on the node");
-    assert!(v.finalizers().iter().any(|f| f == vmr::FINALIZER), "the finalizer guards removal");
+    assert!(v.finalizers().iter().any(|f| f == vmreplication::FINALIZER), "the finalizer guards removal");
     let st = v.status.clone().unwrap();
     assert_eq!(st.health, Health::Normal, "{:?}", st.health_details);
     assert_eq!(st.observed_generation, v.metadata.generation);
@@ -495,15 +495,15 @@ async fn a_controller_killed_mid_failover_resumes_from_status_and_finishes() {
     s.vmrs
         .patch_status(
             "mv",
-            &PatchParams::apply(vmreplica_controller::failover::FAILOVER_MANAGER).force(),
+            &PatchParams::apply(vmreplica_controller::status::FAILOVER_MANAGER).force(),
             &Patch::Apply(midway),
         )
         .await
         .unwrap();
 
     // A new controller picks it up from status and finishes it.
-    let ctx = vmr::Context::new(s.base.clone(), Duration::from_secs(2), Some(s.ns.clone()));
-    tokio::spawn(vmr::run(ctx, std::future::pending()));
+    let ctx = context::Context::new(s.base.clone(), Duration::from_secs(2), Some(s.ns.clone()));
+    tokio::spawn(vmreplication::run(ctx, std::future::pending()));
     let v = s.wait_state("mv", ReplicationState::SyncedReplicationComplete, 60).await;
     let l = v.status.unwrap().last_failover.unwrap();
     assert_eq!((l.id.as_str(), l.phase), ("m1", vmreplica_crds::FailoverPhase::Completed), "{l:?}");

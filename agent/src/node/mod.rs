@@ -11,6 +11,10 @@
 //! ```
 //! Every refusal says what to fix and leaves what ran before untouched.
 //! Extended replication of replicas held here is [`extended`].
+//!
+//! One file, about 510 lines, on purpose: the VM lifecycle (enable, update,
+//! remove, prepare, adopt) reads as one state machine; specs, disks and
+//! extended replication are the sibling modules.
 
 pub mod disks;
 pub mod extended;

@@ -222,17 +222,11 @@ fn apply_records(
                     Staged::Direct(r, buf) => {
                         check_bounds(size, &r).map_err(ApplyError::Io)?;
                         let dio = direct.expect("direct records only with a direct file");
-                        match dio.write_all_at(buf.as_slice(), r.offset) {
-                            Ok(()) => direct_bytes += buf.as_slice().len() as u64,
-                            // A filesystem that opened O_DIRECT but wants
-                            // other alignment: the page cache from here on.
-                            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                                tracing::warn!(error = %e, "direct writes refused; applying through the page cache");
-                                direct_ok.store(false, Relaxed);
-                                image.write_all_at(buf.as_slice(), r.offset).map_err(ApplyError::Io)?;
-                                since_flush += buf.as_slice().len() as u64;
-                            }
-                            Err(e) => return Err(ApplyError::Io(e)),
+                        let data = buf.as_slice();
+                        if write_direct(dio, image, data, r.offset, direct_ok).map_err(ApplyError::Io)? {
+                            direct_bytes += data.len() as u64;
+                        } else {
+                            since_flush += data.len() as u64;
                         }
                         let _ = free_tx.send(buf);
                     }
@@ -261,6 +255,28 @@ fn apply_records(
         parsed.map_err(ApplyError::Format)?;
         Ok(direct_bytes)
     })
+}
+
+/// Writes `data` at `offset` with O_DIRECT; true when it went that way. A
+/// filesystem that opened O_DIRECT but wants other alignment gets it (and
+/// every later record) through the page cache instead.
+fn write_direct(
+    dio: &File,
+    image: &File,
+    data: &[u8],
+    offset: u64,
+    direct_ok: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<bool> {
+    match dio.write_all_at(data, offset) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            tracing::warn!(error = %e, "direct writes refused; applying through the page cache");
+            direct_ok.store(false, std::sync::atomic::Ordering::Relaxed);
+            image.write_all_at(data, offset)?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes `map`'s ranges as records, reading bytes from `inputs` (the image

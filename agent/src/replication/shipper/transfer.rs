@@ -132,9 +132,6 @@ impl Shipper {
             let file = File::open(&path).map_err(read_err)?;
             let mut start = Some(start);
             let mut buf = vec![0u8; chunk];
-            // Runs of non-zero 64 KiB blocks, up to a chunk each: holes and zero
-            // blocks inside allocated extents are not sent.
-            const BLOCK: u64 = 64 << 10;
             let mut wire = 0u64;
             let extents = data_extents(&file, size).map_err(read_err)?;
             use std::sync::atomic::Ordering::Relaxed;
@@ -154,35 +151,7 @@ impl Shipper {
                 };
                 tx.blocking_send(c).is_ok()
             };
-            let mut run_start = 0u64;
-            let mut run_len = 0usize;
-            for (ext_off, ext_len) in extents {
-                let mut off = ext_off;
-                while off < ext_off + ext_len {
-                    let n = (ext_off + ext_len - off).min(BLOCK) as usize;
-                    let at = if run_len > 0 && run_start + run_len as u64 == off && run_len + n <= chunk {
-                        run_len
-                    } else {
-                        if run_len > 0 && !send(run_start, &mut buf[..run_len]) {
-                            return Ok(0);
-                        }
-                        run_start = off;
-                        run_len = 0;
-                        0
-                    };
-                    file.read_exact_at(&mut buf[at..at + n], off).map_err(read_err)?;
-                    if buf[at..at + n].iter().any(|&b| b != 0) {
-                        run_len = at + n;
-                    } else if run_len > 0 {
-                        if !send(run_start, &mut buf[..run_len]) {
-                            return Ok(0);
-                        }
-                        run_len = 0;
-                    }
-                    off += n as u64;
-                }
-            }
-            if run_len > 0 && !send(run_start, &mut buf[..run_len]) {
+            if !send_runs(&file, extents, &mut buf, &mut send).map_err(read_err)? {
                 return Ok(0);
             }
             let last = CopyChunk {
@@ -213,6 +182,48 @@ impl Shipper {
         }
         Ok(ack.next_seq)
     }
+}
+
+/// Sends the image's data as runs of non-zero 64 KiB blocks, up to a chunk
+/// (`buf`'s length) each: holes and zero blocks inside allocated extents are
+/// not sent. False when `send` reports the receiver gone.
+fn send_runs(
+    file: &File,
+    extents: Vec<(u64, u64)>,
+    buf: &mut [u8],
+    send: &mut impl FnMut(u64, &mut [u8]) -> bool,
+) -> io::Result<bool> {
+    const BLOCK: u64 = 64 << 10;
+    let chunk = buf.len();
+    let mut run_start = 0u64;
+    let mut run_len = 0usize;
+    for (ext_off, ext_len) in extents {
+        let mut off = ext_off;
+        while off < ext_off + ext_len {
+            let n = (ext_off + ext_len - off).min(BLOCK) as usize;
+            let at = if run_len > 0 && run_start + run_len as u64 == off && run_len + n <= chunk {
+                run_len
+            } else {
+                if run_len > 0 && !send(run_start, &mut buf[..run_len]) {
+                    return Ok(false);
+                }
+                run_start = off;
+                run_len = 0;
+                0
+            };
+            file.read_exact_at(&mut buf[at..at + n], off)?;
+            if buf[at..at + n].iter().any(|&b| b != 0) {
+                run_len = at + n;
+            } else if run_len > 0 {
+                if !send(run_start, &mut buf[..run_len]) {
+                    return Ok(false);
+                }
+                run_len = 0;
+            }
+            off += n as u64;
+        }
+    }
+    Ok(run_len == 0 || send(run_start, &mut buf[..run_len]))
 }
 
 fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {

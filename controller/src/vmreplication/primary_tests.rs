@@ -1,4 +1,8 @@
 use super::*;
+use crate::vmreplication::monitoring::*;
+use kube::runtime::events::EventType;
+
+use crate::status::transitions;
 use vmreplica_crds::{DiskSpec as CrdDisk, ServerAddress, VMReplicationSpec as Spec};
 
 fn vmr(node: Option<&str>) -> VMReplication {

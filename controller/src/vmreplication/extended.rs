@@ -1,4 +1,4 @@
-//! Extended replication (A→B→C), on the Replica object at site B.
+//! Extended replication (A→B→C), on the Replica object at site B, decided.
 //!
 //! ```text
 //!  spec.extendedReplica {replicaServer, replicationFrequencySeconds}
@@ -11,35 +11,35 @@
 //!    ("resume"), one with reverse leaves the third site orphaned, as in Hyper-V
 //! ```
 //! `status.extendedReplication` is written under its own field manager, so
-//! the replica-site report never overwrites it.
+//! the replica-site report never overwrites it. Pure: the act layer asks the
+//! agent and writes.
 
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
-use kube::{
-    Api, ResourceExt,
-    runtime::events::{Event, EventType},
-};
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::ResourceExt;
 use vmreplica_api::control::{ExtendRequest, FailureKind, PrimaryDisk};
 use vmreplica_crds::{
     ExtendedReplicationStatus, FailoverPhase, FailoverType, ReplicationState, Role, VMReplication,
 };
 
-use crate::{
-    Error,
-    vmr::{Context, control},
-};
-
-/// The field manager of `status.extendedReplication`.
-pub const EXTENDED_MANAGER: &str = "vmreplica-controller-extended";
+use super::{failover::extended_server, observe::Located};
 
 /// After a refusal, ask again this much later.
-const RETRY: Duration = Duration::from_secs(30);
+pub const RETRY: Duration = Duration::from_secs(30);
 
-/// The server address of `spec.extendedReplica`.
-pub fn server(vmr: &VMReplication) -> Option<String> {
-    vmr.spec.extended_replica.as_ref().map(|e| format!("{}:{}", e.replica_server.name, e.replica_server.port))
+/// The next step of `status.extendedReplication`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// Nothing to do.
+    Idle,
+    /// Write this (`None`: remove it) and look again after `again`.
+    Write { next: Option<ExtendedReplicationStatus>, again: Option<Duration> },
+    /// Ask the agent to stop forwarding `vm_id`, then remove the status.
+    Remove { vm_id: String },
+    /// Ask the agent to forward; accepted: write `accepted` and look again
+    /// after `again`; refused: an Error status, asked again after [`RETRY`].
+    Extend { req: ExtendRequest, accepted: ExtendedReplicationStatus, again: Duration },
 }
 
 /// Why `vmr`'s extended replication cannot be asked for, given the
@@ -87,45 +87,19 @@ pub fn status_of(to: &str, shippers: &[&PrimaryDisk]) -> ExtendedReplicationStat
     }
 }
 
-async fn write(
-    vmr: &VMReplication,
-    ctx: &Context,
-    next: Option<ExtendedReplicationStatus>,
-) -> Result<(), Error> {
-    let previous = vmr.status.as_ref().and_then(|s| s.extended_replication.clone());
-    if previous == next {
-        return Ok(());
+/// An Error status about forwarding to `to`.
+pub fn refused(to: &str, message: String) -> ExtendedReplicationStatus {
+    ExtendedReplicationStatus {
+        replica_server: to.to_owned(),
+        state: ReplicationState::Error,
+        message: Some(message),
+        ..Default::default()
     }
-    if let Some(n) = next.as_ref().filter(|n| previous.as_ref().is_none_or(|p| p.state != n.state)) {
-        let (type_, reason) = match n.state {
-            ReplicationState::Replicating => (EventType::Normal, "ExtendedReplicating"),
-            ReplicationState::WaitingForInitialReplication => {
-                (EventType::Normal, "ExtendedReplicationStarted")
-            }
-            ReplicationState::NotEnabled => (EventType::Normal, "ExtendedReplicationStopped"),
-            _ => (EventType::Warning, "ExtendedReplicationError"),
-        };
-        let note = n.message.clone().unwrap_or_else(|| format!("to {}", n.replica_server));
-        let e = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Extend".into(),
-            secondary: None,
-        };
-        ctx.publish(vmr, e).await;
-    }
-    let api = Api::<VMReplication>::namespaced(ctx.site.client.clone(), &vmr.namespace().unwrap_or_default());
-    let body = match &next {
-        Some(n) => serde_json::json!({ "extendedReplication": n }),
-        None => serde_json::json!({}),
-    };
-    crate::apply_status(&api, &vmr.name_any(), EXTENDED_MANAGER, &body).await
 }
 
-/// Brings `vmr`'s extended replication where its spec says; when to look
-/// again (`None`: on the next change).
-pub async fn reconcile(vmr: &VMReplication, ctx: &Context) -> Result<Option<Duration>, Error> {
+/// Where `vmr`'s extended replication goes next, from the replicas this
+/// site's agent holds (`replica`).
+pub fn plan(vmr: &VMReplication, replica: Option<&Located>, poll: Duration) -> Plan {
     let last = vmr.status.as_ref().and_then(|s| s.last_failover.as_ref());
     let failed_over = last.is_some_and(|l| l.took_over || l.phase == FailoverPhase::WaitingCompletion);
     let failing_over = vmr.spec.failover.as_ref().is_some_and(|f| f.failover_type != FailoverType::Test);
@@ -133,59 +107,43 @@ pub async fn reconcile(vmr: &VMReplication, ctx: &Context) -> Result<Option<Dura
     if failed_over || failing_over {
         // The promotion forwarded what was kept and stopped forwarding; the
         // failover's own status says where the VM replicates to now.
-        if let (true, Some(p), Some(to)) = (failed_over, previous, server(vmr)) {
-            let resumed = last.and_then(|l| l.reversed_to.as_deref()) == Some(to.as_str());
-            let message = if resumed {
-                "the VM runs here and replicates to the extended replica from here (resumed after the failover)"
-            } else {
-                "stopped by the failover: the extended replica keeps its disks and receives nothing more (orphaned)"
-            };
-            let state = if resumed { ReplicationState::Replicating } else { ReplicationState::NotEnabled };
-            let next = ExtendedReplicationStatus { state, message: Some(message.into()), ..p };
-            write(vmr, ctx, Some(next)).await?;
-        }
-        return Ok(None);
+        let (true, Some(p), Some(to)) = (failed_over, previous, extended_server(vmr)) else {
+            return Plan::Idle;
+        };
+        let resumed = last.and_then(|l| l.reversed_to.as_deref()) == Some(to.as_str());
+        let message = if resumed {
+            "the VM runs here and replicates to the extended replica from here (resumed after the failover)"
+        } else {
+            "stopped by the failover: the extended replica keeps its disks and receives nothing more (orphaned)"
+        };
+        let state = if resumed { ReplicationState::Replicating } else { ReplicationState::NotEnabled };
+        let next = ExtendedReplicationStatus { state, message: Some(message.into()), ..p };
+        return Plan::Write { next: Some(next), again: None };
     }
     let Some(want) = vmr.spec.extended_replica.as_ref() else {
-        if previous.is_some() {
-            if let Some((agent, disks)) = crate::failover::locate(vmr, ctx).await? {
-                let req = ExtendRequest { vm_id: disks[0].vm_id.clone(), remove: true, ..Default::default() };
-                let reply = control(&agent, ctx, async |mut c| {
-                    c.extend_replication(req.clone()).await.map(|r| r.into_inner())
-                })
-                .await
-                .map_err(Error::Agent)?;
-                if !reply.accepted {
-                    return Err(Error::Agent(reply.message));
-                }
-            }
-            write(vmr, ctx, None).await?;
-        }
-        return Ok(None);
+        return match (previous, replica) {
+            (None, _) => Plan::Idle,
+            (Some(_), Some(loc)) => Plan::Remove { vm_id: loc.vm_id().to_owned() },
+            (Some(_), None) => Plan::Write { next: None, again: None },
+        };
     };
-    let to = server(vmr).expect("set");
-    let refused = |message: String| ExtendedReplicationStatus {
-        replica_server: to.clone(),
-        state: ReplicationState::Error,
-        message: Some(message),
-        ..Default::default()
-    };
+    let to = extended_server(vmr).unwrap_or_default();
     if let Some(why) = invalid(vmr, 0) {
-        write(vmr, ctx, Some(refused(why))).await?;
-        return Ok(None);
+        return Plan::Write { next: Some(refused(&to, why)), again: None };
     }
-    let Some((agent, reported)) = crate::failover::located(vmr, ctx).await? else {
-        write(vmr, ctx, Some(refused("no live replica agent holds this VM".into()))).await?;
-        return Ok(Some(RETRY));
+    let Some(loc) = replica else {
+        return Plan::Write {
+            next: Some(refused(&to, "no live replica agent holds this VM".into())),
+            again: Some(RETRY),
+        };
     };
-    let disks = &reported.replicas;
+    let disks = &loc.status.replicas;
     let primary_interval = disks.iter().map(|d| d.primary_interval_seconds).max().unwrap_or(0);
     if let Some(why) = invalid(vmr, primary_interval) {
-        write(vmr, ctx, Some(refused(why))).await?;
-        return Ok(None);
+        return Plan::Write { next: Some(refused(&to, why)), again: None };
     }
     let req = ExtendRequest {
-        vm_id: disks[0].vm_id.clone(),
+        vm_id: loc.vm_id().to_owned(),
         uid: vmr.uid().unwrap_or_default(),
         generation: vmr.metadata.generation.unwrap_or(0),
         replica_address: to.clone(),
@@ -195,20 +153,12 @@ pub async fn reconcile(vmr: &VMReplication, ctx: &Context) -> Result<Option<Dura
         history_hourly_points: want.recovery_history.hourly_recovery_points,
         remove: false,
     };
-    let reply =
-        control(&agent, ctx, async |mut c| c.extend_replication(req.clone()).await.map(|r| r.into_inner()))
-            .await
-            .map_err(Error::Agent)?;
-    if !reply.accepted {
-        write(vmr, ctx, Some(refused(reply.message))).await?;
-        return Ok(Some(RETRY));
-    }
     // As the agent reported it when it was located (a request it just took
     // for the first time shows as waiting for the initial copy until the next look).
-    let shippers: Vec<&PrimaryDisk> = reported.extended.iter().filter(|d| d.vm_id == req.vm_id).collect();
-    write(vmr, ctx, Some(status_of(&to, &shippers))).await?;
+    let shippers: Vec<&PrimaryDisk> = loc.status.extended.iter().filter(|d| d.vm_id == req.vm_id).collect();
     let settled = !shippers.is_empty() && shippers.iter().all(|d| d.successful_cycles > 0);
-    Ok(Some(if settled { ctx.poll } else { ctx.poll.min(Duration::from_secs(5)) }))
+    let again = if settled { poll } else { poll.min(Duration::from_secs(5)) };
+    Plan::Extend { accepted: status_of(&to, &shippers), req, again }
 }
 
 #[cfg(test)]
@@ -267,5 +217,28 @@ mod tests {
         assert_eq!(s.message.as_deref(), Some("disk root: another history"));
         let refused = [disk(3, FailureKind::RefusedPermission, "not authorised", 5)];
         assert_eq!(status_of("c:1", &refused.iter().collect::<Vec<_>>()).state, ReplicationState::Error);
+    }
+
+    #[test]
+    fn a_removed_field_stops_forwarding_where_the_replica_is_and_clears_status() {
+        let mut vmr = replica(30, 30);
+        vmr.spec.extended_replica = None;
+        assert_eq!(plan(&vmr, None, Duration::from_secs(30)), Plan::Idle);
+        vmr.status = Some(vmreplica_crds::VMReplicationStatus {
+            extended_replication: Some(refused("c:1", "x".into())),
+            ..Default::default()
+        });
+        assert_eq!(plan(&vmr, None, Duration::from_secs(30)), Plan::Write { next: None, again: None });
+    }
+
+    #[test]
+    fn without_a_replica_agent_the_status_says_so_and_it_asks_again() {
+        let vmr = replica(30, 30);
+        let Plan::Write { next: Some(s), again } = plan(&vmr, None, Duration::from_secs(30)) else {
+            panic!()
+        };
+        assert_eq!(s.state, ReplicationState::Error);
+        assert_eq!(s.message.as_deref(), Some("no live replica agent holds this VM"));
+        assert_eq!(again, Some(RETRY));
     }
 }

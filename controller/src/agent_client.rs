@@ -1,0 +1,131 @@
+//! Calling an agent's control API: one mutual-TLS channel per agent, reused
+//! (a TLS handshake per call would dominate a reconcile), and a deadline on
+//! every call. Only the act layer and the observation call agents.
+
+use std::time::Duration;
+
+use vmreplica_api::{
+    control::{
+        AgentStatus, DeleteMaterializedRequest, EnableReply, ExtendRequest, GetStatusRequest,
+        MaterializeReply, MaterializeRequest, PrepareReply, PromoteRequest, RemoveReplicaRequest,
+        RemoveRequest, VmReplicationSpec, control_client::ControlClient,
+    },
+    tls::channel,
+};
+
+use crate::{Error, agents::Agent, context::Context};
+
+/// How long an agent has to answer a control call.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Calls the agent's control API with the deadline; the error says which
+/// agent failed how, in a sentence.
+pub async fn control<T>(
+    agent: &Agent,
+    ctx: &Context,
+    call: impl AsyncFnOnce(ControlClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
+) -> Result<T, String> {
+    if !agent.live {
+        return Err(format!(
+            "the agent on node {} is not running (its Lease expired); check the agent's pod",
+            agent.node
+        ));
+    }
+    let Some(endpoint) = &agent.control_endpoint else {
+        return Err(format!("the agent on node {} announces no control endpoint", agent.node));
+    };
+    let host = endpoint.rsplit_once(':').map_or(endpoint.as_str(), |(h, _)| h);
+    let cached = ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).get(endpoint).cloned();
+    let ch = match cached {
+        Some(ch) => ch,
+        None => {
+            let ch = channel(endpoint, host, &ctx.site.tls).map_err(|e| e.to_string())?;
+            ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(endpoint.clone(), ch.clone());
+            ch
+        }
+    };
+    match tokio::time::timeout(DEADLINE, call(ControlClient::new(ch))).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(s)) => Err(format!("the agent on node {} at {endpoint}: {}", agent.node, s.message())),
+        Err(_) => Err(format!("the agent on node {} at {endpoint} did not answer within 10s", agent.node)),
+    }
+}
+
+/// [`control`] for the act layer: a failure is the step's error.
+async fn step<T>(
+    agent: &Agent,
+    ctx: &Context,
+    name: &'static str,
+    call: impl AsyncFnOnce(ControlClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
+) -> Result<T, Error> {
+    control(agent, ctx, call).await.map_err(|message| Error::Agent {
+        call: name,
+        node: agent.node.clone(),
+        message,
+    })
+}
+
+pub async fn status(agent: &Agent, ctx: &Context) -> Result<AgentStatus, String> {
+    control(agent, ctx, async |mut c| c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner())).await
+}
+
+pub async fn enable(agent: &Agent, ctx: &Context, spec: &VmReplicationSpec) -> Result<EnableReply, String> {
+    control(agent, ctx, async |mut c| c.enable_replication(spec.clone()).await.map(|r| r.into_inner())).await
+}
+
+pub async fn remove_replication(agent: &Agent, ctx: &Context, vm_id: &str, uid: &str) -> Result<bool, Error> {
+    let req = RemoveRequest { vm_id: vm_id.to_owned(), uid: uid.to_owned() };
+    step(agent, ctx, "RemoveReplication", async |mut c| c.remove_replication(req.clone()).await)
+        .await
+        .map(|r| r.into_inner().removed)
+}
+
+pub async fn prepare_failover(
+    agent: &Agent,
+    ctx: &Context,
+    vm_id: &str,
+    uid: &str,
+) -> Result<PrepareReply, String> {
+    let req = RemoveRequest { vm_id: vm_id.to_owned(), uid: uid.to_owned() };
+    control(agent, ctx, async |mut c| c.prepare_failover(req.clone()).await.map(|r| r.into_inner())).await
+}
+
+pub async fn promote(agent: &Agent, ctx: &Context, req: PromoteRequest) -> Result<EnableReply, String> {
+    let reply =
+        control(agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner())).await?;
+    if reply.accepted { Ok(reply) } else { Err(reply.message) }
+}
+
+pub async fn materialize(
+    agent: &Agent,
+    ctx: &Context,
+    req: MaterializeRequest,
+) -> Result<MaterializeReply, String> {
+    control(agent, ctx, async |mut c| c.materialize_point(req.clone()).await.map(|r| r.into_inner())).await
+}
+
+pub async fn delete_copy(
+    agent: &Agent,
+    ctx: &Context,
+    vm_id: &str,
+    disk_id: &str,
+    name: &str,
+) -> Result<(), String> {
+    let req = DeleteMaterializedRequest {
+        vm_id: vm_id.to_owned(),
+        disk_id: disk_id.to_owned(),
+        name: name.to_owned(),
+    };
+    control(agent, ctx, async |mut c| c.delete_materialized(req.clone()).await.map(drop)).await
+}
+
+pub async fn remove_replica(agent: &Agent, ctx: &Context, vm_id: &str, disk_id: &str) -> Result<(), Error> {
+    let req = RemoveReplicaRequest { vm_id: vm_id.to_owned(), disk_id: disk_id.to_owned() };
+    step(agent, ctx, "RemoveReplica", async |mut c| c.remove_replica(req.clone()).await).await.map(drop)
+}
+
+pub async fn extend(agent: &Agent, ctx: &Context, req: ExtendRequest) -> Result<EnableReply, Error> {
+    step(agent, ctx, "ExtendReplication", async |mut c| c.extend_replication(req.clone()).await)
+        .await
+        .map(|r| r.into_inner())
+}

@@ -1,0 +1,321 @@
+//! The failover decision table: each case is one (request, last status,
+//! observation) and the step it must lead to.
+
+use vmreplica_api::control::{AgentStatus, ProtectedVm, RecoveryPoint as Point};
+use vmreplica_crds::VMReplicationStatus;
+
+use super::*;
+use crate::agents::Agent;
+
+const NOW_MS: i64 = 1_800_000_000_000;
+
+fn now() -> Timestamp {
+    Timestamp::from_millisecond(NOW_MS).unwrap()
+}
+
+fn disk(name: &str, points: &[(u64, u64)]) -> ReplicaDisk {
+    ReplicaDisk {
+        vm_id: "a.db".into(),
+        disk_id: name.into(),
+        image_path: format!("/replicas/a.db/{name}.img"),
+        points: points
+            .iter()
+            .map(|&(seq, t)| Point { seq, time_unix_ms: t, kind: "Standard".into() })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn located(disks: Vec<ReplicaDisk>) -> Located {
+    let agent = Agent {
+        node: "b1".into(),
+        control_endpoint: Some("b1:9444".into()),
+        replication_endpoint: None,
+        capabilities: vec!["replica".into(), "primary".into()],
+        labels: Default::default(),
+        live: true,
+    };
+    Located { agent, status: AgentStatus { replicas: disks, ..Default::default() } }
+}
+
+fn object(role: &str, failover: Option<serde_json::Value>, last: Option<FailoverStatus>) -> VMReplication {
+    let mut spec = serde_json::json!({
+        "role": role,
+        "disks": [{"name": "root", "path": "/d/root.img"}],
+        "replicaServer": {"name": "b.example.com", "port": 9443},
+        "primaryServer": "a.example.com",
+    });
+    if let Some(f) = failover {
+        spec["failover"] = f;
+    }
+    let mut v = VMReplication::new("db", serde_json::from_value(spec).unwrap());
+    v.metadata.namespace = Some("a".into());
+    v.metadata.uid = Some("u-1".into());
+    if role == "Replica" {
+        v.metadata.labels = Some([(REPLICA_OF.to_owned(), "a.db".to_owned())].into());
+    }
+    v.status = Some(VMReplicationStatus { last_failover: last, ..Default::default() });
+    v
+}
+
+fn facts<'a>(vmr: &'a VMReplication, replica: Option<&'a Located>, power: Option<PowerState>) -> Facts<'a> {
+    Facts { vmr, now: now(), replica, primary_agent: true, power, poll: Duration::from_secs(30) }
+}
+
+fn last(kind: FailoverType, id: &str, phase: FailoverPhase) -> FailoverStatus {
+    let r = FailoverRequest {
+        id: id.into(),
+        failover_type: kind,
+        recovery_point: "latest".into(),
+        reverse_replication: false,
+        reverse_replica_server: None,
+        start_vm: true,
+        complete: false,
+        force: false,
+    };
+    let mut s = begin(&r, phase, Time(now()));
+    s.start_time = Some(Time(Timestamp::from_millisecond(NOW_MS - 1000).unwrap()));
+    s
+}
+
+fn run(plan: Plan) -> Run {
+    match plan {
+        Plan::Run(r) => *r,
+        other => panic!("expected a run, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_data_loss_window_counts_replicated_writes_after_the_point_not_the_clock() {
+    let root = disk("root", &[(5, 1_000), (9, 7_000), (12, 13_000)]);
+    let mut data = disk("data", &[(4, 7_003)]);
+    data.last_applied_sealed_unix_ms = 14_500;
+    assert_eq!(data_loss_window(&[&root, &data], "12"), (Some(1), Some(14_500)), "newest write 1.5 s later");
+    assert_eq!(data_loss_window(&[&root], "12"), (Some(0), Some(13_000)), "the newest point loses nothing");
+    assert_eq!(data_loss_window(&[&root], "9"), (Some(6), Some(13_000)));
+    assert_eq!(data_loss_window(&[&disk("x", &[])], "latest"), (Some(0), None));
+}
+
+#[test]
+fn each_disk_goes_to_its_state_at_the_chosen_cycle() {
+    // root written in cycles at t=1000, 2000, 3000; data at 2000 (sealed 3 ms later) only.
+    let root = disk("root", &[(5, 1000), (9, 2000), (12, 3000)]);
+    let data = disk("data", &[(4, 2003)]);
+    let fresh = disk("logs", &[]);
+    let (point, per) = choose_points(&[&root, &data, &fresh], "latest").unwrap();
+    assert_eq!(point, "12");
+    assert_eq!((per["root"], per["data"], per["logs"]), (12, 4, 0));
+    let (_, per) = choose_points(&[&root, &data, &fresh], "9").unwrap();
+    assert_eq!((per["root"], per["data"]), (9, 4), "the same cycle, sealed a little later");
+    let err = choose_points(&[&root, &data], "5").unwrap_err();
+    assert!(err.contains("disk data has no recovery point as old as 5"), "{err}");
+    let err = choose_points(&[&root], "7").unwrap_err();
+    assert!(err.contains("not (or no longer) on the replica"), "{err}");
+    assert!(choose_points(&[&root], "yesterday").unwrap_err().contains("not a point id"));
+}
+
+#[test]
+fn nothing_requested_nothing_done() {
+    let vmr = object("Replica", None, None);
+    let loc = located(vec![disk("root", &[(5, 1000)])]);
+    assert_eq!(replica_plan(&facts(&vmr, Some(&loc), None)), Plan::Idle);
+    let primary = object("Primary", None, None);
+    assert_eq!(primary_plan(&facts(&primary, None, None)), Plan::Idle);
+}
+
+#[test]
+fn a_test_failover_materialises_the_point_then_removing_it_cleans_up() {
+    let req = serde_json::json!({"id": "t1", "type": "Test", "recoveryPoint": "5"});
+    let vmr = object("Replica", Some(req.clone()), None);
+    assert_eq!(replica_plan(&facts(&vmr, None, None)), Plan::NoAgent("carry out the test failover"));
+    let loc = located(vec![disk("root", &[(5, 1000), (9, 2000)])]);
+    let r = run(replica_plan(&facts(&vmr, Some(&loc), None)));
+    assert!(r.write_first);
+    assert_eq!(r.status.phase, FailoverPhase::PreparingDisks);
+    let per_disk = [("root".to_owned(), 5)].into();
+    assert_eq!(
+        r.actions,
+        vec![
+            Action::DeleteTestVms,
+            Action::Materialize { name: "db-test".into(), per_disk },
+            Action::CreateTestVm
+        ]
+    );
+    assert_eq!(r.done, Done::TestReady { point: "5".into() });
+    assert_eq!(r.on_error, OnError::Fail("TestFailoverFailed"));
+    // Done already: the same request again changes nothing.
+    let done = object("Replica", Some(req), Some(last(FailoverType::Test, "t1", FailoverPhase::Completed)));
+    assert_eq!(replica_plan(&facts(&done, Some(&loc), None)), Plan::Idle);
+    // The request removed: its test VM and copies go.
+    let removed = object("Replica", None, Some(last(FailoverType::Test, "t1", FailoverPhase::Completed)));
+    let r = run(replica_plan(&facts(&removed, Some(&loc), None)));
+    assert_eq!(r.actions, vec![Action::DeleteTestVms, Action::DeleteCopies { name: "db-test".into() }]);
+    assert_eq!(r.done, Done::TestCleaned);
+    // A point that is not there fails the test, saying what to choose.
+    let gone =
+        object("Replica", Some(serde_json::json!({"id": "t2", "type": "Test", "recoveryPoint": "7"})), None);
+    let r = run(replica_plan(&facts(&gone, Some(&loc), None)));
+    let Done::Failed { why, .. } = &r.done else { panic!("{:?}", r.done) };
+    assert!(why.contains("choose one from status.recoveryPoints"), "{why}");
+}
+
+#[test]
+fn the_primary_part_stops_the_vm_waits_for_it_then_ships_the_last_log() {
+    let req = serde_json::json!({"id": "p1", "type": "Planned"});
+    let vmr = object("Primary", Some(req.clone()), None);
+    let r = run(primary_plan(&facts(&vmr, None, Some(PowerState::Running))));
+    assert_eq!((r.status.phase, r.actions.clone()), (FailoverPhase::StoppingVM, vec![Action::StopVm]));
+    assert_eq!(r.again, Some(SOON), "it looks again instead of sleeping");
+    let stopping = object(
+        "Primary",
+        Some(req.clone()),
+        Some(last(FailoverType::Planned, "p1", FailoverPhase::StoppingVM)),
+    );
+    assert_eq!(
+        primary_plan(&facts(&stopping, None, Some(PowerState::Transitioning))),
+        Plan::Wait { status: None, note: None, again: SOON }
+    );
+    let r = run(primary_plan(&facts(&stopping, None, Some(PowerState::Stopped))));
+    assert_eq!(
+        (r.status.phase, r.actions.clone()),
+        (FailoverPhase::SyncingFinalLog, vec![Action::PrepareFailover])
+    );
+    assert_eq!(r.done, Done::Prepared);
+    // Started long ago and still running: it gives up, having failed nothing over.
+    let mut old = last(FailoverType::Planned, "p1", FailoverPhase::StoppingVM);
+    old.start_time = Some(Time(Timestamp::from_millisecond(NOW_MS - STOP_TIMEOUT_MS - 1).unwrap()));
+    let slow = object("Primary", Some(req.clone()), Some(old));
+    let r = run(primary_plan(&facts(&slow, None, Some(PowerState::Running))));
+    let Done::Failed { why, .. } = &r.done else { panic!("{:?}", r.done) };
+    assert!(why.contains("did not stop within 60 s"), "{why}");
+    // Prepared: the state is held until the object changes.
+    let prepared = object("Primary", None, Some(last(FailoverType::Planned, "p1", FailoverPhase::Completed)));
+    assert!(matches!(
+        primary_plan(&facts(&prepared, None, None)),
+        Plan::Hold(ReplicationState::SyncedReplicationComplete, _)
+    ));
+    // Without an agent serving the disks here, there is no primary part.
+    let mut no_agent = facts(&vmr, None, None);
+    no_agent.primary_agent = false;
+    assert_eq!(primary_plan(&no_agent), Plan::Idle);
+}
+
+#[test]
+fn the_target_waits_for_the_final_log_then_promotes_starts_and_reverses() {
+    let req = serde_json::json!({"id": "p1", "type": "Planned", "reverseReplication": true});
+    let vmr = object("Replica", Some(req), None);
+    let mut d = disk("root", &[(5, 1000)]);
+    let waiting = located(vec![d.clone()]);
+    let Plan::Wait { status: Some(s), again, .. } = replica_plan(&facts(&vmr, Some(&waiting), None)) else {
+        panic!()
+    };
+    assert_eq!(s.phase, FailoverPhase::Pending);
+    let message = s.message.unwrap();
+    assert!(
+        message.contains("request the planned failover on the Primary object a/db at a.example.com"),
+        "{message}"
+    );
+    assert_eq!(again, Duration::from_secs(3));
+    (d.primary_finished, d.primary_final_seq, d.received_through) = (true, 9, 9);
+    let arrived = located(vec![d]);
+    let r = run(replica_plan(&facts(&vmr, Some(&arrived), None)));
+    assert_eq!(
+        r.actions,
+        vec![
+            Action::Promote { copy: String::new(), complete: false },
+            Action::SetNetwork,
+            Action::Progress(FailoverPhase::StartingVM, "starting the VM".into()),
+            Action::StartVm,
+            Action::Progress(FailoverPhase::Reversing, "reversing replication".into()),
+            Action::ReplicateTo { to: "a.example.com:9443".into(), what: "reversing replication" },
+        ]
+    );
+    let Done::TookOver { reverse, reversed_to } = &r.done else { panic!("{:?}", r.done) };
+    assert!(reverse.contains("no resync"), "{reverse}");
+    assert_eq!(reversed_to.as_deref(), Some("a.example.com:9443"));
+}
+
+#[test]
+fn an_unplanned_failover_is_refused_while_the_primary_replicates_unless_forced() {
+    let mut d = disk("root", &[(5, 1000), (9, 2000)]);
+    d.last_contact_unix_ms = (NOW_MS - 5_000) as u64;
+    let loc = located(vec![d]);
+    let vmr = object("Replica", Some(serde_json::json!({"id": "u1", "type": "Unplanned"})), None);
+    let Plan::Wait { status: Some(s), note: Some(n), .. } = replica_plan(&facts(&vmr, Some(&loc), None))
+    else {
+        panic!()
+    };
+    assert!(s.message.as_deref().unwrap().contains("probably running"));
+    assert_eq!((n.warning, n.reason), (true, "UnplannedFailoverRefused"));
+    let forced =
+        object("Replica", Some(serde_json::json!({"id": "u1", "type": "Unplanned", "force": true})), None);
+    let r = run(replica_plan(&facts(&forced, Some(&loc), None)));
+    assert_eq!(r.note.as_ref().map(|n| n.reason), Some("UnplannedFailoverForced"));
+    assert!(r.status.forced);
+    assert_eq!(
+        r.actions[0],
+        Action::Materialize { name: "db-failover".into(), per_disk: [("root".into(), 9)].into() }
+    );
+    assert_eq!(r.actions[1], Action::Promote { copy: "db-failover".into(), complete: false });
+    assert!(matches!(r.done, Done::UnplannedWaiting { ref point, .. } if point == "9"));
+}
+
+#[test]
+fn a_promoted_copy_is_never_rewritten_after_a_controller_restart() {
+    let loc = {
+        let mut l = located(vec![disk("root", &[(5, 1000), (9, 2000)])]);
+        l.status.vms = vec![ProtectedVm { vm_id: "a.db".into(), uid: "u-1".into(), ..Default::default() }];
+        l
+    };
+    let mut l = last(FailoverType::Unplanned, "u1", FailoverPhase::PreparingDisks);
+    l.recovery_point = Some("5".into());
+    let vmr = object("Replica", Some(serde_json::json!({"id": "u1", "type": "Unplanned"})), Some(l));
+    let r = run(replica_plan(&facts(&vmr, Some(&loc), None)));
+    assert!(!r.actions.iter().any(|a| matches!(a, Action::Materialize { .. })), "{:?}", r.actions);
+    assert!(matches!(r.done, Done::UnplannedWaiting { ref point, .. } if point == "5"));
+}
+
+#[test]
+fn after_a_failover_an_agent_that_restarted_serves_the_disks_again() {
+    let mut l = last(FailoverType::Planned, "p1", FailoverPhase::Completed);
+    (l.took_over, l.reversed_to) = (true, Some("a.example.com:9443".into()));
+    let vmr = object("Replica", None, Some(l));
+    let loc = located(vec![disk("root", &[])]);
+    let r = run(replica_plan(&facts(&vmr, Some(&loc), None)));
+    assert_eq!(
+        r.actions,
+        vec![
+            Action::Promote { copy: String::new(), complete: false },
+            Action::ReplicateTo { to: "a.example.com:9443".into(), what: "replicating again" },
+        ]
+    );
+    let out = Outcome { exports: vec!["nbd://b1/db-root".into()], node: "b1".into(), ..Default::default() };
+    let (status, note, _) = finish(&vmr, &r, &out, Time(now()));
+    assert_eq!(status, None, "an Event, no status change");
+    assert!(note.unwrap().text.contains("served nothing (it restarted)"));
+}
+
+#[test]
+fn an_unplanned_failover_says_what_never_arrived_and_writes_the_epoch_when_completed() {
+    let vmr = object("Replica", Some(serde_json::json!({"id": "u1", "type": "Unplanned"})), None);
+    let r = Run {
+        status: last(FailoverType::Unplanned, "u1", FailoverPhase::PreparingDisks),
+        write_first: true,
+        note: None,
+        actions: Vec::new(),
+        done: Done::UnplannedWaiting { point: "9".into(), window: Some(3), last_replicated_ms: None },
+        on_error: OnError::Retry,
+        again: None,
+    };
+    let out = Outcome { exports: vec!["nbd://b1/db-root".into()], epoch: Some(4), ..Default::default() };
+    let (s, _, epoch) = finish(&vmr, &r, &out, Time(now()));
+    let s = s.unwrap();
+    assert_eq!(
+        (s.phase, s.data_loss_window_seconds, epoch),
+        (FailoverPhase::WaitingCompletion, Some(3), None)
+    );
+    assert!(s.message.unwrap().contains("never arrived"));
+    let done = Run { done: Done::UnplannedCompleted, ..r };
+    let (s, _, epoch) = finish(&vmr, &done, &out, Time(now()));
+    assert_eq!((s.unwrap().phase, epoch), (FailoverPhase::Completed, Some(4)));
+}

@@ -1,0 +1,122 @@
+//! Unplanned failover, replica side: the split-brain guard, the copy of the
+//! chosen point the VM runs on, then Complete or Cancel.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use vmreplica_api::control::ReplicaDisk;
+use vmreplica_crds::{FailoverPhase, FailoverStatus, FailoverType};
+
+use super::{
+    Action, Done, Facts, Note, OnError, Plan, Run, begin, choose_points, data_loss_window, ended,
+    failover_copy_name, last_of, note, request_of, with,
+};
+
+/// A primary that opened its replica this recently is taken to be running.
+pub const PRIMARY_ALIVE_MS: u64 = 60_000;
+/// Unplanned failover, replica side: refuse while the primary looks alive
+/// (unless forced), run the VM on a copy of the chosen point and wait for
+/// Complete or Cancel.
+pub(super) fn unplanned(f: &Facts) -> Plan {
+    let vmr = f.vmr;
+    let last = last_of(vmr).filter(|l| l.failover_type == FailoverType::Unplanned);
+    let uid = vmr.uid().unwrap_or_default();
+    let copy = failover_copy_name(vmr);
+    let Some(r) = request_of(vmr, FailoverType::Unplanned) else { return cancel(f, last, copy) };
+    let same = last.filter(|l| l.id == r.id);
+    if same.is_some_and(ended) {
+        return Plan::Idle;
+    }
+    let Some(loc) = f.replica else { return Plan::NoAgent("carry out the unplanned failover") };
+    let refs: Vec<&ReplicaDisk> = loc.status.replicas.iter().collect();
+    let run = |status, write_first, note, actions, done| {
+        Plan::Run(Box::new(Run {
+            status,
+            write_first,
+            note,
+            actions,
+            done,
+            on_error: OnError::Retry,
+            again: None,
+        }))
+    };
+    if let Some(l) = same.filter(|l| l.phase == FailoverPhase::WaitingCompletion) {
+        if !r.complete {
+            return Plan::Idle;
+        }
+        let promote = Action::Promote { copy, complete: true };
+        return run(l.clone(), false, None, vec![promote], Done::UnplannedCompleted);
+    }
+    let started = same.and_then(|l| l.start_time.clone()).unwrap_or(Time(f.now));
+    let mut status = begin(r, FailoverPhase::Pending, started);
+    status.forced = r.force;
+    let mut serve = vec![Action::Promote { copy: copy.clone(), complete: false }, Action::SetNetwork];
+    if r.start_vm {
+        serve.push(Action::StartVm);
+    }
+    let waiting = |point: String| {
+        let (window, last_replicated_ms) = data_loss_window(&refs, &point);
+        Done::UnplannedWaiting { point, window, last_replicated_ms }
+    };
+    // A controller stopped after the promotion (status still says
+    // PreparingDisks): the copy is the VM's disk now, and choosing a point
+    // again or rewriting the copy under the running VM would lose its writes.
+    let chosen =
+        same.filter(|l| l.phase == FailoverPhase::PreparingDisks).and_then(|l| l.recovery_point.clone());
+    if let Some(point) = chosen.filter(|_| loc.serves(&uid)) {
+        status.phase = FailoverPhase::PreparingDisks;
+        status.recovery_point = Some(point.clone());
+        return run(status, false, None, serve, waiting(point));
+    }
+    let now_ms = f.now.as_millisecond().max(0) as u64;
+    let contact = refs.iter().map(|d| d.last_contact_unix_ms).max().unwrap_or(0);
+    if !r.force && contact != 0 && now_ms.saturating_sub(contact) < PRIMARY_ALIVE_MS {
+        let message = format!(
+            "refused: the primary replicated {} s ago, so it is probably running (two running copies would \
+             diverge). Stop it, or set force: true to fail over anyway",
+            now_ms.saturating_sub(contact) / 1000
+        );
+        let status = with(status, FailoverPhase::Pending, message.clone());
+        return Plan::Wait {
+            status: Some(status),
+            note: note(true, "UnplannedFailoverRefused", message),
+            again: Duration::from_secs(5),
+        };
+    }
+    match choose_points(&refs, &r.recovery_point) {
+        Err(why) => {
+            run(status, false, None, Vec::new(), Done::Failed { why, reason: "UnplannedFailoverFailed" })
+        }
+        Ok((point, per_disk)) => {
+            status.recovery_point = Some(point.clone());
+            let status = with(status, FailoverPhase::PreparingDisks, format!("rolling to point {point}"));
+            let forced = r.force.then(|| Note {
+                warning: true,
+                reason: "UnplannedFailoverForced",
+                text: "force: true overrides the split-brain guard".into(),
+            });
+            let mut actions = vec![Action::Materialize { name: copy, per_disk }];
+            actions.extend(serve);
+            run(status, true, forced, actions, waiting(point))
+        }
+    }
+}
+
+/// Cancel: the request went while waiting for completion; the copy goes and
+/// this is a replica again.
+fn cancel(f: &Facts, last: Option<&FailoverStatus>, copy: String) -> Plan {
+    let Some(l) = last.filter(|l| l.phase == FailoverPhase::WaitingCompletion) else { return Plan::Idle };
+    if f.replica.is_none() {
+        return Plan::NoAgent("cancel the unplanned failover");
+    }
+    Plan::Run(Box::new(Run {
+        status: l.clone(),
+        write_first: false,
+        note: None,
+        actions: vec![Action::RemoveReplication, Action::DeleteCopies { name: copy }],
+        done: Done::UnplannedCancelled,
+        on_error: OnError::Retry,
+        again: None,
+    }))
+}
