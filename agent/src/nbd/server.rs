@@ -239,7 +239,8 @@ impl NbdServer {
     }
 
     /// The fixed-newstyle handshake; the export to serve, or `None` when the
-    /// client aborted.
+    /// client aborted. Long (about 90 lines) on purpose: one arm per option
+    /// of the protocol, as its specification lists them.
     fn negotiate<R: Read, W: Write>(
         &self,
         r: &mut R,

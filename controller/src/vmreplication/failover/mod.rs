@@ -355,11 +355,21 @@ fn test(f: &Facts) -> Plan {
         {
             // Test copies have one name per VM, so whatever the last test
             // request left (completed, failed, or interrupted) is found and deleted.
+            // Without the replica agent the test VM still goes at once; its
+            // disks are deleted (and the test ends) once the agent is back.
             Some(l) => Plan::Run(Box::new(Run {
                 status: l.clone(),
                 write_first: false,
                 note: None,
-                actions: vec![Action::DeleteTestVms, Action::DeleteCopies { name: test_copy_name(vmr) }],
+                actions: vec![
+                    Action::DeleteTestVms,
+                    match f.replica {
+                        Some(_) => Action::DeleteCopies { name: test_copy_name(vmr) },
+                        None => Action::Refuse(
+                            "deleting the test disks: no live replica agent holds this VM".into(),
+                        ),
+                    },
+                ],
                 done: Done::TestCleaned,
                 on_error: OnError::Retry,
                 again: None,

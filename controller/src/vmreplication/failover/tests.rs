@@ -319,3 +319,163 @@ fn an_unplanned_failover_says_what_never_arrived_and_writes_the_epoch_when_compl
     let (s, _, epoch) = finish(&vmr, &done, &out, Time(now()));
     assert_eq!((s.unwrap().phase, epoch), (FailoverPhase::Completed, Some(4)));
 }
+
+/// What a replica agent may answer, for the cross product below.
+fn answers() -> Vec<(&'static str, Option<Located>)> {
+    let alive = {
+        let mut d = disk("root", &[(5, 1000), (9, 2000)]);
+        d.last_contact_unix_ms = (NOW_MS - 5_000) as u64;
+        located(vec![d])
+    };
+    let finished = {
+        let mut d = disk("root", &[(5, 1000), (9, 2000)]);
+        (d.primary_finished, d.primary_final_seq, d.received_through) = (true, 9, 9);
+        located(vec![d])
+    };
+    let serving = {
+        let mut l = located(vec![disk("root", &[(5, 1000), (9, 2000)])]);
+        l.status.vms = vec![ProtectedVm { vm_id: "a.db".into(), uid: "u-1".into(), ..Default::default() }];
+        l
+    };
+    let reverse = {
+        let mut d = disk("root", &[(5, 1000)]);
+        d.reverse = true;
+        located(vec![d])
+    };
+    vec![
+        ("no agent", None),
+        ("primary alive", Some(alive)),
+        ("final log here", Some(finished)),
+        ("serving", Some(serving)),
+        ("reverse replica", Some(reverse)),
+    ]
+}
+
+/// Every request type (with its flags) × every phase of every type of last
+/// failover (same id or an older one, taken over or not) × every agent
+/// answer × both roles × the VM running or stopped: whatever the plan, it
+/// never asks an absent agent, never acts for another request, never runs a
+/// VM nobody asked to start, and never rewrites a copy a VM runs on.
+#[test]
+fn every_request_phase_and_agent_answer_leads_to_a_safe_step() {
+    use FailoverPhase::*;
+    let types = [FailoverType::Test, FailoverType::Planned, FailoverType::Unplanned];
+    let phases = [
+        Pending,
+        StoppingVM,
+        SyncingFinalLog,
+        PreparingDisks,
+        StartingVM,
+        WaitingCompletion,
+        Reversing,
+        Completed,
+        Cancelled,
+        Failed,
+    ];
+    let kind = |t: FailoverType| format!("{t:?}");
+    let mut requests: Vec<Option<serde_json::Value>> = vec![None];
+    for t in types {
+        requests.push(Some(serde_json::json!({"id": "r1", "type": kind(t)})));
+        requests.push(Some(serde_json::json!({"id": "r1", "type": kind(t), "complete": true, "force": true,
+            "reverseReplication": true, "startVM": false})));
+    }
+    let mut lasts: Vec<Option<FailoverStatus>> = vec![None];
+    for t in types {
+        for p in phases {
+            for id in ["r1", "old"] {
+                for took_over in [false, true] {
+                    let mut l = last(t, id, p);
+                    l.took_over = took_over;
+                    l.recovery_point = Some("5".into());
+                    lasts.push(Some(l));
+                }
+            }
+        }
+    }
+    let answers = answers();
+    let mut cases = 0;
+    for role in ["Primary", "Replica"] {
+        for request in &requests {
+            for l in &lasts {
+                for (answer, loc) in &answers {
+                    for power in [PowerState::Running, PowerState::Stopped] {
+                        cases += 1;
+                        let vmr = object(role, request.clone(), l.clone());
+                        let f = facts(&vmr, loc.as_ref(), Some(power));
+                        let plan = if role == "Primary" { primary_plan(&f) } else { replica_plan(&f) };
+                        let case =
+                            format!("{role}, request {request:?}, last {l:?}, agent {answer}: {plan:?}");
+                        check(&vmr, &f, &plan, &case);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 2 * requests.len() * lasts.len() * answers.len() * 2);
+}
+
+fn check(vmr: &VMReplication, f: &Facts, plan: &Plan, case: &str) {
+    let request = vmr.spec.failover.as_ref();
+    let last = vmr.status.as_ref().and_then(|s| s.last_failover.as_ref());
+    let status = match plan {
+        Plan::Run(r) => Some(&r.status),
+        Plan::Wait { status, .. } => status.as_ref(),
+        _ => None,
+    };
+    if let Some(s) = status {
+        // The status written belongs to the request, or to the last failover
+        // (cleaning up after it); a status of the request starts it.
+        let ours = request.is_some_and(|r| r.id == s.id && r.failover_type == s.failover_type);
+        let lasts = last.is_some_and(|l| l.id == s.id && l.failover_type == s.failover_type);
+        assert!(ours || lasts, "a status of neither the request nor the last failover: {case}");
+    }
+    let Plan::Run(run) = plan else { return };
+    for a in &run.actions {
+        let on_replica = matches!(
+            a,
+            Action::Materialize { .. }
+                | Action::DeleteCopies { .. }
+                | Action::Promote { .. }
+                | Action::ReplicateTo { .. }
+                | Action::RemoveReplication
+        );
+        assert!(!on_replica || f.replica.is_some(), "a call on an absent replica agent: {case}");
+        if *a == Action::StartVm {
+            assert!(request.is_some_and(|r| r.start_vm), "a VM started unasked: {case}");
+        }
+        if *a == Action::StopVm {
+            assert!(
+                request.is_some_and(|r| r.failover_type == FailoverType::Planned),
+                "a VM stopped unasked: {case}"
+            );
+        }
+        if let Action::Materialize { name, .. } = a {
+            assert_eq!(vmr.spec.role, Role::Replica, "a primary makes no copies: {case}");
+            let in_use = name.ends_with("-failover") && f.replica.is_some_and(|l| l.serves("u-1"));
+            assert!(!in_use, "the copy the VM runs on rewritten: {case}");
+            let alive =
+                f.replica.is_some_and(|l| l.status.replicas.iter().any(|d| d.last_contact_unix_ms > 0));
+            assert!(
+                !(alive && name.ends_with("-failover") && !request.is_some_and(|r| r.force)),
+                "split brain: {case}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_second_unplanned_failover_is_refused_while_the_vm_runs_on_the_first() {
+    let mut loc = located(vec![disk("root", &[(5, 1000), (9, 2000)])]);
+    loc.status.vms = vec![ProtectedVm { vm_id: "a.db".into(), uid: "u-1".into(), ..Default::default() }];
+    let first = last(FailoverType::Unplanned, "u0", FailoverPhase::Completed);
+    let vmr = object(
+        "Replica",
+        Some(serde_json::json!({"id": "u1", "type": "Unplanned", "force": true})),
+        Some(first),
+    );
+    let r = run(replica_plan(&facts(&vmr, Some(&loc), None)));
+    assert!(r.actions.is_empty(), "nothing is touched: {:?}", r.actions);
+    let Done::Failed { why, reason } = &r.done else { panic!("{:?}", r.done) };
+    assert_eq!(*reason, "UnplannedFailoverRefused");
+    assert!(why.contains("already runs at this site, on the disks of failover u0"), "{why}");
+}

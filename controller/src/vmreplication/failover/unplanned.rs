@@ -51,6 +51,22 @@ pub(super) fn unplanned(f: &Facts) -> Plan {
     let started = same.and_then(|l| l.start_time.clone()).unwrap_or(Time(f.now));
     let mut status = begin(r, FailoverPhase::Pending, started);
     status.forced = r.force;
+    // The VM already runs here (an earlier failover took it over): another
+    // copy promoted, or the one it runs on rewritten, would lose its writes.
+    if loc.serves(&uid) && !same.is_some_and(|l| l.phase == FailoverPhase::PreparingDisks) {
+        let by = last_of(vmr).map_or("an earlier failover".to_owned(), |l| format!("failover {}", l.id));
+        let why = format!(
+            "refused: the VM already runs at this site, on the disks of {by}; another unplanned failover would \
+             replace them under it. Remove this request (a planned failover moves the VM back)"
+        );
+        return run(
+            status,
+            false,
+            None,
+            Vec::new(),
+            Done::Failed { why, reason: "UnplannedFailoverRefused" },
+        );
+    }
     let mut serve = vec![Action::Promote { copy: copy.clone(), complete: false }, Action::SetNetwork];
     if r.start_vm {
         serve.push(Action::StartVm);
@@ -69,20 +85,16 @@ pub(super) fn unplanned(f: &Facts) -> Plan {
         status.recovery_point = Some(point.clone());
         return run(status, false, None, serve, waiting(point));
     }
-    let now_ms = f.now.as_millisecond().max(0) as u64;
-    let contact = refs.iter().map(|d| d.last_contact_unix_ms).max().unwrap_or(0);
-    if !r.force && contact != 0 && now_ms.saturating_sub(contact) < PRIMARY_ALIVE_MS {
+    if !r.force
+        && let Some(ago) = primary_alive(f, &refs)
+    {
         let message = format!(
-            "refused: the primary replicated {} s ago, so it is probably running (two running copies would \
-             diverge). Stop it, or set force: true to fail over anyway",
-            now_ms.saturating_sub(contact) / 1000
+            "refused: the primary replicated {ago} s ago, so it is probably running (two running copies would \
+             diverge). Stop it, or set force: true to fail over anyway"
         );
         let status = with(status, FailoverPhase::Pending, message.clone());
-        return Plan::Wait {
-            status: Some(status),
-            note: note(true, "UnplannedFailoverRefused", message),
-            again: Duration::from_secs(5),
-        };
+        let note = note(true, "UnplannedFailoverRefused", message);
+        return Plan::Wait { status: Some(status), note, again: Duration::from_secs(5) };
     }
     match choose_points(&refs, &r.recovery_point) {
         Err(why) => {
@@ -119,4 +131,13 @@ fn cancel(f: &Facts, last: Option<&FailoverStatus>, copy: String) -> Plan {
         on_error: OnError::Retry,
         again: None,
     }))
+}
+
+/// The split-brain guard's evidence: seconds since the primary last opened
+/// the replica, when that is recent enough to take it to be running.
+fn primary_alive(f: &Facts, disks: &[&ReplicaDisk]) -> Option<u64> {
+    let now_ms = f.now.as_millisecond().max(0) as u64;
+    let contact = disks.iter().map(|d| d.last_contact_unix_ms).max().unwrap_or(0);
+    let ago = now_ms.saturating_sub(contact);
+    (contact != 0 && ago < PRIMARY_ALIVE_MS).then_some(ago / 1000)
 }
