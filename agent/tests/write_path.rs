@@ -143,6 +143,7 @@ fn sealed_segments_are_listed_with_sizes_and_pending_bytes_add_up() {
     let s = serve_new_image(16 * MIB, &[]);
     let url = s.url();
     assert_eq!(s.disk.seal().unwrap(), None, "nothing to seal before any write");
+    assert_eq!(s.disk.log_status().pending_bytes, 0, "an empty active segment is nothing pending");
     qemu_io(&url, &["write -P 1 0 1M".into(), "write -P 2 1M 1M".into()]);
     let first = s.disk.seal().unwrap().unwrap();
     qemu_io(&url, &["write -P 3 2M 512k".into()]);
@@ -166,7 +167,11 @@ fn sealed_segments_are_listed_with_sizes_and_pending_bytes_add_up() {
     // The replica acknowledged the first segment: it goes, the rest stays.
     s.disk.acknowledge(first.last_seq).unwrap();
     assert!(!first.path.exists());
-    assert_eq!(s.disk.log_status().sealed, vec![second]);
+    assert_eq!(s.disk.log_status().sealed, vec![second.clone()]);
+    // Everything sealed and acknowledged: nothing is pending.
+    let third = s.disk.seal().unwrap().unwrap();
+    s.disk.acknowledge(third.last_seq).unwrap();
+    assert_eq!(s.disk.log_status().pending_bytes, 0, "all acknowledged: {:?}", s.disk.log_status());
 }
 
 #[test]
