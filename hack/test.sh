@@ -8,6 +8,9 @@ cd "$(dirname "$0")/.."
 
 KUBEBUILDER_ASSETS="${KUBEBUILDER_ASSETS:-$(hack/test-deps.sh)}"
 export KUBEBUILDER_ASSETS
+# The real-guest tests boot Debian's kernel under qemu-system-x86_64.
+VMREPLICA_GUEST_KIT="${VMREPLICA_GUEST_KIT:-$(hack/guest-kit.sh)}"
+export VMREPLICA_GUEST_KIT
 target="${CARGO_TARGET_DIR:-target}"
 
 # The agent's fail points (crash tests) exist only with this feature; the

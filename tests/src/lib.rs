@@ -7,6 +7,7 @@
 //! starts one control plane per test process instead.
 
 pub mod controlplane;
+pub mod guest;
 pub mod pki;
 pub mod procs;
 

@@ -8,15 +8,18 @@
 //! failover there and back with reverse replication, and extended replication
 //! to a third site C (a third apiserver) that follows B after a failover.
 
-use std::{path::Path, process::Command, sync::Arc, time::Duration};
+use std::{path::Path, process::Command, time::Duration};
 
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::json;
-use vmreplica_controller::{context, replica_site, site, telemetry::Metrics, vmreplication};
+use vmreplica_controller::{replica_site, site, vmreplication};
 use vmreplica_crds::{ReplicationState, Role, VMReplication};
+mod common;
+
+use common::{apply_object, controllers, primary_agent, state_is};
 use vmreplica_tests::{
     ControlPlane, FIELD_MANAGER, client, client_for, install_crds, install_virtual_machine_crd,
     pki::Ca,
@@ -36,37 +39,13 @@ fn example(file: &str) -> serde_json::Value {
     serde_yaml::from_str(&text).unwrap()
 }
 
-async fn apply_object<K>(api: &Api<K>, obj: &serde_json::Value)
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let name = obj["metadata"]["name"].as_str().unwrap();
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await.unwrap();
-}
-
 async fn last_failover(api: &Api<VMReplication>, name: &str) -> vmreplica_crds::FailoverStatus {
     api.get(name).await.unwrap().status.unwrap().last_failover.unwrap()
-}
-
-fn controllers(client: kube::Client, ns: &str, ca: &Ca, watch: Option<String>) -> Arc<context::Context> {
-    let base = Arc::new(context::Shared {
-        client,
-        agents_namespace: ns.to_owned(),
-        tls: material(ca, &["vmreplica-controller"]),
-        now: k8s_openapi::jiff::Timestamp::now,
-        metrics: Metrics::new(),
-    });
-    context::Context::new(base, Duration::from_secs(2), watch)
 }
 
 async fn apply(api: &Api<VMReplication>, name: &str, spec: serde_json::Value) {
     let obj = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": name}, "spec": spec});
     api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj)).await.unwrap();
-}
-
-async fn state_is(api: &Api<VMReplication>, name: &str, want: ReplicationState) -> Option<VMReplication> {
-    let v = api.get_opt(name).await.ok()??;
-    (v.status.as_ref()?.state == want).then_some(v)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,19 +101,8 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     tokio::spawn(replica_site::run(b_ctx, std::future::pending()));
 
     // Site A's agent and controller.
-    std::fs::create_dir_all(root.join("disks")).unwrap();
-    let a_ctl = free_port();
     let socket = root.join("nbd.sock");
-    let mut cmd = Command::new(bin("vmreplica-agent"));
-    cmd.args(["serve", "--control-listen", &format!("127.0.0.1:{a_ctl}"), "--tls-dir"])
-        .arg(root.join("a-tls"))
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--disk-root")
-        .arg(root.join("disks"))
-        .args(["--resolve", "replica.site-b.example.com=127.0.0.1", "--retry-seconds", "1"])
-        .args(lease_args(&a_ns, "node-a", &shared_kubeconfig()));
-    let _a_agent = Process::spawn_ready(cmd, &root.join("a-agent.log"));
+    let _a_agent = primary_agent(root, "a-tls", &socket, &a_ns, "node-a", &shared_kubeconfig());
     tokio::spawn(vmreplication::run(
         controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone())),
         std::future::pending(),
