@@ -79,6 +79,9 @@ impl ProtectedDisk {
     pub fn open(vm_id: &str, name: &str, path: &Path) -> Result<(Self, Recovery)> {
         let err = |source| DiskError::Image { path: path.to_owned(), source };
         let image = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+        // Nothing writes the image but through the log: QEMU, qemu-img and
+        // qemu-io honour these locks and refuse to open it for writing.
+        crate::image::lock_like_qemu(&image).map_err(err)?;
         let size = image.metadata().map_err(err)?.len();
         if size == 0 {
             return Err(DiskError::EmptyImage(path.to_owned()));

@@ -87,3 +87,69 @@ pub fn sparse_copy(src: &File, dst_path: &std::path::Path) -> io::Result<()> {
     }
     dst.sync_all()
 }
+
+/// QEMU's image locking (`block/file-posix.c`), which QEMU, qemu-img and
+/// qemu-io apply to every image file they open: open-file-description locks
+/// on one byte per block permission, at 100 + bit for a permission held and
+/// 200 + bit for one not shared with others; an opener first tests the bytes
+/// that would conflict. Bits: consistent read 0, write 1, write-unchanged 2,
+/// resize 3.
+mod qemu_lock {
+    pub const PERM_BASE: i64 = 100;
+    pub const SHARED_BASE: i64 = 200;
+    pub const CONSISTENT_READ: i64 = 0;
+    pub const WRITE: i64 = 1;
+    pub const WRITE_UNCHANGED: i64 = 2;
+    pub const RESIZE: i64 = 3;
+}
+
+/// An open-file-description lock call on byte `byte` (F_OFD_GETLK fills in
+/// the conflicting lock, or F_UNLCK).
+fn ofd_lock(file: &File, set: bool, kind: libc::c_int, byte: i64) -> io::Result<libc::flock> {
+    use nix::fcntl::{FcntlArg, fcntl};
+    let mut fl = libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte,
+        l_len: 1,
+        l_pid: 0,
+    };
+    let arg = if set { FcntlArg::F_OFD_SETLK(&fl) } else { FcntlArg::F_OFD_GETLK(&mut fl) };
+    fcntl(file, arg).map_err(io::Error::from)?;
+    Ok(fl)
+}
+
+/// Takes the image for the agent as QEMU would for a writer that shares
+/// neither writing nor resizing: afterwards QEMU, qemu-img and qemu-io refuse
+/// to open it for writing ("Failed to get \"write\" lock") — nothing can write
+/// around the log — while reads with force-share (`-U`) still work. Fails,
+/// taking nothing, when another process already holds it so (a QEMU running
+/// on the image file itself). The locks go when `file` is closed.
+pub fn lock_like_qemu(file: &File) -> io::Result<()> {
+    use qemu_lock::*;
+    // What an opener with our permissions tests first.
+    let conflicts = [
+        (SHARED_BASE + CONSISTENT_READ, "consistent read"),
+        (SHARED_BASE + WRITE, "write"),
+        (SHARED_BASE + WRITE_UNCHANGED, "write unchanged"),
+        (PERM_BASE + WRITE, "write"),
+        (PERM_BASE + RESIZE, "resize"),
+    ];
+    for (byte, what) in conflicts {
+        let fl = ofd_lock(file, false, libc::F_WRLCK, byte)?;
+        if fl.l_type != libc::F_UNLCK as libc::c_short {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "another process holds the image's \"{what}\" lock (a QEMU using the image file itself?)"
+                ),
+            ));
+        }
+    }
+    let held = [PERM_BASE + CONSISTENT_READ, PERM_BASE + WRITE, PERM_BASE + WRITE_UNCHANGED];
+    let not_shared = [SHARED_BASE + WRITE, SHARED_BASE + RESIZE];
+    for byte in held.into_iter().chain(not_shared) {
+        ofd_lock(file, true, libc::F_RDLCK, byte)?;
+    }
+    Ok(())
+}

@@ -258,3 +258,58 @@ fn the_agent_cli_replays_and_inspects_segments() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+fn direct(args: &[&str], image: &std::path::Path) -> (bool, String) {
+    let out = Command::new(args[0]).args(&args[1..]).arg(image).output().expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// A paused QEMU with `image` as its VM's disk (it takes the image's locks
+/// at start, or exits saying why it cannot).
+fn qemu_on(image: &std::path::Path) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.args([
+        "30",
+        "qemu-system-x86_64",
+        "-S",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-drive",
+    ])
+    .arg(format!("file={},format=raw,if=virtio", image.display()));
+    cmd
+}
+
+/// While the agent serves an image it holds QEMU's own image locks on it: a
+/// QEMU, qemu-io or qemu-img opening the file for writing is refused instead
+/// of writing around the log; force-shared reads still work; the export takes
+/// writes as before; and once the disk is closed the image is free again.
+#[test]
+fn nothing_writes_around_the_log_while_the_agent_serves_the_image() {
+    let s = serve_new_image(16 * MIB, &[]);
+    qemu_io(&s.url(), &["write -P 0x77 0 64k".into()]);
+    let (ok, text) = direct(&["qemu-io", "-f", "raw", "-c", "write -P 0x99 0 4k"], &s.image);
+    assert!(!ok && text.contains("Failed to get \"write\" lock"), "qemu-io: {text}");
+    let out = qemu_on(&s.image).output().expect("qemu-system-x86_64 (hack/guest-kit.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Failed to get \"write\" lock"), "QEMU on the image file itself: {text}");
+    let (ok, text) = direct(&["qemu-io", "-r", "-U", "-f", "raw", "-c", "read -P 0x77 0 64k"], &s.image);
+    assert!(ok && !text.contains("failed"), "a force-shared read: {text}");
+    qemu_io(&s.url(), &["write -P 0x55 0 4k".into(), "read -P 0x55 0 4k".into()]);
+    assert!(fs::read(&s.image).unwrap()[..4096].iter().all(|&b| b == 0x55), "no direct write landed");
+
+    // Opened and closed again by hand: the locks go with the disk.
+    let other = s.dir.path().join("other.img");
+    fs::File::create(&other).unwrap().set_len(MIB).unwrap();
+    let (disk, _) = vmreplica_agent::disk::ProtectedDisk::open("vm2", "root", &other).unwrap();
+    assert!(!direct(&["qemu-io", "-f", "raw", "-c", "write 0 4k"], &other).0, "locked while open");
+    drop(disk);
+    let (ok, text) = direct(&["qemu-io", "-f", "raw", "-c", "write 0 4k"], &other);
+    assert!(ok, "free once closed: {text}");
+}

@@ -27,8 +27,12 @@ use vmreplica_tests::{
     repo_root, shared_kubeconfig, test_namespace,
 };
 
+/// Runs one qemu-io command on `target`; reads open it read-only and
+/// force-shared (-r -U), as reading an image an agent serves requires.
 fn qemu_io(target: &str, cmd: &str) -> Result<(), String> {
-    let out = Command::new("qemu-io").args(["-f", "raw", "-c", cmd, target]).output().unwrap();
+    let read_only: &[&str] = if cmd.starts_with("read") { &["-r", "-U"] } else { &[] };
+    let out =
+        Command::new("qemu-io").args(read_only).args(["-f", "raw", "-c", cmd, target]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if out.status.success() && !text.contains("failed") { Ok(()) } else { Err(text) }
 }
