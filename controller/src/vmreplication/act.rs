@@ -155,16 +155,7 @@ async fn step(
             .await
             .map_err(Error::power("setting its network"))?,
         Action::PrepareFailover => out.finals = prepare(ctx, vmr, obs).await?,
-        Action::DeleteTestVms => {
-            let ns = vmr.namespace().unwrap_or_default();
-            power::delete_test_vms(ctx.site.client.clone(), &ns, &vmr.name_any()).await.map_err(|why| {
-                Failure::Retry(Error::Agent {
-                    call: "DeleteTestVMs",
-                    node: String::new(),
-                    message: format!("deleting the test VM: {why}"),
-                })
-            })?;
-        }
+        Action::DeleteTestVms => delete_test_vms(ctx, vmr).await?,
         Action::CreateTestVm => {
             out.test_vm = test_vm(ctx, vmr, &out.copy_of).await.map_err(|why| {
                 Failure::Step(format!("test disks made ({}), but no test VM: {why}", out.copies.join(", ")))
@@ -178,6 +169,18 @@ async fn step(
         Action::Refuse(why) => return Err(Failure::Step(why.clone())),
     }
     Ok(())
+}
+
+/// Deletes the VMs of this object's test failovers (a failure is retried).
+pub(super) async fn delete_test_vms(ctx: &Context, vmr: &VMReplication) -> Result<(), Error> {
+    let ns = vmr.namespace().unwrap_or_default();
+    power::delete_test_vms(ctx.site.client.clone(), &ns, &vmr.name_any()).await.map(drop).map_err(|why| {
+        Error::Agent {
+            call: "DeleteTestVMs",
+            node: String::new(),
+            message: format!("deleting the test VM: {why}"),
+        }
+    })
 }
 
 /// Planned failover, the primary's part, on the agent serving the disks:

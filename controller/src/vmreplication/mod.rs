@@ -286,14 +286,7 @@ async fn remove_replica(
     ctx: &Context,
     agents: &[crate::agents::Agent],
 ) -> Result<Action, Error> {
-    let ns = vmr.namespace().unwrap_or_default();
-    crate::power::delete_test_vms(ctx.site.client.clone(), &ns, &vmr.name_any()).await.map_err(|why| {
-        Error::Agent {
-            call: "DeleteTestVMs",
-            node: String::new(),
-            message: format!("deleting the test VM: {why}"),
-        }
-    })?;
+    act::delete_test_vms(ctx, vmr).await?;
     let Some(loc) = observe::locate(vmr, ctx, agents, None).await else { return Ok(Action::await_change()) };
     let copy = failover::test_copy_name(vmr);
     for d in &loc.status.replicas {
