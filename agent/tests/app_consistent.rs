@@ -14,7 +14,7 @@ use vmreplica_agent::{
     quiesce::Quiesce,
     replica::{PointKind, retention::Policy},
     replication::{
-        cycle::VmReplication,
+        cycle::{QuiesceStatus, VmReplication},
         shipper::{Shipper, ShipperConfig},
     },
 };
@@ -126,4 +126,56 @@ async fn wait_applied(r: &vmreplica_agent::replica::ReplicaDisk, seq: u64) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("not applied through {seq}");
+}
+
+/// A thaw that fails after the freeze ran leaves the guest possibly frozen:
+/// the status says so, the thaw is retried at every cycle (and no freeze
+/// comes before it succeeds), cycles go on at the interval; a failed attempt
+/// waits for the next application-consistent interval, not the next cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_thaw_is_retried_every_cycle_and_a_failed_point_waits_for_its_interval() {
+    let site = replica_site().await;
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("root.img");
+    fs::File::create(&img).unwrap().set_len(4 * MIB).unwrap();
+    let disk = Arc::new(ProtectedDisk::open("vm2", "root", &img).unwrap().0);
+    let ch = channel(&site.addr.to_string(), REPLICA_NAME, &tls).unwrap();
+    let shipper =
+        Shipper::new("vm2", disk.clone(), ch, ShipperConfig::default(), None, Arc::new(Semaphore::new(2)));
+    let log = dir.path().join("quiesce.log");
+    let thaws = dir.path().join("thaw-works");
+    let sh = |script: String| vec!["sh".into(), "-c".into(), script];
+    let quiesce = Quiesce::Command {
+        freeze: sh(format!("echo freeze >> {}", log.display())),
+        thaw: sh(format!("echo thaw >> {0} && test -e {1}", log.display(), thaws.display())),
+    };
+    let status = Arc::new(std::sync::Mutex::new(QuiesceStatus::default()));
+    let mut vm = VmReplication::new(
+        vec![Arc::new(shipper)],
+        Duration::from_secs(1),
+        vec![Duration::from_secs(1)],
+        Some((quiesce, Duration::from_secs(3600))),
+    )
+    .with_quiesce_status(status.clone());
+
+    let first = vm.cycle_once().await;
+    assert!(first.app_consistent, "frozen, cut, then the thaw failed: {first:?}");
+    assert!(first.quiesce_error.as_deref().is_some_and(|e| e.contains("thaw failed")), "{first:?}");
+    assert!(first.errors.is_empty(), "replication itself went on: {:?}", first.errors);
+    let st = status.lock().unwrap().clone();
+    assert!(st.thaw_pending && st.error.contains("thaw failed") && st.last_point_unix_ms > 0, "{st:?}");
+
+    vm.cycle_once().await;
+    assert_eq!(fs::read_to_string(&log).unwrap(), "freeze\nthaw\nthaw\n", "retried, no new freeze");
+    assert!(status.lock().unwrap().thaw_pending);
+    fs::write(&thaws, "").unwrap();
+    vm.cycle_once().await;
+    vm.cycle_once().await;
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "freeze\nthaw\nthaw\nthaw\n",
+        "thawed once more, then nothing until the next interval"
+    );
+    assert!(!status.lock().unwrap().thaw_pending);
 }

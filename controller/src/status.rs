@@ -13,6 +13,10 @@ use vmreplica_crds::{Health, ReplicationState, VMReplicationStatus};
 use crate::Error;
 
 /// The field manager of everything the controller writes, but for the two below.
+/// How a health detail about a failed application-consistent point starts
+/// (each new one is also an Event).
+pub const QUIESCE_FAILED: &str = "The guest could not be quiesced for an application-consistent point";
+
 pub const MANAGER: &str = "vmreplica-controller";
 /// The field manager of `status.lastFailover`.
 pub const FAILOVER_MANAGER: &str = "vmreplica-controller-failover";
@@ -106,6 +110,11 @@ pub fn transitions(previous: &VMReplicationStatus, next: &VMReplicationStatus) -
         let note =
             format!("health {} -> {}: {details}", health_name(previous.health), health_name(next.health));
         events.push(event(type_, &format!("Health{}", health_name(next.health)), "Monitor", note));
+    }
+    for d in next.health_details.iter().filter(|d| d.starts_with(QUIESCE_FAILED)) {
+        if !previous.health_details.contains(d) {
+            events.push(event(EventType::Warning, "QuiesceFailed", "Quiesce", d.clone()));
+        }
     }
     events
 }

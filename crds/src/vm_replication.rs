@@ -167,7 +167,10 @@ pub struct RecoveryHistory {
     #[schemars(range(min = 0, max = 168))]
     pub hourly_recovery_points: u32,
     /// Take an application-consistent point (guest quiesced) every this many
-    /// hours. Unset: none.
+    /// hours, the first at the first cycle after this is set. A point the
+    /// guest could not be quiesced for is taken crash-consistent, with a
+    /// Warning health detail and a `QuiesceFailed` Event; the next attempt
+    /// comes after the interval. Unset: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 12))]
     pub app_consistent_interval_hours: Option<u32>,
@@ -198,14 +201,17 @@ fn default_hourly() -> u32 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Quiesce {
-    /// Command (argv) run on the node to freeze the guest; non-zero exit aborts the point.
+    /// Command (argv) run on the node to freeze the guest (at most 60 s); a
+    /// non-zero exit makes the point crash-consistent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freeze_command: Vec<String>,
     /// Command (argv) run on the node to thaw the guest; always run after a freeze.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub thaw_command: Vec<String>,
-    /// Path of the QEMU guest agent socket; used (`guest-fsfreeze-freeze` /
-    /// `guest-fsfreeze-thaw`) when no commands are given.
+    /// Path of the QEMU guest agent socket (the `org.qemu.guest_agent.0`
+    /// channel); used (`guest-fsfreeze-freeze` / `guest-fsfreeze-thaw`) when no
+    /// commands are given. A guest agent that does not answer `guest-sync`
+    /// within 5 s is asked nothing; a freeze or thaw must answer within 10 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(ABSOLUTE_PATH_PATTERN))]
     pub guest_agent_socket: Option<String>,

@@ -229,6 +229,10 @@ impl ControlService {
                     suspended: v.suspended,
                     prepared: v.prepared,
                     fenced_epoch: v.fenced_epoch,
+                    last_app_consistent_unix_ms: v.quiesce.last_point_unix_ms,
+                    quiesce_error: v.quiesce.error,
+                    quiesce_error_unix_ms: v.quiesce.error_unix_ms,
+                    thaw_pending: v.quiesce.thaw_pending,
                 })
                 .collect(),
             extended: s.extended.iter().map(|x| shipped(x)).collect(),

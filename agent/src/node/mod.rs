@@ -41,7 +41,7 @@ use crate::{
     metrics::Metrics,
     nbd::NbdServer,
     replication::{
-        cycle::VmReplication,
+        cycle::{QuiesceStatus, VmReplication},
         shipper::{History, RateLimiter, Shipper, ShipperConfig},
     },
 };
@@ -82,6 +82,9 @@ struct Managed {
     /// The newer epoch that fenced this VM (0: not fenced): a replica refused
     /// this side's epoch, so its disks are read-only and it replicates no more.
     fenced: Arc<AtomicU64>,
+    /// What became of its application-consistent points since its cycle
+    /// last started (a new spec starts afresh).
+    quiesce: Arc<std::sync::Mutex<QuiesceStatus>>,
 }
 
 impl Managed {
@@ -100,6 +103,7 @@ impl Managed {
             shippers: Vec::new(),
             running: None,
             fenced: Arc::default(),
+            quiesce: Arc::default(),
         }
     }
 
@@ -195,6 +199,7 @@ impl Node {
             return;
         }
         let (stop, stopped) = watch::channel(false);
+        m.quiesce = Arc::default();
         let vm = VmReplication::new(
             m.shippers.clone(),
             Duration::from_secs(u64::from(m.spec.interval_seconds)),
@@ -202,7 +207,8 @@ impl Node {
             // Checked before the spec was accepted.
             quiesce(&m.spec, self.cfg.allow_quiesce_commands).ok().flatten(),
         )
-        .with_fence(m.fenced.clone());
+        .with_fence(m.fenced.clone())
+        .with_quiesce_status(m.quiesce.clone());
         let at = m.spec.initial_replication_at_unix_ms;
         let task = tokio::spawn(async move {
             let mut stopped = stopped;
@@ -494,6 +500,7 @@ impl Node {
                 suspended: m.spec.suspended,
                 prepared: m.prepared,
                 fenced_epoch: m.fenced.load(Ordering::Acquire),
+                quiesce: m.quiesce.lock().expect("not poisoned").clone(),
             })
             .collect()
     }

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use crate::{quiesce::Quiesce, replica::names};
+use crate::{quiesce::Quiesce, replica::names, replication::cycle::QuiesceStatus};
 
 /// A disk of a VM to protect: its name and raw image on this node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,6 +80,8 @@ pub struct ProtectedVm {
     pub prepared: bool,
     /// The newer epoch that fenced it (0: not fenced).
     pub fenced_epoch: u64,
+    /// How its application-consistent points go.
+    pub quiesce: QuiesceStatus,
 }
 
 /// A disk's position at the end of a planned failover's primary part.

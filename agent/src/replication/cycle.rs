@@ -7,14 +7,18 @@
 //!  finish the seals, then ship every disk
 //! ```
 //! Cutting all disks together under one freeze makes the point consistent
-//! across the VM's disks. After a failed cycle the next one waits on the
+//! across the VM's disks. A point that could not be quiesced is taken
+//! crash-consistent, and the next attempt waits for the next
+//! application-consistent interval (a guest agent that does not answer costs
+//! one bounded wait per interval, never every cycle); a thaw that failed after
+//! the freeze reached the guest is retried at every cycle until it succeeds. After a failed cycle the next one waits on the
 //! back-off schedule instead of the interval. A replica that refuses this
 //! side's epoch (the VM was failed over elsewhere) fences it: the disks
 //! become read-only and the cycle ends.
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -38,6 +42,19 @@ pub struct CycleReport {
     pub stale_epoch: Option<u64>,
 }
 
+/// How the VM's application-consistent points go, as status reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QuiesceStatus {
+    /// When the last application-consistent point was cut (0: none yet).
+    pub last_point_unix_ms: u64,
+    /// Why the last attempt failed, and when (empty, 0: it did not).
+    pub error: String,
+    pub error_unix_ms: u64,
+    /// A thaw failed after a freeze that reached the guest: it may still be
+    /// frozen (the thaw is retried at every cycle).
+    pub thaw_pending: bool,
+}
+
 /// Replicates one VM: its disks and a shipper for each.
 pub struct VmReplication {
     disks: Vec<Arc<ProtectedDisk>>,
@@ -46,7 +63,9 @@ pub struct VmReplication {
     backoff: Vec<Duration>,
     /// Quiesce and how often an application-consistent point is taken.
     app_consistent: Option<(Quiesce, Duration)>,
+    /// When the last application-consistent point was attempted.
     last_app: Option<Instant>,
+    quiesce: Arc<Mutex<QuiesceStatus>>,
     /// Set to the newer epoch when this VM was fenced (0: not fenced).
     fenced: Arc<AtomicU64>,
 }
@@ -59,13 +78,28 @@ impl VmReplication {
         app_consistent: Option<(Quiesce, Duration)>,
     ) -> Self {
         let disks = shippers.iter().filter_map(|s| s.disk().cloned()).collect();
-        Self { disks, shippers, interval, backoff, app_consistent, last_app: None, fenced: Arc::default() }
+        Self {
+            disks,
+            shippers,
+            interval,
+            backoff,
+            app_consistent,
+            last_app: None,
+            quiesce: Arc::default(),
+            fenced: Arc::default(),
+        }
     }
 
     /// Shares the fence flag: set to the newer epoch once a replica refuses
     /// this side's (see [`Self::run`]).
     pub fn with_fence(mut self, fenced: Arc<AtomicU64>) -> Self {
         self.fenced = fenced;
+        self
+    }
+
+    /// Shares what becomes of the application-consistent points.
+    pub fn with_quiesce_status(mut self, status: Arc<Mutex<QuiesceStatus>>) -> Self {
+        self.quiesce = status;
         self
     }
 
@@ -76,39 +110,54 @@ impl VmReplication {
     /// Cuts every disk (quiesced when due), then ships them all.
     pub async fn cycle_once(&mut self) -> CycleReport {
         let mut report = CycleReport::default();
+        // No new freeze while an earlier one may still hold the guest.
+        let thawed = self.retry_thaw().await;
         let due = self
             .app_consistent
-            .as_ref()
-            .filter(|(_, every)| self.last_app.is_none_or(|t| t.elapsed() >= *every));
-        let frozen = match due {
-            Some((q, _)) => match q.freeze().await {
-                Ok(()) => true,
+            .clone()
+            .filter(|(_, every)| thawed && self.last_app.is_none_or(|t| t.elapsed() >= *every))
+            .map(|(q, _)| q);
+        let (frozen, to_thaw) = match &due {
+            Some(q) => match q.freeze().await {
+                Ok(()) => (true, true),
                 Err(e) => {
                     tracing::warn!(error = %e, "freeze failed: this point is crash-consistent only");
                     report.quiesce_error = Some(e.to_string());
-                    false
+                    (false, e.reached_guest())
                 }
             },
-            None => false,
+            None => (false, false),
         };
         let disks = self.disks.clone();
         let rotations =
             tokio::task::spawn_blocking(move || disks.iter().map(|d| d.rotate(frozen)).collect::<Vec<_>>())
                 .await
                 .expect("rotation does not panic");
-        // After any freeze attempt, even a failed one.
-        let thawed = match due {
-            Some((q, _)) => q.thaw().await,
-            None => Ok(()),
-        };
-        if let Err(e) = thawed {
-            tracing::error!(error = %e, "thaw failed");
-            report.quiesce_error.get_or_insert(e.to_string());
+        // After any freeze that may have reached the guest, even a failed one.
+        let mut thaw_failed = false;
+        if let Some(q) = due.as_ref().filter(|_| to_thaw)
+            && let Err(e) = q.thaw().await
+        {
+            tracing::error!(error = %e, "thaw failed: the guest may still be frozen; retrying every cycle");
+            report.quiesce_error.get_or_insert(format!("thaw failed, retried every cycle: {e}"));
+            thaw_failed = true;
         }
-        if frozen {
+        if due.is_some() {
             self.last_app = Some(Instant::now());
-            report.app_consistent = true;
+            let mut st = self.quiesce.lock().expect("not poisoned");
+            let now = crate::replica::now_ms();
+            if to_thaw {
+                st.thaw_pending = thaw_failed;
+            }
+            match &report.quiesce_error {
+                Some(e) => (st.error, st.error_unix_ms) = (e.clone(), now),
+                None => (st.error, st.error_unix_ms) = (String::new(), 0),
+            }
+            if frozen {
+                st.last_point_unix_ms = now;
+            }
         }
+        report.app_consistent = frozen;
         for (disk, rotation) in self.disks.clone().into_iter().zip(rotations) {
             let finished = match rotation {
                 Ok(Some(r)) => {
@@ -130,6 +179,24 @@ impl VmReplication {
             report.errors.push(e.to_string());
         }
         report
+    }
+
+    /// A thaw that failed after a freeze reached the guest, tried again;
+    /// whether none is pending any more.
+    async fn retry_thaw(&mut self) -> bool {
+        let pending = self.quiesce.lock().expect("not poisoned").thaw_pending;
+        let Some((q, _)) = self.app_consistent.as_ref().filter(|_| pending) else { return true };
+        match q.thaw().await {
+            Ok(()) => {
+                tracing::info!("thawed the guest after an earlier thaw failed");
+                self.quiesce.lock().expect("not poisoned").thaw_pending = false;
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "thaw failed again: the guest may still be frozen");
+                false
+            }
+        }
     }
 
     /// Runs cycles until `stop` fires.

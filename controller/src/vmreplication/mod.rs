@@ -167,8 +167,14 @@ async fn outcome(vmr: &VMReplication, ctx: &Context, obs: &Observation) -> Outco
         };
     }
     let mut v = view(&spec.vm_id, &status.primaries);
-    v.fenced_epoch =
-        status.vms.iter().filter(|m| m.vm_id == spec.vm_id).map(|m| m.fenced_epoch).max().unwrap_or(0);
+    let protected = status.vms.iter().filter(|m| m.vm_id == spec.vm_id);
+    v.fenced_epoch = protected.clone().map(|m| m.fenced_epoch).max().unwrap_or(0);
+    if let Some(m) = protected.max_by_key(|m| m.generation) {
+        v.thaw_pending = m.thaw_pending;
+        v.quiesce_failed = (!m.quiesce_error.is_empty()
+            && m.quiesce_error_unix_ms >= m.last_app_consistent_unix_ms)
+            .then(|| (m.quiesce_error_unix_ms as i64, m.quiesce_error.clone()));
+    }
     Outcome::Enabled(v)
 }
 

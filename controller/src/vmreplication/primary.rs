@@ -16,6 +16,7 @@ use vmreplica_crds::{
 
 use super::monitoring::{Monitoring, humanize, lag_text};
 pub use crate::context::Baseline;
+use crate::status::QUIESCE_FAILED;
 use crate::{
     agents::Agent,
     conditions,
@@ -117,6 +118,11 @@ pub struct VmView {
     /// The epoch the disks ship under (the newest promotion that made this
     /// node the VM's primary).
     pub epoch: u64,
+    /// The last application-consistent point could not be quiesced: when
+    /// (ms) and why. `None` once a later one was.
+    pub quiesce_failed: Option<(i64, String)>,
+    /// A thaw failed after a freeze reached the guest: it may be frozen.
+    pub thaw_pending: bool,
 }
 
 pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
@@ -277,6 +283,19 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
                         humanize(failing)
                     ));
                 }
+            }
+            if v.thaw_pending {
+                critical.push(format!(
+                    "The guest may still be frozen: thawing it after an application-consistent point failed \
+                     ({}); the agent retries the thaw at every cycle. Check the guest agent in the VM",
+                    v.quiesce_failed.as_ref().map_or("no detail", |(_, e)| e.as_str())
+                ));
+            } else if let Some((at, e)) = &v.quiesce_failed {
+                let at = Timestamp::from_millisecond(*at).map_or_else(|_| at.to_string(), |t| t.to_string());
+                warning.push(format!(
+                    "{QUIESCE_FAILED} at {at}: {e}. That point is crash-consistent; the next attempt comes \
+                     after appConsistentIntervalHours"
+                ));
             }
             let cycles = h.window.successful + h.window.missed;
             if cycles > 0 && h.window.missed * 5 > cycles {

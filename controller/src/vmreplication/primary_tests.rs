@@ -233,3 +233,39 @@ fn every_state_and_health_change_is_an_event() {
     assert_eq!(lag_text(Duration::from_secs(59)), "<1m");
     assert_eq!(lag_text(Duration::from_secs(3 * 3600 + 120)), "3h2m");
 }
+
+#[test]
+fn a_point_that_could_not_be_quiesced_is_a_warning_and_an_event_each_time() {
+    let ok = VmView { disks: 1, replicated: 1, last_replication_ms: Some(1_000_000), ..Default::default() };
+    let mut unquiesced = ok.clone();
+    let why = "the guest agent at /run/qga.sock did not answer: no answer to guest-sync within 5s";
+    unquiesced.quiesce_failed = Some((1_000_000, why.into()));
+    let (h, d) = health(&input(&Outcome::Enabled(unquiesced.clone()), Baseline::default(), 1_000_000));
+    assert_eq!(h, Health::Warning, "{d:?}");
+    assert!(d[0].starts_with(crate::status::QUIESCE_FAILED) && d[0].contains("guest-sync"), "{d:?}");
+    assert!(d[0].contains("1970-01-01T00:16:40Z") && d[0].contains("crash-consistent"), "{d:?}");
+
+    let mut frozen = unquiesced.clone();
+    frozen.thaw_pending = true;
+    let (h, d) = health(&input(&Outcome::Enabled(frozen), Baseline::default(), 1_000_000));
+    assert_eq!(h, Health::Critical);
+    assert!(d[0].contains("may still be frozen") && d[0].contains("guest-sync"), "{d:?}");
+
+    // The first failure is an Event, the same one again is not, the next
+    // attempt's (a new time) is.
+    let status = |v: &VmView| {
+        let (health, health_details) = health(&input(&Outcome::Enabled(v.clone()), Baseline::default(), 0));
+        VMReplicationStatus { health, health_details, ..Default::default() }
+    };
+    let normal = status(&ok);
+    let first = status(&unquiesced);
+    let reasons = |a: &VMReplicationStatus, b: &VMReplicationStatus| {
+        transitions(a, b).into_iter().map(|e| e.reason).collect::<Vec<_>>()
+    };
+    assert_eq!(reasons(&normal, &first), ["HealthWarning", "QuiesceFailed"]);
+    assert!(reasons(&first, &first).is_empty());
+    unquiesced.quiesce_failed = Some((4_600_000, why.into()));
+    let again = status(&unquiesced);
+    assert_eq!(reasons(&first, &again), ["QuiesceFailed"]);
+    assert_eq!(reasons(&first, &normal), ["HealthNormal"], "a quiesced point clears it");
+}
