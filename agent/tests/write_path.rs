@@ -313,3 +313,37 @@ fn nothing_writes_around_the_log_while_the_agent_serves_the_image() {
     let (ok, text) = direct(&["qemu-io", "-f", "raw", "-c", "write 0 4k"], &other);
     assert!(ok, "free once closed: {text}");
 }
+
+/// An image a QEMU already runs on is refused, and nothing is written to it:
+/// the agent would otherwise log writes the VM's own writes overtake.
+#[test]
+fn an_image_a_qemu_already_uses_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("busy.img");
+    fs::File::create(&image).unwrap().set_len(MIB).unwrap();
+    let ino = fs::metadata(&image).unwrap().ino();
+    let mut holder = qemu_on(&image).stderr(std::process::Stdio::null()).spawn().expect("qemu-system-x86_64");
+    let held = (0..200).any(|_| {
+        let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
+        let mine = locks
+            .lines()
+            .any(|l| l.split_whitespace().nth(5).is_some_and(|f| f.ends_with(&format!(":{ino}"))));
+        mine || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            false
+        }
+    });
+    assert!(held, "QEMU took its locks on the image");
+    let e = vmreplica_agent::disk::ProtectedDisk::open("vm3", "root", &image).err().expect("refused");
+    assert!(e.to_string().contains("another process holds the image's"), "{e}");
+    let made: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(made.len(), 1, "nothing made beside the image: {made:?}");
+    // SIGTERM: `timeout` passes it on to QEMU and waits for it (a SIGKILL
+    // would leave QEMU running with its locks).
+    assert!(Command::new("kill").arg(holder.id().to_string()).status().unwrap().success());
+    holder.wait().unwrap();
+    let (disk, _) =
+        vmreplica_agent::disk::ProtectedDisk::open("vm3", "root", &image).expect("free once QEMU is gone");
+    drop(disk);
+}
