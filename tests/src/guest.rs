@@ -53,6 +53,20 @@ pub fn file_drive(path: &Path) -> String {
     format!("file={},format=raw,if=virtio,cache=none", path.display())
 }
 
+/// QEMU arguments for virtio-serial ports, each on a unix socket QEMU
+/// listens on, named as given: qemu-ga in a guest booted with `qga=1` serves
+/// the one named `org.qemu.guest_agent.0`; on any other, nobody answers.
+pub fn serial_ports(ports: &[(&Path, &str)]) -> Vec<String> {
+    let mut args = vec!["-device".to_owned(), "virtio-serial".to_owned()];
+    for (i, (socket, name)) in ports.iter().enumerate() {
+        args.push("-chardev".into());
+        args.push(format!("socket,id=port{i},path={},server=on,wait=off", socket.display()));
+        args.push("-device".into());
+        args.push(format!("virtserialport,chardev=port{i},name={name}"));
+    }
+    args
+}
+
 /// A running guest; killed (a crash, as far as its disk is concerned) when dropped.
 pub struct Guest {
     child: Child,

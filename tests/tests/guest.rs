@@ -19,10 +19,12 @@ use kube::{
 };
 use serde_json::json;
 use vmreplica_controller::{replica_site, site, vmreplication};
-use vmreplica_crds::{FailoverPhase, FailoverStatus, ReplicationState, VMReplication};
+use vmreplica_crds::{
+    FailoverPhase, FailoverStatus, Health, RecoveryPoint, RecoveryPointKind, ReplicationState, VMReplication,
+};
 use vmreplica_tests::{
     ControlPlane, client, client_for,
-    guest::{Guest, Kit, Verified, file_drive, last_ack, nbd_drive, verify},
+    guest::{Guest, Kit, Verified, file_drive, last_ack, nbd_drive, serial_ports, verify},
     install_crds,
     pki::Ca,
     procs::{Process, bin, free_port, lease_args, material, wait_secs, write_tls},
@@ -41,6 +43,8 @@ struct Sites {
     b: Api<VMReplication>,
     a_socket: PathBuf,
     b_socket: PathBuf,
+    /// A's replica server, for replication reversed after a failover.
+    a_repl: u16,
     _plane: ControlPlane,
     _agents: Vec<Process>,
 }
@@ -91,15 +95,42 @@ async fn sites(prefix: &str) -> Sites {
     tokio::spawn(vmreplication::run(b_ctx.clone(), std::future::pending()));
     tokio::spawn(replica_site::run(b_ctx, std::future::pending()));
 
-    // Site A: the shared apiserver.
+    // Site A: the shared apiserver; a replica server too, for B, so that
+    // replication can reverse and the VM fail back.
     let a = client().await;
     let a_ns = test_namespace(&a, &format!("{prefix}-a")).await;
     let a_socket = root.join("a-nbd.sock");
-    let a_agent = primary_agent(&root, "a-tls", &a_socket, &a_ns, "node-a", &shared_kubeconfig());
-    tokio::spawn(vmreplication::run(
-        controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone())),
-        std::future::pending(),
-    ));
+    let a_repl = free_port();
+    let label = format!("vmreplica.io/guest-test-{}", &a_ns[a_ns.len().saturating_sub(8)..]);
+    let (listen, node_label) = (format!("127.0.0.1:{a_repl}"), format!("{label}=true"));
+    let a_agent = primary_agent(
+        &root,
+        "a-tls",
+        &a_socket,
+        &a_ns,
+        "node-a",
+        &shared_kubeconfig(),
+        &["--listen", &listen, "--node-label", &node_label],
+    );
+    let a_storage = root.join("a-replicas");
+    std::fs::create_dir_all(&a_storage).unwrap();
+    apply_object(
+        &Api::<vmreplica_crds::ReplicationServer>::all(a.clone()),
+        &json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": a_ns},
+               "spec": {"nodeSelector": {label: "true"}, "port": a_repl, "tlsSecretName": "vmreplica-agent-tls"}}),
+    )
+    .await;
+    apply_object(
+        &Api::<vmreplica_crds::AuthorizationEntry>::all(a.clone()),
+        &json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "AuthorizationEntry", "metadata": {"name": a_ns},
+               "spec": {"allowedPrimaryServer": "replica.site-b.example.com", "replicaStorageLocation": a_storage,
+                        "trustGroup": "guests", "replicaNamespace": a_ns}}),
+    )
+    .await;
+    let a_ctx = controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone()));
+    tokio::spawn(site::run(a_ctx.site.clone(), std::future::pending()));
+    tokio::spawn(vmreplication::run(a_ctx.clone(), std::future::pending()));
+    tokio::spawn(replica_site::run(a_ctx, std::future::pending()));
 
     let disk = root.join("disks").join("ledger-root.img");
     assert!(
@@ -135,6 +166,7 @@ async fn sites(prefix: &str) -> Sites {
         b: b_vmrs,
         a_socket,
         b_socket,
+        a_repl,
         _plane: plane,
         _agents: vec![b_agent, a_agent],
     }
@@ -188,21 +220,28 @@ impl Sites {
 
 /// Planned failover: the VM stops at A with every write shipped; at B it boots
 /// with every acknowledged WAL record and every file, and a clean filesystem.
+/// Replication reverses to A's own disks; the VM writes at B, fails back, and
+/// boots at A with B's writes too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_planned_failover_the_vm_boots_at_b_with_every_acknowledged_write() {
+async fn after_a_planned_failover_the_vm_boots_at_b_and_back_at_a_with_every_acknowledged_write() {
     let s = sites("guest-planned").await;
     s.run(&s.at_a(), "mkfs", &[], "mkfs");
     let writer = s.run(&s.at_a(), "write", &["records=30", "files=6"], "write-a");
     assert_eq!(last_ack(&writer), 30, "{}", writer.output());
 
-    let mut vm = s.a.get(VM).await.unwrap();
-    vm.metadata.managed_fields = None;
-    let primary = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": VM},
-        "spec": {"disks": vm.spec.disks, "replicationFrequencySeconds": 1, "replicaServer": vm.spec.replica_server,
-                 "failover": {"id": "move", "type": "Planned"}}});
-    apply_object(&s.a, &primary).await;
+    let at_a = async |failover: serde_json::Value| {
+        let mut vm = s.a.get(VM).await.unwrap();
+        vm.metadata.managed_fields = None;
+        let obj = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": VM},
+            "spec": {"disks": vm.spec.disks, "replicationFrequencySeconds": 1, "replicaServer": vm.spec.replica_server,
+                     "failover": failover}});
+        apply_object(&s.a, &obj).await;
+    };
+    at_a(json!({"id": "move", "type": "Planned"})).await;
     failover_in(&s.a, "move", FailoverPhase::Completed).await;
-    s.at_b_request(json!({"id": "move", "type": "Planned"})).await;
+    let reverse_to = json!({"name": "host1.site-a.example.com", "port": s.a_repl});
+    s.at_b_request(json!({"id": "move", "type": "Planned", "reverseReplication": true, "reverseReplicaServer": reverse_to}))
+        .await;
     let l = failover_in(&s.b, "move", FailoverPhase::Completed).await;
     assert_eq!(l.data_loss_window_seconds, Some(0), "{l:?}");
 
@@ -217,6 +256,21 @@ async fn after_a_planned_failover_the_vm_boots_at_b_with_every_acknowledged_writ
         files_listed: 6,
     };
     assert_eq!(seen, want, "what the guest found at B");
+
+    // The VM runs at B, replicating back to A; then it fails back.
+    let writer = s.run(&s.at_b(), "write", &["records=10", "files=2"], "write-b");
+    assert_eq!(last_ack(&writer), 40, "{}", writer.output());
+    s.at_b_request(json!({"id": "back", "type": "Planned"})).await;
+    failover_in(&s.b, "back", FailoverPhase::Completed).await;
+    at_a(json!({"id": "back", "type": "Planned", "reverseReplication": true})).await;
+    let l = failover_in(&s.a, "back", FailoverPhase::Completed).await;
+    assert!(l.took_over, "{l:?}");
+    let back = s.verify(&s.at_a(), "verify-back-at-a");
+    assert_eq!(
+        back,
+        Verified { wal_last: 40, files_ok: 8, files_listed: 8, ..want },
+        "what the guest found back at A"
+    );
 }
 
 /// A test failover boots a copy while the VM at A keeps writing; after the
@@ -284,4 +338,92 @@ async fn after_a_crash_each_recovery_point_boots_crash_consistent() {
         "the older point is an earlier prefix: {earlier:?} vs {latest:?}"
     );
     assert_eq!(earlier.files_ok, earlier.files_listed, "{earlier:?}");
+}
+
+/// Application-consistent points through the guest's own qemu-ga. First the
+/// VMReplication names a channel nobody in the guest answers: the point is
+/// crash-consistent, A says why (a health detail and an Event), cycles go on
+/// and the guest keeps writing. Then it names the guest agent's channel: the
+/// next point is cut with the filesystem frozen inside the guest, and a test
+/// failover to it finds a journal that needs no recovery, while one to the
+/// crash-consistent point just before it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn application_consistent_points_come_from_the_guests_own_agent() {
+    let s = sites("guest-quiesce").await;
+    s.run(&s.at_a(), "mkfs", &[], "mkfs");
+    let (qga, silent) = (s.root.join("qga.sock"), s.root.join("silent.sock"));
+    let ports = serial_ports(&[(&qga, "org.qemu.guest_agent.0"), (&silent, "org.example.nobody.0")]);
+    let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
+    let mut writer =
+        Guest::boot(&s.kit, &s.at_a(), "write", &["records=0", "qga=1"], &ports, &s.log("write-a"));
+    tokio::task::block_in_place(|| writer.wait_report("ACK 5", 240));
+    let points = async || s.b.get(VM).await.ok()?.status.map(|st| st.recovery_points);
+    let newest = async || points().await?.first().map(|p| p.id.clone());
+
+    // A channel nobody answers: bounded, crash-consistent, said.
+    let quiesced_by = async |socket: &std::path::Path| {
+        let mut vm = s.a.get(VM).await.unwrap();
+        vm.metadata.managed_fields = None;
+        let obj = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": VM},
+            "spec": {"disks": vm.spec.disks, "replicationFrequencySeconds": 1, "replicaServer": vm.spec.replica_server,
+                     "recoveryHistory": {"appConsistentIntervalHours": 1, "quiesce": {"guestAgentSocket": socket}}}});
+        apply_object(&s.a, &obj).await;
+    };
+    quiesced_by(&silent).await;
+    let detail = wait_secs(60, "A to say the guest could not be quiesced", async || {
+        let st = s.a.get(VM).await.ok()?.status?;
+        let d = st.health_details.iter().find(|d| d.contains("could not be quiesced"))?.clone();
+        (st.health == Health::Warning).then_some(d)
+    })
+    .await;
+    assert!(detail.contains("guest-sync within 5s") && detail.contains("crash-consistent"), "{detail}");
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client().await, &s.a_ns);
+    wait_secs(30, "the QuiesceFailed Event", async || {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("QuiesceFailed")).then_some(())
+    })
+    .await;
+    let (acked, seen) = (last_ack(&writer), newest().await);
+    wait_secs(20, "cycles to go on after the failed quiesce", async || {
+        newest().await.filter(|p| Some(p) != seen.as_ref())
+    })
+    .await;
+    tokio::task::block_in_place(|| writer.wait_report(&format!("ACK {}", acked + 3), 60));
+    let kinds: Vec<RecoveryPointKind> = points().await.unwrap().iter().map(|p| p.kind).collect();
+    assert!(!kinds.contains(&RecoveryPointKind::ApplicationConsistent), "{kinds:?}");
+
+    // The guest agent's channel: a frozen cut, and the guest goes on.
+    quiesced_by(&qga).await;
+    let (app, crash) = wait_secs(90, "an application-consistent point at B", async || {
+        let list: Vec<RecoveryPoint> = points().await?;
+        let i = list.iter().position(|p| p.kind == RecoveryPointKind::ApplicationConsistent)?;
+        let older = list[i + 1..].iter().find(|p| p.kind == RecoveryPointKind::Standard)?;
+        Some((list[i].id.clone(), older.id.clone()))
+    })
+    .await;
+    wait_secs(30, "A's warning to clear", async || {
+        (s.a.get(VM).await.ok()?.status?.health == Health::Normal).then_some(())
+    })
+    .await;
+    let acked = last_ack(&writer);
+    tokio::task::block_in_place(|| writer.wait_report(&format!("ACK {}", acked + 3), 60));
+
+    let replica_dir =
+        PathBuf::from(&s.b.get(VM).await.unwrap().spec.disks[0].path).parent().unwrap().to_owned();
+    let test_copy = file_drive(&replica_dir.join("materialized").join(format!("{VM}-test.img")));
+    let mut seen = Vec::new();
+    for (id, point) in [("frozen", &app), ("crashed", &crash)] {
+        s.at_b_request(json!({"id": id, "type": "Test", "recoveryPoint": point})).await;
+        failover_in(&s.b, id, FailoverPhase::Completed).await;
+        seen.push(s.verify(&test_copy, &format!("verify-{id}")));
+        s.at_b_request(serde_json::Value::Null).await;
+        failover_in(&s.b, id, FailoverPhase::Cancelled).await;
+    }
+    let (frozen, crashed) = (&seen[0], &seen[1]);
+    assert!(!frozen.needed_recovery, "the quiesced point mounts without journal recovery: {frozen:?}");
+    assert!(crashed.needed_recovery, "the crash-consistent point needs it: {crashed:?}");
+    for v in &seen {
+        assert_eq!((v.fsck, v.wal_bad, v.wal_holes), (0, 0, 0), "{v:?}");
+    }
+    assert!(crashed.wal_last <= frozen.wal_last, "{crashed:?} then {frozen:?}");
 }

@@ -106,7 +106,7 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
 
     // Site A's agent and controller.
     let socket = root.join("nbd.sock");
-    let _a_agent = primary_agent(root, "a-tls", &socket, &a_ns, "node-a", &shared_kubeconfig());
+    let _a_agent = primary_agent(root, "a-tls", &socket, &a_ns, "node-a", &shared_kubeconfig(), &[]);
     tokio::spawn(vmreplication::run(
         controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone())),
         std::future::pending(),

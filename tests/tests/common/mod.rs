@@ -50,7 +50,8 @@ pub async fn state_is(api: &Api<VMReplication>, name: &str, want: ReplicationSta
 
 /// Site A's agent: serves disks under `root/disks` on `socket`, with the
 /// certificate in `root/<tls>`, replicating to replica.site-b.example.com on
-/// loopback, announced as `node` in `ns` through `kubeconfig`.
+/// loopback, announced as `node` in `ns` through `kubeconfig`; `extra`: more
+/// of its arguments (a replica server's `--listen`, node labels).
 pub fn primary_agent(
     root: &Path,
     tls: &str,
@@ -58,6 +59,7 @@ pub fn primary_agent(
     ns: &str,
     node: &str,
     kubeconfig: &Path,
+    extra: &[&str],
 ) -> Process {
     std::fs::create_dir_all(root.join("disks")).unwrap();
     let mut cmd = Command::new(bin("vmreplica-agent"));
@@ -68,6 +70,7 @@ pub fn primary_agent(
         .arg("--disk-root")
         .arg(root.join("disks"))
         .args(["--resolve", "replica.site-b.example.com=127.0.0.1", "--retry-seconds", "1"])
-        .args(lease_args(ns, node, kubeconfig));
+        .args(lease_args(ns, node, kubeconfig))
+        .args(extra);
     Process::spawn_ready(cmd, &root.join(format!("{node}-agent.log")))
 }
