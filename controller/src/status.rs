@@ -12,11 +12,11 @@ use vmreplica_crds::{Health, ReplicationState, VMReplicationStatus};
 
 use crate::Error;
 
-/// The field manager of everything the controller writes, but for the two below.
 /// How a health detail about a failed application-consistent point starts
 /// (each new one is also an Event).
 pub const QUIESCE_FAILED: &str = "The guest could not be quiesced for an application-consistent point";
 
+/// The field manager of everything the controller writes, but for the two below.
 pub const MANAGER: &str = "vmreplica-controller";
 /// The field manager of `status.lastFailover`.
 pub const FAILOVER_MANAGER: &str = "vmreplica-controller-failover";

@@ -16,11 +16,10 @@ use vmreplica_crds::{
 
 use super::monitoring::{Monitoring, humanize, lag_text};
 pub use crate::context::Baseline;
-use crate::status::QUIESCE_FAILED;
 use crate::{
     agents::Agent,
     conditions,
-    status::{health_name, state_name},
+    status::{QUIESCE_FAILED, health_name, state_name},
 };
 
 /// The agent's id of the VM: `<namespace>.<name>` (a namespace has no dots).
