@@ -30,9 +30,17 @@ pub fn choose_points(disks: &[&ReplicaDisk], id: &str) -> Result<(String, BTreeM
         // No point yet on any disk: the images as they are (right after the initial copy).
         return Ok(("latest".into(), disks.iter().map(|d| (d.disk_id.clone(), 0)).collect()));
     };
+    // A disk's point of the chosen cycle is sealed at most SAME_CYCLE_MS
+    // after it, and before halfway to the listed disk's next cycle: a cycle
+    // may follow sooner than SAME_CYCLE_MS (the first one after a spec
+    // change), and its points must not be taken for the chosen one's.
+    let next = listed.points.iter().find(|p| p.seq > chosen.seq);
+    let reach = next.map_or(SAME_CYCLE_MS, |n| {
+        SAME_CYCLE_MS.min(n.time_unix_ms.saturating_sub(chosen.time_unix_ms).saturating_sub(1) / 2)
+    });
     let mut per_disk = BTreeMap::new();
     for d in disks {
-        let at = d.points.iter().rev().find(|p| p.time_unix_ms <= chosen.time_unix_ms + SAME_CYCLE_MS);
+        let at = d.points.iter().rev().find(|p| p.time_unix_ms <= chosen.time_unix_ms + reach);
         let seq = match (at, d.points.is_empty()) {
             (Some(p), _) => p.seq,
             // Never written since its initial copy: its image is that state.

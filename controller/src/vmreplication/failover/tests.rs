@@ -114,6 +114,22 @@ fn each_disk_goes_to_its_state_at_the_chosen_cycle() {
     assert!(choose_points(&[&root], "yesterday").unwrap_err().contains("not a point id"));
 }
 
+/// A cycle that follows sooner than the same-cycle slack (the first after a
+/// spec change, here 380 ms later) is not taken for the one chosen: seen in
+/// the real-guest test, where a Test failover to a crash-consistent point
+/// got the application-consistent point cut right after it.
+#[test]
+fn a_cycle_right_after_the_chosen_one_is_not_taken_for_it() {
+    let root = disk("root", &[(707, 57_444), (727, 57_823), (819, 58_853)]);
+    let data = disk("data", &[(300, 57_446), (310, 57_825)]);
+    let (point, per) = choose_points(&[&root], "707").unwrap();
+    assert_eq!((point.as_str(), per["root"]), ("707", 707));
+    let (_, per) = choose_points(&[&root, &data], "707").unwrap();
+    assert_eq!((per["root"], per["data"]), (707, 300));
+    let (_, per) = choose_points(&[&root, &data], "727").unwrap();
+    assert_eq!((per["root"], per["data"]), (727, 310));
+}
+
 #[test]
 fn nothing_requested_nothing_done() {
     let vmr = object("Replica", None, None);
