@@ -21,19 +21,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use vmreplica_agent::{
     agent::Agent,
     disk::ProtectedDisk,
     grpc::replication::serve,
+    limits::Limits,
     log::Journal,
     replica::{Incoming, ReplicaDisk, ReplicaState, store::ReplicaStore},
     replication::{
         authz::{Entry, SiteConfig},
         shipper::{Shipper, ShipperConfig},
     },
+    site::{Defaults, Site as AgentSite},
 };
-use vmreplica_api::tls::{TlsMaterial, channel};
+use vmreplica_api::tls::{LiveTls, TlsMaterial, channel};
 use vmreplica_tests::pki::Ca;
 
 const MIB: u64 = 1 << 20;
@@ -212,7 +214,7 @@ fn bench_apply(dir: &Path) {
 struct Site {
     service: Arc<ReplicaStore>,
     addr: String,
-    client_tls: TlsMaterial,
+    client_tls: Arc<LiveTls>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -220,7 +222,8 @@ async fn site(storage: &Path) -> Site {
     let ca = Ca::new("bench-ca").unwrap();
     let leaf = |names: &[&str]| {
         let l = ca.leaf(names[0], names).unwrap();
-        TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() }
+        LiveTls::new(TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() })
+            .unwrap()
     };
     let cfg = SiteConfig {
         entries: vec![Entry {
@@ -231,14 +234,15 @@ async fn site(storage: &Path) -> Site {
         }],
         ..Default::default()
     };
-    let service = ReplicaStore::new(cfg, 6);
-    let agent = Agent::new(None, Some(service.clone()), Vec::new());
+    let agent_site = AgentSite::new(Defaults { max_transfers: 6, ..Default::default() }, None);
+    let service = ReplicaStore::new(cfg, agent_site.limits.clone());
+    let agent = Agent::new(None, Some(service.clone()), Vec::new(), agent_site);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let server_tls = leaf(&["replica.site-b.example.com"]);
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
-        serve(agent, listener, &server_tls, async {
+        serve(agent, listener, server_tls, async {
             let _ = stopped.await;
         })
         .await
@@ -250,7 +254,7 @@ async fn site(storage: &Path) -> Site {
 fn shipper(site: &Site, disk: Arc<ProtectedDisk>, compression: bool) -> Shipper {
     let ch = channel(&site.addr, "replica.site-b.example.com", &site.client_tls).unwrap();
     let cfg = ShipperConfig { compression, ..Default::default() };
-    Shipper::new("bench", disk, ch, cfg, None, Arc::new(Semaphore::new(6)))
+    Shipper::new("bench", disk, ch, cfg, Limits::new(6, None))
 }
 
 async fn bench_shipping(dir: &Path) {

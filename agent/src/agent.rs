@@ -26,6 +26,7 @@ use crate::{
         authz::{Grant, SiteConfig},
         shipper::Shipper,
     },
+    site::{InForce, Settings, Site},
 };
 
 /// Why a control call failed; each is one kind of answer.
@@ -95,6 +96,8 @@ pub struct Agent {
     store: Option<Arc<ReplicaStore>>,
     /// Shippers of the fixed `--disk` images (`serve --replicate-to`).
     fixed: Vec<Arc<Shipper>>,
+    /// Limits, certificates and listener a ReplicationServer sets.
+    site: Arc<Site>,
     /// One reverse-replication decision at a time: the Opens of a VM's
     /// disks arrive together, and the first one converts them all.
     reversing: tokio::sync::Mutex<()>,
@@ -105,8 +108,18 @@ impl Agent {
         node: Option<Arc<Node>>,
         store: Option<Arc<ReplicaStore>>,
         fixed: Vec<Arc<Shipper>>,
+        site: Arc<Site>,
     ) -> Arc<Self> {
-        Arc::new(Self { node, store, fixed, reversing: tokio::sync::Mutex::new(()) })
+        Arc::new(Self { node, store, fixed, site, reversing: tokio::sync::Mutex::new(()) })
+    }
+
+    pub fn site(&self) -> &Arc<Site> {
+        &self.site
+    }
+
+    /// What the ReplicationServer set that is in force.
+    pub async fn site_in_force(&self) -> InForce {
+        self.site.in_force().await
     }
 
     fn node(&self) -> Result<&Arc<Node>, ControlError> {
@@ -143,11 +156,22 @@ impl Agent {
         Snapshot { primaries, replicas, vms, extended }
     }
 
-    /// Replaces the site's rules; replicas under new storage locations (all
-    /// of them, the first time after a restart) are opened, so that they are
-    /// reported and can be promoted before any primary opens them.
-    pub async fn configure_site(&self, site: SiteConfig, retention: Policy) -> Result<(), ControlError> {
+    /// Replaces the site's rules and settings (port, limits, certificate:
+    /// refused with nothing changed when one cannot be put in force);
+    /// replicas under new storage locations (all of them, the first time
+    /// after a restart) are opened, so that they are reported and can be
+    /// promoted before any primary opens them.
+    pub async fn configure_site(
+        &self,
+        site: SiteConfig,
+        retention: Policy,
+        settings: Settings,
+    ) -> Result<(), ControlError> {
         let store = self.store()?.clone();
+        for storage in site.entries.iter().map(|e| &e.storage).chain(&site.default_storage) {
+            self.site.check_storage(storage).map_err(ControlError::Refused)?;
+        }
+        self.site.apply(&settings).await.map_err(ControlError::Refused)?;
         tracing::info!(rules = site.entries.len(), allow_any = site.allow_any_server, "site configured");
         let moved = store.set_site(site);
         store.set_retention(retention);

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use vmreplica_api::tls::TlsMaterial;
+use vmreplica_api::tls::LiveTls;
 
 use crate::{
     log,
@@ -66,6 +66,16 @@ struct AnnounceArgs {
     /// Host the controller and peers reach this agent at (default: the node name).
     #[arg(long)]
     advertise_host: Option<String>,
+    /// The name the controller verifies this agent's certificate as: a DNS
+    /// name (or IP address) in it (default: the advertised host). One name
+    /// for every node lets one certificate serve a whole DaemonSet.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Also copy this node's own labels (read from its Node object every
+    /// minute) onto the Lease, so a ReplicationServer's nodeSelector selects
+    /// by them. Needs `get` on nodes.
+    #[arg(long)]
+    labels_from_node: bool,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -78,12 +88,15 @@ impl AnnounceArgs {
     fn resolve(self) -> Result<Option<run::Announce>, String> {
         let Some(namespace) = self.lease_namespace else { return Ok(None) };
         let node = self.node.ok_or("--lease-namespace needs --node (or NODE_NAME)")?;
+        let host = self.advertise_host.unwrap_or_else(|| node.clone());
         Ok(Some(run::Announce {
             kubeconfig: self.kubeconfig,
             namespace,
-            host: self.advertise_host.unwrap_or_else(|| node.clone()),
+            server_name: self.server_name.unwrap_or_else(|| host.clone()),
+            host,
             node,
             labels: self.node_labels.into_iter().collect(),
+            labels_from_node: self.labels_from_node,
         }))
     }
 }
@@ -105,6 +118,11 @@ pub struct Serve {
     /// the controller pushes: one agent per node in both roles.
     #[arg(long, requires = "control_listen")]
     listen: Option<SocketAddr>,
+    /// A directory replicas may be stored under (repeatable): storage an
+    /// AuthorizationEntry or ReplicationServer names elsewhere is refused
+    /// (in a pod, only these host paths are mounted). None: anywhere.
+    #[arg(long = "replica-root")]
+    replica_roots: Vec<PathBuf>,
     /// Let VMReplications name freeze/thaw commands, run here as the agent.
     /// Off by default: whoever may create a VMReplication could run them.
     #[arg(long)]
@@ -131,16 +149,19 @@ pub struct Serve {
     /// The replica server's name in its certificate (default: the host of --replicate-to).
     #[arg(long)]
     replica_server_name: Option<String>,
-    /// Directory with tls.crt, tls.key and ca.crt (needed to replicate).
+    /// Directory with tls.crt, tls.key and ca.crt (needed to replicate);
+    /// re-read every 10 s, so a renewed certificate needs no restart.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
     /// Send segments uncompressed.
     #[arg(long)]
     no_compression: bool,
-    /// Replication bandwidth limit, bytes per second.
+    /// Replication bandwidth limit, bytes per second (a ReplicationServer
+    /// selecting this agent overrides it).
     #[arg(long)]
     bandwidth_limit: Option<u64>,
-    /// Most transfers at once (Hyper-V's MaximumActiveTransfers).
+    /// Most transfers at once, inbound and outbound (Hyper-V's
+    /// MaximumActiveTransfers; a ReplicationServer selecting this agent overrides it).
     #[arg(long, default_value_t = 6)]
     max_transfers: usize,
     /// Waits after failed cycles, in seconds; the last repeats.
@@ -178,12 +199,17 @@ pub struct Receive {
     /// Address to listen on for replication (mutual TLS).
     #[arg(long)]
     listen: SocketAddr,
-    /// Directory with tls.crt, tls.key and ca.crt.
+    /// Directory with tls.crt, tls.key and ca.crt; re-read every 10 s.
     #[arg(long)]
     tls_dir: PathBuf,
     /// An authorised primary, as `pattern=*.site-a.example.com,storage=/dir,trust-group=NAME`. Repeatable.
     #[arg(long = "authorize", value_parser = parse_entry)]
     entries: Vec<Entry>,
+    /// A directory replicas may be stored under (repeatable): storage an
+    /// AuthorizationEntry or ReplicationServer names elsewhere is refused
+    /// (in a pod, only these host paths are mounted). None: anywhere.
+    #[arg(long = "replica-root")]
+    replica_roots: Vec<PathBuf>,
     /// Accept any primary the CA signed, storing its replicas under --storage.
     #[arg(long)]
     allow_any_server: bool,
@@ -193,9 +219,12 @@ pub struct Receive {
     /// Trust group of replicas accepted through --allow-any-server.
     #[arg(long, default_value = "default")]
     default_trust_group: String,
-    /// Most transfers at once.
+    /// Most transfers at once (until a ReplicationServer sets maxActiveTransfers).
     #[arg(long, default_value_t = 6)]
     max_transfers: usize,
+    /// Replication bandwidth limit, bytes per second (until a ReplicationServer sets one).
+    #[arg(long)]
+    bandwidth_limit: Option<u64>,
     /// Every replication cycle within this many seconds is a recovery point (at most a day).
     #[arg(long, default_value_t = 3600, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     window_seconds: u64,
@@ -256,8 +285,14 @@ fn parse_entry(s: &str) -> Result<Entry, String> {
     Ok(e)
 }
 
+/// Loads and checks the certificate in `dir`; the error names the file at fault.
+fn tls_dir(dir: PathBuf) -> Result<run::TlsDir, String> {
+    let live = LiveTls::from_dir(&dir).map_err(|e| format!("--tls-dir {}: {e}", dir.display()))?;
+    Ok(run::TlsDir { dir, live })
+}
+
 pub fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
-    let tls = s.tls_dir.as_deref().map(TlsMaterial::from_dir).transpose().map_err(|e| e.to_string())?;
+    let tls = s.tls_dir.map(tls_dir).transpose()?;
     if !s.disks.is_empty() && s.vm.is_none() {
         return Err("--disk needs --vm (the protected VM's id)".into());
     }
@@ -305,6 +340,7 @@ pub fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
         bandwidth: s.bandwidth_limit,
         max_transfers: s.max_transfers,
         allow_quiesce_commands: s.allow_quiesce_commands,
+        replica_roots: s.replica_roots,
         controllers: s.controller_names,
         receive: s.listen,
         receive_retention: Policy::default(),
@@ -330,7 +366,7 @@ pub fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
     }
     Ok(run::ReceiveOptions {
         listen: r.listen,
-        tls: TlsMaterial::from_dir(&r.tls_dir).map_err(|e| e.to_string())?,
+        tls: tls_dir(r.tls_dir)?,
         site: SiteConfig {
             allow_any_server: r.allow_any_server,
             default_storage: r.storage,
@@ -338,6 +374,8 @@ pub fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
             entries: r.entries,
         },
         max_transfers: r.max_transfers,
+        bandwidth: r.bandwidth_limit,
+        replica_roots: r.replica_roots,
         retention: Policy { window_ms: r.window_seconds * 1000, hourly: r.hourly_points },
         metrics: r.metrics,
         control: r.control_listen,

@@ -7,7 +7,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{
-    api::coordination::v1::{Lease, LeaseSpec},
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::Node,
+    },
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::Timestamp,
 };
@@ -26,6 +29,10 @@ pub const CONTROL_ENDPOINT: &str = "vmreplica.io/control-endpoint";
 pub const REPLICATION_ENDPOINT: &str = "vmreplica.io/replication-endpoint";
 /// Annotation: comma-separated capabilities (`primary`, `replica`).
 pub const CAPABILITIES: &str = "vmreplica.io/capabilities";
+/// Annotation: the name the controller verifies the agent's certificate as.
+pub const SERVER_NAME: &str = "vmreplica.io/server-name";
+/// How often the Node's labels are read again (`--labels-from-node`).
+const NODE_LABELS_EVERY: Duration = Duration::from_secs(60);
 
 /// What an agent announces.
 #[derive(Clone, Debug)]
@@ -35,7 +42,13 @@ pub struct Presence {
     pub annotations: BTreeMap<String, String>,
     /// Extra labels (the node's, when the agent is not on a Kubernetes node).
     pub labels: BTreeMap<String, String>,
+    /// The Node object's own labels, when they are copied (read at start and
+    /// every minute); `labels` win where both set a key.
+    pub node_labels: Option<BTreeMap<String, String>>,
     pub duration: Duration,
+    /// The host peers reach the agent at, and where its replication server
+    /// listens now (a ReplicationServer may move it).
+    pub replication: Option<(String, watch::Receiver<Option<std::net::SocketAddr>>)>,
 }
 
 /// The Lease name of a node's agent.
@@ -45,14 +58,21 @@ pub fn lease_name(node: &str) -> String {
 
 impl Presence {
     fn lease(&self) -> Lease {
-        let mut labels = self.labels.clone();
+        let mut labels = self.node_labels.clone().unwrap_or_default();
+        labels.extend(self.labels.clone());
         labels.insert(LEASE_LABEL.into(), LEASE_LABEL_VALUE.into());
+        let mut annotations = self.annotations.clone();
+        if let Some((host, addr)) = &self.replication
+            && let Some(addr) = *addr.borrow()
+        {
+            annotations.insert(REPLICATION_ENDPOINT.into(), format!("{host}:{}", addr.port()));
+        }
         Lease {
             metadata: ObjectMeta {
                 name: Some(lease_name(&self.node)),
                 namespace: Some(self.namespace.clone()),
                 labels: Some(labels),
-                annotations: Some(self.annotations.clone()),
+                annotations: Some(annotations),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {
@@ -76,20 +96,49 @@ async fn renew(api: &Api<Lease>, presence: &Presence) -> Result<(), kube::Error>
 /// so the controller sees a clean departure at once.
 pub async fn announce(
     client: Client,
-    presence: Presence,
+    mut presence: Presence,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, kube::Error> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    if presence.node_labels.is_some() {
+        presence.node_labels = Some(node_labels(&nodes, &presence.node).await?);
+    }
     let api: Api<Lease> = Api::namespaced(client, &presence.namespace);
     renew(&api, &presence).await?;
-    Ok(tokio::spawn(keep(api, presence, stop)))
+    Ok(tokio::spawn(keep(api, nodes, presence, stop)))
 }
 
-async fn keep(api: Api<Lease>, presence: Presence, mut stop: watch::Receiver<bool>) {
+/// The labels of Node `name`.
+async fn node_labels(nodes: &Api<Node>, name: &str) -> Result<BTreeMap<String, String>, kube::Error> {
+    Ok(nodes.get(name).await?.metadata.labels.unwrap_or_default())
+}
+
+async fn keep(api: Api<Lease>, nodes: Api<Node>, mut presence: Presence, mut stop: watch::Receiver<bool>) {
     let name = lease_name(&presence.node);
+    let mut labels_read = tokio::time::Instant::now();
+    let mut moved = presence.replication.as_ref().map(|(_, r)| r.clone());
+    let endpoint_moved = async |m: &mut Option<watch::Receiver<_>>| {
+        let Some(r) = m else { return std::future::pending().await };
+        if r.changed().await.is_err() {
+            // The listener is gone (the agent is stopping): nothing more to announce.
+            *m = None;
+        }
+    };
     loop {
+        // A moved replication endpoint is announced at once.
         tokio::select! {
             _ = tokio::time::sleep(presence.duration / 3) => {}
+            _ = endpoint_moved(&mut moved) => {}
             _ = stop.changed() => break,
+        }
+        if presence.node_labels.is_some() && labels_read.elapsed() >= NODE_LABELS_EVERY {
+            labels_read = tokio::time::Instant::now();
+            match node_labels(&nodes, &presence.node).await {
+                Ok(l) => presence.node_labels = Some(l),
+                Err(e) => {
+                    tracing::warn!(node = %presence.node, error = %e, "reading the node's labels failed")
+                }
+            }
         }
         // Failed renewals are retried at the next tick; the Lease's duration
         // is three ticks, so one failure does not make the agent look dead.

@@ -2,11 +2,14 @@
 //! Labels come from bounded sets: the protected VM and disk, a byte kind, a
 //! cycle result, and a gRPC status code name for refusals.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::limits::Limits;
 
 /// Every metric the agent exports.
 pub struct Metrics {
@@ -27,6 +30,12 @@ pub struct Metrics {
     pub replica_points: IntGaugeVec,
     /// Replica side: requests refused, by gRPC code.
     pub refused: IntCounterVec,
+    /// Replica side: bytes received on the wire (compressed as sent).
+    pub received_bytes: IntCounterVec,
+    /// The agent's transfer slots and bandwidth limit, read when scraped.
+    limits: OnceLock<Arc<Limits>>,
+    transfers: IntGaugeVec,
+    bandwidth_limit: IntGauge,
 }
 
 fn labels(help: &str, name: &str) -> Opts {
@@ -100,9 +109,34 @@ impl Metrics {
                 &["code"],
             )
             .expect("valid metric"),
+            received_bytes: IntCounterVec::new(
+                labels("Bytes the replica received on the wire, as sent (compressed)", "received_bytes_total"),
+                vd,
+            )
+            .expect("valid metric"),
+            limits: OnceLock::new(),
+            transfers: IntGaugeVec::new(
+                labels(
+                    "Transfer slots, inbound and outbound together: the limit, those in use, and the most in use \
+                     at once since the limit was set",
+                    "transfers",
+                ),
+                &["slots"],
+            )
+            .expect("valid metric"),
+            bandwidth_limit: IntGauge::with_opts(labels(
+                "Bandwidth limit for all replication traffic in bytes per second (0: unlimited)",
+                "bandwidth_limit_bytes_per_second",
+            ))
+            .expect("valid metric"),
         };
         m.register();
         Arc::new(m)
+    }
+
+    /// Also reports these limits (what a ReplicationServer set is in force).
+    pub fn set_limits(&self, limits: Arc<Limits>) {
+        let _ = self.limits.set(limits);
     }
 
     fn register(&self) {
@@ -119,6 +153,9 @@ impl Metrics {
             Box::new(self.replica_applied.clone()),
             Box::new(self.replica_points.clone()),
             Box::new(self.refused.clone()),
+            Box::new(self.received_bytes.clone()),
+            Box::new(self.transfers.clone()),
+            Box::new(self.bandwidth_limit.clone()),
         ];
         for c in all {
             r.register(c).expect("metric names are unique");
@@ -127,6 +164,13 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Some(l) = self.limits.get() {
+            let s = l.transfers.slots();
+            for (which, n) in [("max", s.max), ("active", s.active), ("peak", s.peak)] {
+                self.transfers.with_label_values(&[which]).set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            self.bandwidth_limit.set(i64::try_from(l.bandwidth.rate()).unwrap_or(i64::MAX));
+        }
         let mut buf = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to memory");
         String::from_utf8(buf).expect("the text format is UTF-8")

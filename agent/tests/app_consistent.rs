@@ -8,7 +8,6 @@ mod common;
 use std::{fs, sync::Arc, time::Duration};
 
 use common::net::*;
-use tokio::sync::Semaphore;
 use vmreplica_agent::{
     disk::ProtectedDisk,
     quiesce::Quiesce,
@@ -34,12 +33,10 @@ async fn a_quiesced_cut_makes_application_consistent_points_on_every_disk() {
         disks.push(Arc::new(ProtectedDisk::open("vm1", name, &img).unwrap().0));
     }
     let ch = channel(&site.addr.to_string(), REPLICA_NAME, &tls).unwrap();
-    let transfers = Arc::new(Semaphore::new(6));
+    let limits = vmreplica_agent::limits::Limits::new(6, None);
     let shippers = disks
         .iter()
-        .map(|d| {
-            Shipper::new("vm1", d.clone(), ch.clone(), ShipperConfig::default(), None, transfers.clone())
-        })
+        .map(|d| Shipper::new("vm1", d.clone(), ch.clone(), ShipperConfig::default(), limits.clone()))
         .map(Arc::new)
         .collect();
     // The freeze and thaw commands record what the logs held when they ran.
@@ -80,9 +77,7 @@ async fn a_quiesced_cut_makes_application_consistent_points_on_every_disk() {
     let failing = Quiesce::Command { freeze: q("freeze", "3"), thaw: q("thaw", "0") };
     let shippers: Vec<Arc<Shipper>> = disks
         .iter()
-        .map(|d| {
-            Shipper::new("vm1", d.clone(), ch.clone(), ShipperConfig::default(), None, transfers.clone())
-        })
+        .map(|d| Shipper::new("vm1", d.clone(), ch.clone(), ShipperConfig::default(), limits.clone()))
         .map(Arc::new)
         .collect();
     let mut vm = VmReplication::new(
@@ -141,8 +136,13 @@ async fn a_failed_thaw_is_retried_every_cycle_and_a_failed_point_waits_for_its_i
     fs::File::create(&img).unwrap().set_len(4 * MIB).unwrap();
     let disk = Arc::new(ProtectedDisk::open("vm2", "root", &img).unwrap().0);
     let ch = channel(&site.addr.to_string(), REPLICA_NAME, &tls).unwrap();
-    let shipper =
-        Shipper::new("vm2", disk.clone(), ch, ShipperConfig::default(), None, Arc::new(Semaphore::new(2)));
+    let shipper = Shipper::new(
+        "vm2",
+        disk.clone(),
+        ch,
+        ShipperConfig::default(),
+        vmreplica_agent::limits::Limits::new(2, None),
+    );
     let log = dir.path().join("quiesce.log");
     let thaws = dir.path().join("thaw-works");
     let sh = |script: String| vec!["sh".into(), "-c".into(), script];

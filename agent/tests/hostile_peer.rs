@@ -117,8 +117,9 @@ async fn a_refused_certificate_is_reported_as_tls_naming_the_side_that_refused()
     let other = vmreplica_tests::pki::Ca::new("another-ca").unwrap();
     let p = tokio::task::spawn_blocking(|| serve_new_image(MIB, b"boot")).await.unwrap();
     // Our certificate is from a CA the replica does not trust (we trust its CA).
-    let mut untrusted = material(&other, &["host1.site-a.example.com"]);
+    let mut untrusted = material(&other, &["host1.site-a.example.com"]).material();
     untrusted.ca_pem = site.ca.cert_pem.clone();
+    let untrusted = vmreplica_api::tls::LiveTls::new(untrusted).unwrap();
     let ship = shipper(&site, &untrusted, p.disk.clone(), ShipperConfig::default(), None);
     let err = ship.sync_once().await.unwrap_err();
     let text = err.to_string();

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::{fs, time::Instant};
+use std::{fs, sync::Arc, time::Instant};
 
 use common::{net::*, *};
 use vmreplica_agent::replication::shipper::{Shipper, ShipperConfig};
@@ -15,7 +15,7 @@ use vmreplica_api::{
         CopyChunk, CopyStart, DiskRef, OpenRequest, SegmentChunk, SegmentStart,
         replication_client::ReplicationClient,
     },
-    tls::{TlsMaterial, channel},
+    tls::{LiveTls, channel},
 };
 
 const MIB: u64 = 1 << 20;
@@ -94,7 +94,7 @@ async fn the_bandwidth_limit_holds() {
     assert!(identical(path_str(&applied(&site, 0).await.image()), path_str(&p.image)));
 }
 
-async fn client(site: &Site, tls: &TlsMaterial) -> ReplicationClient<tonic::transport::Channel> {
+async fn client(site: &Site, tls: &Arc<LiveTls>) -> ReplicationClient<tonic::transport::Channel> {
     ReplicationClient::new(channel(&site.addr.to_string(), REPLICA_NAME, tls).unwrap())
         .max_encoding_message_size(64 << 20)
         .max_decoding_message_size(64 << 20)
@@ -131,8 +131,9 @@ async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
 
     // A certificate from another CA does not even get through TLS.
     let other_ca = vmreplica_tests::pki::Ca::new("another-ca").unwrap();
-    let mut forged = material(&other_ca, &["host1.site-a.example.com"]);
+    let mut forged = material(&other_ca, &["host1.site-a.example.com"]).material();
     forged.ca_pem = site.ca.cert_pem.clone();
+    let forged = LiveTls::new(forged).unwrap();
     let err = client(&site, &forged).await.open(open("vm1")).await.unwrap_err();
     // How the refused handshake surfaces depends on timing (an UnknownCA alert,
     // a closed or broken connection); it is a transport failure, never a reply.
@@ -289,7 +290,8 @@ async fn statistics_are_exported_as_prometheus_metrics() {
 /// the most transfers the replica ran at the same time.
 async fn peak_concurrency(site: &Site, primary_limit: usize) -> usize {
     let tls = material(&site.ca, &["host1.site-a.example.com"]);
-    let shared = std::sync::Arc::new(tokio::sync::Semaphore::new(primary_limit));
+    // The primary's limits, shared by its disks: transfer slots and 2 MiB/s.
+    let shared = vmreplica_agent::limits::Limits::new(primary_limit, Some(2 * MIB));
     let mut shippers = Vec::new();
     let mut served = Vec::new();
     for k in 0..3u64 {
@@ -298,8 +300,6 @@ async fn peak_concurrency(site: &Site, primary_limit: usize) -> usize {
         let p =
             tokio::task::spawn_blocking(move || serve_new_image_for(&vm, 16 * MIB, &content)).await.unwrap();
         let ch = channel(&site.addr.to_string(), REPLICA_NAME, &tls).unwrap();
-        let limiter =
-            Some(std::sync::Arc::new(vmreplica_agent::replication::shipper::RateLimiter::new(2 * MIB)));
         let ship = vmreplica_agent::replication::shipper::Shipper::new(
             &format!("vm{k}"),
             p.disk.clone(),
@@ -307,7 +307,6 @@ async fn peak_concurrency(site: &Site, primary_limit: usize) -> usize {
             // Uncompressed: a pattern would shrink to nothing on the wire and
             // the transfers would finish before they could overlap.
             ShipperConfig { compression: false, ..fast() },
-            limiter,
             shared.clone(),
         );
         ship.sync_once().await.unwrap();
@@ -324,7 +323,7 @@ async fn peak_concurrency(site: &Site, primary_limit: usize) -> usize {
     let watcher = tokio::spawn(async move {
         let mut peak = 0;
         while !d.load(std::sync::atomic::Ordering::Relaxed) {
-            peak = peak.max(svc.active_transfers());
+            peak = peak.max(svc.limits().transfers.slots().active);
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         peak
@@ -398,14 +397,14 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
     ship.sync_once().await.unwrap();
     applied(&site, seg.last_seq).await;
 
-    let control = Agent::new(None, Some(site.service.clone()), vec![ship.clone()]);
+    let control = Agent::new(None, Some(site.service.clone()), vec![ship.clone()], agent_site(6));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server_tls = material(&site.ca, &["agent.site-b.example.com", "127.0.0.1"]);
     let controller_name = "vmreplica-controller.vmreplica.svc";
     let names = vec![controller_name.to_owned()];
     tokio::spawn(async move {
-        serve(control, listener, &server_tls, names, std::future::pending()).await.unwrap()
+        serve(control, listener, server_tls, names, std::future::pending()).await.unwrap()
     });
     let controller = material(&site.ca, &[controller_name]);
     let ch = channel(&addr.to_string(), "agent.site-b.example.com", &controller).unwrap();
@@ -455,8 +454,9 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
 
     // A client without a certificate from the site CA gets nothing.
     let other = vmreplica_tests::pki::Ca::new("other").unwrap();
-    let mut stranger = material(&other, &["x"]);
+    let mut stranger = material(&other, &["x"]).material();
     stranger.ca_pem = site.ca.cert_pem.clone();
+    let stranger = LiveTls::new(stranger).unwrap();
     let ch = channel(&addr.to_string(), "agent.site-b.example.com", &stranger).unwrap();
     assert!(ControlClient::new(ch).get_status(GetStatusRequest {}).await.is_err());
 }
@@ -552,8 +552,7 @@ async fn a_replica_forwards_what_it_applied_to_an_extended_replica() {
     // B's agent, trusted at C as a primary of site A's names.
     let tls_b = material(&c.ca, &["agent.site-a.example.com"]);
     let ch = channel(&c.addr.to_string(), REPLICA_NAME, &tls_b).unwrap();
-    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(6));
-    let b_to_c = Shipper::forwarding(at_b.clone(), ch, fast(), None, sem);
+    let b_to_c = Shipper::forwarding(at_b.clone(), ch, fast(), vmreplica_agent::limits::Limits::new(6, None));
     // First sync: an initial copy of B's image, as of what B applied.
     assert_eq!(b_to_c.sync_once().await.unwrap(), first);
     assert!(at_b.state().forward, "B keeps what it applies from now on");
@@ -627,7 +626,7 @@ async fn after_a_failover_the_extended_replica_follows_the_new_primary() {
     let (b, c) = (replica_site().await, replica_site().await);
     let p = tokio::task::spawn_blocking(|| serve_new_image(32 * MIB, &[7; 65536])).await.unwrap();
     let a_to_b = shipper(&b, &material(&b.ca, &["host1.site-a.example.com"]), p.disk.clone(), fast(), None);
-    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(6));
+    let sem = vmreplica_agent::limits::Limits::new(6, None);
     let to_c = || channel(&c.addr.to_string(), REPLICA_NAME, &material(&c.ca, &["agent.site-a.example.com"]));
     let write = async |url: String, k: u64| {
         let cmds = vec![format!("write -P {k} {} 8192", k * 1_000_000)];
@@ -635,7 +634,7 @@ async fn after_a_failover_the_extended_replica_follows_the_new_primary() {
     };
     a_to_b.sync_once().await.unwrap();
     let at_b = applied(&b, 0).await;
-    let b_to_c = Shipper::forwarding(at_b.clone(), to_c().unwrap(), fast(), None, sem.clone());
+    let b_to_c = Shipper::forwarding(at_b.clone(), to_c().unwrap(), fast(), sem.clone());
     b_to_c.sync_once().await.unwrap();
     for k in 1..=3 {
         write(p.url(), k).await;
@@ -658,7 +657,7 @@ async fn after_a_failover_the_extended_replica_follows_the_new_primary() {
     write(served.url(), 9).await;
     let seal = served.disk.seal().unwrap().unwrap();
     assert_eq!(seal.first_seq, n + 1, "the promoted log continues A's numbering");
-    let resume = Shipper::new("vm1", served.disk.clone(), to_c().unwrap(), fast(), None, sem.clone())
+    let resume = Shipper::new("vm1", served.disk.clone(), to_c().unwrap(), fast(), sem.clone())
         .with_epoch(1)
         .with_log_start(n + 1);
 

@@ -62,8 +62,7 @@ async fn tampering_and_cut_streams_are_refused_then_recovered_and_failures_back_
         p.disk.clone(),
         ch,
         cfg,
-        None,
-        std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+        vmreplica_agent::limits::Limits::new(1, None),
     );
     let vm = vmreplica_agent::replication::cycle::VmReplication::new(
         vec![std::sync::Arc::new(lost)],

@@ -31,16 +31,16 @@ pub async fn control<T>(
             agent.node
         ));
     }
-    let Some(endpoint) = &agent.control_endpoint else {
+    let Some((endpoint, server_name)) = agent.control() else {
         return Err(format!("the agent on node {} announces no control endpoint", agent.node));
     };
-    let host = endpoint.rsplit_once(':').map_or(endpoint.as_str(), |(h, _)| h);
-    let cached = ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).get(endpoint).cloned();
+    let key = format!("{endpoint}/{server_name}");
+    let cached = ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
     let ch = match cached {
         Some(ch) => ch,
         None => {
-            let ch = channel(endpoint, host, &ctx.site.tls).map_err(|e| e.to_string())?;
-            ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(endpoint.clone(), ch.clone());
+            let ch = channel(endpoint, server_name, &ctx.site.tls).map_err(|e| e.to_string())?;
+            ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(key, ch.clone());
             ch
         }
     };

@@ -18,6 +18,17 @@ pub struct Agent {
     pub capabilities: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub live: bool,
+    /// The name its certificate is verified as (default: the endpoint's host).
+    pub server_name: Option<String>,
+}
+
+impl Agent {
+    /// `host:port` of its control API and the name to verify its certificate as.
+    pub fn control(&self) -> Option<(&str, &str)> {
+        let endpoint = self.control_endpoint.as_deref()?;
+        let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+        Some((endpoint, self.server_name.as_deref().unwrap_or(host)))
+    }
 }
 
 /// Whether a Lease was renewed recently enough at `now`.
@@ -54,6 +65,7 @@ pub async fn discover(client: &Client, namespace: &str, now: Timestamp) -> Resul
                     .map(|c| c.split(',').map(str::to_owned).collect())
                     .unwrap_or_default(),
                 labels,
+                server_name: ann.get("vmreplica.io/server-name").cloned(),
                 node,
             })
         })

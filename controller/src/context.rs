@@ -15,7 +15,7 @@ use kube::{
     Client, Resource,
     runtime::events::{Event, Recorder, Reporter},
 };
-use vmreplica_api::tls::TlsMaterial;
+use vmreplica_api::tls::LiveTls;
 use vmreplica_crds::VMReplication;
 
 use crate::{
@@ -41,8 +41,9 @@ pub struct Shared {
     pub client: Client,
     /// Namespace of the agents' Leases (the controller's own).
     pub agents_namespace: String,
-    /// The controller's client certificate for agents' control APIs.
-    pub tls: TlsMaterial,
+    /// The controller's client certificate for agents' control APIs (a
+    /// renewed one is used from the next connection on).
+    pub tls: Arc<LiveTls>,
     pub now: fn() -> Timestamp,
     pub metrics: Arc<crate::telemetry::Metrics>,
 }

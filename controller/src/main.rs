@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{ArgAction, Parser};
 use tracing_subscriber::EnvFilter;
-use vmreplica_api::tls::TlsMaterial;
+use vmreplica_api::tls::LiveTls;
 use vmreplica_controller::{
     context::{Context, Shared},
     leader::Election,
@@ -21,7 +21,8 @@ struct Args {
     #[arg(long, env = "POD_NAMESPACE", default_value = "vmreplica-system")]
     namespace: String,
     /// Directory with tls.crt, tls.key and ca.crt: the controller's client
-    /// certificate for the agents' control APIs.
+    /// certificate for the agents' control APIs. Re-read every 10 s, so a
+    /// renewed certificate needs no restart.
     #[arg(long)]
     tls_dir: PathBuf,
     /// Serve /metrics, /healthz and /readyz on this address.
@@ -64,8 +65,10 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 /// What the controllers need before they start: the certificate, metrics
 /// served, a client, and the CRDs checked. The error says what is missing.
-async fn prepare(args: &Args) -> Result<(TlsMaterial, Arc<Metrics>, kube::Client), String> {
-    let tls = TlsMaterial::from_dir(&args.tls_dir).map_err(|e| e.to_string())?;
+async fn prepare(args: &Args) -> Result<(Arc<LiveTls>, Arc<Metrics>, kube::Client), String> {
+    let tls =
+        LiveTls::from_dir(&args.tls_dir).map_err(|e| format!("--tls-dir {}: {e}", args.tls_dir.display()))?;
+    tls.watch_dir(args.tls_dir.clone(), Duration::from_secs(10), |_| {});
     let metrics = Metrics::new();
     let listener = tokio::net::TcpListener::bind(args.metrics)
         .await

@@ -3,25 +3,34 @@
 //! ReplicationServer's status says which agents accepted it.
 //!
 //! ```text
-//!  observe: RS, all AuthorizationEntries, agent Leases
+//!  observe: RS, all AuthorizationEntries, agent Leases, the RS's TLS Secret
 //!  decide:  site_configuration() and selected()            (pure)
 //!  act:     Control.ConfigureSite on every selected live agent
-//!  report:  status.agents / agentsSummary / Ready — written only when changed
+//!  report:  status.agents (with what each enforces) / agentsSummary / Ready
+//!           — written only when changed
 //! ```
+//! The Secret is read at every pass (every 30 s), so a renewed certificate
+//! reaches the agents within that; it is never written anywhere but to the
+//! agents' control APIs (mutual TLS).
 
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
     api::ListParams,
     runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
 use vmreplica_api::{
-    control::{AuthorizationRule, SiteConfiguration, control_client::ControlClient},
-    tls::{TlsMaterial, channel},
+    control::{
+        AuthorizationRule, PemMaterial, SiteConfiguration, SiteInForce, control_client::ControlClient,
+    },
+    tls::{LiveTls, channel},
 };
-use vmreplica_crds::{AgentAcceptance, AuthorizationEntry, ReplicationServer, ReplicationServerStatus};
+use vmreplica_crds::{
+    AgentAcceptance, AgentSettings, AuthorizationEntry, ReplicationServer, ReplicationServerStatus,
+};
 
 use crate::{
     Error,
@@ -31,8 +40,13 @@ use crate::{
     status::{MANAGER, apply_status},
 };
 
-/// The configuration every agent of `rs` gets: its rules and all entries.
-pub fn site_configuration(rs: &ReplicationServer, entries: &[AuthorizationEntry]) -> SiteConfiguration {
+/// The configuration every agent of `rs` gets: its rules and all entries,
+/// its port and limits, and the certificate its Secret holds (`tls`).
+pub fn site_configuration(
+    rs: &ReplicationServer,
+    entries: &[AuthorizationEntry],
+    tls: Option<PemMaterial>,
+) -> SiteConfiguration {
     let mut rules: Vec<AuthorizationRule> = entries
         .iter()
         .map(|e| AuthorizationRule {
@@ -56,6 +70,62 @@ pub fn site_configuration(rs: &ReplicationServer, entries: &[AuthorizationEntry]
         window_seconds: 0,
         hourly_points: 24,
         revision,
+        port: u32::from(rs.spec.port),
+        max_active_transfers: rs.spec.max_active_transfers,
+        // Unset is unlimited, not the agent's own default.
+        bandwidth_limit_bytes_per_second: Some(rs.spec.bandwidth_limit_bytes_per_second.unwrap_or(0)),
+        tls,
+    }
+}
+
+/// Why the ReplicationServer's certificate cannot be handed to its agents.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SecretProblem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The PEM material of `name` in `namespace`: `tls.crt`, `tls.key` and `ca.crt`.
+pub fn pem_material(
+    secret: Option<&Secret>,
+    namespace: &str,
+    name: &str,
+) -> Result<PemMaterial, SecretProblem> {
+    let Some(secret) = secret else {
+        return Err(SecretProblem {
+            reason: "TLSSecretNotFound",
+            message: format!(
+                "Secret {namespace}/{name} (tlsSecretName) does not exist: create it with tls.crt, tls.key and \
+                 ca.crt (a cert-manager Certificate, or kubectl create secret generic), or unset \
+                 tlsSecretName to use each agent's own certificate; the agents keep their previous settings"
+            ),
+        });
+    };
+    let data = secret.data.clone().unwrap_or_default();
+    let field = |key: &str| -> Result<String, SecretProblem> {
+        let bytes = data.get(key).ok_or_else(|| SecretProblem {
+            reason: "TLSSecretInvalid",
+            message: format!("Secret {namespace}/{name} has no {key}: it needs tls.crt, tls.key and ca.crt"),
+        })?;
+        String::from_utf8(bytes.0.clone()).map_err(|_| SecretProblem {
+            reason: "TLSSecretInvalid",
+            message: format!("Secret {namespace}/{name}: {key} is not PEM text"),
+        })
+    };
+    Ok(PemMaterial { cert_pem: field("tls.crt")?, key_pem: field("tls.key")?, ca_pem: field("ca.crt")? })
+}
+
+/// What an agent reports it enforces, as status shows it.
+pub fn settings(f: &SiteInForce) -> AgentSettings {
+    let not_after = k8s_openapi::jiff::Timestamp::from_second(f.certificate_not_after_unix).ok();
+    AgentSettings {
+        port: u16::try_from(f.port).ok().filter(|p| *p > 0),
+        max_active_transfers: f.max_active_transfers,
+        bandwidth_limit_bytes_per_second: Some(f.bandwidth_limit_bytes_per_second).filter(|b| *b > 0),
+        certificate_serial: Some(f.certificate_serial.clone()).filter(|s| !s.is_empty()),
+        certificate_not_after: not_after.filter(|_| f.certificate_not_after_unix > 0).map(|t| t.to_string()),
+        certificate_source: (!f.certificate_serial.is_empty())
+            .then(|| if f.certificate_from_site { "ReplicationServer" } else { "Agent" }.to_owned()),
     }
 }
 
@@ -73,30 +143,32 @@ pub fn selected<'a>(rs: &ReplicationServer, agents: &'a [Agent]) -> Vec<&'a Agen
         .collect()
 }
 
-async fn push(agent: &Agent, cfg: &SiteConfiguration, tls: &TlsMaterial) -> AgentAcceptance {
+async fn push(agent: &Agent, cfg: &SiteConfiguration, tls: &Arc<LiveTls>) -> AgentAcceptance {
     let refuse = |message: String| AgentAcceptance {
         node: agent.node.clone(),
         accepted: false,
         message: Some(message),
+        in_force: None,
     };
     if !agent.live {
         return refuse("the agent's Lease expired: it is not running or cannot reach the apiserver".into());
     }
-    let Some(endpoint) = &agent.control_endpoint else {
+    let Some((endpoint, server_name)) = agent.control() else {
         return refuse("the agent announces no control endpoint (start it with --control-listen)".into());
     };
-    let host = endpoint.rsplit_once(':').map_or(endpoint.as_str(), |(h, _)| h);
     let call = async {
-        let ch = channel(endpoint, host, tls).map_err(|e| e.to_string())?;
+        let ch = channel(endpoint, server_name, tls).map_err(|e| e.to_string())?;
         let reply =
             ControlClient::new(ch).configure_site(cfg.clone()).await.map_err(|s| s.message().to_owned())?;
         Ok::<_, String>(reply.into_inner())
     };
     match tokio::time::timeout(Duration::from_secs(10), call).await {
-        Ok(Ok(r)) if r.accepted => {
-            AgentAcceptance { node: agent.node.clone(), accepted: true, message: None }
-        }
-        Ok(Ok(r)) => refuse(format!("the agent refused the configuration: {}", r.message)),
+        Ok(Ok(r)) => AgentAcceptance {
+            node: agent.node.clone(),
+            accepted: r.accepted,
+            message: (!r.accepted).then(|| format!("the agent refused the configuration: {}", r.message)),
+            in_force: r.in_force.as_ref().map(settings),
+        },
         Ok(Err(e)) => refuse(format!("cannot reach the agent's control API at {endpoint}: {e}")),
         Err(_) => refuse(format!("the agent's control API at {endpoint} did not answer within 10s")),
     }
@@ -118,12 +190,30 @@ async fn reconcile_inner(rs: Arc<ReplicationServer>, ctx: Arc<Shared>) -> Result
         .await
         .map_err(Error::read("AuthorizationEntries"))?;
     let agents = ctx.agents().await?;
-    let cfg = site_configuration(&rs, &entries.items);
     let chosen = selected(&rs, &agents);
-    let results = futures::future::join_all(chosen.iter().map(|a| push(a, &cfg, &ctx.tls))).await;
-    let accepted = results.iter().filter(|a| a.accepted).count();
     let previous = rs.status.clone().unwrap_or_default();
+    let tls = match &rs.spec.tls_secret_name {
+        None => Ok(None),
+        Some(name) => {
+            let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.agents_namespace)
+                .get_opt(name)
+                .await
+                .map_err(Error::read("the ReplicationServer's TLS Secret"))?;
+            pem_material(secret.as_ref(), &ctx.agents_namespace, name).map(Some)
+        }
+    };
+    // Without its certificate the configuration is not pushed at all: the
+    // agents keep what they enforce, and the status says why.
+    let (results, problem) = match tls {
+        Ok(tls) => {
+            let cfg = site_configuration(&rs, &entries.items, tls);
+            (futures::future::join_all(chosen.iter().map(|a| push(a, &cfg, &ctx.tls))).await, None)
+        }
+        Err(p) => (previous.agents.clone(), Some(p)),
+    };
+    let accepted = results.iter().filter(|a| a.accepted).count();
     let (ready, reason, message) = match (chosen.len(), accepted) {
+        _ if let Some(p) = problem => (false, p.reason, p.message),
         (0, _) => (
             false,
             "NoAgents",

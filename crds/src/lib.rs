@@ -23,7 +23,7 @@ pub use authorization_entry::{AuthorizationEntry, AuthorizationEntrySpec, Author
 pub use common::*;
 pub use recovery_plan::{RecoveryPlan, RecoveryPlanSpec, RecoveryPlanStatus};
 pub use replication_server::{
-    AgentAcceptance, ReplicationServer, ReplicationServerSpec, ReplicationServerStatus,
+    AgentAcceptance, AgentSettings, ReplicationServer, ReplicationServerSpec, ReplicationServerStatus,
 };
 pub use vm_replication::*;
 

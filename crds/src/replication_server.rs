@@ -30,15 +30,25 @@ pub struct ReplicationServerSpec {
     /// selects every node that runs an agent.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// TCP port the agents listen on for replication traffic (mutual TLS).
+    /// TCP port the selected agents receive replication on (mutual TLS). An
+    /// agent moves to it when told (transfers in flight finish on the old
+    /// port); a port already in use on a node is refused by that agent,
+    /// which keeps its previous settings and says so in `status.agents`.
     #[serde(default = "default_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: u16,
-    /// Secret (in the controller's namespace) with `tls.crt`, `tls.key` and
-    /// `ca.crt`: the agents' serving and client certificate and the CA that signs
-    /// the peers they trust.
-    #[schemars(length(min = 1, max = 253))]
-    pub tls_secret_name: String,
+    /// Secret in the controller's namespace with `tls.crt`, `tls.key` and
+    /// `ca.crt`: the certificate the selected agents use for replication in
+    /// both directions (the one primaries see when they connect, and the one
+    /// these agents present when they ship, e.g. reverse replication), and the
+    /// CA that signs the peers they trust. The controller reads it and hands
+    /// it to the agents; a renewed Secret (cert-manager) is in force within
+    /// 30 seconds, with no restart, for every new connection. Unset: each
+    /// agent uses its own certificate (`--tls-dir`; the chart's agent
+    /// certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), pattern(HOST_PATTERN))]
+    pub tls_secret_name: Option<String>,
     /// Accept any authenticated primary server, storing its replicas under
     /// `defaultStorageLocation` and in trust group `defaultTrustGroup`. When false,
     /// a primary is accepted only if an AuthorizationEntry matches it.
@@ -66,13 +76,15 @@ pub struct ReplicationServerSpec {
     #[serde(default = "default_start_time")]
     #[schemars(pattern(TIME_OF_DAY_PATTERN))]
     pub monitoring_start_time: String,
-    /// Most log transfers an agent runs at once, inbound and outbound together
-    /// (Hyper-V's MaximumActiveTransfers).
+    /// Most log transfers a selected agent runs at once, inbound and outbound
+    /// together (Hyper-V's MaximumActiveTransfers). More wait; lowering it
+    /// lets running transfers finish.
     #[serde(default = "default_max_transfers")]
     #[schemars(range(min = 1, max = 256))]
     pub max_active_transfers: u32,
-    /// Bandwidth limit per agent for replication traffic, in bytes per second.
-    /// Unset means unlimited.
+    /// Bandwidth limit of each selected agent for all its replication
+    /// traffic, received and sent together, in bytes per second (bytes on the
+    /// wire, after compression). Unset means unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub bandwidth_limit_bytes_per_second: Option<u64>,
@@ -131,4 +143,30 @@ pub struct AgentAcceptance {
     /// Why not, when it did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the agent enforces now (after a refusal: its previous settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_force: Option<AgentSettings>,
+}
+
+/// The settings an agent enforces, as it reports them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSettings {
+    /// The port it receives replication on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Most transfers it runs at once.
+    pub max_active_transfers: u32,
+    /// Its bandwidth limit in bytes per second; absent: unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_limit_bytes_per_second: Option<u64>,
+    /// Serial number (hex) of the certificate it uses for replication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
+    /// When that certificate expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_not_after: Option<String>,
+    /// `ReplicationServer` (the Secret `tlsSecretName` names) or `Agent` (its own certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_source: Option<String>,
 }

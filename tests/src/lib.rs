@@ -158,6 +158,27 @@ pub async fn apply_yaml(
     Ok(applied)
 }
 
+/// Creates (or replaces) the Secret `name` in `namespace` with `m` as
+/// `tls.crt`, `tls.key` and `ca.crt`: what cert-manager writes for a
+/// Certificate, and what a ReplicationServer's `tlsSecretName` names.
+pub async fn tls_secret(client: &Client, namespace: &str, name: &str, m: &vmreplica_api::tls::TlsMaterial) {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    let data = [("tls.crt", &m.cert_pem), ("tls.key", &m.key_pem), ("ca.crt", &m.ca_pem)]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
+        .collect();
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(name.to_owned()), ..Default::default() },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&secret))
+        .await
+        .expect("writing a TLS Secret");
+}
+
 /// Installs KubeVirt's VirtualMachine CRD in its schema-less form (tests
 /// need the API, not KubeVirt's validation).
 pub async fn install_virtual_machine_crd(client: &kube::Client) {

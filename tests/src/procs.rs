@@ -74,6 +74,11 @@ pub fn material(ca: &Ca, names: &[&str]) -> TlsMaterial {
     TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() }
 }
 
+/// [`material`], checked and ready for connections.
+pub fn live(ca: &Ca, names: &[&str]) -> std::sync::Arc<vmreplica_api::tls::LiveTls> {
+    vmreplica_api::tls::LiveTls::new(material(ca, names)).expect("a certificate the test CA issued")
+}
+
 /// Writes `m` as tls.crt, tls.key and ca.crt under `dir`.
 pub fn write_tls(dir: &Path, m: &TlsMaterial) {
     fs::create_dir_all(dir).unwrap();

@@ -9,7 +9,7 @@ use vmreplica_controller::agents::discover;
 use vmreplica_tests::{
     client,
     pki::Ca,
-    procs::{Process, bin, free_port, lease_args, material, write_tls},
+    procs::{Process, bin, free_port, lease_args, live, material, write_tls},
     shared_kubeconfig, test_namespace,
 };
 
@@ -107,7 +107,7 @@ async fn one_agent_serves_both_roles() {
     assert_eq!(found[0].capabilities, vec!["primary".to_owned(), "replica".to_owned()]);
     assert_eq!(found[0].replication_endpoint.as_deref(), Some(format!("127.0.0.1:{repl}").as_str()));
     // The site's rules reach its replica half.
-    let tls = material(&ca, &["vmreplica-controller"]);
+    let tls = live(&ca, &["vmreplica-controller"]);
     let ch = vmreplica_api::tls::channel(&format!("127.0.0.1:{ctl}"), "127.0.0.1", &tls).unwrap();
     let cfg = SiteConfiguration {
         rules: vec![AuthorizationRule {

@@ -80,7 +80,7 @@ async fn sites(prefix: &str) -> Sites {
     apply_object(
         &Api::<vmreplica_crds::ReplicationServer>::all(b.clone()),
         &json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": "site-b"},
-               "spec": {"nodeSelector": {"vmreplica.io/site": "b"}, "tlsSecretName": "vmreplica-agent-tls"}}),
+               "spec": {"nodeSelector": {"vmreplica.io/site": "b"}, "port": b_repl}}),
     )
     .await;
     apply_object(
@@ -117,7 +117,7 @@ async fn sites(prefix: &str) -> Sites {
     apply_object(
         &Api::<vmreplica_crds::ReplicationServer>::all(a.clone()),
         &json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": a_ns},
-               "spec": {"nodeSelector": {label: "true"}, "port": a_repl, "tlsSecretName": "vmreplica-agent-tls"}}),
+               "spec": {"nodeSelector": {label: "true"}, "port": a_repl}}),
     )
     .await;
     apply_object(

@@ -14,7 +14,7 @@ use vmreplica_crds::RecoveryPlan;
 use vmreplica_tests::{
     FIELD_MANAGER, client,
     pki::Ca,
-    procs::{material, wait_secs},
+    procs::{live, wait_secs},
     test_namespace,
 };
 
@@ -25,7 +25,7 @@ async fn a_plan_is_ready_once_every_member_exists() {
     let ctx = Arc::new(context::Shared {
         client: client.clone(),
         agents_namespace: ns.clone(),
-        tls: material(&Ca::new("plan-ca").unwrap(), &["vmreplica-controller"]),
+        tls: live(&Ca::new("plan-ca").unwrap(), &["vmreplica-controller"]),
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: Metrics::new(),
     });

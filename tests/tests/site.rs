@@ -12,18 +12,18 @@ use kube::{
 use serde_json::json;
 use vmreplica_api::{
     replication::{DiskRef, OpenRequest, replication_client::ReplicationClient},
-    tls::{TlsMaterial, channel},
+    tls::{LiveTls, channel},
 };
 use vmreplica_controller::{context, site};
 use vmreplica_crds::{AuthorizationEntry, ReplicationServer};
 use vmreplica_tests::{
     FIELD_MANAGER, client,
     pki::Ca,
-    procs::{Process, bin, code, free_port, http_get, lease_args, material, wait_for, write_tls},
+    procs::{Process, bin, code, free_port, http_get, lease_args, live, material, wait_for, write_tls},
     shared_kubeconfig, test_namespace,
 };
 
-async fn open(addr: &str, tls: &TlsMaterial) -> Result<(), tonic::Status> {
+async fn open(addr: &str, tls: &Arc<LiveTls>) -> Result<(), tonic::Status> {
     let ch = channel(addr, "127.0.0.1", tls).unwrap();
     let req = OpenRequest {
         disk: Some(DiskRef { vm_id: "vm1".into(), disk_id: "root".into() }),
@@ -59,7 +59,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
         Process::spawn_ready(cmd, &dir.path().join("agent.log"))
     };
     let addr = format!("127.0.0.1:{repl}");
-    let primary = material(&ca, &[&format!("host1.{ns}.example.com")]);
+    let primary = live(&ca, &[&format!("host1.{ns}.example.com")]);
     // Before the controller configures it, the agent accepts nobody.
     let err = open(&addr, &primary).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
@@ -73,7 +73,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     let ctx = Arc::new(context::Shared {
         client: client.clone(),
         agents_namespace: ns.clone(),
-        tls: material(&ca, &["vmreplica-controller"]),
+        tls: live(&ca, &["vmreplica-controller"]),
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: metrics.clone(),
     });
@@ -94,7 +94,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     servers
         .patch(&rs_name, &pp, &Patch::Apply(json!({
             "apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": rs_name},
-            "spec": {"tlsSecretName": "agent-tls", "nodeSelector": {"vmreplica-test": ns}},
+            "spec": {"port": repl, "nodeSelector": {"vmreplica-test": ns}},
         })))
         .await
         .unwrap();
@@ -118,7 +118,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     assert_eq!(entry_ready.reason, "Enforced", "{entry_ready:?}");
     // ...and the agent enforces it: the entry's primaries in, strangers out.
     open(&addr, &primary).await.unwrap();
-    let stranger = material(&ca, &["x.nowhere.example.org"]);
+    let stranger = live(&ca, &["x.nowhere.example.org"]);
     assert_eq!(open(&addr, &stranger).await.unwrap_err().code(), tonic::Code::PermissionDenied);
 
     // A configuration the agent cannot enforce: refused, with the reason, and
@@ -126,7 +126,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     servers
         .patch(&rs_name, &pp, &Patch::Apply(json!({
             "apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": rs_name},
-            "spec": {"tlsSecretName": "agent-tls", "nodeSelector": {"vmreplica-test": ns}, "allowAnyServer": true},
+            "spec": {"port": repl, "nodeSelector": {"vmreplica-test": ns}, "allowAnyServer": true},
         })))
         .await
         .unwrap();
@@ -155,7 +155,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     servers
         .patch(&rs_name, &pp, &Patch::Apply(json!({
             "apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer", "metadata": {"name": rs_name},
-            "spec": {"tlsSecretName": "agent-tls", "nodeSelector": {"vmreplica-test": ns}},
+            "spec": {"port": repl, "nodeSelector": {"vmreplica-test": ns}},
         })))
         .await
         .unwrap();

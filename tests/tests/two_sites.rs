@@ -20,11 +20,12 @@ use vmreplica_crds::{ReplicationState, Role, VMReplication};
 mod common;
 
 use common::{apply_object, controllers, primary_agent, state_is};
+use vmreplica_api::tls::TlsMaterial;
 use vmreplica_tests::{
     ControlPlane, FIELD_MANAGER, client, client_for, install_crds, install_virtual_machine_crd,
     pki::Ca,
     procs::{Process, bin, free_port, lease_args, material, wait_secs, write_tls},
-    repo_root, shared_kubeconfig, test_namespace,
+    repo_root, shared_kubeconfig, test_namespace, tls_secret,
 };
 
 /// Runs one qemu-io command on `target`; reads open it read-only and
@@ -91,11 +92,11 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
     let _b_agent = Process::spawn_ready(cmd, &root.join("b-agent.log"));
     let storage = root.join("b-replicas");
     std::fs::create_dir_all(&storage).unwrap();
-    apply_object(
-        &Api::<vmreplica_crds::ReplicationServer>::all(b.clone()),
-        &example("replicationserver.yaml"),
-    )
-    .await;
+    // The example's port and Secret: the agent's port, and its own certificate.
+    let mut rs = example("replicationserver.yaml");
+    rs["spec"]["port"] = json!(b_repl);
+    tls_secret(&b, &b_ns, "vmreplica-agent-tls", &TlsMaterial::from_dir(&root.join("b-tls")).unwrap()).await;
+    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(b.clone()), &rs).await;
     let mut entry = example("authorizationentry.yaml");
     entry["spec"]["replicaStorageLocation"] = json!(storage);
     apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(b.clone()), &entry).await;
@@ -591,7 +592,7 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let mut a_agent = site_a_agent(root, &a_ns, &label, b_name, Some(a_repl));
     let a_rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
         "metadata": {"name": a_ns}, "spec": {"nodeSelector": {label.clone(): "true"}, "port": a_repl,
-        "tlsSecretName": "vmreplica-agent-tls", "allowAnyServer": false}});
+        "allowAnyServer": false}});
     apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(a.clone()), &a_rs).await;
     let a_entry = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "AuthorizationEntry",
         "metadata": {"name": a_ns}, "spec": {"allowedPrimaryServer": b_name, "trustGroup": "finance",
@@ -904,6 +905,10 @@ async fn replica_site(
     let agent = Process::spawn_ready(cmd, &agent_args.1);
     let storage = root.join(format!("{tag}-replicas"));
     std::fs::create_dir_all(&storage).unwrap();
+    // The example names the Secret with the agents' certificate: created here
+    // from the agent's own files, as a user (or cert-manager) would.
+    let tls = TlsMaterial::from_dir(&root.join(format!("{tag}-tls"))).unwrap();
+    tls_secret(&client, &ns, "vmreplica-agent-tls", &tls).await;
     let mut rs = example("replicationserver.yaml");
     rs["spec"]["port"] = json!(repl_port);
     apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(client.clone()), &rs).await;

@@ -18,7 +18,7 @@ use vmreplica_crds::{Health, ReplicationState, VMReplication};
 use vmreplica_tests::{
     FIELD_MANAGER, client,
     pki::Ca,
-    procs::{Process, bin, free_port, lease_args, material, wait_secs, write_tls},
+    procs::{Process, bin, free_port, lease_args, live, material, wait_secs, write_tls},
     shared_kubeconfig, test_namespace,
 };
 
@@ -138,7 +138,7 @@ async fn site_with(primary_args: &[&str]) -> Site {
     let base = Arc::new(context::Shared {
         client: client.clone(),
         agents_namespace: ns.clone(),
-        tls: material(&ca, &["vmreplica-controller"]),
+        tls: live(&ca, &["vmreplica-controller"]),
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: metrics.clone(),
     });
@@ -185,7 +185,7 @@ impl Site {
     }
 
     async fn agent_status(&self) -> vmreplica_api::control::AgentStatus {
-        let tls = material(&self.ca, &["vmreplica-controller"]);
+        let tls = live(&self.ca, &["vmreplica-controller"]);
         let ch =
             vmreplica_api::tls::channel(&format!("127.0.0.1:{}", self.primary_control), "127.0.0.1", &tls)
                 .unwrap();

@@ -12,9 +12,10 @@ use vmreplica_api::{
         AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply,
         ExtendRequest, FinalDisk, GetStatusRequest, MaterializeReply, MaterializeRequest, PrepareReply,
         PrimaryDisk, PromoteRequest, ProtectedVm, RecoveryPoint, RemoveReplicaRequest, RemoveReply,
-        RemoveRequest, ReplicaDisk, SiteConfiguration, VmReplicationSpec, control_server::Control,
+        RemoveRequest, ReplicaDisk, SiteConfiguration, SiteInForce, VmReplicationSpec,
+        control_server::Control,
     },
-    tls::TlsMaterial,
+    tls::{LiveTls, TlsMaterial},
 };
 
 use crate::{
@@ -24,6 +25,7 @@ use crate::{
         authz::{Entry, SiteConfig},
         shipper::Shipper,
     },
+    site::{InForce, Settings},
 };
 
 /// Checks a pushed site configuration and turns it into the agent's rules;
@@ -83,6 +85,43 @@ pub fn site_config(c: &SiteConfiguration) -> Result<(SiteConfig, crate::replica:
         SiteConfig { allow_any_server: c.allow_any_server, default_storage, default_trust_group, entries },
         policy,
     ))
+}
+
+/// The ReplicationServer's settings of a pushed configuration, checked.
+pub fn site_settings(c: &SiteConfiguration) -> Result<Settings, String> {
+    let port = match u16::try_from(c.port) {
+        Ok(0) => None,
+        Ok(p) => Some(p),
+        Err(_) => return Err(format!("port {} is not a TCP port (1-65535)", c.port)),
+    };
+    if c.max_active_transfers > 1024 {
+        return Err(format!("maxActiveTransfers {} is more than the 1024 allowed", c.max_active_transfers));
+    }
+    Ok(Settings {
+        port,
+        max_transfers: (c.max_active_transfers > 0).then_some(c.max_active_transfers as usize),
+        bandwidth: c.bandwidth_limit_bytes_per_second,
+        tls: c.tls.as_ref().map(|t| TlsMaterial {
+            cert_pem: t.cert_pem.clone(),
+            key_pem: t.key_pem.clone(),
+            ca_pem: t.ca_pem.clone(),
+        }),
+    })
+}
+
+/// What a ReplicationServer set that is in force here, on the wire.
+pub fn in_force(f: &InForce) -> SiteInForce {
+    let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+    SiteInForce {
+        port: f.listening.map_or(0, |a| u32::from(a.port())),
+        max_active_transfers: n(f.max_transfers),
+        active_transfers: n(f.active_transfers),
+        peak_active_transfers: n(f.peak_transfers),
+        bandwidth_limit_bytes_per_second: f.bandwidth,
+        certificate_serial: f.certificate.serial.clone(),
+        certificate_not_after_unix: f.certificate.not_after_unix,
+        certificate_from_site: f.certificate_from_site,
+    }
 }
 
 /// The gRPC status of a failed control call (a refusal is a reply, not this).
@@ -236,6 +275,7 @@ impl ControlService {
                 })
                 .collect(),
             extended: s.extended.iter().map(|x| shipped(x)).collect(),
+            site: Some(in_force(&self.agent.site_in_force().await)),
         }
     }
 }
@@ -251,11 +291,16 @@ impl Control for ControlService {
         req: Request<SiteConfiguration>,
     ) -> Result<Response<ConfigureReply>, Status> {
         let c = req.into_inner();
-        let reply =
-            |accepted, message: String| ConfigureReply { accepted, message, revision: c.revision.clone() };
-        let result = match site_config(&c) {
-            Ok((site, policy)) => self.agent.configure_site(site, policy).await,
+        let result = match site_config(&c).and_then(|(s, p)| Ok((s, p, site_settings(&c)?))) {
+            Ok((site, policy, settings)) => self.agent.configure_site(site, policy, settings).await,
             Err(why) => Err(ControlError::Refused(why)),
+        };
+        let now = Some(in_force(&self.agent.site_in_force().await));
+        let reply = |accepted, message: String| ConfigureReply {
+            accepted,
+            message,
+            revision: c.revision.clone(),
+            in_force: now.clone(),
         };
         Ok(Response::new(match result {
             Ok(()) => reply(true, String::new()),
@@ -378,7 +423,7 @@ pub fn authorize_controller(names: &[String], controllers: &[String]) -> Result<
 pub async fn serve(
     agent: Arc<Agent>,
     listener: tokio::net::TcpListener,
-    tls: &TlsMaterial,
+    tls: Arc<LiveTls>,
     controllers: Vec<String>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -390,11 +435,10 @@ pub async fn serve(
         authorize_controller(&names, &controllers).map(|()| req)
     };
     tonic::transport::Server::builder()
-        .tls_config(tls.server())?
         .add_service(vmreplica_api::control::control_server::ControlServer::with_interceptor(
             ControlService::new(agent),
             check,
         ))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(vmreplica_api::tls::incoming(listener, tls), shutdown)
         .await
 }

@@ -18,11 +18,12 @@ use vmreplica_api::{
         CopyAck, CopyChunk, DiskRef, FinalizeRequest, OpenReply, OpenRequest, Refusal, RefusalKind,
         RemoveAck, SegmentAck, SegmentChunk, replication_server::Replication,
     },
-    tls::{TlsMaterial, dns_names},
+    tls::{LiveTls, dns_names},
 };
 
 use crate::{
     agent::{Agent, OpenArgs},
+    limits::TransferPermit,
     replica::{Incoming, ReplicaDisk, ReplicaError, retention::Policy, store::StoreError},
 };
 
@@ -84,6 +85,17 @@ impl ReplicationService {
         store.require(names, vm, disk).map_err(refused)
     }
 
+    /// Waits until `n` more bytes fit the agent's bandwidth limit (shared
+    /// with what it sends): a slow reader slows the sender through TCP.
+    async fn throttle(&self, n: usize, vm: &str, disk: &str) {
+        if let Ok(store) = self.agent.store() {
+            store.limits().bandwidth.acquire(n).await;
+            if let Some(m) = store.metrics() {
+                m.received_bytes.with_label_values(&[vm, disk]).inc_by(n as u64);
+            }
+        }
+    }
+
     /// Reads a stream's first chunk and its start, authorises the sender for
     /// the replica it names, and waits for a transfer slot.
     async fn begin_stream<C, S>(
@@ -92,14 +104,14 @@ impl ReplicationService {
         stream: &mut Streaming<C>,
         start_of: impl Fn(&C) -> Option<S>,
         disk_of: impl Fn(&S) -> Option<DiskRef>,
-    ) -> Result<(C, S, Arc<ReplicaDisk>, tokio::sync::SemaphorePermit<'_>), Status> {
+    ) -> Result<(C, S, Arc<ReplicaDisk>, TransferPermit<'_>), Status> {
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
         let start =
             start_of(&first).ok_or_else(|| Status::invalid_argument("the first chunk must carry start"))?;
         let d = disk_of(&start).ok_or_else(|| Status::invalid_argument("start.disk is required"))?;
         let replica = self.require(names, &d.vm_id, &d.disk_id)?;
         let store = self.agent.store().map_err(|e| Status::failed_precondition(e.to_string()))?;
-        let permit = store.transfer().await.ok_or_else(|| Status::unavailable("shutting down"))?;
+        let permit = store.transfer().await;
         Ok((first, start, replica, permit))
     }
 
@@ -112,6 +124,7 @@ impl ReplicationService {
         let mut stream = req.into_inner();
         let (first, start, replica, _permit) =
             self.begin_stream(&names, &mut stream, |c| c.start.clone(), |s| s.disk.clone()).await?;
+        let (vm, disk) = labels(&replica);
         let r = replica.clone();
         let incoming = tokio::task::spawn_blocking(move || {
             r.begin_segment(start.first_seq, start.last_seq, start.epoch, start.length)
@@ -128,6 +141,7 @@ impl ReplicationService {
         let mut chunk = Some(first);
         let mut written = 0u64;
         while let Some(c) = chunk.take() {
+            self.throttle(c.data.len(), &vm, &disk).await;
             let step = decode_chunk(c.data, c.compressed, c.raw_len)
                 .and_then(|raw| seg.write_chunk(c.offset, &raw).map(|()| raw.len()).map_err(status));
             match step {
@@ -170,11 +184,13 @@ impl ReplicationService {
         let mut stream = req.into_inner();
         let (first, start, replica, _permit) =
             self.begin_stream(&names, &mut stream, |c| c.start.clone(), |s| s.disk.clone()).await?;
+        let (vm, disk) = labels(&replica);
         let mut copy = replica.begin_copy(start.disk_size, start.epoch, start.next_seq).map_err(status)?;
         let mut chunk = Some(first);
         let mut received = 0u64;
         let mut consistent_from = None;
         while let Some(c) = chunk.take() {
+            self.throttle(c.data.len(), &vm, &disk).await;
             let step = decode_chunk(c.data, c.compressed, c.raw_len)
                 .and_then(|raw| copy.write_range(c.offset, &raw).map(|()| raw.len()).map_err(status));
             match step {
@@ -207,6 +223,12 @@ impl ReplicationService {
             .map_err(status)?;
         Ok(Response::new(CopyAck { bytes_received: received, next_seq }))
     }
+}
+
+/// The metric labels of a replica: its VM and disk.
+fn labels(r: &ReplicaDisk) -> (String, String) {
+    let s = r.state();
+    (s.vm_id.clone(), s.disk_id.clone())
 }
 
 fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Result<Vec<u8>, Status> {
@@ -316,7 +338,7 @@ impl Replication for ReplicationService {
 pub async fn serve(
     agent: Arc<Agent>,
     listener: tokio::net::TcpListener,
-    tls: &TlsMaterial,
+    tls: Arc<LiveTls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let svc = vmreplica_api::replication::replication_server::ReplicationServer::new(
@@ -325,8 +347,7 @@ pub async fn serve(
     .max_decoding_message_size(MAX_FRAME)
     .max_encoding_message_size(MAX_FRAME);
     tonic::transport::Server::builder()
-        .tls_config(tls.server())?
         .add_service(svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(vmreplica_api::tls::incoming(listener, tls), shutdown)
         .await
 }

@@ -88,7 +88,6 @@ impl Node {
             return Ok(());
         }
         let peer = self.replica_peer(&r.replica_address).await?;
-        let ch = peer.channel().map_err(|e| format!("extended replica server {}: {e}", peer.addr))?;
         let cfg = ShipperConfig {
             compression: r.compression,
             backoff: self.cfg.backoff.clone(),
@@ -99,19 +98,15 @@ impl Node {
             interval_seconds: r.interval_seconds,
             ..Default::default()
         };
-        let shippers: Vec<Arc<Shipper>> = replicas
+        let shippers = replicas
             .into_iter()
             .map(|d| {
-                let s = Shipper::forwarding(
-                    d,
-                    ch.clone(),
-                    cfg.clone(),
-                    self.cfg.limiter.clone(),
-                    self.cfg.transfers.clone(),
-                );
-                Arc::new(s.with_metrics(self.metrics.clone()).with_peer(peer.clone()))
+                // A connection per disk: see `Peer::channel`.
+                let ch = peer.channel().map_err(|e| format!("extended replica server {}: {e}", peer.addr))?;
+                let s = Shipper::forwarding(d, ch, cfg.clone(), self.cfg.limits.clone());
+                Ok(Arc::new(s.with_metrics(self.metrics.clone()).with_peer(peer.clone())))
             })
-            .collect();
+            .collect::<Result<Vec<Arc<Shipper>>, String>>()?;
         if let Some(old) = extended.remove(&r.vm_id) {
             old.stop().await;
         }

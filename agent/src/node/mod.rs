@@ -33,23 +33,25 @@ use std::{
 
 use disks::{export_name, fresh_log, open_disks, retire};
 use spec::{DiskSpec, FinalDisk, ProtectedVm, Served, VmSpec, check_spec, quiesce};
-use tokio::sync::{Mutex, Semaphore, watch};
-use vmreplica_api::tls::{Peer, TlsMaterial};
+use tokio::sync::{Mutex, watch};
+use vmreplica_api::tls::{LiveTls, Peer};
 
 use crate::{
     disk::ProtectedDisk,
+    limits::Limits,
     metrics::Metrics,
     nbd::NbdServer,
     replication::{
         cycle::{QuiesceStatus, VmReplication},
-        shipper::{History, RateLimiter, Shipper, ShipperConfig},
+        shipper::{History, Shipper, ShipperConfig},
     },
 };
 
 /// How this agent protects VMs for the controller.
 #[derive(Clone)]
 pub struct NodeConfig {
-    pub tls: TlsMaterial,
+    /// The certificate replication uses (renewals take effect at the next connection).
+    pub tls: Arc<LiveTls>,
     /// Disk images must lie under one of these (after resolving symlinks).
     pub disk_roots: Vec<PathBuf>,
     /// Host names resolved here instead of by DNS (as `curl --resolve`).
@@ -59,8 +61,7 @@ pub struct NodeConfig {
     pub backoff: Vec<Duration>,
     /// The agent's bandwidth budget and transfer limit, shared with
     /// everything else it ships.
-    pub limiter: Option<Arc<RateLimiter>>,
-    pub transfers: Arc<Semaphore>,
+    pub limits: Arc<Limits>,
     /// Whether a VMReplication may name freeze/thaw commands to run on this
     /// node (whoever may create VMReplications could run them as the agent).
     pub allow_quiesce_commands: bool,
@@ -161,7 +162,6 @@ impl Node {
     }
 
     fn shippers(&self, spec: &VmSpec, m: &Managed, peer: &Peer) -> Result<Vec<Arc<Shipper>>, String> {
-        let ch = peer.channel().map_err(|e| format!("replica server {}: {e}", peer.addr))?;
         let cfg = ShipperConfig {
             interval_seconds: spec.interval_seconds,
             compression: spec.compression,
@@ -172,26 +172,20 @@ impl Node {
             }),
             ..Default::default()
         };
-        let limits = (self.cfg.limiter.clone(), self.cfg.transfers.clone());
-        Ok(m.disks
+        m.disks
             .iter()
             .map(|d| {
-                let s = Shipper::new(
-                    &spec.vm_id,
-                    d.clone(),
-                    ch.clone(),
-                    cfg.clone(),
-                    limits.0.clone(),
-                    limits.1.clone(),
-                );
-                Arc::new(
+                // A connection per disk: see `Peer::channel`.
+                let ch = peer.channel().map_err(|e| format!("replica server {}: {e}", peer.addr))?;
+                let s = Shipper::new(&spec.vm_id, d.clone(), ch, cfg.clone(), self.cfg.limits.clone());
+                Ok(Arc::new(
                     s.with_metrics(self.metrics.clone())
                         .with_peer(peer.clone())
                         .with_epoch(m.epoch)
                         .with_log_start(m.log_starts.get(d.name()).copied().unwrap_or(1)),
-                )
+                ))
             })
-            .collect())
+            .collect()
     }
 
     fn start(&self, m: &mut Managed) {

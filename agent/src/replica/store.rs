@@ -16,10 +16,9 @@ use std::{
     sync::{Arc, Mutex, RwLock},
 };
 
-use tokio::sync::{Semaphore, SemaphorePermit};
-
 use super::{ReplicaDisk, ReplicaError, ReplicaState, names, now_ms, retention::Policy};
 use crate::{
+    limits::{Limits, TransferPermit},
     metrics::Metrics,
     replication::authz::{Denied, Grant, SiteConfig},
 };
@@ -51,9 +50,9 @@ pub struct ReplicaStore {
     site: RwLock<SiteConfig>,
     /// Open replicas by directory.
     disks: Mutex<HashMap<PathBuf, Arc<ReplicaDisk>>>,
-    /// Hyper-V's MaximumActiveTransfers: streams beyond it wait.
-    transfers: Semaphore,
-    max_transfers: usize,
+    /// Hyper-V's MaximumActiveTransfers (streams beyond it wait) and the
+    /// bandwidth limit, shared with what this agent sends.
+    limits: Arc<Limits>,
     /// Recovery history kept for every replica of this site.
     retention: RwLock<Policy>,
     metrics: RwLock<Option<Arc<Metrics>>>,
@@ -97,12 +96,11 @@ fn storage_roots(site: &SiteConfig) -> Vec<PathBuf> {
 }
 
 impl ReplicaStore {
-    pub fn new(site: SiteConfig, max_transfers: usize) -> Arc<Self> {
+    pub fn new(site: SiteConfig, limits: Arc<Limits>) -> Arc<Self> {
         Arc::new(Self {
             site: RwLock::new(site),
             disks: Mutex::default(),
-            transfers: Semaphore::new(max_transfers.max(1)),
-            max_transfers: max_transfers.max(1),
+            limits,
             retention: RwLock::new(Policy::default()),
             metrics: RwLock::new(None),
             controllers: RwLock::new(Vec::new()),
@@ -143,14 +141,13 @@ impl ReplicaStore {
         self.site.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Transfers running now (at most the limit given to [`Self::new`]).
-    pub fn active_transfers(&self) -> usize {
-        self.max_transfers - self.transfers.available_permits()
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.limits
     }
 
     /// Waits for a transfer slot.
-    pub async fn transfer(&self) -> Option<SemaphorePermit<'_>> {
-        self.transfers.acquire().await.ok()
+    pub async fn transfer(&self) -> TransferPermit<'_> {
+        self.limits.transfers.acquire().await
     }
 
     /// Authorises a caller presenting `names` under the site's rules; the

@@ -14,14 +14,20 @@ pub struct Announce {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Host the controller and peers reach this agent at.
     pub host: String,
+    /// The name in its certificate the controller verifies it as.
+    pub server_name: String,
+    /// Copy the Node's own labels onto the Lease too.
+    pub labels_from_node: bool,
 }
 
-/// Starts renewing this agent's Lease; the returned handle deletes it on stop.
+/// Starts renewing this agent's Lease; the returned handle deletes it on
+/// stop. The replication endpoint follows `replication` (a
+/// ReplicationServer may move the port).
 pub async fn announce(
     a: &Announce,
     capability: &str,
     control: Option<SocketAddr>,
-    replication: Option<SocketAddr>,
+    replication: Option<watch::Receiver<Option<SocketAddr>>>,
     stopped: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     let client = match &a.kubeconfig {
@@ -39,19 +45,18 @@ pub async fn announce(
     };
     let mut annotations = std::collections::BTreeMap::new();
     annotations.insert(crate::lease::CAPABILITIES.to_owned(), capability.to_owned());
-    for (key, addr) in
-        [(crate::lease::CONTROL_ENDPOINT, control), (crate::lease::REPLICATION_ENDPOINT, replication)]
-    {
-        if let Some(addr) = addr {
-            annotations.insert(key.to_owned(), format!("{}:{}", a.host, addr.port()));
-        }
+    annotations.insert(crate::lease::SERVER_NAME.to_owned(), a.server_name.clone());
+    if let Some(addr) = control {
+        annotations.insert(crate::lease::CONTROL_ENDPOINT.to_owned(), format!("{}:{}", a.host, addr.port()));
     }
     let presence = crate::lease::Presence {
         namespace: a.namespace.clone(),
         node: a.node.clone(),
         annotations,
         labels: a.labels.clone(),
+        node_labels: a.labels_from_node.then(Default::default),
         duration: Duration::from_secs(15),
+        replication: replication.map(|r| (a.host.clone(), r)),
     };
     crate::lease::announce(client, presence, stopped)
         .await

@@ -6,9 +6,12 @@
 //!
 //! ```text
 //!  serve:   disks ─▶ NbdServer ─┐        ┌─ Node (controller's VMs) ─┐
-//!           metrics, limits ────┼─▶ Agent┤                           ├─▶ grpc::control, grpc::replication
-//!           [--listen] ─────────┘        └─ ReplicaStore ────────────┘     + Lease
+//!           metrics ────────────┼─▶ Agent┤                           ├─▶ grpc::control, grpc::replication
+//!           site (limits, certs,┘        └─ ReplicaStore ────────────┘     + Lease
+//!                 [--listen])
 //! ```
+//! The certificate in `--tls-dir` is re-read every ten seconds, so a renewed
+//! Secret takes effect without a restart.
 
 pub mod announce;
 pub mod options;
@@ -16,9 +19,9 @@ pub mod options;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 pub use announce::Announce;
-pub use options::{ReceiveOptions, ReplicateTo, ServeOptions};
-use tokio::sync::{Semaphore, watch};
-use vmreplica_api::tls::{Peer, TlsMaterial};
+pub use options::{ReceiveOptions, ReplicateTo, ServeOptions, TlsDir};
+use tokio::sync::watch;
+use vmreplica_api::tls::{LiveTls, Peer};
 
 use crate::{
     agent::Agent,
@@ -27,12 +30,12 @@ use crate::{
     nbd::NbdServer,
     node::{Node, NodeConfig},
     replica::store::ReplicaStore,
-    replication::{
-        authz::SiteConfig,
-        cycle::VmReplication,
-        shipper::{RateLimiter, Shipper},
-    },
+    replication::{authz::SiteConfig, cycle::VmReplication, shipper::Shipper},
+    site::{Certificates, Defaults, Listener, Site},
 };
+
+/// How often `--tls-dir` is looked at for a renewed certificate.
+const TLS_RELOAD: Duration = Duration::from_secs(10);
 
 /// Completes on SIGTERM or SIGINT.
 pub async fn terminated() {
@@ -65,31 +68,56 @@ async fn metrics_endpoint(addr: Option<SocketAddr>) -> Result<Arc<Metrics>, Stri
 async fn spawn_control(
     agent: Arc<Agent>,
     addr: SocketAddr,
-    tls: TlsMaterial,
+    tls: Arc<LiveTls>,
     controllers: Vec<String>,
 ) -> Result<(), String> {
     let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "serving the control API");
     tokio::spawn(async move {
-        if let Err(e) = crate::grpc::control::serve(agent, listener, &tls, controllers, terminated()).await {
+        if let Err(e) = crate::grpc::control::serve(agent, listener, tls, controllers, terminated()).await {
             tracing::error!(error = %e, "control API failed");
         }
     });
     Ok(())
 }
 
-/// Starts the replication API on `addr`; it stops with the process.
-async fn spawn_replication(agent: Arc<Agent>, addr: SocketAddr, tls: TlsMaterial) -> Result<(), String> {
-    let listener =
-        tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "receiving replication");
-    tokio::spawn(async move {
-        if let Err(e) = crate::grpc::replication::serve(agent, listener, &tls, terminated()).await {
-            tracing::error!(error = %e, "replication server failed");
-        }
+/// Receives replication on `addr`, and wherever a ReplicationServer later
+/// moves it; it stops with the process.
+async fn start_replication(agent: &Arc<Agent>, addr: SocketAddr) -> Result<(), String> {
+    let weak = Arc::downgrade(agent);
+    let tls = agent.site().certs.as_ref().ok_or("--listen needs --tls-dir")?.replication();
+    let serve: crate::site::ServeFn = Box::new(move |listener, stopped| {
+        let (Some(agent), tls) = (weak.upgrade(), tls.clone()) else { return };
+        tokio::spawn(async move {
+            let stop = async {
+                tokio::select! {
+                    _ = stopped => {}
+                    _ = terminated() => {}
+                }
+            };
+            if let Err(e) = crate::grpc::replication::serve(agent, listener, tls, stop).await {
+                tracing::error!(error = %e, "replication server failed");
+            }
+        });
     });
-    Ok(())
+    let listener = Listener::start(addr, serve).await?;
+    agent.site().listener.set(listener).map_err(|_| "the replication listener was started twice".to_owned())
+}
+
+/// The agent's limits and certificates, from the command line; a renewed
+/// certificate in `tls.dir` is picked up while it runs.
+fn site(tls: Option<&TlsDir>, defaults: Defaults) -> Result<Arc<Site>, String> {
+    let Some(tls) = tls else { return Ok(Site::new(defaults, None)) };
+    let certs = Certificates::new(tls.live.clone()).map_err(|e| e.to_string())?;
+    let c = certs.clone();
+    tls.live.watch_dir(tls.dir.clone(), TLS_RELOAD, move |_| c.own_reloaded());
+    Ok(Site::new(defaults, Some(certs)))
+}
+
+/// The site's certificates, which an agent needs to speak TLS at all.
+fn certs(site: &Site, flag: &str) -> Result<Arc<Certificates>, String> {
+    site.certs.clone().ok_or_else(|| format!("{flag} needs --tls-dir"))
 }
 
 /// Opens the fixed `--disk` images and serves every export (those and the
@@ -130,7 +158,7 @@ fn serve_nbd(opts: &ServeOptions) -> Result<(Vec<Arc<ProtectedDisk>>, Arc<NbdSer
 fn fixed_disks_work(
     opts: &ServeOptions,
     disks: &[Arc<ProtectedDisk>],
-    limits: (&Option<Arc<RateLimiter>>, &Arc<Semaphore>),
+    site: &Site,
     metrics: &Arc<Metrics>,
     stopped: &watch::Receiver<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -144,23 +172,20 @@ fn fixed_disks_work(
         return Ok(Vec::new());
     };
     let interval = opts.interval.unwrap_or(Duration::from_secs(300));
-    let tls = opts.tls.as_ref().ok_or("--replicate-to needs --tls-dir")?;
-    let peer = Peer { addr: r.addr.clone(), server_name: r.server_name.clone(), tls: tls.clone() };
-    let ch = peer.channel().map_err(|e| format!("replica address {}: {e}", r.addr))?;
-    let shippers: Vec<Arc<Shipper>> = disks
+    let peer = Peer {
+        addr: r.addr.clone(),
+        server_name: r.server_name.clone(),
+        tls: certs(site, "--replicate-to")?.replication(),
+    };
+    let shippers = disks
         .iter()
         .map(|d| {
-            let s = Shipper::new(
-                &opts.vm,
-                d.clone(),
-                ch.clone(),
-                r.shipper.clone(),
-                limits.0.clone(),
-                limits.1.clone(),
-            );
-            Arc::new(s.with_metrics(metrics.clone()).with_peer(peer.clone()))
+            // A connection per disk: see `Peer::channel`.
+            let ch = peer.channel().map_err(|e| format!("replica address {}: {e}", r.addr))?;
+            let s = Shipper::new(&opts.vm, d.clone(), ch, r.shipper.clone(), site.limits.clone());
+            Ok(Arc::new(s.with_metrics(metrics.clone()).with_peer(peer.clone())))
         })
-        .collect();
+        .collect::<Result<Vec<Arc<Shipper>>, String>>()?;
     let vm = VmReplication::new(
         shippers.clone(),
         interval,
@@ -197,19 +222,24 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let (disks, nbd) = serve_nbd(&opts)?;
     let metrics = metrics_endpoint(opts.metrics).await?;
     // One bandwidth budget and one transfer limit for everything this agent
-    // ships: its --disk images and the VMs the controller enables.
-    let limiter = opts.bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
-    let transfers = Arc::new(Semaphore::new(opts.max_transfers.max(1)));
-    let node = match (&opts.tls, opts.control) {
-        (Some(tls), Some(_)) => Some(Node::new(
+    // ships and receives: its --disk images, the VMs the controller enables
+    // and the replicas it keeps.
+    let defaults = Defaults {
+        max_transfers: opts.max_transfers,
+        bandwidth: opts.bandwidth,
+        replica_roots: opts.replica_roots.clone(),
+    };
+    let site = site(opts.tls.as_ref(), defaults)?;
+    metrics.set_limits(site.limits.clone());
+    let node = match (&site.certs, opts.control) {
+        (Some(certs), Some(_)) => Some(Node::new(
             NodeConfig {
-                tls: tls.clone(),
+                tls: certs.replication(),
                 disk_roots: opts.disk_roots.clone(),
                 resolve: opts.resolve.clone(),
                 socket: opts.socket.clone(),
                 backoff: opts.retry.clone(),
-                limiter: limiter.clone(),
-                transfers: transfers.clone(),
+                limits: site.limits.clone(),
                 allow_quiesce_commands: opts.allow_quiesce_commands,
             },
             nbd.clone(),
@@ -219,28 +249,29 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     };
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
-    let fixed = fixed_disks_work(&opts, &disks, (&limiter, &transfers), &metrics, &stopped, &mut tasks)?;
+    let fixed = fixed_disks_work(&opts, &disks, &site, &metrics, &stopped, &mut tasks)?;
     // Nobody is accepted until the controller pushes the site's rules; the
     // replicas are opened (and recovered) when its first ConfigureSite names
     // their storage.
     let store = opts.receive.map(|_| {
-        let store = ReplicaStore::new(SiteConfig::default(), opts.max_transfers);
+        let store = ReplicaStore::new(SiteConfig::default(), site.limits.clone());
         store.set_retention(opts.receive_retention);
         store.set_metrics(metrics.clone());
         store.set_controller_names(opts.controllers.clone());
         store
     });
-    let agent = Agent::new(node, store, fixed);
+    let agent = Agent::new(node, store, fixed, site.clone());
     if let Some(listen) = opts.receive {
-        spawn_replication(agent.clone(), listen, opts.tls.clone().ok_or("--listen needs --tls-dir")?).await?;
+        start_replication(&agent, listen).await?;
     }
     if let Some(addr) = opts.control {
-        let tls = opts.tls.clone().ok_or("--control-listen needs --tls-dir")?;
-        spawn_control(agent.clone(), addr, tls, opts.controllers.clone()).await?;
+        let own = certs(&site, "--control-listen")?.own.clone();
+        spawn_control(agent.clone(), addr, own, opts.controllers.clone()).await?;
     }
     if let Some(a) = &opts.announce {
         let capability = if opts.receive.is_some() { "primary,replica" } else { "primary" };
-        tasks.push(announce::announce(a, capability, opts.control, opts.receive, stopped.clone()).await?);
+        let endpoint = site.listener.get().map(Listener::watch);
+        tasks.push(announce::announce(a, capability, opts.control, endpoint, stopped.clone()).await?);
     }
     println!("ready");
     terminated().await;
@@ -262,34 +293,44 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
 
 /// Runs a replica site's replication server until SIGTERM/SIGINT.
 pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
-    let store = ReplicaStore::new(opts.site, opts.max_transfers);
+    let defaults = Defaults {
+        max_transfers: opts.max_transfers,
+        bandwidth: opts.bandwidth,
+        replica_roots: opts.replica_roots.clone(),
+    };
+    let site = site(Some(&opts.tls), defaults)?;
+    let store = ReplicaStore::new(opts.site, site.limits.clone());
     store.set_retention(opts.retention);
     store.set_controller_names(opts.controllers.clone());
-    store.set_metrics(metrics_endpoint(opts.metrics).await?);
-    let agent = Agent::new(None, Some(store.clone()), Vec::new());
+    let metrics = metrics_endpoint(opts.metrics).await?;
+    metrics.set_limits(site.limits.clone());
+    store.set_metrics(metrics);
+    let agent = Agent::new(None, Some(store.clone()), Vec::new(), site.clone());
     if let Some(addr) = opts.control {
-        spawn_control(agent.clone(), addr, opts.tls.clone(), opts.controllers.clone()).await?;
+        let own = certs(&site, "--control-listen")?.own.clone();
+        spawn_control(agent.clone(), addr, own, opts.controllers.clone()).await?;
     }
     // Finish what a previous run left: recover and apply received segments.
     let s = store.clone();
     let recovered = tokio::task::spawn_blocking(move || s.recover_all()).await.map_err(|e| e.to_string())?;
     tracing::info!(replicas = recovered.map_err(|e| e.to_string())?, "replicas recovered");
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", opts.listen))?;
-    tracing::info!(addr = %listener.local_addr().map_err(|e| e.to_string())?, "receiving replication");
+    start_replication(&agent, opts.listen).await?;
     let (stop, stopped) = watch::channel(false);
     let lease = match &opts.announce {
-        Some(a) => Some(announce::announce(a, "replica", opts.control, Some(opts.listen), stopped).await?),
+        Some(a) => {
+            let endpoint = site.listener.get().map(Listener::watch);
+            Some(announce::announce(a, "replica", opts.control, endpoint, stopped).await?)
+        }
         None => None,
     };
     println!("ready");
-    let served = crate::grpc::replication::serve(agent, listener, &opts.tls, terminated())
-        .await
-        .map_err(|e| e.to_string());
+    terminated().await;
     let _ = stop.send(true);
+    if let Some(l) = site.listener.get() {
+        l.stop().await;
+    }
     if let Some(l) = lease {
         let _ = l.await;
     }
-    served
+    Ok(())
 }

@@ -1,8 +1,8 @@
 //! What `vmreplica-agent serve` and `receive` are told to do.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use vmreplica_api::tls::TlsMaterial;
+use vmreplica_api::tls::LiveTls;
 
 use super::announce::Announce;
 use crate::{
@@ -17,6 +17,13 @@ pub struct ReplicateTo {
     pub addr: String,
     pub server_name: String,
     pub shipper: ShipperConfig,
+}
+
+/// The agent's own certificate (`--tls-dir`), loaded and checked, and the
+/// directory it is re-read from when renewed.
+pub struct TlsDir {
+    pub dir: PathBuf,
+    pub live: Arc<LiveTls>,
 }
 
 /// A primary agent's options.
@@ -39,7 +46,7 @@ pub struct ServeOptions {
     /// Keep a Lease announcing this agent.
     pub announce: Option<Announce>,
     /// Certificates for the control API and for replication the controller enables.
-    pub tls: Option<TlsMaterial>,
+    pub tls: Option<TlsDir>,
     /// Where images the controller names may lie.
     pub disk_roots: Vec<PathBuf>,
     /// Host names resolved without DNS.
@@ -49,6 +56,8 @@ pub struct ServeOptions {
     pub max_transfers: usize,
     /// VMReplications may name freeze/thaw commands to run on this node.
     pub allow_quiesce_commands: bool,
+    /// Replica storage must lie under one of these (none: anywhere).
+    pub replica_roots: Vec<PathBuf>,
     /// The controller's certificate names: the only callers of the control
     /// API, and refused on the replication API.
     pub controllers: Vec<String>,
@@ -61,9 +70,11 @@ pub struct ServeOptions {
 /// A replica site's options.
 pub struct ReceiveOptions {
     pub listen: SocketAddr,
-    pub tls: TlsMaterial,
+    pub tls: TlsDir,
     pub site: SiteConfig,
     pub max_transfers: usize,
+    pub bandwidth: Option<u64>,
+    pub replica_roots: Vec<PathBuf>,
     pub retention: Policy,
     /// Serve Prometheus metrics here.
     pub metrics: Option<SocketAddr>,

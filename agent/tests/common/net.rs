@@ -4,18 +4,20 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use vmreplica_agent::{
     agent::Agent,
     disk::ProtectedDisk,
     grpc::replication::serve,
+    limits::Limits,
     replica::store::ReplicaStore,
     replication::{
         authz::{Entry, SiteConfig},
-        shipper::{Peer, RateLimiter, Shipper, ShipperConfig},
+        shipper::{Peer, Shipper, ShipperConfig},
     },
+    site::{Defaults, Site as AgentSite},
 };
-use vmreplica_api::tls::TlsMaterial;
+use vmreplica_api::tls::{LiveTls, TlsMaterial};
 use vmreplica_tests::pki::Ca;
 
 pub const REPLICA_NAME: &str = "replica.site-b.example.com";
@@ -31,9 +33,15 @@ pub struct Site {
     _stop: oneshot::Sender<()>,
 }
 
-pub fn material(ca: &Ca, names: &[&str]) -> TlsMaterial {
+pub fn material(ca: &Ca, names: &[&str]) -> Arc<LiveTls> {
     let leaf = ca.leaf(names[0], names).unwrap();
-    TlsMaterial { cert_pem: leaf.cert_pem, key_pem: leaf.key_pem, ca_pem: ca.cert_pem.clone() }
+    LiveTls::new(TlsMaterial { cert_pem: leaf.cert_pem, key_pem: leaf.key_pem, ca_pem: ca.cert_pem.clone() })
+        .unwrap()
+}
+
+/// An agent's limits and no certificate (tests give theirs to the listeners directly).
+pub fn agent_site(max_transfers: usize) -> Arc<AgentSite> {
+    AgentSite::new(Defaults { max_transfers, ..Default::default() }, None)
 }
 
 /// Site B: accepts `*.site-a.example.com` into trust group finance, and
@@ -64,15 +72,16 @@ pub async fn replica_site_with(max_transfers: usize) -> Site {
         ],
         ..Default::default()
     };
-    let service = ReplicaStore::new(site, max_transfers);
-    let agent = Agent::new(None, Some(service.clone()), Vec::new());
+    let agent_site = agent_site(max_transfers);
+    let service = ReplicaStore::new(site, agent_site.limits.clone());
+    let agent = Agent::new(None, Some(service.clone()), Vec::new(), agent_site);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = material(&ca, &[REPLICA_NAME, "127.0.0.1"]);
     let (stop, stopped) = oneshot::channel::<()>();
     let svc = agent.clone();
     tokio::spawn(async move {
-        serve(svc, listener, &tls, async {
+        serve(svc, listener, tls, async {
             let _ = stopped.await;
         })
         .await
@@ -83,7 +92,7 @@ pub async fn replica_site_with(max_transfers: usize) -> Site {
 
 pub fn shipper(
     site: &Site,
-    tls: &TlsMaterial,
+    tls: &Arc<LiveTls>,
     disk: Arc<ProtectedDisk>,
     cfg: ShipperConfig,
     limit: Option<u64>,
@@ -95,15 +104,14 @@ pub fn shipper(
 pub fn shipper_for(
     vm: &str,
     site: &Site,
-    tls: &TlsMaterial,
+    tls: &Arc<LiveTls>,
     disk: Arc<ProtectedDisk>,
     cfg: ShipperConfig,
     limit: Option<u64>,
 ) -> Shipper {
     let peer = Peer { addr: site.addr.to_string(), server_name: REPLICA_NAME.into(), tls: tls.clone() };
     let ch = peer.channel().unwrap();
-    Shipper::new(vm, disk, ch, cfg, limit.map(|l| Arc::new(RateLimiter::new(l))), Arc::new(Semaphore::new(6)))
-        .with_peer(peer)
+    Shipper::new(vm, disk, ch, cfg, Limits::new(6, limit)).with_peer(peer)
 }
 
 /// Waits until the replica has applied everything through `seq`.

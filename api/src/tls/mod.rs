@@ -2,13 +2,20 @@
 //! side presents a certificate signed by a CA the other trusts, and the
 //! server reads the client's DNS names from it. When a handshake fails on a
 //! certificate, [`tls_failure`] and [`diagnose`] say which side refused and why.
+//! The material may change while a process runs ([`live`]); connections use
+//! it through [`transport`].
 
-use std::{fs, io, path::Path, time::Duration};
+pub mod live;
+pub mod transport;
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use std::{fs, io, path::Path, sync::Arc};
+
+pub use live::{CertSummary, LiveTls, TlsError};
+use tonic::transport::Channel;
+pub use transport::{ChannelError, channel, incoming};
 
 /// An agent's certificate, key and the CA it trusts, PEM.
-#[derive(Clone, Debug)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct TlsMaterial {
     pub cert_pem: String,
     pub key_pem: String,
@@ -16,7 +23,8 @@ pub struct TlsMaterial {
 }
 
 impl TlsMaterial {
-    /// Reads `tls.crt`, `tls.key` and `ca.crt` from a directory (a mounted Secret).
+    /// Reads `tls.crt`, `tls.key` and `ca.crt` from a directory (a mounted
+    /// Secret), without checking them ([`LiveTls::new`] does).
     pub fn from_dir(dir: &Path) -> io::Result<Self> {
         let read = |f: &str| {
             fs::read_to_string(dir.join(f))
@@ -24,21 +32,12 @@ impl TlsMaterial {
         };
         Ok(Self { cert_pem: read("tls.crt")?, key_pem: read("tls.key")?, ca_pem: read("ca.crt")? })
     }
+}
 
-    /// Server side: requires a client certificate signed by the CA.
-    pub fn server(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .client_ca_root(Certificate::from_pem(&self.ca_pem))
-            .client_auth_optional(false)
-    }
-
-    /// Client side: verifies the server as `server_name` and presents our certificate.
-    pub fn client(&self, server_name: &str) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
-            .domain_name(server_name)
+/// The key stays out of logs.
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial").field("cert_bytes", &self.cert_pem.len()).finish_non_exhaustive()
     }
 }
 
@@ -125,25 +124,10 @@ fn classify(e: &rustls::Error) -> Option<TlsFailure> {
 /// a handshake made by hand, and one read, which in TLS 1.3 is where a
 /// server's refusal of the client certificate arrives. `None` when the
 /// handshake and the read go through (the failure was something else).
-pub async fn diagnose(addr: &str, server_name: &str, tls: &TlsMaterial) -> Option<TlsFailure> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+pub async fn diagnose(addr: &str, server_name: &str, tls: &LiveTls) -> Option<TlsFailure> {
     use tokio::io::AsyncReadExt;
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes()).collect::<Result<_, _>>().ok()?;
-    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes()).ok()?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes()) {
-        roots.add(ca.ok()?).ok()?;
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .ok()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .ok()?;
-    let name = ServerName::try_from(server_name.to_owned()).ok()?;
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned()).ok()?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
     let attempt = async {
         let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
         let mut stream = match connector.connect(name, tcp).await {
@@ -159,27 +143,23 @@ pub async fn diagnose(addr: &str, server_name: &str, tls: &TlsMaterial) -> Optio
     tokio::time::timeout(std::time::Duration::from_secs(10), attempt).await.ok().flatten()
 }
 
-/// Opens a lazily connecting mutual-TLS channel to `addr` (`host:port`),
-/// verifying the server as `server_name`.
-pub fn channel(addr: &str, server_name: &str, tls: &TlsMaterial) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls.client(server_name))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect_lazy())
-}
-
 /// Where a channel leads, kept for telling a refused certificate from a
 /// broken connection when a call fails ([`diagnose`]).
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: String,
     pub server_name: String,
-    pub tls: TlsMaterial,
+    pub tls: Arc<LiveTls>,
 }
 
 impl Peer {
-    /// The lazily connecting channel to this peer.
-    pub fn channel(&self) -> Result<Channel, tonic::transport::Error> {
+    /// A lazily connecting channel to this peer: a connection of its own.
+    /// Give each disk's shipper its own: a replica that makes a stream wait
+    /// for a transfer slot stops reading it, and on a shared HTTP/2
+    /// connection the unread data would fill the connection's flow-control
+    /// window and stall the stream holding the slot (a deadlock seen with
+    /// maxActiveTransfers 1 and a three-disk VM).
+    pub fn channel(&self) -> Result<Channel, ChannelError> {
         channel(&self.addr, &self.server_name, &self.tls)
     }
 }

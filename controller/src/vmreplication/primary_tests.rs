@@ -28,6 +28,7 @@ fn agent(node: &str, caps: &str) -> Agent {
         capabilities: caps.split(',').map(Into::into).collect(),
         labels: Default::default(),
         live: true,
+        server_name: None,
     }
 }
 

@@ -320,6 +320,7 @@ mod tests {
             capabilities: vec![],
             labels: Default::default(),
             live: true,
+            server_name: None,
         };
         let entries = [
             entry("wild", "*.a.example.com", "g1", "dr-wild"),

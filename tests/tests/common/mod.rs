@@ -17,7 +17,7 @@ use vmreplica_crds::{ReplicationState, VMReplication};
 use vmreplica_tests::{
     FIELD_MANAGER,
     pki::Ca,
-    procs::{Process, bin, free_port, lease_args, material},
+    procs::{Process, bin, free_port, lease_args, live},
 };
 
 /// A site's controller context: its agents announce themselves in `ns`;
@@ -26,7 +26,7 @@ pub fn controllers(client: kube::Client, ns: &str, ca: &Ca, watch: Option<String
     let base = Arc::new(context::Shared {
         client,
         agents_namespace: ns.to_owned(),
-        tls: material(ca, &["vmreplica-controller"]),
+        tls: live(ca, &["vmreplica-controller"]),
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: Metrics::new(),
     });

@@ -9,7 +9,6 @@
 //! ```
 
 mod error;
-mod limiter;
 pub mod source;
 mod transfer;
 
@@ -19,9 +18,7 @@ use std::{
 };
 
 pub use error::ShipError;
-pub use limiter::RateLimiter;
 pub use source::Source;
-use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 pub use vmreplica_api::tls::Peer;
 use vmreplica_api::{
@@ -31,7 +28,7 @@ use vmreplica_api::{
     },
 };
 
-use crate::{disk::ProtectedDisk, metrics::Metrics, replica::ReplicaDisk};
+use crate::{disk::ProtectedDisk, limits::Limits, metrics::Metrics, replica::ReplicaDisk};
 
 /// A recovery history for the replica to keep: every point within the
 /// window, then one per hour for `hourly_points` hours.
@@ -96,8 +93,8 @@ pub struct Shipper {
     source: Source,
     client: ReplicationClient<Channel>,
     cfg: ShipperConfig,
-    limiter: Option<Arc<RateLimiter>>,
-    transfers: Arc<Semaphore>,
+    /// The agent's transfer slots and bandwidth, shared by all its transfers.
+    limits: Arc<Limits>,
     epoch: u64,
     /// The first sequence this epoch's log holds (1 unless a promotion
     /// continued another log's numbering).
@@ -117,11 +114,10 @@ impl Shipper {
         disk: Arc<ProtectedDisk>,
         channel: Channel,
         cfg: ShipperConfig,
-        limiter: Option<Arc<RateLimiter>>,
-        transfers: Arc<Semaphore>,
+        limits: Arc<Limits>,
     ) -> Self {
         let disk_id = disk.name().to_owned();
-        Self::with_source(vm_id, &disk_id, Source::Protected(disk), channel, cfg, limiter, transfers)
+        Self::with_source(vm_id, &disk_id, Source::Protected(disk), channel, cfg, limits)
     }
 
     /// Extended replication: ships the segments `replica` applied (it keeps
@@ -130,16 +126,14 @@ impl Shipper {
         replica: Arc<ReplicaDisk>,
         channel: Channel,
         cfg: ShipperConfig,
-        limiter: Option<Arc<RateLimiter>>,
-        transfers: Arc<Semaphore>,
+        limits: Arc<Limits>,
     ) -> Self {
         let (vm_id, disk_id) = {
             let s = replica.state();
             (s.vm_id.clone(), s.disk_id.clone())
         };
         let epoch = replica.state().epoch;
-        Self::with_source(&vm_id, &disk_id, Source::Forward(replica), channel, cfg, limiter, transfers)
-            .with_epoch(epoch)
+        Self::with_source(&vm_id, &disk_id, Source::Forward(replica), channel, cfg, limits).with_epoch(epoch)
     }
 
     fn with_source(
@@ -148,8 +142,7 @@ impl Shipper {
         source: Source,
         channel: Channel,
         cfg: ShipperConfig,
-        limiter: Option<Arc<RateLimiter>>,
-        transfers: Arc<Semaphore>,
+        limits: Arc<Limits>,
     ) -> Self {
         let client = ReplicationClient::new(channel)
             .max_decoding_message_size(vmreplica_api::MAX_FRAME)
@@ -160,8 +153,7 @@ impl Shipper {
             source,
             client,
             cfg,
-            limiter,
-            transfers,
+            limits,
             epoch: 0,
             log_start: 1,
             stats: Mutex::default(),

@@ -7,15 +7,14 @@ use std::{
     fs::File,
     io::{self, Read},
     os::unix::fs::FileExt,
-    sync::Arc,
 };
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use vmreplica_api::replication::{CopyChunk, CopyStart, SegmentChunk, SegmentStart};
 
-use super::{RateLimiter, ShipError, Shipper};
-use crate::{fail_point_armed, image::data_extents, log::SealedSegment};
+use super::{ShipError, Shipper};
+use crate::{fail_point_armed, image::data_extents, limits::Limits, log::SealedSegment};
 
 /// What one chunk producer hands the gRPC stream.
 type Chunks<T> = mpsc::Receiver<T>;
@@ -33,7 +32,7 @@ impl Shipper {
     }
 
     /// Reads, compresses and rate-limits one chunk: `(data, compressed, raw_len)`.
-    fn encode(raw: &mut [u8], compression: bool, limiter: &Option<Arc<RateLimiter>>) -> (Vec<u8>, bool, u32) {
+    fn encode(raw: &mut [u8], compression: bool, limits: &Limits) -> (Vec<u8>, bool, u32) {
         // Test hook: corrupt what is sent (the replica must notice).
         if fail_point_armed!("ship.tamper-chunk") && !raw.is_empty() {
             raw[raw.len() / 2] ^= 0x20;
@@ -43,14 +42,12 @@ impl Shipper {
             Some(Ok(c)) if c.len() < raw.len() => (c, true),
             _ => (raw.to_vec(), false),
         };
-        if let Some(l) = limiter {
-            l.acquire_blocking(data.len());
-        }
+        limits.bandwidth.acquire_blocking(data.len());
         (data, compressed, raw_len)
     }
 
     pub(super) async fn push(&self, seg: &SealedSegment) -> Result<u64, ShipError> {
-        let _permit = self.transfers.acquire().await.expect("the semaphore is never closed");
+        let _slot = self.limits.transfers.acquire().await;
         let start = SegmentStart {
             disk: Some(self.disk_ref()),
             first_seq: seg.first_seq,
@@ -58,8 +55,8 @@ impl Shipper {
             epoch: self.epoch,
             length: seg.bytes,
         };
-        let (path, chunk, compression, limiter) =
-            (seg.path.clone(), self.cfg.chunk_size, self.cfg.compression, self.limiter.clone());
+        let (path, chunk, compression, limits) =
+            (seg.path.clone(), self.cfg.chunk_size, self.cfg.compression, self.limits.clone());
         let (rx, producer) = self.spawn_producer(move |tx| {
             let read_err = |source| ShipError::Read { what: path.display().to_string(), source };
             let mut file = File::open(&path).map_err(read_err)?;
@@ -76,7 +73,7 @@ impl Shipper {
                 if offset > 0 && fail_point_armed!("ship.cut-stream") {
                     return Ok(wire);
                 }
-                let (data, compressed, raw_len) = Self::encode(&mut buf[..n], compression, &limiter);
+                let (data, compressed, raw_len) = Self::encode(&mut buf[..n], compression, &limits);
                 wire += data.len() as u64;
                 let c = SegmentChunk { start: start.take(), offset, data, compressed, raw_len };
                 if tx.blocking_send(c).is_err() {
@@ -104,7 +101,7 @@ impl Shipper {
     /// Sends every non-zero block of the disk; returns the sequence replication
     /// resumes at. Writes go on meanwhile and are shipped after.
     pub(super) async fn initial_copy(&self) -> Result<u64, ShipError> {
-        let _permit = self.transfers.acquire().await.expect("the semaphore is never closed");
+        let _slot = self.limits.transfers.acquire().await;
         // Everything logged before the cut is in the image, so the copy covers
         // it; replication resumes at the cut. (Reading next_seq after sealing
         // instead would race with writes landing in the new segment.)
@@ -118,12 +115,12 @@ impl Shipper {
             epoch: self.epoch,
             next_seq,
         };
-        let (path, size, chunk, compression, limiter, source, copying) = (
+        let (path, size, chunk, compression, limits, source, copying) = (
             self.source.image_path(),
             self.source.size(),
             self.cfg.chunk_size,
             self.cfg.compression,
-            self.limiter.clone(),
+            self.limits.clone(),
             self.source.clone(),
             self.copying.clone(),
         );
@@ -139,7 +136,7 @@ impl Shipper {
             copying.1.store(extents.iter().map(|(_, len)| len).sum(), Relaxed);
             let mut send = |off: u64, data: &mut [u8]| {
                 copying.0.fetch_add(data.len() as u64, Relaxed);
-                let (data, compressed, raw_len) = Self::encode(data, compression, &limiter);
+                let (data, compressed, raw_len) = Self::encode(data, compression, &limits);
                 wire += data.len() as u64;
                 let c = CopyChunk {
                     start: start.take(),

@@ -34,6 +34,7 @@ fn located(disks: Vec<ReplicaDisk>) -> Located {
         capabilities: vec!["replica".into(), "primary".into()],
         labels: Default::default(),
         live: true,
+        server_name: None,
     };
     Located { agent, status: AgentStatus { replicas: disks, ..Default::default() } }
 }
