@@ -43,6 +43,16 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 ln -sf "$(command -v etcd)" "$assets/etcd"
 
+# Helm's own code for the chart tests (hack/helm): Debian has no helm
+# binary; helm-python-sdk bundles Helm v4's Go SDK.
+venv="$cache/helm-venv"
+if ! "$venv/bin/python" -c 'import helm_python, yaml' 2>/dev/null; then
+  log "installing helm-python-sdk in $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check helm-python-sdk==0.2.2 pyyaml==6.0.3 >&2
+fi
+
 if missing; then
   started=$(date +%s)
   work="$cache/build"

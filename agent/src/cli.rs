@@ -71,11 +71,11 @@ struct AnnounceArgs {
     /// for every node lets one certificate serve a whole DaemonSet.
     #[arg(long)]
     server_name: Option<String>,
-    /// Also copy this node's own labels (read from its Node object every
-    /// minute) onto the Lease, so a ReplicationServer's nodeSelector selects
-    /// by them. Needs `get` on nodes.
-    #[arg(long)]
-    labels_from_node: bool,
+    /// Also copy the labels of this Kubernetes Node (the agent's own node,
+    /// e.g. `$(NODE_NAME)`; read every minute) onto the Lease, so a
+    /// ReplicationServer's nodeSelector selects by them. Needs `get` on nodes.
+    #[arg(long, value_name = "NODE")]
+    labels_from_node: Option<String>,
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

@@ -42,8 +42,9 @@ pub struct Presence {
     pub annotations: BTreeMap<String, String>,
     /// Extra labels (the node's, when the agent is not on a Kubernetes node).
     pub labels: BTreeMap<String, String>,
-    /// The Node object's own labels, when they are copied (read at start and
-    /// every minute); `labels` win where both set a key.
+    /// The Node whose own labels are copied (read at start and every
+    /// minute), and those labels; `labels` win where both set a key.
+    pub labels_from: Option<String>,
     pub node_labels: Option<BTreeMap<String, String>>,
     pub duration: Duration,
     /// The host peers reach the agent at, and where its replication server
@@ -100,8 +101,8 @@ pub async fn announce(
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, kube::Error> {
     let nodes: Api<Node> = Api::all(client.clone());
-    if presence.node_labels.is_some() {
-        presence.node_labels = Some(node_labels(&nodes, &presence.node).await?);
+    if let Some(node) = &presence.labels_from {
+        presence.node_labels = Some(node_labels(&nodes, node).await?);
     }
     let api: Api<Lease> = Api::namespaced(client, &presence.namespace);
     renew(&api, &presence).await?;
@@ -131,13 +132,13 @@ async fn keep(api: Api<Lease>, nodes: Api<Node>, mut presence: Presence, mut sto
             _ = endpoint_moved(&mut moved) => {}
             _ = stop.changed() => break,
         }
-        if presence.node_labels.is_some() && labels_read.elapsed() >= NODE_LABELS_EVERY {
+        if let Some(node) = presence.labels_from.clone()
+            && labels_read.elapsed() >= NODE_LABELS_EVERY
+        {
             labels_read = tokio::time::Instant::now();
-            match node_labels(&nodes, &presence.node).await {
+            match node_labels(&nodes, &node).await {
                 Ok(l) => presence.node_labels = Some(l),
-                Err(e) => {
-                    tracing::warn!(node = %presence.node, error = %e, "reading the node's labels failed")
-                }
+                Err(e) => tracing::warn!(%node, error = %e, "reading the node's labels failed"),
             }
         }
         // Failed renewals are retried at the next tick; the Lease's duration

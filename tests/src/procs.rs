@@ -120,3 +120,32 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// The serial number (upper-case hex) of the certificate the server on
+/// loopback `port` presents as `server_name`, as `openssl s_client` (a
+/// client nobody here wrote) sees it, with the client certificate in
+/// `client_dir`; `None` when no handshake completes.
+pub fn presented_serial(port: u16, client_dir: &Path, server_name: &str) -> Option<String> {
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{port} -servername {server_name} -cert {d}/tls.crt -key \
+         {d}/tls.key -CAfile {d}/ca.crt </dev/null 2>/dev/null | openssl x509 -noout -serial",
+        d = client_dir.display()
+    );
+    let out = std::process::Command::new("sh").args(["-c", &script]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim().strip_prefix("serial=").map(|s| s.to_ascii_uppercase())
+}
+
+/// The serial number of `m`'s certificate, as [`presented_serial`] says it.
+pub fn serial_of(m: &TlsMaterial) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running openssl");
+    child.stdin.take().expect("piped stdin").write_all(m.cert_pem.as_bytes()).expect("writing the PEM");
+    let out = child.wait_with_output().expect("openssl's output");
+    String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("serial=").to_ascii_uppercase()
+}

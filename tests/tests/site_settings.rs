@@ -13,44 +13,19 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use serde_json::json;
-use vmreplica_api::tls::TlsMaterial;
 use vmreplica_controller::{context, site};
 use vmreplica_crds::{AgentAcceptance, AuthorizationEntry, ReplicationServer};
 use vmreplica_tests::{
     FIELD_MANAGER, client,
     pki::Ca,
-    procs::{Process, bin, free_port, http_get, lease_args, live, material, wait_secs, write_tls},
+    procs::{
+        Process, bin, free_port, http_get, lease_args, live, material, presented_serial, serial_of,
+        wait_secs, write_tls,
+    },
     shared_kubeconfig, test_namespace, tls_secret,
 };
 
 const MIB: u64 = 1 << 20;
-
-/// The serial number of the certificate the server at `port` presents, as
-/// `openssl s_client` (a client nobody here wrote) sees it; upper-case hex.
-fn presented_serial(port: u16, client_dir: &Path, server_name: &str) -> Option<String> {
-    let script = format!(
-        "openssl s_client -connect 127.0.0.1:{port} -servername {server_name} -cert {d}/tls.crt -key \
-         {d}/tls.key -CAfile {d}/ca.crt </dev/null 2>/dev/null | openssl x509 -noout -serial",
-        d = client_dir.display()
-    );
-    let out = Command::new("sh").args(["-c", &script]).output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim().strip_prefix("serial=").map(|s| s.to_ascii_uppercase())
-}
-
-/// The serial of a PEM certificate, in the same form.
-fn serial_of(m: &TlsMaterial) -> String {
-    let mut child = Command::new("openssl")
-        .args(["x509", "-noout", "-serial"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(m.cert_pem.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().trim_start_matches("serial=").to_ascii_uppercase()
-}
 
 /// Sums the samples of `metric` (any labels) in a Prometheus text page.
 fn metric(page: &str, metric: &str) -> u64 {

@@ -16,8 +16,8 @@ pub struct Announce {
     pub host: String,
     /// The name in its certificate the controller verifies it as.
     pub server_name: String,
-    /// Copy the Node's own labels onto the Lease too.
-    pub labels_from_node: bool,
+    /// Copy this Node's own labels onto the Lease too.
+    pub labels_from_node: Option<String>,
 }
 
 /// Starts renewing this agent's Lease; the returned handle deletes it on
@@ -54,7 +54,8 @@ pub async fn announce(
         node: a.node.clone(),
         annotations,
         labels: a.labels.clone(),
-        node_labels: a.labels_from_node.then(Default::default),
+        labels_from: a.labels_from_node.clone(),
+        node_labels: None,
         duration: Duration::from_secs(15),
         replication: replication.map(|r| (a.host.clone(), r)),
     };
