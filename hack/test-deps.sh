@@ -80,7 +80,8 @@ if missing; then
     cp /usr/share/gocode/src/github.com/modern-go/reflect2/*.go \
        /usr/share/gocode/src/github.com/modern-go/reflect2/*.s \
        "$k8s/vendor/github.com/modern-go/reflect2/" 2>/dev/null || true
-    rm -rf "$work"
+    # dpkg-source leaves a copy of the upstream tarball beside the tree.
+    rm -rf "$work" "$cache"/kubernetes_*.orig.tar.*
     touch "$k8s/.unpacked"
   fi
   mkdir -p "$cache/gocache" "$k8s/_output/local/go"
