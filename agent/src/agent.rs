@@ -64,6 +64,8 @@ impl From<ReplicaError> for ControlError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened {
     pub needs_initial_copy: bool,
+    /// A resync began and did not finish: the image is not consistent.
+    pub needs_resync: bool,
     pub next_seq: u64,
     pub epoch: u64,
 }
@@ -491,5 +493,10 @@ fn accept_open(replica: &ReplicaDisk, a: &OpenArgs) -> Result<Opened, StoreError
     if a.epoch < s.epoch {
         return Err(ReplicaError::StaleEpoch { current: s.epoch, found: a.epoch }.into());
     }
-    Ok(Opened { needs_initial_copy: !s.has_copy(), next_seq: s.received_through + 1, epoch: s.epoch })
+    Ok(Opened {
+        needs_initial_copy: !s.has_copy(),
+        needs_resync: matches!(s.lifecycle, Lifecycle::Resyncing { .. }),
+        next_seq: s.received_through + 1,
+        epoch: s.epoch,
+    })
 }

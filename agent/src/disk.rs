@@ -224,6 +224,25 @@ impl ProtectedDisk {
         Ok((next, rotation.map(|r| self.finish(r)).transpose()?))
     }
 
+    /// A resync starts: the log is cut (see [`Journal::begin_resync`]);
+    /// returns the cut and the dirty map when it can be trusted.
+    pub fn begin_resync(&self, replica_next: u64) -> Result<(u64, Option<crate::log::dirty::DirtyMap>)> {
+        let (cut, map, rotation) = {
+            let mut j = self.journal();
+            let (cut, map) = j.begin_resync(replica_next)?;
+            (cut, map, j.rotate(false)?)
+        };
+        if let Some(r) = rotation {
+            self.finish(r)?;
+        }
+        Ok((cut, map))
+    }
+
+    /// Whether only the dirty map records changes (the log overflowed).
+    pub fn resync_required(&self) -> bool {
+        self.journal().resync_required()
+    }
+
     /// The first half of [`Self::seal`]: the cut point. Quiescing for an
     /// application-consistent point needs to cover only this.
     pub fn rotate(&self, app_consistent: bool) -> Result<Option<Rotation>> {

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod disk;
 pub mod failpoint;
 pub mod grpc;
+pub mod hashtree;
 pub mod image;
 pub mod lease;
 pub mod limits;

@@ -9,7 +9,7 @@ mod common;
 use std::{fs, sync::Arc, time::Instant};
 
 use common::{net::*, *};
-use vmreplica_agent::replication::shipper::{Shipper, ShipperConfig};
+use vmreplica_agent::replication::shipper::{ResyncPolicy, Shipper, ShipperConfig};
 use vmreplica_api::{
     replication::{
         CopyChunk, CopyStart, DiskRef, OpenRequest, SegmentChunk, SegmentStart,
@@ -661,18 +661,22 @@ async fn after_a_failover_the_extended_replica_follows_the_new_primary() {
         .with_epoch(1)
         .with_log_start(n + 1);
 
-    // C stopped one segment short of what B's image holds: refused, and B
-    // keeps its segment (acknowledging C's position would have dropped it).
+    // C stopped one segment short of what B's image holds: another history
+    // for B's new log. With automatic resynchronisation off it is refused,
+    // and B keeps its segment (acknowledging C's position would have dropped it).
+    resume.set_resync_policy(ResyncPolicy { automatic: false, ..Default::default() });
     let err = resume.sync_once().await.unwrap_err();
     assert_eq!(err.kind(), vmreplica_api::control::FailureKind::ResyncRequired, "{err}");
     assert!(err.to_string().contains("another history"), "{err}");
     assert_eq!(served.disk.log_status().sealed.len(), 1, "nothing deleted at B");
     assert_eq!(fs::read(c.service.replica("vm1", "root").unwrap().image()).unwrap(), c_before);
 
-    // B still holds what it kept for C: forwarded, C is where B's log
-    // starts, and follows B: no copy, the new epoch, B's write.
-    assert_eq!(b_to_c.sync_once().await.unwrap(), n);
+    // With it on, C is resynchronised to B's image by hash tree (no copy),
+    // then follows B's log: the new epoch, B's write.
+    resume.set_resync_policy(ResyncPolicy::default());
     assert_eq!(resume.sync_once().await.unwrap(), seal.last_seq);
+    let r = resume.stats().last_resync.expect("a resync healed C");
+    assert!(!r.dirty_map && r.changed_bytes > 0, "{r:?}");
     assert_eq!(resume.stats().initial_copy_bytes, 0);
     let at_c = wait_for(&c, "vm1", seal.last_seq).await;
     assert!(identical(path_str(&at_c.image()), path_str(&served.image)), "C holds B's bytes");

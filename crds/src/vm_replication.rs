@@ -67,8 +67,21 @@ pub struct VMReplicationSpec {
     #[serde(default)]
     pub initial_replication: InitialReplication,
     /// Pause replication. Writes keep being logged and are shipped on resume.
+    /// During a resynchronisation: ResynchronizeSuspended; resuming continues it.
     #[serde(default)]
     pub suspended: bool,
+    /// Resynchronise now (Hyper-V's `Resume-VMReplication -Resynchronize`),
+    /// whatever the automatic window: both sides' disks are compared by hash
+    /// tree and only differing blocks are sent. A new `id` starts one;
+    /// `status.lastResynchronization.id` says it was done, and the same id
+    /// again does nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resynchronize: Option<ResynchronizeRequest>,
+    /// When a resynchronisation that replication needs (the log passed half
+    /// the disk while the replica was out of reach, a gap in the log, the
+    /// replica holding another history) starts on its own.
+    #[serde(default)]
+    pub automatic_resynchronization: AutomaticResynchronization,
     /// A failover to carry out. See FailoverRequest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverRequest>,
@@ -246,6 +259,48 @@ pub struct InitialReplication {
     pub directory: Option<String>,
 }
 
+/// A resynchronisation asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResynchronizeRequest {
+    /// Identifies the request: a new id starts one resynchronisation.
+    #[schemars(length(min = 1, max = 63), pattern(LABEL_PATTERN))]
+    pub id: String,
+}
+
+/// When needed resynchronisations start on their own (Hyper-V's automatic
+/// resynchronisation and its interval).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomaticResynchronization {
+    /// Start one when replication needs it. When false, the VM waits in
+    /// WaitingForStartResynchronize (health Critical) for `spec.resynchronize`.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Only within this daily window (UTC, may wrap past midnight, e.g.
+    /// 18:30 to 06:00, outside office hours). Unset: at any time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<DailyWindow>,
+}
+
+impl Default for AutomaticResynchronization {
+    fn default() -> Self {
+        Self { enabled: true, window: None }
+    }
+}
+
+/// A daily time window, UTC.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DailyWindow {
+    /// Start, `HH:MM` UTC.
+    #[schemars(pattern(TIME_OF_DAY_PATTERN))]
+    pub start: String,
+    /// End, `HH:MM` UTC (before `start`: the window wraps past midnight).
+    #[schemars(pattern(TIME_OF_DAY_PATTERN))]
+    pub end: String,
+}
+
 /// The isolated network of a test failover.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -315,6 +370,9 @@ pub struct VMReplicationStatus {
     /// Progress of an initial replication or resynchronisation in flight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// The last resynchronisation that finished on every disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resynchronization: Option<ResynchronizationStatus>,
     /// Incremented at every promotion; segments of an older epoch are refused.
     #[serde(default)]
     pub epoch: u64,
@@ -419,6 +477,28 @@ pub struct Progress {
     /// Estimated completion time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<Time>,
+}
+
+/// What a finished resynchronisation did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResynchronizationStatus {
+    /// The request's id (`spec.resynchronize.id`), or `auto-<time>` for an automatic one.
+    pub id: String,
+    /// When the controller saw it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// HashTree (both sides compared block hashes) or DirtyMap (the primary
+    /// sent only the blocks its map of changes named).
+    pub mode: String,
+    /// Everything sent on the wire, hashes included, over all disks.
+    pub bytes_sent: u64,
+    /// Of that, bytes of disk data (compressed; zeros cost none).
+    pub data_bytes_sent: u64,
+    /// Bytes of the disk brought over: every block that differed, zeros included.
+    pub bytes_resynchronized: u64,
+    /// How long the slowest disk took.
+    pub duration_seconds: u64,
 }
 
 /// Phases of a failover operation.

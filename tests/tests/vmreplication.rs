@@ -524,3 +524,80 @@ fn log_dir_for(image: &std::path::Path) -> std::path::PathBuf {
     name.push(".vmrlog");
     image.with_file_name(name)
 }
+
+/// The replica goes away and the log passes half the disk: the VM waits in
+/// WaitingForStartResynchronize (Critical, naming the window) while outside
+/// its automatic window, ResynchronizeSuspended while suspended, and a
+/// request resynchronises it at once by dirty map; a second request with
+/// nothing to heal compares hashes and sends no data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowed_log_is_resynchronised_on_request_outside_the_window() {
+    let mut s = site().await;
+    let disk = s.root.join("disks").join("rs-root.img");
+    qemu_img_create(&disk, "32M");
+    qemu_io(disk.to_str().unwrap(), "write -P 0x21 0 4M").unwrap();
+    // A window that is never now: an hour from now to an hour ago.
+    let now_min =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() % 86_400 / 60;
+    let hhmm = |m: u64| format!("{:02}:{:02}", m % 1440 / 60, m % 60);
+    let window =
+        json!({"enabled": true, "window": {"start": hhmm(now_min + 60), "end": hhmm(now_min + 1380)}});
+    let spec = with(s.spec(&disk, "replica", s.replica_port), "automaticResynchronization", window);
+    s.apply("rs", spec.clone()).await;
+    s.wait_state("rs", ReplicationState::Replicating, 60).await;
+
+    // The replica site's agent goes away; 18 MiB are written (more than half of 32).
+    s.replicas[0].kill();
+    let export = format!("nbd+unix:///{}.rs/root?socket={}", s.ns, s.socket.display());
+    for k in 0..18 {
+        qemu_io(&export, &format!("write -P {} {}M 1M", k + 1, k + 8)).unwrap();
+    }
+    s.replicas[0] = receiver(&s.root, "replica-tls", s.replica_port, &s.primary_name, &s.replica_storage);
+    let v = s.wait_state("rs", ReplicationState::WaitingForStartResynchronize, 60).await;
+    let st = v.status.unwrap();
+    assert_eq!(st.health, Health::Critical);
+    let details = st.health_details.join(" ");
+    assert!(details.contains("automatic resynchronisation runs") && details.contains("UTC"), "{details}");
+    assert!(details.contains("spec.resynchronize"), "it says how to start one now: {details}");
+
+    // Suspended meanwhile: ResynchronizeSuspended.
+    s.apply("rs", with(spec.clone(), "suspended", json!(true))).await;
+    s.wait_state("rs", ReplicationState::ResynchronizeSuspended, 30).await;
+
+    // Resumed with a request: it runs at once, by dirty map.
+    s.apply("rs", with(spec.clone(), "resynchronize", json!({"id": "now-1"}))).await;
+    let v = wait_secs(90, "the requested resync to finish", async || {
+        let v = s.vmrs.get("rs").await.ok()?;
+        let st = v.status.as_ref()?;
+        (st.state == ReplicationState::Replicating
+            && st.last_resynchronization.as_ref().is_some_and(|r| r.id == "now-1"))
+        .then_some(v)
+    })
+    .await;
+    let r = v.status.unwrap().last_resynchronization.unwrap();
+    assert_eq!(r.mode, "DirtyMap", "{r:?}");
+    assert_eq!(r.bytes_resynchronized, 18 << 20, "the dirty bytes: {r:?}");
+    assert!(r.data_bytes_sent < r.bytes_resynchronized / 10, "patterns compress (zstd): {r:?}");
+    let replica_img = s.replica_storage.join(format!("{}.rs", s.ns)).join("root").join("disk.img");
+    let same = |a: &Path, b: &Path| {
+        Command::new("qemu-img")
+            .args(["compare", "-U", "-q", "-f", "raw", "-F", "raw"])
+            .arg(a)
+            .arg(b)
+            .status()
+            .unwrap()
+            .success()
+    };
+    wait_secs(30, "the replica to equal the disk", async || same(&replica_img, &disk).then_some(())).await;
+
+    // Nothing to heal: a requested resync compares hashes and sends no data.
+    s.apply("rs", with(spec, "resynchronize", json!({"id": "check-2"}))).await;
+    let v = wait_secs(90, "the second resync", async || {
+        let v = s.vmrs.get("rs").await.ok()?;
+        v.status.as_ref()?.last_resynchronization.as_ref().is_some_and(|r| r.id == "check-2").then_some(v)
+    })
+    .await;
+    let r = v.status.unwrap().last_resynchronization.unwrap();
+    assert_eq!((r.mode.as_str(), r.bytes_resynchronized, r.data_bytes_sent), ("HashTree", 0, 0), "{r:?}");
+    assert!(r.bytes_sent > 0 && r.bytes_sent < 64 << 10, "hashes only: {r:?}");
+}

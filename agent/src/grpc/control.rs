@@ -12,7 +12,7 @@ use vmreplica_api::{
         AgentStatus, ConfigureReply, DeleteMaterializedReply, DeleteMaterializedRequest, EnableReply,
         ExtendRequest, FinalDisk, GetStatusRequest, MaterializeReply, MaterializeRequest, PrepareReply,
         PrimaryDisk, PromoteRequest, ProtectedVm, RecoveryPoint, RemoveReplicaRequest, RemoveReply,
-        RemoveRequest, ReplicaDisk, SiteConfiguration, SiteInForce, VmReplicationSpec,
+        RemoveRequest, ReplicaDisk, ResyncProgress, SiteConfiguration, SiteInForce, VmReplicationSpec,
         control_server::Control,
     },
     tls::{LiveTls, TlsMaterial},
@@ -23,7 +23,7 @@ use crate::{
     node::spec::{DiskSpec, ExtendSpec, Served, VmSpec},
     replication::{
         authz::{Entry, SiteConfig},
-        shipper::Shipper,
+        shipper::{ResyncPolicy, Shipper},
     },
     site::{InForce, Settings},
 };
@@ -170,6 +170,14 @@ fn vm_spec(s: VmReplicationSpec) -> VmSpec {
         guest_agent_socket: s.guest_agent_socket,
         history_window_seconds: s.history_window_seconds,
         history_hourly_points: s.history_hourly_points,
+        resync: ResyncPolicy {
+            automatic: !s.resync_manual_only,
+            window: (s.resync_window_start_minute != s.resync_window_end_minute).then(|| {
+                let m = |x: u32| (x % 1440) as u16;
+                (m(s.resync_window_start_minute), m(s.resync_window_end_minute))
+            }),
+            requested: Some(s.resync_request_id).filter(|id| !id.is_empty()),
+        },
     }
 }
 
@@ -209,9 +217,36 @@ fn replica_disk(r: &crate::replica::ReplicaDisk) -> ReplicaDisk {
 /// A shipper's numbers as the control API reports them.
 fn shipped(s: &Shipper) -> PrimaryDisk {
     let st = s.stats();
-    let resync_required = s.disk().is_some_and(|d| d.log_status().resync_required);
     let copy = s.copy_progress();
     let ms = |d: std::time::Duration| d.as_millis() as u64;
+    let unix_ms = |t: Option<std::time::SystemTime>| {
+        t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, ms)
+    };
+    let resync = s.resync_progress().map(|r| ResyncProgress {
+        id: r.id,
+        dirty_map: r.dirty_map,
+        done_bytes: r.done_bytes,
+        total_bytes: r.total_bytes,
+        wire_bytes: r.wire_bytes,
+        data_bytes: r.data_bytes,
+        started_unix_ms: unix_ms(r.started),
+        duration_ms: 0,
+        changed_bytes: r.changed_bytes,
+    });
+    let last_resync = st.last_resync.as_ref().map(|r| ResyncProgress {
+        id: r.id.clone(),
+        dirty_map: r.dirty_map,
+        done_bytes: 0,
+        total_bytes: 0,
+        wire_bytes: r.wire_bytes,
+        data_bytes: r.data_bytes,
+        started_unix_ms: 0,
+        duration_ms: (r.seconds * 1000.0) as u64,
+        changed_bytes: r.changed_bytes,
+    });
+    // Needed and not running: the log overflowed, or a cycle found it needed.
+    let resync_required = resync.is_none()
+        && (st.resync_waiting.is_some() || s.disk().is_some_and(|d| d.log_status().resync_required));
     PrimaryDisk {
         vm_id: s.vm_id().to_owned(),
         disk_id: s.disk_id().to_owned(),
@@ -239,6 +274,9 @@ fn shipped(s: &Shipper) -> PrimaryDisk {
         initial_copy_bytes: st.initial_copy_bytes,
         disk_size: s.disk_size(),
         epoch: s.epoch(),
+        resync,
+        last_resync,
+        resync_waiting: st.resync_waiting.unwrap_or_default(),
     }
 }
 

@@ -16,7 +16,8 @@ use vmreplica_api::{
     MAX_CHUNK, MAX_FRAME,
     replication::{
         CopyAck, CopyChunk, DiskRef, FinalizeRequest, OpenReply, OpenRequest, Refusal, RefusalKind,
-        RemoveAck, SegmentAck, SegmentChunk, replication_server::Replication,
+        RemoveAck, ResyncDown, ResyncUp, SegmentAck, SegmentChunk, replication_server::Replication,
+        resync_up::Msg as Up,
     },
     tls::{LiveTls, dns_names},
 };
@@ -37,7 +38,9 @@ pub fn status(e: ReplicaError) -> Status {
     match e {
         ReplicaError::Verification { .. } => Status::data_loss(msg),
         ReplicaError::OutOfOrder { .. } | ReplicaError::ChunkOutOfOrder { .. } => Status::out_of_range(msg),
-        ReplicaError::StaleEpoch { .. } | ReplicaError::NoInitialCopy => Status::failed_precondition(msg),
+        ReplicaError::StaleEpoch { .. } | ReplicaError::NoInitialCopy | ReplicaError::Precondition(_) => {
+            Status::failed_precondition(msg)
+        }
         ReplicaError::Mismatch { .. } | ReplicaError::Invalid { .. } => Status::invalid_argument(msg),
         ReplicaError::TooLarge { .. } => Status::resource_exhausted(msg),
         ReplicaError::NoSuchPoint(_) => Status::not_found(msg),
@@ -64,7 +67,7 @@ fn peer_names<T>(req: &Request<T>) -> Vec<String> {
 
 /// The replication API of one agent.
 pub struct ReplicationService {
-    agent: Arc<Agent>,
+    pub(super) agent: Arc<Agent>,
 }
 
 impl ReplicationService {
@@ -87,7 +90,7 @@ impl ReplicationService {
 
     /// Waits until `n` more bytes fit the agent's bandwidth limit (shared
     /// with what it sends): a slow reader slows the sender through TCP.
-    async fn throttle(&self, n: usize, vm: &str, disk: &str) {
+    pub(super) async fn throttle(&self, n: usize, vm: &str, disk: &str) {
         if let Ok(store) = self.agent.store() {
             store.limits().bandwidth.acquire(n).await;
             if let Some(m) = store.metrics() {
@@ -226,12 +229,12 @@ impl ReplicationService {
 }
 
 /// The metric labels of a replica: its VM and disk.
-fn labels(r: &ReplicaDisk) -> (String, String) {
+pub(super) fn labels(r: &ReplicaDisk) -> (String, String) {
     let s = r.state();
     (s.vm_id.clone(), s.disk_id.clone())
 }
 
-fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Result<Vec<u8>, Status> {
+pub(super) fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Result<Vec<u8>, Status> {
     let raw_len = raw_len as usize;
     if raw_len > MAX_CHUNK || data.len() > MAX_CHUNK {
         return Err(Status::resource_exhausted(format!(
@@ -284,12 +287,46 @@ impl Replication for ReplicationService {
             let o = self.agent.open(&names, args).await.map_err(refused)?;
             Ok(Response::new(OpenReply {
                 needs_initial_copy: o.needs_initial_copy,
+                needs_resync: o.needs_resync,
                 next_seq: o.next_seq,
                 epoch: o.epoch,
             }))
         }
         .await;
         self.counted(result)
+    }
+
+    type ResyncStream = tokio_stream::wrappers::ReceiverStream<Result<ResyncDown, Status>>;
+
+    #[tracing::instrument(skip_all, fields(vm, disk))]
+    async fn resync(
+        &self,
+        req: Request<Streaming<ResyncUp>>,
+    ) -> Result<Response<Self::ResyncStream>, Status> {
+        let names = peer_names(&req);
+        let mut inbound = req.into_inner();
+        let opened = async {
+            let Some(Up::Start(start)) = inbound.message().await?.and_then(|m| m.msg) else {
+                return Err(Status::invalid_argument("a resync's first message must be its start"));
+            };
+            let d = start.disk.clone().ok_or_else(|| Status::invalid_argument("start.disk is required"))?;
+            tracing::Span::current().record("vm", &d.vm_id).record("disk", &d.disk_id);
+            let replica = self.require(&names, &d.vm_id, &d.disk_id)?;
+            replica.touch();
+            Ok((replica, start))
+        }
+        .await;
+        let (replica, start) = self.counted(opened)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let svc = ReplicationService::new(self.agent.clone());
+        tokio::spawn(async move {
+            if let Err(s) = svc.run_resync(replica, start, inbound, &tx).await {
+                tracing::warn!(error = %s.message(), "resync ended early");
+                let _ = svc.counted::<()>(Err(s.clone()));
+                let _ = tx.send(Err(s)).await;
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
     async fn push_segment(

@@ -4,7 +4,7 @@
 //!
 //! State file (`state` in the log directory), replaced atomically:
 //! `magic "VMRSTAT1" | flags u32 | block_size u32 | epoch u64 | nblocks u64 |
-//!  bitmap (nblocks bits, u64 words) | crc32c u32`.
+//!  bitmap (nblocks bits, u64 words) | [dirty_from u64, when flag 4] | crc32c u32`.
 
 use std::{fs, io, path::Path};
 
@@ -13,6 +13,7 @@ pub const DIRTY_BLOCK: u64 = 64 << 10;
 const MAGIC: &[u8; 8] = b"VMRSTAT1";
 const FLAG_RESYNC_REQUIRED: u32 = 1;
 const FLAG_CLEAN_SHUTDOWN: u32 = 2;
+const FLAG_DIRTY_FROM: u32 = 4;
 
 /// A bitmap of changed blocks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,24 +66,38 @@ pub struct JournalState {
     pub resync_required: bool,
     pub clean_shutdown: bool,
     pub dirty: DirtyMap,
+    /// The first sequence the map covers: every change logged from it on,
+    /// and every change since, is marked. `None`: the map cannot be trusted
+    /// to be complete (a crash in this mode marked it whole).
+    pub dirty_from: Option<u64>,
 }
 
 impl JournalState {
     pub fn new(disk_size: u64) -> Self {
-        Self { epoch: 0, resync_required: false, clean_shutdown: true, dirty: DirtyMap::new(disk_size) }
+        Self {
+            epoch: 0,
+            resync_required: false,
+            clean_shutdown: true,
+            dirty: DirtyMap::new(disk_size),
+            dirty_from: None,
+        }
     }
 
     fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(36 + self.dirty.words.len() * 8);
         b.extend_from_slice(MAGIC);
         let flags = (self.resync_required as u32 * FLAG_RESYNC_REQUIRED)
-            | (self.clean_shutdown as u32 * FLAG_CLEAN_SHUTDOWN);
+            | (self.clean_shutdown as u32 * FLAG_CLEAN_SHUTDOWN)
+            | (self.dirty_from.is_some() as u32 * FLAG_DIRTY_FROM);
         b.extend_from_slice(&flags.to_le_bytes());
         b.extend_from_slice(&(DIRTY_BLOCK as u32).to_le_bytes());
         b.extend_from_slice(&self.epoch.to_le_bytes());
         b.extend_from_slice(&self.dirty.blocks.to_le_bytes());
         for w in &self.dirty.words {
             b.extend_from_slice(&w.to_le_bytes());
+        }
+        if let Some(from) = self.dirty_from {
+            b.extend_from_slice(&from.to_le_bytes());
         }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
@@ -103,7 +118,9 @@ impl JournalState {
             return Err("journal state has another block size");
         }
         let mut dirty = DirtyMap::new(disk_size);
-        if word(24) != dirty.blocks || body.len() != 32 + dirty.words.len() * 8 {
+        let bitmap_end = 32 + dirty.words.len() * 8;
+        let has_from = flags & FLAG_DIRTY_FROM != 0;
+        if word(24) != dirty.blocks || body.len() != bitmap_end + if has_from { 8 } else { 0 } {
             return Err("journal state is for a disk of another size");
         }
         for (i, w) in dirty.words.iter_mut().enumerate() {
@@ -114,6 +131,7 @@ impl JournalState {
             resync_required: flags & FLAG_RESYNC_REQUIRED != 0,
             clean_shutdown: flags & FLAG_CLEAN_SHUTDOWN != 0,
             dirty,
+            dirty_from: has_from.then(|| word(bitmap_end)),
         })
     }
 
@@ -161,6 +179,9 @@ mod tests {
         s.resync_required = true;
         s.clean_shutdown = false;
         s.dirty.mark(5 << 20, 1);
+        s.store(dir.path()).unwrap();
+        assert_eq!(JournalState::load(dir.path(), 1 << 30).unwrap(), s);
+        s.dirty_from = Some(1234);
         s.store(dir.path()).unwrap();
         assert_eq!(JournalState::load(dir.path(), 1 << 30).unwrap(), s);
         assert!(JournalState::load(dir.path(), 2 << 30).is_err(), "another disk size is refused");

@@ -33,7 +33,7 @@ use std::{
 
 use super::{
     apply::apply_record,
-    dirty::JournalState,
+    dirty::{DirtyMap, JournalState},
     format::{
         FormatError, MAX_SEQ, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SEAL_FLAG_APP_CONSISTENT,
         SEAL_RECORD_LEN, SegmentHeader, SegmentReader, encode_record, encode_seal, record_crc, record_header,
@@ -160,6 +160,7 @@ impl Journal {
             // Writes acknowledged after the last persisted dirty map may be missing
             // from it: only a full comparison is safe.
             state.dirty.mark_all();
+            state.dirty_from = None;
         }
         state.clean_shutdown = false;
         state.store(dir).map_err(io_err(dir))?;
@@ -443,6 +444,9 @@ impl Journal {
     /// deletes the log it no longer needs. The sequence continues after the gap,
     /// so the replica sees that a resync must follow.
     fn drop_pending_into_dirty_map(&mut self) -> Result<()> {
+        // Everything from the oldest record not acknowledged on is in the map.
+        let oldest = self.sealed.first().map_or(self.active.first_seq, |s| s.first_seq);
+        self.state.dirty_from = Some(oldest);
         let mut paths: Vec<PathBuf> = self.sealed.iter().map(|s| s.path.clone()).collect();
         paths.push(self.active.path.clone());
         for path in &paths {
@@ -531,6 +535,23 @@ impl Journal {
 
     pub fn resync_required(&self) -> bool {
         self.state.resync_required
+    }
+
+    /// A resync starts: returns the cut (the first sequence not in the image,
+    /// where replication resumes after it) and, when only the dirty map
+    /// recorded changes and it covers every one since `replica_next` (the
+    /// replica's position), that map. Logging resumes at once; the map is
+    /// handed over (a failed resync then compares hashes instead).
+    pub fn begin_resync(&mut self, replica_next: u64) -> Result<(u64, Option<DirtyMap>)> {
+        if !self.state.resync_required {
+            return Ok((self.next_seq, None));
+        }
+        let map = std::mem::replace(&mut self.state.dirty, DirtyMap::new(self.cfg.disk_size));
+        let trusted = self.state.dirty_from == Some(replica_next);
+        self.state.resync_required = false;
+        self.state.dirty_from = None;
+        self.state.store(&self.dir).map_err(io_err(&self.dir))?;
+        Ok((self.next_seq, trusted.then_some(map)))
     }
 
     pub fn state(&self) -> &JournalState {

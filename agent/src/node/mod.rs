@@ -178,6 +178,7 @@ impl Node {
                 // A connection per disk: see `Peer::channel`.
                 let ch = peer.channel().map_err(|e| format!("replica server {}: {e}", peer.addr))?;
                 let s = Shipper::new(&spec.vm_id, d.clone(), ch, cfg.clone(), self.cfg.limits.clone());
+                s.set_resync_policy(spec.resync.clone());
                 Ok(Arc::new(
                     s.with_metrics(self.metrics.clone())
                         .with_peer(peer.clone())
@@ -309,6 +310,9 @@ impl Node {
                 d.make_writable();
             }
             tracing::info!(vm = %spec.vm_id, "planned failover cancelled: replicating again");
+        }
+        for s in &m.shippers {
+            s.set_resync_policy(spec.resync.clone());
         }
         m.spec = spec;
         self.start(m);

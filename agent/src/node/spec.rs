@@ -41,6 +41,8 @@ pub struct VmSpec {
     /// The recovery history the replica keeps for this VM.
     pub history_window_seconds: u64,
     pub history_hourly_points: u32,
+    /// When the VM's disks may be resynchronised.
+    pub resync: crate::replication::shipper::ResyncPolicy,
 }
 
 /// Extended replication of the replicas of a VM held here (A→B→C, at B).

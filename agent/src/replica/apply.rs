@@ -26,7 +26,7 @@ use super::{
     ranges::{RangeMap, Source},
 };
 use crate::log::{
-    FormatError, Record, RecordKind, SegmentHeader, SegmentReader,
+    FormatError, Record, RecordKind, SegmentReader,
     apply::{apply_record, check_bounds},
     format::{MAX_PAYLOAD, SegmentWriter},
 };
@@ -47,17 +47,77 @@ impl ReplicaDisk {
     }
 
     /// Applies segment `seg` (starting at `first`) with its undo file and
-    /// records the point. Long (about 90 lines) on purpose: the crash-safe
-    /// order (undo durable, then image, then point, then delete) reads as one.
+    /// records the point: steps 1 and 2 in [`Self::apply_with_undo`], then
+    /// the point (step 3) and the segment's removal (step 4).
     fn apply_one(&self, first: u64, seg: &Path) -> Result<()> {
+        let undo_name = format!("{first:020}.undo");
+        let verification = |source| ReplicaError::Verification { first_seq: first, source };
+        let (seal, direct_bytes, seg_file) = self.apply_with_undo(seg, &undo_name, &verification)?;
+        fail!("apply.before-point");
+        // Step 3: the point (its undo files: the bridge, newest first), or
+        // not consistent yet (after a copy or a resync): nothing more.
+        self.update(|s| {
+            s.applied_through = seal.last_seq;
+            s.stats.segments += 1;
+            s.stats.bytes += seal.data_bytes;
+            s.stats.max_segment_bytes = s.stats.max_segment_bytes.max(seal.data_bytes);
+            s.stats.direct_bytes += direct_bytes;
+            s.stats.last_sealed_unix_ms = seal.sealed_unix_ms;
+            if seal.last_seq + 1 >= s.consistent_from {
+                let mut back = s.bridge.drain(..).rev();
+                let (undo, chain) = (back.next(), back.collect());
+                let kind =
+                    if seal.app_consistent { PointKind::ApplicationConsistent } else { PointKind::Standard };
+                s.points.push(Point { seq: seal.last_seq, time_ms: seal.sealed_unix_ms, kind, undo, chain });
+            }
+        })?;
+        // Kept only when something refers to it: the oldest point needs no
+        // undo, and segments before the first consistent point of a new copy
+        // make no point.
+        if !self.refers_to(&undo_name) {
+            let undo_path = self.dir.join("undo").join(&undo_name);
+            fs::remove_file(&undo_path).map_err(io_at(&undo_path))?;
+        }
+        fail!("apply.before-delete");
+        // Step 4.
+        if self.state().forward {
+            return self.keep_for_forwarding(seg, first, seal.last_seq);
+        }
+        fs::remove_file(seg).map_err(io_at(seg))?;
+        // The last handle on the unlinked segment: closing it frees its blocks
+        // (with online discard, ~0.15 s per GiB here), which the next apply
+        // need not wait for.
+        std::thread::spawn(move || drop(seg_file));
+        Ok(())
+    }
+
+    /// Whether a point or the bridge refers to undo file `name`.
+    pub(super) fn refers_to(&self, name: &str) -> bool {
+        let s = self.state();
+        s.bridge.iter().any(|b| b == name) || s.points.iter().any(|p| p.undo_files().any(|u| u == name))
+    }
+
+    /// Steps 1 and 2 for any file of records (a segment, a resync batch):
+    /// its undo file `undo_name` is made durable from the image's current
+    /// contents (or, when a complete one is there, reused: the image may
+    /// already be partly changed) and, when a point exists, joins the bridge
+    /// back to it; only then are its records applied and the image fsynced,
+    /// so the newest point can be materialised exactly at every moment.
+    /// Returns its seal, the bytes written direct, and a handle on it. Long
+    /// (about 65 lines) on purpose: the crash-safe order reads as one.
+    pub(super) fn apply_with_undo(
+        &self,
+        seg: &Path,
+        undo_name: &str,
+        verification: &dyn Fn(FormatError) -> ReplicaError,
+    ) -> Result<(crate::log::format::SealInfo, u64, File)> {
         let image_path = self.image_path();
         let image = open_nofollow(&image_path, true, false).map_err(io_at(&image_path))?;
         // Aligned reads and writes of the image bypass the page cache (see
         // `super::direct`); `None` where the filesystem refuses.
         let direct = super::direct::open(&image_path);
         let size = self.state().disk_size;
-        let verification = |source| ReplicaError::Verification { first_seq: first, source };
-        // Pass 1: the union of ranges the segment touches, from its record
+        // Pass 1: the union of ranges the file touches, from its record
         // headers (it was verified in full when it was received).
         let file = open_nofollow(seg, false, false).map_err(io_at(seg))?;
         let (header, ranges, seal) =
@@ -77,15 +137,13 @@ impl ReplicaDisk {
             }
         }
         // Step 1: the undo file.
-        let undo_name = format!("{first:020}.undo");
-        let undo_path = self.dir.join("undo").join(&undo_name);
+        let undo_path = self.dir.join("undo").join(undo_name);
         if verify_file(&undo_path).is_err() {
             let part = self.dir.join("undo").join(format!("{undo_name}.part"));
             let _ = fs::remove_file(&part);
             let f = open_nofollow(&part, true, true).map_err(io_at(&part))?;
             let out = super::direct::DirectWriter::new(f, super::direct::open(&part));
-            let mut w = SegmentWriter::new(out, &SegmentHeader { first_seq: first, ..header.clone() })
-                .map_err(io_at(&part))?;
+            let mut w = SegmentWriter::new(out, &header).map_err(io_at(&part))?;
             write_ranges(&mut w, &touched, &[&image], direct.as_ref(), &image_path, size)?;
             let (out, _) = w.finish(now_ms()).map_err(io_at(&part))?;
             let f = out.finish().map_err(io_at(&part))?;
@@ -93,6 +151,11 @@ impl ReplicaDisk {
             fs::rename(&part, &undo_path).map_err(io_at(&part))?;
             sync_dir(&self.dir.join("undo"))?;
         }
+        self.update(|s| {
+            if !s.points.is_empty() && !s.bridge.iter().any(|b| b == undo_name) {
+                s.bridge.push(undo_name.to_owned());
+            }
+        })?;
         fail!("apply.after-undo");
         // Step 2: apply, checking each record's CRC as it goes.
         let f = open_nofollow(seg, false, false).map_err(io_at(seg))?;
@@ -106,38 +169,7 @@ impl ReplicaDisk {
                 ApplyError::Stopped(e) => e,
             })?;
         image.sync_all().map_err(io_at(&image_path))?;
-        fail!("apply.before-point");
-        // Step 3: the point.
-        self.update(|s| {
-            s.applied_through = seal.last_seq;
-            s.stats.segments += 1;
-            s.stats.bytes += seal.data_bytes;
-            s.stats.max_segment_bytes = s.stats.max_segment_bytes.max(seal.data_bytes);
-            s.stats.direct_bytes += direct_bytes;
-            s.stats.last_sealed_unix_ms = seal.sealed_unix_ms;
-            if seal.last_seq + 1 >= s.consistent_from {
-                let undo = if s.points.is_empty() { None } else { Some(undo_name.clone()) };
-                let kind =
-                    if seal.app_consistent { PointKind::ApplicationConsistent } else { PointKind::Standard };
-                s.points.push(Point { seq: seal.last_seq, time_ms: seal.sealed_unix_ms, kind, undo });
-            }
-        })?;
-        // Kept only when the new point refers to it: the oldest point needs no
-        // undo, and segments before the first consistent point make no point.
-        if self.state().points.last().is_none_or(|p| p.undo.as_deref() != Some(undo_name.as_str())) {
-            fs::remove_file(&undo_path).map_err(io_at(&undo_path))?;
-        }
-        fail!("apply.before-delete");
-        // Step 4.
-        if self.state().forward {
-            return self.keep_for_forwarding(seg, first, seal.last_seq);
-        }
-        fs::remove_file(seg).map_err(io_at(seg))?;
-        // The last handle on the unlinked segment: closing it frees its blocks
-        // (with online discard, ~0.15 s per GiB here), which the next apply
-        // need not wait for.
-        std::thread::spawn(move || drop(seg_file));
-        Ok(())
+        Ok((seal, direct_bytes, seg_file))
     }
 }
 

@@ -12,6 +12,8 @@
 //!    incoming/<seq>.part   a segment being received (discarded on restart)
 //!    log/<seq>.seg         received, durable and verified, not yet applied
 //!    undo/<seq>.undo       what segment <seq> overwrote: rolls a point back to the one before
+//!    undo/r<n>.undo        what resync batch <n> overwrote (resync.rs)
+//!    resync/<n>.seg        a resync batch, durable, not yet applied
 //!    forward/<a>-<b>.seg   applied, kept for the extended replica (forward.rs)
 //!    materialized/<n>.img  recovery points written out (points.rs)
 //!    replica.json          identity, lifecycle, epoch, sequence positions, points (state.rs)
@@ -25,6 +27,7 @@ pub mod names;
 pub mod points;
 pub mod ranges;
 pub mod receive;
+pub mod resync;
 pub mod retention;
 pub mod state;
 pub mod store;
@@ -100,6 +103,9 @@ pub enum ReplicaError {
     BadState { path: PathBuf, why: String },
     #[error("{field} {value} is not allowed: {why}")]
     Invalid { field: &'static str, value: u64, why: &'static str },
+    /// The replica is not in a state that allows the call (a resync running, none to finish).
+    #[error("{0}")]
+    Precondition(String),
 }
 
 type Result<T, E = ReplicaError> = std::result::Result<T, E>;
@@ -141,7 +147,7 @@ impl ReplicaDisk {
     /// Opens the replica in `dir` (which the store made, confined), creating it
     /// with `init` when there is none, and recovers from any crash.
     pub fn open(dir: &Path, init: impl FnOnce() -> ReplicaState) -> Result<Self> {
-        for sub in ["incoming", "log", "undo", "forward"] {
+        for sub in ["incoming", "log", "undo", "forward", "resync"] {
             let d = dir.join(sub);
             fs::create_dir_all(&d).map_err(io_at(&d))?;
         }
@@ -189,13 +195,15 @@ impl ReplicaDisk {
             }
         }
 
-        // Undo files no point refers to, of segments already applied: left by a
+        // Resync batches received whole are applied; partial ones go.
+        self.recover_resync()?;
+
+        // Undo files nothing refers to, of segments already applied: left by a
         // prune or a first point whose delete was cut short. (Those of segments
         // not yet applied are complete and reused by the next apply.)
-        let referenced: Vec<String> = self.state().points.iter().filter_map(|p| p.undo.clone()).collect();
         for (first, p) in undo_files(&self.dir.join("undo"))? {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if first <= applied && !referenced.iter().any(|r| r == name) {
+            if first <= applied && !self.refers_to(name) {
                 fs::remove_file(&p).map_err(io_at(&p))?;
             }
         }

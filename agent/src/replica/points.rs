@@ -104,11 +104,14 @@ impl ReplicaDisk {
         sparse_copy(&image, dest).map_err(io_at(dest))?;
         let out = OpenOptions::new().read(true).write(true).open(dest).map_err(io_at(dest))?;
         let size = self.state().disk_size;
-        // Newest first: each undo takes a point back to the one before it.
-        for p in points[at + 1..].iter().rev() {
-            let undo =
-                self.dir.join("undo").join(p.undo.as_deref().expect("only the oldest point lacks an undo"));
-            let verification = |source| ReplicaError::Verification { first_seq: p.seq, source };
+        // Newest first: the bridge takes the image back to the newest point
+        // (what a resync or a not yet consistent segment changed since), then
+        // each point's undo files take it back to the one before it.
+        let bridge: Vec<String> = self.state().bridge.iter().rev().cloned().collect();
+        let newer = points[at + 1..].iter().rev().flat_map(|p| p.undo_files().map(move |u| (p.seq, u)));
+        for (seq, name) in bridge.iter().map(|b| (0, b)).chain(newer) {
+            let undo = self.dir.join("undo").join(name);
+            let verification = |source| ReplicaError::Verification { first_seq: seq, source };
             let mut reader = open_reader(&undo).map_err(verification)?;
             while let Some(r) = reader.next_record().map_err(verification)? {
                 apply_record(&out, size, &r).map_err(io_at(dest))?;
@@ -131,20 +134,21 @@ impl ReplicaDisk {
                 i += 1;
                 continue;
             }
-            // Removing point i: point i+1's undo must now reach point i-1, i.e.
-            // undo(i+1) then undo(i). The oldest point has no predecessor: its
-            // successor's undo simply goes.
-            let next_undo = points[i + 1].undo.clone().expect("not the oldest");
-            let new_undo = match points[i].undo.clone() {
+            // Removing point i: point i+1's undo files must now reach point
+            // i-1, i.e. its own then point i's, folded into one. The oldest
+            // point has no predecessor: its successor's undo files simply go.
+            let old: Vec<String> =
+                points[i + 1].undo_files().chain(points[i].undo_files()).cloned().collect();
+            let new_undo = match points[i].undo {
                 None => None,
-                Some(this_undo) => Some(self.fold(&next_undo, &this_undo)?),
+                Some(_) => Some(self.fold_all(&old)?),
             };
-            let old = [points[i].undo.clone(), Some(next_undo)];
             points[i + 1].undo = new_undo;
+            points[i + 1].chain.clear();
             points.remove(i);
             self.update(|s| s.points = points.clone())?;
-            for name in old.into_iter().flatten() {
-                if points.iter().all(|p| p.undo.as_deref() != Some(name.as_str())) {
+            for name in old {
+                if !self.refers_to(&name) {
                     let p = self.dir.join("undo").join(&name);
                     fs::remove_file(&p).map_err(io_at(&p))?;
                 }
@@ -174,6 +178,21 @@ impl ReplicaDisk {
     }
 
     /// One undo file equal to applying `first` then `second`; returns its name.
+    /// Folds undo files (in the order they apply) into one new file; the
+    /// intermediate folds are removed, the inputs are not.
+    fn fold_all(&self, names: &[String]) -> Result<String> {
+        let mut acc = names[0].clone();
+        for (k, next) in names[1..].iter().enumerate() {
+            let folded = self.fold(&acc, next)?;
+            if k > 0 {
+                let p = self.dir.join("undo").join(&acc);
+                fs::remove_file(&p).map_err(io_at(&p))?;
+            }
+            acc = folded;
+        }
+        Ok(acc)
+    }
+
     fn fold(&self, first: &str, second: &str) -> Result<String> {
         let undo_dir = self.dir.join("undo");
         let paths = [undo_dir.join(first), undo_dir.join(second)];

@@ -22,6 +22,18 @@ impl ReplicaDisk {
     /// about itself is checked here, before anything is written; the replica
     /// stays as it was until [`Self::finish_copy`] commits the whole copy.
     pub fn begin_copy(&self, disk_size: u64, epoch: u64, next_seq: u64) -> Result<IncomingCopy> {
+        self.check_start(disk_size, epoch, next_seq)?;
+        let path = self.dir.join("incoming").join("disk.img.part");
+        let _ = fs::remove_file(&path);
+        let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
+        file.set_len(disk_size).map_err(io_at(&path))?;
+        Ok(IncomingCopy { path, file, size: disk_size, received: 0, next_seq, epoch })
+    }
+
+    /// What an initial copy or a resync says about itself, checked before
+    /// anything is written: its next sequence, an epoch no older than the
+    /// replica's, the replica's disk size.
+    pub(super) fn check_start(&self, disk_size: u64, epoch: u64, next_seq: u64) -> Result<()> {
         check_seq("next_seq", next_seq)?;
         check_epoch(epoch)?;
         let s = self.state();
@@ -34,12 +46,7 @@ impl ReplicaDisk {
                 what: format!("disk size {disk_size}, replica has {}", s.disk_size),
             });
         }
-        drop(s);
-        let path = self.dir.join("incoming").join("disk.img.part");
-        let _ = fs::remove_file(&path);
-        let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
-        file.set_len(disk_size).map_err(io_at(&path))?;
-        Ok(IncomingCopy { path, file, size: disk_size, received: 0, next_seq, epoch })
+        Ok(())
     }
 
     /// Makes a received initial copy the replica image. Replication resumes
@@ -123,6 +130,12 @@ impl ReplicaDisk {
         }
         if epoch < s.epoch {
             return Err(ReplicaError::StaleEpoch { current: s.epoch, found: epoch });
+        }
+        if matches!(s.lifecycle, Lifecycle::Resyncing { .. }) {
+            return Err(ReplicaError::Precondition(
+                "a resync of this replica has not finished: segments can follow only a finished resync"
+                    .into(),
+            ));
         }
         if len > MAX_SEGMENT_LEN {
             return Err(ReplicaError::TooLarge { what: "segment", len, limit: MAX_SEGMENT_LEN });

@@ -49,7 +49,7 @@ mod tests {
     use super::*;
 
     fn pt(seq: u64, minutes: u64, kind: PointKind) -> Point {
-        Point { seq, time_ms: minutes * 60_000, kind, undo: None }
+        Point { seq, time_ms: minutes * 60_000, kind, undo: None, chain: Vec::new() }
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //!
 //! ```text
 //!  AwaitingCopy ──copy durable──▶ CommittingCopy ──image replaced──▶ Receiving ◀──▶ Finalized(last)
-//!        ▲                                                              │   │           │
-//!        └── opened again ── Removed{by primary | at replica} ◀─────────┘   └─ promote ─┴─▶ Promoted
+//!        ▲                                                              │ ▲ │           │
+//!        │                                             Resync begins ──▶│ │ └─ promote ─┴─▶ Promoted
+//!        │                                   Resyncing{next_seq} ───────┘ │ (finished)
+//!        └── opened again ── Removed{by primary | at replica} ◀───────────┘
 //! ```
 //! Version 1 files (before the lifecycle was one field) are read and
 //! migrated; a newer version than this agent knows is refused by name.
@@ -62,6 +64,18 @@ pub struct Point {
     /// Undo file (in `undo/`) that takes this point back to the previous one;
     /// `None` for the oldest point.
     pub undo: Option<String>,
+    /// Further undo files to apply after `undo` on the way back, newest
+    /// first: what a resync between the two points overwrote (see
+    /// [`ReplicaState::bridge`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
+}
+
+impl Point {
+    /// The undo files from this point back to the previous one, in the order they apply.
+    pub fn undo_files(&self) -> impl Iterator<Item = &String> {
+        self.undo.iter().chain(&self.chain)
+    }
 }
 
 /// Where replication resumes after an initial copy (see [`super::ReplicaDisk::finish_copy`]).
@@ -93,6 +107,11 @@ pub enum Lifecycle {
     /// the disk and points stay.
     #[serde(rename_all = "camelCase")]
     Removed { at_replica: bool },
+    /// A resync is bringing the image to the primary's (resync.rs): not
+    /// consistent until one finishes; replication then resumes at `next_seq`.
+    /// The newest point stays recoverable through `bridge`.
+    #[serde(rename_all = "camelCase")]
+    Resyncing { next_seq: u64, epoch: u64 },
 }
 
 /// What `replica.json` holds.
@@ -139,6 +158,18 @@ pub struct ReplicaState {
     /// Initial copies received so far (each starts a new history).
     #[serde(default)]
     pub copies: u64,
+    /// Undo files of what changed since the newest point without making a
+    /// point (resync batches, and segments before `consistent_from` after
+    /// one), oldest first: applied newest first, they take the image back to
+    /// the newest point. The next point takes them over as its `chain`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bridge: Vec<String>,
+    /// Resync batches ever applied here (names their undo files uniquely).
+    #[serde(default)]
+    pub resync_batches: u64,
+    /// Resyncs finished here.
+    #[serde(default)]
+    pub resyncs: u64,
     /// Extended replication: which of those the extended replica holds a
     /// copy of; another one arriving means it needs a new copy too.
     #[serde(default)]
@@ -220,8 +251,13 @@ impl ReplicaState {
 
     /// An initial copy has landed (and replication may have moved on since).
     pub fn has_copy(&self) -> bool {
-        matches!(self.lifecycle, Lifecycle::Receiving | Lifecycle::Finalized { .. } | Lifecycle::Promoted)
-            || matches!(self.lifecycle, Lifecycle::Removed { .. }) && self.copies > 0
+        matches!(
+            self.lifecycle,
+            Lifecycle::Receiving
+                | Lifecycle::Finalized { .. }
+                | Lifecycle::Promoted
+                | Lifecycle::Resyncing { .. }
+        ) || matches!(self.lifecycle, Lifecycle::Removed { .. }) && self.copies > 0
     }
 
     /// Replication was removed, by either side.

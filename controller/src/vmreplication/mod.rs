@@ -175,7 +175,7 @@ async fn outcome(vmr: &VMReplication, ctx: &Context, obs: &Observation) -> Outco
             && m.quiesce_error_unix_ms >= m.last_app_consistent_unix_ms)
             .then(|| (m.quiesce_error_unix_ms as i64, m.quiesce_error.clone()));
     }
-    Outcome::Enabled(v)
+    Outcome::Enabled(Box::new(v))
 }
 
 /// A Primary object replicating: ask, read, write status, record metrics.
@@ -203,12 +203,16 @@ async fn replicate(vmr: &VMReplication, ctx: &Context, obs: &Observation) -> Res
                 latency_total_ms: v.latency_total_ms,
             };
             let window = in_window(v, &ctx.window(&uid, window_start_ms, fresh));
-            let copying = primary::state(vmr.spec.suspended, &outcome, previous.state)
-                == ReplicationState::WaitingForInitialReplication;
-            let rate = if copying {
-                match ctx.sample(&uid, now_ms, v.copy_done) {
-                    Some((t, done)) if now_ms > t && v.copy_done >= done => {
-                        Some((v.copy_done - done) * 1000 / (now_ms - t) as u64)
+            // The rate of the long operation running: an initial copy or a resync.
+            let done = match primary::state(vmr.spec.suspended, &outcome, previous.state) {
+                ReplicationState::WaitingForInitialReplication => Some(v.copy_done),
+                ReplicationState::Resynchronizing => v.resyncing.as_ref().map(|r| r.done),
+                _ => None,
+            };
+            let rate = if let Some(now_done) = done {
+                match ctx.sample(&uid, now_ms, now_done) {
+                    Some((t, done)) if now_ms > t && now_done >= done => {
+                        Some((now_done - done) * 1000 / (now_ms - t) as u64)
                     }
                     _ => None,
                 }

@@ -60,6 +60,18 @@ pub fn humanize(d: Duration) -> String {
     }
 }
 
+/// Bytes as an operator reads them (binary units, one decimal).
+pub fn humanize_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
 /// Lag as status shows it: coarse, so that a caught-up replication does not
 /// rewrite status every pass.
 pub fn lag_text(lag: Duration) -> String {

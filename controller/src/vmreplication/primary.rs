@@ -10,11 +10,11 @@ use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::ResourceExt;
 use vmreplica_api::control::{AgentStatus, DiskSpec, FailureKind, PrimaryDisk, VmReplicationSpec};
 use vmreplica_crds::{
-    FailoverPhase, FailoverStatus, Health, Progress, ReplicationState, ReplicationStatistics, VMReplication,
-    VMReplicationStatus,
+    FailoverPhase, FailoverStatus, Health, Progress, ReplicationState, ReplicationStatistics,
+    ResynchronizationStatus, VMReplication, VMReplicationStatus,
 };
 
-use super::monitoring::{Monitoring, humanize, lag_text};
+use super::monitoring::{Monitoring, humanize, humanize_bytes, lag_text};
 pub use crate::context::Baseline;
 use crate::{
     agents::Agent,
@@ -66,7 +66,30 @@ pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
         guest_agent_socket: quiesce.and_then(|q| q.guest_agent_socket.clone()).unwrap_or_default(),
         history_window_seconds: u64::from(history.continuous_window_seconds),
         history_hourly_points: history.hourly_recovery_points,
+        ..resync_spec(vmr)
     })
+}
+
+/// The resync part of the agent's spec: the automatic policy and the
+/// request, unless the status says that request was done.
+pub fn resync_spec(vmr: &VMReplication) -> VmReplicationSpec {
+    let auto = &vmr.spec.automatic_resynchronization;
+    let minute = |t: &str| super::monitoring::parse_time_of_day(t).unwrap_or(0);
+    let (start, end) = auto.window.as_ref().map_or((0, 0), |w| (minute(&w.start), minute(&w.end)));
+    let done = vmr.status.as_ref().and_then(|s| s.last_resynchronization.as_ref()).map(|r| r.id.as_str());
+    VmReplicationSpec {
+        resync_manual_only: !auto.enabled,
+        resync_window_start_minute: start,
+        resync_window_end_minute: end,
+        resync_request_id: vmr
+            .spec
+            .resynchronize
+            .as_ref()
+            .map(|r| r.id.clone())
+            .filter(|id| Some(id.as_str()) != done)
+            .unwrap_or_default(),
+        ..Default::default()
+    }
 }
 
 /// The agent that serves this VM's disks.
@@ -110,6 +133,12 @@ pub struct VmView {
     pub copy_done: u64,
     pub copy_total: u64,
     pub resync_required: bool,
+    /// A resync running on some disk: summed over the disks.
+    pub resyncing: Option<ResyncView>,
+    /// Why a needed resync waits (its window, or a request), when one does.
+    pub resync_waiting: Option<String>,
+    /// The last resync that finished on every disk (the same id on all).
+    pub last_resync: Option<ResyncView>,
     /// Kind and message of a disk's last failure, when its last cycle failed.
     pub failure: Option<(FailureKind, String)>,
     /// The agent fenced the VM: a newer epoch of it exists (0: not fenced).
@@ -122,6 +151,34 @@ pub struct VmView {
     pub quiesce_failed: Option<(i64, String)>,
     /// A thaw failed after a freeze reached the guest: it may be frozen.
     pub thaw_pending: bool,
+}
+
+/// A resync of the VM's disks, summed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResyncView {
+    pub id: String,
+    pub dirty_map: bool,
+    pub done: u64,
+    pub total: u64,
+    pub wire: u64,
+    pub data: u64,
+    pub changed: u64,
+    pub duration_ms: u64,
+}
+
+impl ResyncView {
+    fn add(&mut self, p: &vmreplica_api::control::ResyncProgress) {
+        if self.id.is_empty() {
+            self.id = p.id.clone();
+        }
+        self.dirty_map |= p.dirty_map;
+        self.done += p.done_bytes;
+        self.total += p.total_bytes;
+        self.wire += p.wire_bytes;
+        self.data += p.data_bytes;
+        self.changed += p.changed_bytes;
+        self.duration_ms = self.duration_ms.max(p.duration_ms);
+    }
 }
 
 pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
@@ -152,6 +209,12 @@ pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
             v.copy_total += if d.successful_cycles > 0 { d.initial_copy_bytes } else { d.disk_size };
         }
         v.resync_required |= d.resync_required;
+        if let Some(r) = &d.resync {
+            v.resyncing.get_or_insert_with(Default::default).add(r);
+        }
+        if !d.resync_waiting.is_empty() && v.resync_waiting.is_none() {
+            v.resync_waiting = Some(format!("disk {}: {}", d.disk_id, d.resync_waiting));
+        }
         v.epoch = v.epoch.max(d.epoch);
         if d.last_replication_unix_ms == 0 {
             all_replicated = false;
@@ -164,6 +227,16 @@ pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
         }
     }
     v.last_replication_ms = oldest.filter(|_| all_replicated);
+    // A resync counts as finished for the VM once every disk finished that one.
+    let last: Vec<&vmreplica_api::control::ResyncProgress> =
+        mine.iter().filter_map(|d| d.last_resync.as_ref()).collect();
+    if !last.is_empty() && last.len() == mine.len() && last.iter().all(|r| r.id == last[0].id) {
+        let mut total = ResyncView::default();
+        for r in last {
+            total.add(r);
+        }
+        v.last_resync = Some(total);
+    }
     v
 }
 
@@ -202,7 +275,7 @@ pub enum Outcome {
     /// The agent is gone or unreachable; replication may still run.
     AgentUnavailable(String),
     /// The agent protects the VM.
-    Enabled(VmView),
+    Enabled(Box<VmView>),
 }
 
 /// The replication state for what was observed.
@@ -212,6 +285,8 @@ pub fn state(suspended: bool, outcome: &Outcome, previous: ReplicationState) -> 
         Outcome::Invalid { .. } => Error,
         Outcome::AgentUnavailable(_) => previous,
         Outcome::Enabled(v) if v.fenced_epoch > 0 || refused_by_replica(v).is_some() => Error,
+        Outcome::Enabled(v) if v.resyncing.is_some() => Resynchronizing,
+        Outcome::Enabled(v) if v.resync_required && suspended => ResynchronizeSuspended,
         Outcome::Enabled(v) if v.resync_required => WaitingForStartResynchronize,
         Outcome::Enabled(_) if suspended => Suspended,
         Outcome::Enabled(v) if v.disks > 0 && v.replicated == v.disks => Replicating,
@@ -268,10 +343,26 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
                     "The replica server refused this primary ({m}); on the replica site, add an \
                      AuthorizationEntry whose allowedPrimaryServer matches this agent's certificate name"
                 ));
-            } else if v.resync_required {
-                critical.push(
-                    "Resynchronisation is required: the log could not keep the replica up to date".into(),
-                );
+            } else if v.resync_required && v.resyncing.is_none() {
+                critical.push(match &v.resync_waiting {
+                    Some(why) => format!(
+                        "Resynchronisation is required and waiting: {why}. To start it now, set \
+                         spec.resynchronize.id to a new value"
+                    ),
+                    None => {
+                        "Resynchronisation is required: the log could not keep the replica up to date; it \
+                             starts at the next cycle"
+                            .into()
+                    }
+                });
+            } else if let Some(r) = &v.resyncing {
+                warning.push(format!(
+                    "A resynchronisation ({}) is running: {} of {} compared; the replica is not consistent \
+                     until it finishes, its newest recovery point stays recoverable",
+                    r.id,
+                    humanize_bytes(r.done),
+                    humanize_bytes(r.total)
+                ));
             } else if let Some((_, m)) = &v.failure {
                 let since = v.last_replication_ms.unwrap_or(h.since_ms);
                 let failing = Duration::from_millis((h.now_ms - since).max(0) as u64);
@@ -406,17 +497,44 @@ fn measured(
         successful_cycles: window.successful,
         missed_cycles: window.missed,
     });
-    if state == ReplicationState::WaitingForInitialReplication {
+    status.last_resynchronization = match &v.last_resync {
+        // The time it was first seen finished stays.
+        Some(r) => Some(ResynchronizationStatus {
+            id: r.id.clone(),
+            completion_time: previous
+                .last_resynchronization
+                .as_ref()
+                .filter(|p| p.id == r.id)
+                .and_then(|p| p.completion_time.clone())
+                .or_else(|| ts(now_ms)),
+            mode: if r.dirty_map { "DirtyMap" } else { "HashTree" }.into(),
+            bytes_sent: r.wire,
+            data_bytes_sent: r.data,
+            bytes_resynchronized: r.changed,
+            duration_seconds: r.duration_ms / 1000,
+        }),
+        // An agent restarted since: what was seen stays.
+        None => previous.last_resynchronization.clone(),
+    };
+    // The long operation running: its rate since the last look, else the last one known.
+    let progress = |operation: &str, done: u64, total: u64| {
         let rate = input.rate.unwrap_or_else(|| previous.progress.as_ref().map_or(0, |p| p.bytes_per_second));
-        let left = v.copy_total.saturating_sub(v.copy_done);
-        status.progress = Some(Progress {
-            operation: "InitialReplication".into(),
-            bytes_done: v.copy_done,
-            bytes_total: v.copy_total,
+        let left = total.saturating_sub(done);
+        Progress {
+            operation: operation.into(),
+            bytes_done: done,
+            bytes_total: total,
             bytes_per_second: rate,
             eta: (rate > 0).then(|| ts(now_ms + (left / rate * 1000) as i64)).flatten(),
-        });
-    }
+        }
+    };
+    status.progress = match (state, &v.resyncing) {
+        (ReplicationState::Resynchronizing, Some(r)) => Some(progress("Resynchronization", r.done, r.total)),
+        (ReplicationState::WaitingForInitialReplication, _) => {
+            Some(progress("InitialReplication", v.copy_done, v.copy_total))
+        }
+        _ => None,
+    };
 }
 
 /// Ready, Replicating and Degraded for the status.

@@ -107,7 +107,7 @@ fn the_view_sums_a_vms_disks_only() {
 fn states_follow_the_agents_numbers() {
     use ReplicationState::*;
     let mut v = VmView { disks: 2, ..Default::default() };
-    let on = |v: &VmView, suspended| state(suspended, &Outcome::Enabled(v.clone()), NotEnabled);
+    let on = |v: &VmView, suspended| state(suspended, &Outcome::Enabled(Box::new(v.clone())), NotEnabled);
     assert_eq!(on(&v, false), ReadyForInitialReplication);
     v.copy_done = 10;
     assert_eq!(on(&v, false), WaitingForInitialReplication);
@@ -142,22 +142,22 @@ fn input(outcome: &Outcome, window: Baseline, now_ms: i64) -> HealthInput<'_> {
 fn health_rules_fire_with_details() {
     let ok = VmView { disks: 1, replicated: 1, last_replication_ms: Some(1_000_000), ..Default::default() };
     let w = |s, m| Baseline { successful: s, missed: m, ..Default::default() };
-    let (h, d) = health(&input(&Outcome::Enabled(ok.clone()), w(10, 2), 1_010_000));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(ok.clone())), w(10, 2), 1_010_000));
     assert_eq!((h, d.len()), (Health::Normal, 0), "{d:?}");
 
-    let (h, d) = health(&input(&Outcome::Enabled(ok.clone()), w(7, 3), 1_010_000));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(ok.clone())), w(7, 3), 1_010_000));
     assert_eq!(h, Health::Warning);
     assert!(d[0].contains("3 of 10 replication cycles"), "{d:?}");
 
-    let (h, d) = health(&input(&Outcome::Enabled(ok.clone()), w(10, 0), 1_000_000 + 2 * 3_600_000));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(ok.clone())), w(10, 0), 1_000_000 + 2 * 3_600_000));
     assert_eq!(h, Health::Warning);
     assert!(d[0].contains("2h0m behind"), "{d:?}");
 
     let mut failing = ok.clone();
     failing.failure = Some((FailureKind::Unreachable, "disk root: connection refused".into()));
-    let (h, _) = health(&input(&Outcome::Enabled(failing.clone()), w(10, 1), 1_000_000 + 299_000));
+    let (h, _) = health(&input(&Outcome::Enabled(Box::new(failing.clone())), w(10, 1), 1_000_000 + 299_000));
     assert_eq!(h, Health::Normal, "failing for less than ten intervals");
-    let (h, d) = health(&input(&Outcome::Enabled(failing), w(10, 1), 1_000_000 + 301_000));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(failing)), w(10, 1), 1_000_000 + 301_000));
     assert_eq!(h, Health::Critical);
     assert!(
         d[0].contains("No replication cycle has succeeded for 5m") && d[0].contains("connection refused")
@@ -166,29 +166,32 @@ fn health_rules_fire_with_details() {
     let mut tls = ok.clone();
     let why = "disk root: TLS: the server b refused this agent's certificate (UnknownCA)";
     tls.failure = Some((FailureKind::TlsRefused, why.into()));
-    let (h, d) = health(&input(&Outcome::Enabled(tls.clone()), w(0, 0), 1_000_000));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(tls.clone())), w(0, 0), 1_000_000));
     assert_eq!(h, Health::Critical, "at once: retrying does not fix a certificate");
     assert!(d[0].contains("TLS handshake") && d[0].contains("UnknownCA"), "{d:?}");
     assert!(!d[0].contains("AuthorizationEntry"), "not an authorisation problem: {d:?}");
-    assert_eq!(state(false, &Outcome::Enabled(tls), ReplicationState::Replicating), ReplicationState::Error);
+    assert_eq!(
+        state(false, &Outcome::Enabled(Box::new(tls)), ReplicationState::Replicating),
+        ReplicationState::Error
+    );
 
     let mut fenced = ok.clone();
     fenced.fenced_epoch = 3;
     fenced.failure = Some((FailureKind::StaleEpoch, "refused this primary's epoch 1".into()));
-    let (h, d) = health(&input(&Outcome::Enabled(fenced.clone()), w(0, 0), 1_000_000));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(fenced.clone())), w(0, 0), 1_000_000));
     assert_eq!(h, Health::Critical);
     assert!(
         d[0].contains("Fenced") && d[0].contains("epoch 3") && d[0].contains("Fail the VM back"),
         "{d:?}"
     );
     assert_eq!(
-        state(false, &Outcome::Enabled(fenced), ReplicationState::Replicating),
+        state(false, &Outcome::Enabled(Box::new(fenced)), ReplicationState::Replicating),
         ReplicationState::Error
     );
 
     let mut refused = ok;
     refused.failure = Some((FailureKind::RefusedPermission, "no AuthorizationEntry matches".into()));
-    let (h, d) = health(&input(&Outcome::Enabled(refused), w(0, 0), 1_000_000));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(refused)), w(0, 0), 1_000_000));
     assert_eq!(h, Health::Critical);
     assert!(d[0].contains("add an AuthorizationEntry"), "{d:?}");
 
@@ -241,21 +244,23 @@ fn a_point_that_could_not_be_quiesced_is_a_warning_and_an_event_each_time() {
     let mut unquiesced = ok.clone();
     let why = "the guest agent at /run/qga.sock did not answer: no answer to guest-sync within 5s";
     unquiesced.quiesce_failed = Some((1_000_000, why.into()));
-    let (h, d) = health(&input(&Outcome::Enabled(unquiesced.clone()), Baseline::default(), 1_000_000));
+    let (h, d) =
+        health(&input(&Outcome::Enabled(Box::new(unquiesced.clone())), Baseline::default(), 1_000_000));
     assert_eq!(h, Health::Warning, "{d:?}");
     assert!(d[0].starts_with(crate::status::QUIESCE_FAILED) && d[0].contains("guest-sync"), "{d:?}");
     assert!(d[0].contains("1970-01-01T00:16:40Z") && d[0].contains("crash-consistent"), "{d:?}");
 
     let mut frozen = unquiesced.clone();
     frozen.thaw_pending = true;
-    let (h, d) = health(&input(&Outcome::Enabled(frozen), Baseline::default(), 1_000_000));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(frozen)), Baseline::default(), 1_000_000));
     assert_eq!(h, Health::Critical);
     assert!(d[0].contains("may still be frozen") && d[0].contains("guest-sync"), "{d:?}");
 
     // The first failure is an Event, the same one again is not, the next
     // attempt's (a new time) is.
     let status = |v: &VmView| {
-        let (health, health_details) = health(&input(&Outcome::Enabled(v.clone()), Baseline::default(), 0));
+        let (health, health_details) =
+            health(&input(&Outcome::Enabled(Box::new(v.clone())), Baseline::default(), 0));
         VMReplicationStatus { health, health_details, ..Default::default() }
     };
     let normal = status(&ok);

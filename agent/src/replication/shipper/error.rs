@@ -35,6 +35,9 @@ pub enum ShipError {
          a resynchronisation is required"
     )]
     Diverged { replica_epoch: u64, replica_next: u64, epoch: u64, log_start: u64, last_logged: u64 },
+    /// A resync is needed and may not run yet: why, and when it will.
+    #[error("a resynchronisation is required: {0}")]
+    ResyncWaiting(String),
 }
 
 impl ShipError {
@@ -55,7 +58,9 @@ impl ShipError {
             ShipError::BadReply { .. } => FailureKind::BadReply,
             ShipError::Tls(_) => FailureKind::TlsRefused,
             ShipError::StaleEpoch { .. } => FailureKind::StaleEpoch,
-            ShipError::ResyncRequired { .. } | ShipError::Diverged { .. } => FailureKind::ResyncRequired,
+            ShipError::ResyncRequired { .. } | ShipError::Diverged { .. } | ShipError::ResyncWaiting(_) => {
+                FailureKind::ResyncRequired
+            }
         }
     }
 }

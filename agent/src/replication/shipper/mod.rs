@@ -4,11 +4,15 @@
 //! extended replica ([`source::Source`]).
 //!
 //! ```text
-//!  sync_once(): Open ─▶ [initial copy] ─▶ drop what the replica has ─▶ push the rest, in order
+//!  sync_once(): Open ─▶ [initial copy | resync] ─▶ drop what the replica has ─▶ push the rest, in order
 //!  push:   reader thread: read 1 MiB ─▶ zstd ─▶ bandwidth limit ─▶ channel ─▶ gRPC stream (transfer.rs)
+//!  resync: hash tree offered top-down, differing leaves sent (resync.rs), when the log cannot
+//!          bring the replica up to date and the VM's policy allows it now (policy.rs)
 //! ```
 
 mod error;
+pub mod policy;
+pub mod resync;
 pub mod source;
 mod transfer;
 
@@ -29,6 +33,8 @@ use vmreplica_api::{
 };
 
 use crate::{disk::ProtectedDisk, limits::Limits, metrics::Metrics, replica::ReplicaDisk};
+pub use policy::ResyncPolicy;
+pub use resync::{ResyncProgress, ResyncSummary};
 
 /// A recovery history for the replica to keep: every point within the
 /// window, then one per hour for `hourly_points` hours.
@@ -83,6 +89,10 @@ pub struct ShipStats {
     pub last_replication: Option<SystemTime>,
     pub durable_through: u64,
     pub initial_copy_bytes: u64,
+    /// The last resync that finished.
+    pub last_resync: Option<ResyncSummary>,
+    /// Why a resync is needed and not running (waiting for its window or a request).
+    pub resync_waiting: Option<String>,
 }
 
 /// Ships one disk's log (a protected disk's, or a replica's applied
@@ -106,6 +116,9 @@ pub struct Shipper {
     copying: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
     /// Where the channel leads (to diagnose TLS failures).
     peer: Option<Peer>,
+    /// When a resync may run (the VM's spec), and the one running.
+    policy: Mutex<ResyncPolicy>,
+    resync: ResyncProgress,
 }
 
 impl Shipper {
@@ -160,6 +173,8 @@ impl Shipper {
             metrics: None,
             copying: Arc::default(),
             peer: None,
+            policy: Mutex::default(),
+            resync: ResyncProgress::default(),
         }
     }
 
@@ -261,6 +276,16 @@ impl Shipper {
         self.source.size()
     }
 
+    /// Sets when resyncs may run (and asks for one by id).
+    pub fn set_resync_policy(&self, policy: ResyncPolicy) {
+        *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// The resync running now, if any.
+    pub fn resync_progress(&self) -> Option<resync::ResyncNow> {
+        self.resync.now()
+    }
+
     /// The initial copy in flight: (bytes sent, bytes to send); (0, 0) when none runs.
     pub fn copy_progress(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
@@ -345,35 +370,14 @@ impl Shipper {
         let mut next = checked_next(reply.next_seq, "Open")?;
         if reply.needs_initial_copy || self.source.needs_copy() {
             next = checked_next(self.initial_copy().await?, "PushInitialCopy")?;
-        } else {
-            // Before anything is dropped as "already there": the replica's
-            // sequence must be one of this log's. One that has seen nothing of
-            // this epoch must stop exactly where this log starts, and none may
-            // be ahead of what was logged here (either means it holds another
-            // history, and acknowledging would delete writes it never got).
-            let last_logged = self.source.next_seq() - 1;
-            let foreign = reply.epoch < self.epoch && next != self.log_start;
-            if foreign || next - 1 > last_logged {
-                return Err(ShipError::Diverged {
-                    replica_epoch: reply.epoch,
-                    replica_next: next,
-                    epoch: self.epoch,
-                    log_start: self.log_start,
-                    last_logged,
-                });
-            }
+        } else if let Some(why) = self.resync_reason(&reply, next)? {
+            next = checked_next(self.resync_if_allowed(why, next).await?, "Resync")?;
         }
+        self.set_waiting(None);
         // What the replica already has is no longer needed here.
         self.source.acknowledge(next - 1)?;
         let mut through = next - 1;
         for seg in self.source.sealed()? {
-            if seg.first_seq < next && seg.last_seq >= next {
-                return Err(ShipError::ResyncRequired {
-                    expected: next,
-                    first: seg.first_seq,
-                    last: seg.last_seq,
-                });
-            }
             let started = Instant::now();
             through = self.push(&seg).await?;
             self.source.acknowledge(through)?;

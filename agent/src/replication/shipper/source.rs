@@ -60,6 +60,27 @@ impl Source {
         }
     }
 
+    /// A resync starts now: the cut (where replication resumes after it)
+    /// and a dirty map to send instead of comparing, when one is trustworthy
+    /// for a replica at `replica_next`.
+    pub(super) fn begin_resync(
+        &self,
+        replica_next: u64,
+    ) -> Result<(u64, Option<crate::log::dirty::DirtyMap>), ShipError> {
+        match self {
+            Self::Protected(d) => Ok(d.begin_resync(replica_next)?),
+            Self::Forward(r) => Ok((r.set_forward(true)? + 1, None)),
+        }
+    }
+
+    /// Whether only a dirty map recorded the latest changes (the log overflowed).
+    pub(super) fn resync_required(&self) -> bool {
+        match self {
+            Self::Protected(d) => d.resync_required(),
+            Self::Forward(_) => false,
+        }
+    }
+
     /// Which initial copy of its own the source holds (a replica receives a
     /// new one after a break; 0 for a protected disk).
     pub(super) fn copy_generation(&self) -> u64 {

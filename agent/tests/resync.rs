@@ -1,0 +1,180 @@
+//! Resynchronisation between two agents on loopback (real shipper, real
+//! replica service, mutual TLS): a replica that drifted is brought back by
+//! hash tree sending about what differs; a log that overflowed is healed by
+//! its dirty map; the replica's newest point stays exact throughout; a
+//! resync waits for its window unless requested.
+
+mod common;
+
+use std::{fs, os::unix::fs::FileExt, path::Path};
+
+use common::{net::*, *};
+use vmreplica_agent::replication::shipper::{ResyncPolicy, Shipper, ShipperConfig};
+
+const MIB: u64 = 1 << 20;
+const LEAF: u64 = 4096;
+
+fn plain() -> ShipperConfig {
+    // Uncompressed: bytes on the wire are bytes of the disk, so they can be counted.
+    ShipperConfig {
+        compression: false,
+        backoff: vec![std::time::Duration::from_millis(100)],
+        ..Default::default()
+    }
+}
+
+fn request(ship: &Shipper, id: &str) {
+    ship.set_resync_policy(ResyncPolicy { requested: Some(id.into()), ..Default::default() });
+}
+
+/// Writes one random leaf at each of `leaves` (leaf indexes) of the file at `path`.
+fn scribble(path: &Path, leaves: &[u64], seed: u64) {
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    let mut rng = Rng(seed);
+    for l in leaves {
+        f.write_all_at(&rng.bytes(LEAF as usize), l * LEAF).unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// `n` distinct leaf indexes below `within`.
+fn distinct(n: usize, within: u64, seed: u64) -> Vec<u64> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::new();
+    while out.len() < n {
+        let l = rng.below(within);
+        if !out.contains(&l) {
+            out.push(l);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_drifted_gets_only_the_leaves_that_differ_and_keeps_its_point() {
+    let site = replica_site().await;
+    let content = Rng(11).bytes(40 * MIB as usize);
+    let p = tokio::task::spawn_blocking(move || serve_new_image(64 * MIB, &content)).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = shipper(&site, &tls, p.disk.clone(), plain(), None);
+    ship.sync_once().await.unwrap();
+    // A first point at the replica.
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 5 1M 64k".into()])).await.unwrap();
+    let seg = p.disk.seal().unwrap().unwrap();
+    ship.sync_once().await.unwrap();
+    let replica = applied(&site, seg.last_seq).await;
+    let point = replica.points().last().unwrap().seq;
+
+    // 37 leaves of the replica change behind its back (a restored backup, a
+    // bit of another history): it holds something the primary never had.
+    let image = replica.image();
+    let leaves = distinct(37, 60 * MIB / LEAF, 5);
+    // Those past the primary's 40 MiB of data are zeros there: sent as such, no payload.
+    let with_data = leaves.iter().filter(|l| **l * LEAF < 40 * MIB).count() as u64;
+    scribble(&image, &leaves, 99);
+    let drifted = site.storage.path().join("drifted.img");
+    fs::copy(&image, &drifted).unwrap();
+    assert!(!identical(path_str(&p.image), path_str(&image)));
+
+    request(&ship, "drift-1");
+    ship.sync_once().await.unwrap();
+    let done = ship.stats().last_resync.expect("a resync finished");
+    assert_eq!((done.id.as_str(), done.dirty_map), ("drift-1", false));
+    assert_eq!(done.changed_bytes, 37 * LEAF, "exactly the leaves that differ are brought over");
+    assert_eq!(done.data_bytes, with_data * LEAF, "zeros travel as such");
+    // Hashes: one per window, the block hashes of differing windows, 16 leaf
+    // hashes per differing block, and the messages' framing.
+    assert!(done.wire_bytes < 37 * LEAF + 64 * 1024, "hashes and framing: {done:?}");
+    assert!(identical(path_str(&p.image), path_str(&image)), "the replica equals the primary");
+
+    // The newest point before the resync is still exactly what it was.
+    let out = site.storage.path().join("point.img");
+    replica.materialize(point, &out).unwrap();
+    assert!(identical(path_str(&out), path_str(&drifted)), "the pre-resync point, byte for byte");
+
+    // Replication goes on from the resync; the next point chains back through it.
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 6 2M 64k".into()])).await.unwrap();
+    let seg = p.disk.seal().unwrap().unwrap();
+    ship.sync_once().await.unwrap();
+    applied(&site, seg.last_seq).await;
+    assert!(identical(path_str(&p.image), path_str(&image)));
+    fs::remove_file(&out).unwrap();
+    replica.materialize(point, &out).unwrap();
+    assert!(identical(path_str(&out), path_str(&drifted)), "still reachable after the next point");
+    // The same request id again does nothing.
+    ship.sync_once().await.unwrap();
+    assert_eq!(ship.stats().last_resync.unwrap(), done);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_overflowed_is_healed_by_its_dirty_map_sending_about_the_dirty_bytes() {
+    let site = replica_site().await;
+    // 32 MiB: the log may hold 16 MiB before only the dirty map records changes.
+    let p = tokio::task::spawn_blocking(|| serve_new_image(32 * MIB, &[1; 4096])).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = shipper(&site, &tls, p.disk.clone(), plain(), None);
+    ship.sync_once().await.unwrap();
+    applied(&site, 0).await;
+    // The replica is out of reach while 20 x 1 MiB are written, at 64 KiB-aligned
+    // places: the log passes half the disk.
+    let url = p.url();
+    let cmds: Vec<String> = (0..20).map(|k| format!("write -P {} {}M 1M", k + 10, k + 6)).collect();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &cmds)).await.unwrap();
+    assert!(p.disk.resync_required(), "the log overflowed into the dirty map");
+
+    // Back in reach: a resync sends the dirty blocks, and nothing is hashed.
+    ship.sync_once().await.unwrap();
+    let done = ship.stats().last_resync.expect("a resync finished");
+    assert!(done.dirty_map, "{done:?}");
+    assert_eq!(done.data_bytes, 20 * MIB, "the dirty bytes, no more");
+    let replica = site.service.replica("vm1", "root").unwrap();
+    assert!(identical(path_str(&p.image), path_str(&replica.image())));
+    assert!(!p.disk.resync_required(), "logging resumed");
+    // And replication goes on by log.
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 77 0 4k".into()])).await.unwrap();
+    let seg = p.disk.seal().unwrap().unwrap();
+    ship.sync_once().await.unwrap();
+    applied(&site, seg.last_seq).await;
+    assert!(identical(path_str(&p.image), path_str(&replica.image())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_needed_resync_waits_for_its_window_and_runs_at_once_when_requested() {
+    let site = replica_site().await;
+    let p = tokio::task::spawn_blocking(|| serve_new_image(32 * MIB, &[2; 4096])).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = shipper(&site, &tls, p.disk.clone(), plain(), None);
+    ship.sync_once().await.unwrap();
+    let url = p.url();
+    let cmds: Vec<String> = (0..18).map(|k| format!("write -P 3 {k}M 1M")).collect();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &cmds)).await.unwrap();
+    assert!(p.disk.resync_required());
+    // A window that is never now: 24 hours minus the one we are in.
+    let now_min = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+        % 86_400
+        / 60) as u16;
+    let (from, to) = ((now_min + 60) % 1440, (now_min + 1380) % 1440);
+    ship.set_resync_policy(ResyncPolicy { window: Some((from, to)), ..Default::default() });
+    let err = ship.sync_once().await.unwrap_err().to_string();
+    assert!(err.contains("automatic resynchronisation runs") && err.contains("UTC"), "{err}");
+    assert!(ship.stats().resync_waiting.is_some());
+    assert!(p.disk.resync_required(), "nothing changed while waiting");
+    // Off entirely: it says how to start one.
+    ship.set_resync_policy(ResyncPolicy { automatic: false, ..Default::default() });
+    let err = ship.sync_once().await.unwrap_err().to_string();
+    assert!(err.contains("spec.resynchronize"), "{err}");
+    // A request runs at once, whatever the window.
+    ship.set_resync_policy(ResyncPolicy {
+        window: Some((from, to)),
+        requested: Some("now".into()),
+        automatic: true,
+    });
+    ship.sync_once().await.unwrap();
+    assert_eq!(ship.stats().last_resync.unwrap().id, "now");
+    assert!(ship.stats().resync_waiting.is_none());
+    let replica = site.service.replica("vm1", "root").unwrap();
+    assert!(identical(path_str(&p.image), path_str(&replica.image())));
+}
