@@ -46,8 +46,11 @@ stamp=$(sha256sum "$0" | cut -c1-16)
 rootfs="$out/rootfs-bookworm.tar"
 if [ ! -f "$rootfs" ] || [ "$(cat "$out/rootfs.stamp" 2>/dev/null)" != "$stamp" ]; then
   log "writing the root filesystem with mmdebstrap"
+  # --format: mmdebstrap guesses it from the name, and a name not ending in
+  # .tar makes a directory (an earlier version of this script kept one).
+  rm -rf "$rootfs" "$rootfs.tmp"
   # The machine's own Debian sources (its mirror), for bookworm.
-  mmdebstrap --quiet --variant=extract --include=libc6,libgcc-s1,base-files,base-passwd,dash \
+  mmdebstrap --quiet --format=tar --variant=extract --include=libc6,libgcc-s1,base-files,base-passwd,dash \
     --dpkgopt='path-exclude=/usr/share/{doc,man,locale,info}/*' \
     bookworm "$rootfs.tmp" http://deb.debian.org/debian >/dev/null
   mv "$rootfs.tmp" "$rootfs"
