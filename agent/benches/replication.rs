@@ -14,29 +14,23 @@
 
 use std::{
     fs,
-    io::Read,
     path::{Path, PathBuf},
     process::Command,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::sync::oneshot;
+mod common;
+
+use common::{Site, real_data, site};
 use vmreplica_agent::{
-    agent::Agent,
     disk::ProtectedDisk,
-    grpc::replication::serve,
     limits::Limits,
     log::Journal,
-    replica::{Incoming, ReplicaDisk, ReplicaState, store::ReplicaStore},
-    replication::{
-        authz::{Entry, SiteConfig},
-        shipper::{Shipper, ShipperConfig},
-    },
-    site::{Defaults, Site as AgentSite},
+    replica::{Incoming, ReplicaDisk, ReplicaState},
+    replication::shipper::{Shipper, ShipperConfig},
 };
-use vmreplica_api::tls::{LiveTls, TlsMaterial, channel};
-use vmreplica_tests::pki::Ca;
+use vmreplica_api::tls::channel;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -49,34 +43,6 @@ fn work_dir() -> tempfile::TempDir {
 fn mkdir(p: PathBuf) -> PathBuf {
     fs::create_dir_all(&p).unwrap();
     p
-}
-
-/// `len` bytes of real file contents from /usr (compressible as a VM disk's are).
-fn real_data(len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut stack = vec![PathBuf::from("/usr/share"), PathBuf::from("/usr/lib")];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
-        let mut entries: Vec<_> = entries.flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                if let Ok(f) = fs::File::open(e.path()) {
-                    let _ = f.take((len - out.len()) as u64).read_to_end(&mut out);
-                }
-                if out.len() >= len {
-                    return out;
-                }
-            }
-        }
-    }
-    assert!(out.len() >= len / 2, "not enough files under /usr for the benchmark");
-    let n = out.len();
-    out.extend_from_within(..len - n);
-    out
 }
 
 fn new_image(path: &Path, size: u64) {
@@ -209,46 +175,6 @@ fn bench_apply(dir: &Path) {
         "| (reference) buffered dd conv=fdatasync, same bytes | {b:.0} MiB/s | dd oflag=direct: {r:.0} MiB/s | {:.2}x |",
         b / r
     );
-}
-
-struct Site {
-    service: Arc<ReplicaStore>,
-    addr: String,
-    client_tls: Arc<LiveTls>,
-    _stop: oneshot::Sender<()>,
-}
-
-async fn site(storage: &Path) -> Site {
-    let ca = Ca::new("bench-ca").unwrap();
-    let leaf = |names: &[&str]| {
-        let l = ca.leaf(names[0], names).unwrap();
-        LiveTls::new(TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() })
-            .unwrap()
-    };
-    let cfg = SiteConfig {
-        entries: vec![Entry {
-            name: "bench".into(),
-            allowed_primary_server: "*.site-a.example.com".into(),
-            storage: storage.to_owned(),
-            trust_group: "bench".into(),
-        }],
-        ..Default::default()
-    };
-    let agent_site = AgentSite::new(Defaults { max_transfers: 6, ..Default::default() }, None);
-    let service = ReplicaStore::new(cfg, agent_site.limits.clone());
-    let agent = Agent::new(None, Some(service.clone()), Vec::new(), agent_site);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let server_tls = leaf(&["replica.site-b.example.com"]);
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        serve(agent, listener, server_tls, async {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap()
-    });
-    Site { service, addr, client_tls: leaf(&["host1.site-a.example.com"]), _stop: stop }
 }
 
 fn shipper(site: &Site, disk: Arc<ProtectedDisk>, compression: bool) -> Shipper {

@@ -77,6 +77,17 @@ impl ProtectedDisk {
     /// Opens the image at `path` (an existing raw image) and its log, recovering
     /// the log and image from a crash if needed.
     pub fn open(vm_id: &str, name: &str, path: &Path) -> Result<(Self, Recovery)> {
+        Self::open_with_threshold(vm_id, name, path, None)
+    }
+
+    /// [`Self::open`] with the pending-log size past which only the dirty map
+    /// records changes (`None`: half the disk, as Hyper-V): for benchmarks.
+    pub fn open_with_threshold(
+        vm_id: &str,
+        name: &str,
+        path: &Path,
+        threshold: Option<u64>,
+    ) -> Result<(Self, Recovery)> {
         let err = |source| DiskError::Image { path: path.to_owned(), source };
         let image = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
         // Nothing writes the image but through the log: QEMU, qemu-img and
@@ -90,7 +101,7 @@ impl ProtectedDisk {
             vm_id: vm_id.to_owned(),
             disk_id: name.to_owned(),
             disk_size: size,
-            resync_threshold: size / 2,
+            resync_threshold: threshold.unwrap_or(size / 2),
         };
         let (journal, recovery) = Journal::open(&log_dir_for(path), cfg, &image)?;
         let disk = Self {

@@ -12,7 +12,9 @@
 //!  block   H(l0 | l1 | … | l15)            64 KiB
 //!  leaf    H(4096 bytes, fewer at the end)  4 KiB
 //! ```
-//! Holes (found with `SEEK_DATA`) are hashed as zeros without being read.
+//! Holes (found with `SEEK_DATA`) are hashed as zeros without being read;
+//! a whole image is read with O_DIRECT (no page cache to fill and evict) on
+//! one thread while another hashes the window before.
 
 use std::{fs::File, io, os::unix::fs::FileExt, sync::OnceLock};
 
@@ -79,34 +81,47 @@ pub fn windows(size: u64) -> u64 {
     size.div_ceil(WINDOW)
 }
 
-/// Hashes window `index` of `image` (`size` bytes), reading only its data
+/// Reads window `index` of `image` (`size` bytes) into `buf`: only its data
 /// extents (`data`: `(offset, len)` ranges of the whole image that hold
-/// data, sorted; everything else reads as zeros). `buf` is reused between
-/// calls.
-pub fn hash_window(
+/// data, sorted; everything else is zeros), aligned ones through `direct`
+/// (an O_DIRECT handle) when there is one. Returns the window's bytes.
+pub fn read_window<'b>(
     image: &File,
+    direct: Option<&File>,
     size: u64,
     index: u64,
     data: &[(u64, u64)],
-    buf: &mut Vec<u8>,
-) -> io::Result<WindowHashes> {
+    buf: &'b mut crate::direct::AlignedBuf,
+) -> io::Result<&'b [u8]> {
     let start = index * WINDOW;
     let end = (start + WINDOW).min(size);
-    let len = (end - start) as usize;
-    buf.clear();
-    buf.resize(len, 0);
-    // Read the data extents that overlap this window; holes stay zero.
+    let bytes = buf.slice_mut((end - start) as usize);
+    bytes.fill(0);
     let first = data.partition_point(|(off, l)| off + l <= start);
     for &(off, l) in &data[first..] {
         if off >= end {
             break;
         }
         let (from, to) = (off.max(start), (off + l).min(end));
-        image.read_exact_at(&mut buf[(from - start) as usize..(to - start) as usize], from)?;
+        let dst = &mut bytes[(from - start) as usize..(to - start) as usize];
+        let direct = direct.filter(|_| crate::direct::aligned(from, dst.len()));
+        match direct.map(|d| d.read_exact_at(dst, from)) {
+            Some(Ok(())) => {}
+            // A filesystem that refuses this read direct: through the page cache.
+            Some(Err(e)) if e.raw_os_error() == Some(22) => image.read_exact_at(dst, from)?,
+            Some(Err(e)) => return Err(e),
+            None => image.read_exact_at(dst, from)?,
+        }
     }
+    Ok(bytes)
+}
+
+/// Every level of window `index`, from its bytes.
+pub fn hash_bytes(index: u64, bytes: &[u8]) -> WindowHashes {
     let zero = zero_leaf();
     let leaves: Vec<Hash> =
-        buf.chunks(LEAF as usize)
+        bytes
+            .chunks(LEAF as usize)
             .map(|leaf| {
                 if leaf.len() == LEAF as usize && leaf.iter().all(|b| *b == 0) {
                     zero
@@ -116,26 +131,67 @@ pub fn hash_window(
             })
             .collect();
     let blocks: Vec<Hash> = leaves.chunks(LEAVES_PER_BLOCK).map(node_hash).collect();
+    WindowHashes { index, window: node_hash(&blocks), blocks, leaves }
+}
+
+/// Hashes window `index` of `image` (`size` bytes), reading only its data
+/// extents (see [`read_window`]). `buf` is reused between calls.
+pub fn hash_window(
+    image: &File,
+    size: u64,
+    index: u64,
+    data: &[(u64, u64)],
+    buf: &mut crate::direct::AlignedBuf,
+) -> io::Result<WindowHashes> {
+    Ok(hash_bytes(index, read_window(image, None, size, index, data, buf)?))
+}
+
+/// The hashes of blocks `blocks` of window `index` only, each block read
+/// whole (a hole reads as zeros): for a resync that knows which blocks
+/// changed. The other blocks' entries, and the window's hash, are left as
+/// zeros' hashes and mean nothing.
+pub fn hash_blocks(image: &File, size: u64, index: u64, blocks: &[u32]) -> io::Result<WindowHashes> {
+    let start = index * WINDOW;
+    let len = (start + WINDOW).min(size) - start;
+    let zero = zero_leaf();
+    let mut leaves = vec![zero; len.div_ceil(LEAF) as usize];
+    let mut buf = vec![0u8; BLOCK as usize];
+    for &b in blocks {
+        let from = start + u64::from(b) * BLOCK;
+        if from >= start + len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no block {b} in window {index}"),
+            ));
+        }
+        let n = BLOCK.min(start + len - from) as usize;
+        image.read_exact_at(&mut buf[..n], from)?;
+        for (k, leaf) in buf[..n].chunks(LEAF as usize).enumerate() {
+            let all_zero = leaf.len() == LEAF as usize && leaf.iter().all(|x| *x == 0);
+            leaves[b as usize * LEAVES_PER_BLOCK + k] = if all_zero { zero } else { leaf_hash(leaf) };
+        }
+    }
+    let blocks: Vec<Hash> = leaves.chunks(LEAVES_PER_BLOCK).map(node_hash).collect();
     Ok(WindowHashes { index, window: node_hash(&blocks), blocks, leaves })
 }
 
-/// Hashes the image at `path` (`size` bytes) window by window on a thread
-/// of its own, in order, a few windows ahead of whoever reads them; stops
-/// when the receiver goes. The image may change meanwhile (a live disk):
-/// each window is read once, as it is then.
-pub fn spawn_hasher(
+/// [`spawn_hasher`] for the windows holding any of `dirty` (block indexes,
+/// sorted): each with the hashes of just those blocks, and which they are.
+pub fn spawn_block_hasher(
     path: std::path::PathBuf,
     size: u64,
-) -> tokio::sync::mpsc::Receiver<io::Result<WindowHashes>> {
+    dirty: Vec<u64>,
+) -> tokio::sync::mpsc::Receiver<io::Result<(WindowHashes, Vec<u32>)>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     std::thread::spawn(move || {
         let run = || -> io::Result<()> {
             let image = File::open(&path)?;
-            let data = crate::image::data_extents(&image, size)?;
-            let mut buf = Vec::new();
-            for w in 0..windows(size) {
-                let h = hash_window(&image, size, w, &data, &mut buf)?;
-                if tx.blocking_send(Ok(h)).is_err() {
+            let per = BLOCKS_PER_WINDOW as u64;
+            for chunk in dirty.chunk_by(|a, b| a / per == b / per) {
+                let w = chunk[0] / per;
+                let blocks: Vec<u32> = chunk.iter().map(|b| (b % per) as u32).collect();
+                let h = hash_blocks(&image, size, w, &blocks)?;
+                if tx.blocking_send(Ok((h, blocks))).is_err() {
                     return Ok(());
                 }
             }
@@ -143,6 +199,55 @@ pub fn spawn_hasher(
         };
         if let Err(e) = run() {
             let _ = tx.blocking_send(Err(e));
+        }
+    });
+    rx
+}
+
+/// Hashes the image at `path` (`size` bytes) window by window, in order, a
+/// few windows ahead of whoever reads them: one thread reads (O_DIRECT where
+/// the filesystem allows) while another hashes the window before. Stops when
+/// the receiver goes. The image may change meanwhile (a live disk): each
+/// window is read once, as it is then.
+pub fn spawn_hasher(
+    path: std::path::PathBuf,
+    size: u64,
+) -> tokio::sync::mpsc::Receiver<io::Result<WindowHashes>> {
+    use crate::direct::AlignedBuf;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    // Two buffers: one being read into, one being hashed.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(u64, AlignedBuf, usize)>(1);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<AlignedBuf>();
+    for _ in 0..2 {
+        let _ = empty_tx.send(AlignedBuf::with_capacity(WINDOW as usize));
+    }
+    let failed = tx.clone();
+    std::thread::spawn(move || {
+        let run = || -> io::Result<()> {
+            let image = File::open(&path)?;
+            let direct = crate::direct::open_read(&path);
+            let data = crate::image::data_extents(&image, size)?;
+            for w in 0..windows(size) {
+                let Ok(mut buf) = empty_rx.recv() else { return Ok(()) };
+                let len = read_window(&image, direct.as_ref(), size, w, &data, &mut buf)?.len();
+                if full_tx.send((w, buf, len)).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            let _ = failed.blocking_send(Err(e));
+        }
+    });
+    std::thread::spawn(move || {
+        for (w, mut buf, len) in full_rx {
+            let h = hash_bytes(w, &buf.slice_mut(len)[..]);
+            if tx.blocking_send(Ok(h)).is_err() {
+                return;
+            }
+            // The reader may be done (windows are still queued): no matter.
+            let _ = empty_tx.send(buf);
         }
     });
     rx
@@ -163,7 +268,7 @@ mod tests {
 
     fn all(f: &File, size: u64) -> Vec<WindowHashes> {
         let data = crate::image::data_extents(f, size).unwrap();
-        let mut buf = Vec::new();
+        let mut buf = crate::direct::AlignedBuf::with_capacity(WINDOW as usize);
         (0..windows(size)).map(|w| hash_window(f, size, w, &data, &mut buf).unwrap()).collect()
     }
 
@@ -187,10 +292,44 @@ mod tests {
     }
 
     #[test]
+    fn hashing_some_blocks_gives_what_the_whole_window_gives_for_them() {
+        let size = WINDOW + 3 * BLOCK;
+        let f = image(&[(5 * BLOCK + 10, b"five"), (WINDOW + BLOCK + 1, b"one")], size);
+        let whole = all(f.as_file(), size);
+        let some = hash_blocks(f.as_file(), size, 0, &[5, 9]).unwrap();
+        for b in [5, 9] {
+            assert_eq!(some.blocks[b], whole[0].blocks[b]);
+            assert_eq!(some.block_leaves(b), whole[0].block_leaves(b));
+        }
+        let last = hash_blocks(f.as_file(), size, 1, &[1, 2]).unwrap();
+        assert_eq!(last.block_leaves(1), whole[1].block_leaves(1));
+        assert!(hash_blocks(f.as_file(), size, 1, &[3]).is_err(), "the short last window has 3 blocks");
+    }
+
+    #[test]
     fn a_hole_and_written_zeros_hash_the_same() {
         let size = WINDOW;
         let hole = image(&[], size);
         let zeros = image(&[(0, &vec![0u8; WINDOW as usize])], size);
         assert_eq!(all(hole.as_file(), size), all(zeros.as_file(), size));
+    }
+}
+
+#[cfg(test)]
+mod spawn_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_hasher_yields_every_window_in_order() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let size = 3 * WINDOW + 5000;
+        f.as_file().set_len(size).unwrap();
+        f.as_file().write_all_at(b"data", WINDOW + 7).unwrap();
+        let mut rx = spawn_hasher(f.path().to_owned(), size);
+        let mut got = Vec::new();
+        while let Some(h) = rx.recv().await {
+            got.push(h.unwrap().index);
+        }
+        assert_eq!(got, [0, 1, 2, 3]);
     }
 }

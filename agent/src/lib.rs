@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod direct;
 pub mod disk;
 pub mod failpoint;
 pub mod grpc;

@@ -157,7 +157,7 @@ fn direct_and_buffered_writes_to_the_same_blocks_apply_in_order() {
     assert_eq!(replica.apply_pending().unwrap(), 1);
     assert!(identical(path_str(&replica.image()), path_str(&served.image)));
     let direct = replica.state().stats.direct_bytes;
-    if vmreplica_agent::replica::direct::open(&replica.image()).is_some() {
+    if vmreplica_agent::direct::open(&replica.image()).is_some() {
         assert_eq!(direct, MIB + 8192 + 8192 + 3 * MIB, "the aligned writes went direct");
     } else {
         assert_eq!(direct, 0, "this filesystem refuses O_DIRECT; everything went through the page cache");

@@ -139,6 +139,22 @@ async fn a_log_that_overflowed_is_healed_by_its_dirty_map_sending_about_the_dirt
     ship.sync_once().await.unwrap();
     applied(&site, seg.last_seq).await;
     assert!(identical(path_str(&p.image), path_str(&replica.image())));
+
+    // Away again: 17 MiB rewritten with what was already there, and 4 leaves
+    // with something new. The map names 17 MiB of blocks; only the 4 leaves
+    // that differ travel (the dirty blocks are hashed on both sides, nothing else).
+    let url = p.url();
+    let mut cmds: Vec<String> = (0..17).map(|k| format!("write -P {} {}M 1M", k + 10, k + 6)).collect();
+    cmds.extend((0..4).map(|k| format!("write -P 200 {} 4k", (k * 4 + 7) * MIB + 8192)));
+    tokio::task::spawn_blocking(move || qemu_io(&url, &cmds)).await.unwrap();
+    assert!(p.disk.resync_required());
+    ship.sync_once().await.unwrap();
+    let done = ship.stats().last_resync.unwrap();
+    assert!(done.dirty_map, "{done:?}");
+    assert_eq!((done.changed_bytes, done.data_bytes), (4 * LEAF, 4 * LEAF), "{done:?}");
+    // The 17 MiB's leaf hashes (16 bytes per 4 KiB) and framing, besides the data.
+    assert!(done.wire_bytes < 4 * LEAF + 17 * MIB / 256 + 32 * 1024, "{done:?}");
+    assert!(identical(path_str(&p.image), path_str(&replica.image())));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

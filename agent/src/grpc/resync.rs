@@ -1,8 +1,9 @@
 //! The replica side of a `Resync` stream: the primary's hashes in, this
 //! replica's verdicts out, the differing bytes into batches applied with
 //! undo ([`crate::replica::resync`]). Everything from the wire is checked
-//! before use: hashes are counted, data must be exactly the leaves asked for
-//! (or, by dirty map, lie within the disk), sizes are bounded.
+//! before use: hashes are counted, data must be exactly the leaves asked for,
+//! sizes are bounded. In a dirty-map resync the primary offers the dirty
+//! blocks' leaf hashes straight away, and this side hashes just those blocks.
 //!
 //! ```text
 //!  Start ─▶ begin_resync (Resyncing, durable) ─▶ Accepted
@@ -86,6 +87,15 @@ impl ReplicationService {
                         send(tx, Down::Blocks(BlockVerdict { window: h.window, blocks })).await?;
                     }
                     Up::Leaves(l) => {
+                        if start.dirty_map {
+                            // Offered straight away: this side hashes just those blocks.
+                            let (r, w, bs) = (replica.clone(), l.window, l.blocks.clone());
+                            let mine = tokio::task::spawn_blocking(move || r.hash_blocks(w, &bs))
+                                .await
+                                .map_err(|e| Status::internal(e.to_string()))?
+                                .map_err(|e| bad(format!("window {w}: {e}")))?;
+                            cmp.offer(mine).map_err(bad)?;
+                        }
                         let masks = cmp.leaves(l.window, &l.blocks, &l.hashes).map_err(bad)?;
                         send(tx, Down::Leaves(LeafVerdict { window: l.window, blocks: l.blocks, masks }))
                             .await?;
@@ -95,13 +105,7 @@ impl ReplicationService {
                         let raw =
                             if d.zero { None } else { Some(decode_chunk(d.data, d.compressed, d.raw_len)?) };
                         let len = raw.as_ref().map_or(u64::from(d.raw_len), |r| r.len() as u64);
-                        if start.dirty_map {
-                            if len == 0 || d.offset.checked_add(len).is_none_or(|end| end > size) {
-                                return Err(bad(format!("bytes {}+{len} lie outside the disk", d.offset)));
-                            }
-                        } else {
-                            cmp.received(d.offset, len, size).map_err(bad)?;
-                        }
+                        cmp.received(d.offset, len, size).map_err(bad)?;
                         let b = match batch.as_mut() {
                             Some(b) => b,
                             None => batch.insert(replica.resync_batch().map_err(status)?),

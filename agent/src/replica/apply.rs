@@ -115,7 +115,7 @@ impl ReplicaDisk {
         let image = open_nofollow(&image_path, true, false).map_err(io_at(&image_path))?;
         // Aligned reads and writes of the image bypass the page cache (see
         // `super::direct`); `None` where the filesystem refuses.
-        let direct = super::direct::open(&image_path);
+        let direct = crate::direct::open(&image_path);
         let size = self.state().disk_size;
         // Pass 1: the union of ranges the file touches, from its record
         // headers (it was verified in full when it was received).
@@ -142,7 +142,7 @@ impl ReplicaDisk {
             let part = self.dir.join("undo").join(format!("{undo_name}.part"));
             let _ = fs::remove_file(&part);
             let f = open_nofollow(&part, true, true).map_err(io_at(&part))?;
-            let out = super::direct::DirectWriter::new(f, super::direct::open(&part));
+            let out = crate::direct::DirectWriter::new(f, crate::direct::open(&part));
             let mut w = SegmentWriter::new(out, &header).map_err(io_at(&part))?;
             write_ranges(&mut w, &touched, &[&image], direct.as_ref(), &image_path, size)?;
             let (out, _) = w.finish(now_ms()).map_err(io_at(&part))?;
@@ -184,7 +184,7 @@ enum ApplyError {
 /// A record on its way from the reader thread to the writer: with its payload
 /// in an aligned buffer when it can be written direct.
 enum Staged {
-    Direct(Record, super::direct::AlignedBuf),
+    Direct(Record, crate::direct::AlignedBuf),
     Buffered(Record),
 }
 
@@ -202,7 +202,7 @@ fn apply_records(
     size: u64,
     records: u64,
 ) -> std::result::Result<u64, ApplyError> {
-    use super::direct::{AlignedBuf, aligned};
+    use crate::direct::{AlignedBuf, aligned};
     use std::sync::{atomic::AtomicBool, atomic::Ordering::Relaxed, mpsc};
     const WRITEBACK_STEP: u64 = 64 << 20;
     let direct_ok = AtomicBool::new(direct.is_some());
@@ -328,7 +328,7 @@ pub(super) fn write_ranges<W: Write>(
     path: &Path,
     size: u64,
 ) -> Result<()> {
-    use super::direct::AlignedBuf;
+    use crate::direct::AlignedBuf;
     use std::sync::mpsc;
     const CHUNK: u64 = MAX_PAYLOAD as u64 / 8;
     // A reader thread reads chunk k+1 while this one checksums and writes
@@ -377,7 +377,7 @@ pub(super) fn write_ranges<W: Write>(
 /// cache. A refusal (other alignment wanted, or a short read at the end of the
 /// file) turns direct reads off for the rest of this pass.
 fn read_chunk(file: &File, direct: &mut Option<&File>, chunk: &mut [u8], at: u64) -> io::Result<()> {
-    if let Some(d) = direct.filter(|_| super::direct::aligned(at, chunk.len())) {
+    if let Some(d) = direct.filter(|_| crate::direct::aligned(at, chunk.len())) {
         match d.read_exact_at(chunk, at) {
             Ok(()) => return Ok(()),
             Err(e) if matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof) => {

@@ -20,7 +20,6 @@
 //! ```
 
 pub mod apply;
-pub mod direct;
 mod files;
 pub mod forward;
 pub mod names;

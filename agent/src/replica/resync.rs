@@ -194,6 +194,12 @@ impl ReplicaDisk {
         Ok(())
     }
 
+    /// The hashes of blocks `blocks` of window `window` of this replica's image.
+    pub fn hash_blocks(&self, window: u64, blocks: &[u32]) -> io::Result<WindowHashes> {
+        let image = File::open(self.image_path())?;
+        hashtree::hash_blocks(&image, self.state().disk_size, window, blocks)
+    }
+
     /// Hashes this replica's image window by window on a thread of its own,
     /// in order, a few windows ahead of whoever reads them.
     pub fn hash_windows(&self) -> tokio::sync::mpsc::Receiver<io::Result<WindowHashes>> {
@@ -234,6 +240,16 @@ impl Comparison {
         self.windows_differing += 1;
         self.own.insert(own.index, own);
         Ok(true)
+    }
+
+    /// A window offered below its top level (a dirty-map resync): compared
+    /// from its leaves on.
+    pub fn offer(&mut self, own: WindowHashes) -> std::result::Result<(), String> {
+        if self.own.insert(own.index, own).is_some() {
+            return Err("a window offered twice".into());
+        }
+        self.windows_compared += 1;
+        Ok(())
     }
 
     /// The blocks of `window` whose hashes differ from `theirs`.

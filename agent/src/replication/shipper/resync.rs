@@ -2,8 +2,9 @@
 //! cut (later writes are logged and shipped after), this disk's image is
 //! hashed window by window on a thread of its own and offered to the
 //! replica top-down; only the leaves it says differ are read again and sent.
-//! With a dirty map the replica can trust, the dirty blocks are sent
-//! straight away and nothing is hashed. The image is read live, so what
+//! With a dirty map the replica can trust, only the dirty blocks are read
+//! and offered (their leaf hashes, straight away), and nothing else is
+//! hashed on either side. The image is read live, so what
 //! arrives is fuzzy until the writes logged since the cut are applied: the
 //! replica is consistent again from the sequence at the end (as after an
 //! initial copy).
@@ -37,6 +38,9 @@ use crate::{
     hashtree::{self, BLOCK, LEAF, LEAVES_PER_BLOCK, WINDOW, WindowHashes},
     log::dirty::{DIRTY_BLOCK, DirtyMap},
 };
+
+// The dirty map's blocks are the tree's blocks: a dirty block's leaves are offered as they are.
+const _: () = assert!(DIRTY_BLOCK == BLOCK);
 
 /// Windows offered and not yet settled, at most.
 const IN_FLIGHT: usize = 32;
@@ -116,6 +120,62 @@ pub struct ResyncSummary {
     pub seconds: f64,
 }
 
+/// A window to offer: its hashes, the bytes of the disk it stands for, and
+/// (dirty-map mode) which of its blocks are offered, leaves first.
+struct Offer {
+    bytes: u64,
+    hashes: WindowHashes,
+    blocks: Option<Vec<u32>>,
+}
+
+/// How many windows will be offered, and a thread producing them in order:
+/// every window, or (with `dirty` blocks) each window holding dirty blocks
+/// with the hashes of just those.
+fn offers(
+    path: &std::path::Path,
+    size: u64,
+    dirty: Option<Vec<u64>>,
+) -> (u64, mpsc::Receiver<std::io::Result<Offer>>) {
+    let (tx, rx) = mpsc::channel(16);
+    let total = match dirty {
+        None => {
+            let mut whole = hashtree::spawn_hasher(path.to_owned(), size);
+            tokio::spawn(async move {
+                while let Some(h) = whole.recv().await {
+                    let o = h.map(|h| Offer {
+                        bytes: WINDOW.min(size - h.index * WINDOW),
+                        hashes: h,
+                        blocks: None,
+                    });
+                    if tx.send(o).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            hashtree::windows(size)
+        }
+        Some(blocks) => {
+            let per = hashtree::BLOCKS_PER_WINDOW as u64;
+            let windows = blocks.chunk_by(|a, b| a / per == b / per).count() as u64;
+            let mut some = hashtree::spawn_block_hasher(path.to_owned(), size, blocks);
+            tokio::spawn(async move {
+                while let Some(h) = some.recv().await {
+                    let o = h.map(|(h, bs)| {
+                        let base = h.index * WINDOW;
+                        let bytes = bs.iter().map(|&b| BLOCK.min(size - base - u64::from(b) * BLOCK)).sum();
+                        Offer { bytes, hashes: h, blocks: Some(bs) }
+                    });
+                    if tx.send(o).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            windows
+        }
+    };
+    (total, rx)
+}
+
 fn up(msg: Up) -> ResyncUp {
     ResyncUp { msg: Some(msg) }
 }
@@ -139,7 +199,8 @@ impl Shipper {
             c.store(0, Relaxed);
         }
         p.dirty_map.store(dirty.is_some(), Relaxed);
-        p.total_bytes.store(dirty.as_ref().map_or(size, |m| m.dirty_blocks() * DIRTY_BLOCK), Relaxed);
+        p.total_bytes
+            .store(dirty.as_ref().map_or(size, |m| (m.dirty_blocks() * DIRTY_BLOCK).min(size)), Relaxed);
         p.running.store(true, Relaxed);
         let result = self.resync_inner(id, cut, dirty, size, &path).await;
         p.running.store(false, Relaxed);
@@ -184,10 +245,8 @@ impl Shipper {
         let image = Arc::new(
             File::open(path).map_err(|e| ShipError::Read { what: path.display().to_string(), source: e })?,
         );
-        let sent = match dirty {
-            Some(map) => self.send_dirty(&tx, &image, &map, size).await,
-            None => self.send_tree(&tx, &mut verdicts, &image, path, size).await,
-        };
+        let dirty: Option<Vec<u64>> = dirty.map(|m| (0..m.blocks()).filter(|&b| m.is_dirty(b)).collect());
+        let sent = self.send_tree(&tx, &mut verdicts, &image, path, size, dirty).await;
         let finish = async {
             sent?;
             let consistent_from = self.source.next_seq();
@@ -247,33 +306,8 @@ impl Shipper {
         self.send_up(tx, Up::Data(ResyncData { window, window_done, ..msg })).await
     }
 
-    /// Dirty-map mode: every dirty block, in runs, no hashes.
-    async fn send_dirty(
-        &self,
-        tx: &mpsc::Sender<ResyncUp>,
-        image: &Arc<File>,
-        map: &DirtyMap,
-        size: u64,
-    ) -> Result<(), ShipError> {
-        let mut b = 0;
-        while b < map.blocks() {
-            if !map.is_dirty(b) {
-                b += 1;
-                continue;
-            }
-            let first = b;
-            while b < map.blocks() && map.is_dirty(b) && (b - first + 1) * DIRTY_BLOCK <= RUN {
-                b += 1;
-            }
-            let offset = first * DIRTY_BLOCK;
-            let len = (b * DIRTY_BLOCK).min(size) - offset;
-            self.send_run(tx, image, offset, len, None).await?;
-            self.resync.done_bytes.fetch_add(len, Relaxed);
-        }
-        Ok(())
-    }
-
-    /// Hash mode: offer every window, answer the replica down the tree.
+    /// Offers every window top-down (or, with `dirty` blocks, just those
+    /// blocks' leaf hashes) and answers the replica down the tree.
     async fn send_tree(
         &self,
         tx: &mpsc::Sender<ResyncUp>,
@@ -283,25 +317,33 @@ impl Shipper {
         image: &Arc<File>,
         path: &std::path::Path,
         size: u64,
+        dirty: Option<Vec<u64>>,
     ) -> Result<(), ShipError> {
-        let total = hashtree::windows(size);
-        let mut hashes = hashtree::spawn_hasher(path.to_owned(), size);
-        let mut offered: BTreeMap<u64, WindowHashes> = BTreeMap::new();
+        let (total, mut hashes) = offers(path, size, dirty);
+        let mut offered: BTreeMap<u64, (u64, WindowHashes)> = BTreeMap::new();
         let (mut hashed, mut settled) = (0u64, 0u64);
-        let settle = |offered: &mut BTreeMap<u64, WindowHashes>, w: u64, settled: &mut u64| {
-            if offered.remove(&w).is_some() {
+        let settle = |offered: &mut BTreeMap<u64, (u64, WindowHashes)>, w: u64, settled: &mut u64| {
+            if let Some((bytes, _)) = offered.remove(&w) {
                 *settled += 1;
-                self.resync.done_bytes.fetch_add(WINDOW.min(size - w * WINDOW), Relaxed);
+                self.resync.done_bytes.fetch_add(bytes, Relaxed);
             }
         };
         while settled < total {
             tokio::select! {
                 h = hashes.recv(), if hashed < total && offered.len() < IN_FLIGHT => {
-                    let h = h.ok_or_else(|| bad("the hashing thread stopped".into()))?
+                    let Offer { bytes, hashes: h, blocks } = h.ok_or_else(|| bad("the hashing thread stopped".into()))?
                         .map_err(|e| ShipError::Read { what: path.display().to_string(), source: e })?;
                     hashed += 1;
-                    self.send_up(tx, Up::Window(WindowHash { index: h.index, hash: h.window.to_vec() })).await?;
-                    offered.insert(h.index, h);
+                    let msg = match blocks {
+                        // The dirty blocks' leaves, straight away.
+                        Some(blocks) => {
+                            let hashes = blocks.iter().flat_map(|&b| h.block_leaves(b as usize).concat()).collect();
+                            Up::Leaves(LeafHashes { window: h.index, blocks, hashes })
+                        }
+                        None => Up::Window(WindowHash { index: h.index, hash: h.window.to_vec() }),
+                    };
+                    self.send_up(tx, msg).await?;
+                    offered.insert(h.index, (bytes, h));
                 }
                 v = verdicts.recv() => {
                     let msg = match v {
@@ -312,13 +354,13 @@ impl Shipper {
                     match msg {
                         Some(Down::Window(v)) if !v.differs => settle(&mut offered, v.index, &mut settled),
                         Some(Down::Window(v)) => {
-                            let w = offered.get(&v.index).ok_or_else(|| bad(format!("verdict on window {} never offered", v.index)))?;
+                            let (_, w) = offered.get(&v.index).ok_or_else(|| bad(format!("verdict on window {} never offered", v.index)))?;
                             let hashes = w.blocks.concat();
                             self.send_up(tx, Up::Blocks(HashList { window: v.index, hashes })).await?;
                         }
                         Some(Down::Blocks(v)) if v.blocks.is_empty() => settle(&mut offered, v.window, &mut settled),
                         Some(Down::Blocks(v)) => {
-                            let w = offered.get(&v.window).ok_or_else(|| bad(format!("verdict on window {} never offered", v.window)))?;
+                            let (_, w) = offered.get(&v.window).ok_or_else(|| bad(format!("verdict on window {} never offered", v.window)))?;
                             let mut hashes = Vec::new();
                             for &b in &v.blocks {
                                 let leaves = w.blocks.get(b as usize).map(|_| w.block_leaves(b as usize))

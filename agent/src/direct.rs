@@ -1,4 +1,6 @@
-//! Writing a replica's image with O_DIRECT where a record allows it.
+//! O_DIRECT where it helps: writing a replica's image where a record allows
+//! it, and reading whole images (a resync's hashing) without filling the
+//! page cache.
 //!
 //! An apply ends in an fsync of the image either way (DESIGN "Data path" step
 //! 4), so going through the page cache only adds a copy of every byte and
@@ -30,6 +32,14 @@ pub fn aligned(offset: u64, len: usize) -> bool {
 pub fn open(path: &Path) -> Option<File> {
     let flags = rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::NOFOLLOW;
     OpenOptions::new().read(true).write(true).custom_flags(flags.bits() as i32).open(path).ok()
+}
+
+/// A read-only O_DIRECT handle on `path` (the primary's image, which the
+/// agent also holds open for writing), or `None` where the filesystem
+/// refuses O_DIRECT.
+pub fn open_read(path: &Path) -> Option<File> {
+    let flags = rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::NOFOLLOW;
+    OpenOptions::new().read(true).custom_flags(flags.bits() as i32).open(path).ok()
 }
 
 /// A buffer whose contents start at an [`ALIGN`]-aligned address, as O_DIRECT
