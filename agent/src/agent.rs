@@ -186,7 +186,29 @@ impl Agent {
     }
 
     pub async fn enable(&self, spec: VmSpec) -> Result<Served, ControlError> {
-        self.node()?.enable(spec).await.map_err(ControlError::Refused)
+        let node = self.node()?;
+        // A disk that receives the other side's logs (replication reversed
+        // onto it) is that side's replica: writing it here would corrupt it.
+        if let Some(store) = &self.store {
+            let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+            for d in &spec.disks {
+                let asked = canonical(std::path::Path::new(&d.path));
+                let receiving = store.of_vm(&spec.vm_id).into_iter().find(|r| {
+                    let s = r.state();
+                    !s.promoted() && s.image.as_deref().is_some_and(|i| canonical(i) == asked)
+                });
+                if let Some(r) = receiving {
+                    return Err(ControlError::Refused(format!(
+                        "disk {} ({}) receives replication from {} (reversed onto this site after a failover): \
+                         it is that side's replica now; fail the VM back to replicate from here",
+                        d.name,
+                        d.path,
+                        r.state().primary
+                    )));
+                }
+            }
+        }
+        node.enable(spec).await.map_err(ControlError::Refused)
     }
 
     pub async fn remove_replication(&self, vm_id: &str, uid: &str) -> bool {
@@ -219,6 +241,41 @@ impl Agent {
         let replica = self.replica_for(vm, disk, name)?;
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || replica.materialize_named(seq, &name))
+            .await?
+            .map_err(|e| ControlError::Failed(e.to_string()))
+    }
+
+    /// Writes the disk's diverged point as copy `name`: its path, and the
+    /// sequence it ends in its own history.
+    pub async fn materialize_diverged(
+        &self,
+        vm: &str,
+        disk: &str,
+        name: &str,
+    ) -> Result<(PathBuf, u64), ControlError> {
+        let replica = self.replica_for(vm, disk, name)?;
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let seq = replica.diverged().map(|d| d.seq);
+            let dest = replica.materialized_path(&name);
+            let tmp = dest.with_extension("img.part");
+            let _ = std::fs::remove_file(&tmp);
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| ControlError::Failed(format!("{}: {e}", dir.display())))?;
+            }
+            replica.materialize_diverged(&tmp).map_err(|e| ControlError::Failed(e.to_string()))?;
+            std::fs::rename(&tmp, &dest)
+                .map_err(|e| ControlError::Failed(format!("{}: {e}", dest.display())))?;
+            Ok((dest, seq.unwrap_or(0)))
+        })
+        .await?
+    }
+
+    /// Discards the disk's diverged point; whether there was one.
+    pub async fn discard_diverged(&self, vm: &str, disk: &str) -> Result<bool, ControlError> {
+        let replica = self.replica_for(vm, disk, "diverged")?;
+        tokio::task::spawn_blocking(move || replica.discard_diverged())
             .await?
             .map_err(|e| ControlError::Failed(e.to_string()))
     }
@@ -279,6 +336,10 @@ impl Agent {
                 }
                 images.push((d.state().disk_id.clone(), path, seq + 1));
             }
+            if complete {
+                // Served since the failover began, under the old epoch.
+                node.raise_epoch(vm_id, store.epoch_of(vm_id)).await.map_err(ControlError::Refused)?;
+            }
         } else {
             for d in &disks {
                 let s = d.state().clone();
@@ -321,7 +382,7 @@ impl Agent {
                 x
             }
             Some(x) => x,
-            None => match self.reverse_onto_prepared(store, &a.vm_id, &grant, a.epoch).await? {
+            None => match self.reverse_onto_own(store, &a.vm_id, &grant, a.epoch).await? {
                 Some(disks) => disks
                     .into_iter()
                     .find(|x| x.state().disk_id == a.disk_id)
@@ -352,16 +413,16 @@ impl Agent {
             )));
         };
         for other in store.of_vm(&a.vm_id) {
-            let (image, disk) = {
-                let s = other.state();
-                (s.image.clone(), s.disk_id.clone())
-            };
-            // What this side logged while it ran the VM, up to the end.
-            let through = released
+            let disk = other.state().disk_id.clone();
+            // What this side logged while it ran the VM, up to the end, on
+            // the image it ran on (after an unplanned failover, the copy of
+            // the chosen point, not the replica's own image).
+            let (served, through) = released
                 .iter()
                 .find(|(name, ..)| *name == disk)
-                .map(|(.., last)| *last)
+                .map(|(_, path, last)| (path.clone(), *last))
                 .ok_or_else(|| StoreError::NotFound(format!("{} served no disk {disk}", a.vm_id)))?;
+            let image = (served != other.dir().join("disk.img")).then_some(served);
             other.reverse(a.epoch, grant.primary.clone(), grant.trust_group.clone(), image, through)?;
         }
         tracing::info!(primary = %grant.primary, epoch = a.epoch, "failed back: replicating the other way again");
@@ -384,10 +445,7 @@ impl Agent {
         let Some(disks) = node.release_prepared(vm).await else { return Ok(None) };
         let mut out = Vec::new();
         for (disk_id, path, through) in disks {
-            let size = std::fs::metadata(&path)
-                .map_err(|source| StoreError::Io { path: path.clone(), source })?
-                .len();
-            let dir = replica_dir(&grant.storage, vm, &disk_id, true)?;
+            let (size, dir) = home_of(&path, grant, vm, &disk_id)?;
             let init = || ReplicaState {
                 lifecycle: Lifecycle::Receiving,
                 received_through: through,
@@ -407,6 +465,46 @@ impl Agent {
                 )?;
             }
             tracing::info!(vm, disk = %disk_id, image = %path.display(), epoch, "reverse replication onto the old primary's disk");
+            out.push(replica);
+        }
+        Ok(Some(out))
+    }
+
+    /// Reverse replication onto the disks this node serves as the VM's:
+    /// prepared for a planned failover (both sides hold the same bytes), or
+    /// still held as its primary under an older epoch after an unplanned
+    /// failover (what they hold is set aside as a diverged point and a
+    /// resync follows). `None`: neither (a new replica is made).
+    async fn reverse_onto_own(
+        &self,
+        store: &ReplicaStore,
+        vm: &str,
+        grant: &Grant,
+        epoch: u64,
+    ) -> Result<Option<Vec<Arc<ReplicaDisk>>>, StoreError> {
+        if let Some(disks) = self.reverse_onto_prepared(store, vm, grant, epoch).await? {
+            return Ok(Some(disks));
+        }
+        let Some(node) = self.node.as_ref().filter(|_| epoch > 0) else { return Ok(None) };
+        let Some(disks) = node.release_diverged(vm, epoch).await.map_err(StoreError::Precondition)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for (disk_id, path, through, own_epoch) in disks {
+            let (size, dir) = home_of(&path, grant, vm, &disk_id)?;
+            let init = || ReplicaState {
+                image: Some(path.clone()),
+                ..ReplicaState::new(vm, &disk_id, size, own_epoch, &grant.trust_group, &grant.primary)
+            };
+            let replica = store.open_dir(&dir, init)?;
+            replica.set_aside(
+                own_epoch,
+                grant.primary.clone(),
+                grant.trust_group.clone(),
+                path.clone(),
+                through,
+            )?;
+            tracing::info!(vm, disk = %disk_id, image = %path.display(), through, "the old primary's disk becomes a replica; what it holds is kept as a diverged point");
             out.push(replica);
         }
         Ok(Some(out))
@@ -454,6 +552,19 @@ impl Agent {
             node.shutdown().await;
         }
     }
+}
+
+/// The size of the old primary's disk `image` and the directory its
+/// replica state is kept in, under the grant's storage.
+fn home_of(
+    image: &std::path::Path,
+    grant: &Grant,
+    vm: &str,
+    disk_id: &str,
+) -> Result<(u64, PathBuf), StoreError> {
+    let size =
+        std::fs::metadata(image).map_err(|source| StoreError::Io { path: image.to_owned(), source })?.len();
+    Ok((size, replica_dir(&grant.storage, vm, disk_id, true)?))
 }
 
 fn no_store() -> StoreError {

@@ -283,6 +283,15 @@ impl ProtectedDisk {
         self.journal().state().epoch
     }
 
+    /// Moves this disk's log to a newer `epoch`, sealing what was logged
+    /// under the old one so that every later segment carries the new one.
+    pub fn raise_epoch(&self, epoch: u64) -> Result<()> {
+        if self.journal().raise_epoch(epoch)? {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
     pub fn log_status(&self) -> LogStatus {
         let j = self.journal();
         LogStatus {

@@ -310,6 +310,12 @@ fn reversing_drops_the_other_directions_points_undo_and_segments_and_keeps_the_i
     assert_eq!(fs::read_dir(dir.path().join("log")).unwrap().count(), 0, "no old segment is applied later");
     assert_eq!(fs::read_dir(dir.path().join("undo")).unwrap().count(), 0);
     assert_eq!(fs::read(replica.image()).unwrap(), image, "the image is what both sides hold");
+    // A second opener (another agent process sharing the storage location)
+    // is refused while this one holds it: its recovery would delete what a
+    // running apply or resync is writing.
+    let err = ReplicaDisk::open(dir.path(), || unreachable!("replica.json exists")).err().unwrap();
+    assert!(matches!(&err, ReplicaError::InUse(d) if d == dir.path()), "{err}");
+    assert!(err.to_string().contains("in use by another agent process"));
     // The state survives a restart as it is.
     drop(replica);
     let reopened = ReplicaDisk::open(dir.path(), || unreachable!("replica.json exists")).unwrap();

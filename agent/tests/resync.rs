@@ -194,3 +194,90 @@ async fn a_needed_resync_waits_for_its_window_and_runs_at_once_when_requested() 
     let replica = site.service.replica("vm1", "root").unwrap();
     assert!(identical(path_str(&p.image), path_str(&replica.image())));
 }
+
+/// The old primary's own disk, set aside when the side that took the VM
+/// over replicates back onto it: the resync of another history brings it
+/// to the new primary's bytes, and what it held (writes that never reached
+/// the other side) stays a diverged point — exact through the resync, the
+/// points after it and their pruning, written out when the disk is
+/// promoted, and gone once discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_set_aside_keeps_what_it_held_as_a_diverged_point() {
+    let site = replica_site().await;
+    let content = Rng(21).bytes(8 * MIB as usize);
+    let p = tokio::task::spawn_blocking(move || serve_new_image(16 * MIB, &content)).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = shipper(&site, &tls, p.disk.clone(), plain(), None);
+    ship.sync_once().await.unwrap();
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 5 1M 64k".into()])).await.unwrap();
+    let seg = p.disk.seal().unwrap().unwrap();
+    ship.sync_once().await.unwrap();
+    let replica = applied(&site, seg.last_seq).await;
+
+    // Its own writes, then set aside as of its own log's sequence 1000 (a
+    // history the primary's log does not hold).
+    let image = replica.image();
+    let leaves = distinct(9, 16 * MIB / LEAF, 8);
+    scribble(&image, &leaves, 31);
+    let expected = site.storage.path().join("diverged-expected.img");
+    fs::copy(&image, &expected).unwrap();
+    let (primary, group) = {
+        let s = replica.state();
+        (s.primary.clone(), s.trust_group.clone())
+    };
+    replica.set_aside(0, primary.clone(), group.clone(), image.clone(), 1000).unwrap();
+    replica
+        .set_aside(0, primary.clone(), group.clone(), image.clone(), 1000)
+        .expect("the same again: nothing");
+    assert!(replica.points().is_empty());
+
+    // The next cycle finds another history and resynchronises: only the
+    // leaves that differ travel.
+    ship.sync_once().await.unwrap();
+    let done = ship.stats().last_resync.expect("a resync ran");
+    assert_eq!(done.changed_bytes, 9 * LEAF, "{done:?}");
+    assert!(identical(path_str(&p.image), path_str(&image)), "the disk equals the new primary's");
+    let out = site.storage.path().join("diverged.img");
+    let check = |why: &str| {
+        let _ = fs::remove_file(&out);
+        replica.materialize_diverged(&out).unwrap();
+        assert!(identical(path_str(&out), path_str(&expected)), "the diverged point, byte for byte: {why}");
+    };
+    check("right after the resync");
+
+    // Points after it, one of them pruned: still exact.
+    for (k, at) in [(6, "2M"), (7, "3M"), (8, "4M")] {
+        let url = p.url();
+        tokio::task::spawn_blocking(move || qemu_io(&url, &[format!("write -P {k} {at} 64k")]))
+            .await
+            .unwrap();
+        let seg = p.disk.seal().unwrap().unwrap();
+        ship.sync_once().await.unwrap();
+        applied(&site, seg.last_seq).await;
+    }
+    assert_eq!(replica.points().len(), 3);
+    check("behind three points");
+    let middle = replica.points()[1].seq;
+    let oldest = replica.points()[0].seq;
+    assert_eq!(replica.prune(|p| p.seq != middle).unwrap(), 1);
+    check("a point between pruned");
+    assert_eq!(replica.prune(|p| p.seq != oldest).unwrap(), 1);
+    check("the oldest point pruned");
+
+    // Another one cannot be set aside while this one is kept.
+    let err =
+        replica.set_aside(0, primary.clone(), group.clone(), image.clone(), 2000).unwrap_err().to_string();
+    assert!(err.contains("already keeps a diverged point") && err.contains("Discard"), "{err}");
+
+    // Promoted, the image may change without undo: it is written out first.
+    replica.promote().unwrap();
+    assert!(replica.diverged().unwrap().file.is_some());
+    fs::OpenOptions::new().write(true).open(&image).unwrap().write_all_at(&[0xEE; 4096], 0).unwrap();
+    check("written out at the promotion");
+    assert!(replica.discard_diverged().unwrap());
+    assert!(replica.diverged().is_none() && !replica.discard_diverged().unwrap());
+    assert!(replica.materialize_diverged(&site.storage.path().join("none.img")).is_err());
+    let files: Vec<_> = fs::read_dir(replica.dir().join("materialized")).unwrap().collect();
+    assert!(files.is_empty(), "its file went with it: {files:?}");
+}

@@ -104,6 +104,21 @@ pub async fn materialize(
     control(agent, ctx, async |mut c| c.materialize_point(req.clone()).await.map(|r| r.into_inner())).await
 }
 
+/// Discards a disk's diverged point.
+pub async fn discard_diverged(
+    agent: &Agent,
+    ctx: &Context,
+    vm_id: &str,
+    disk_id: &str,
+) -> Result<(), String> {
+    let req = DeleteMaterializedRequest {
+        vm_id: vm_id.to_owned(),
+        disk_id: disk_id.to_owned(),
+        name: String::new(),
+    };
+    control(agent, ctx, async |mut c| c.discard_diverged_point(req.clone()).await.map(drop)).await
+}
+
 pub async fn delete_copy(
     agent: &Agent,
     ctx: &Context,

@@ -14,13 +14,17 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, ResourceExt,
     api::{ListParams, Patch, PatchParams, PostParams},
     runtime::events::EventType,
 };
-use vmreplica_api::control::ReplicaDisk;
-use vmreplica_crds::{AuthorizationEntry, ReplicationServer, Role, VMReplication};
+use vmreplica_api::control::{MaterializeRequest, PrimaryDisk, ReplicaDisk};
+use vmreplica_crds::{
+    AuthorizationEntry, DivergedDisk, DivergedPointAction, DivergedPointStatus, ReplicationServer, Role,
+    VMReplication, VMReplicationStatus,
+};
 
 use crate::{
     Error, agent_client,
@@ -97,7 +101,7 @@ pub async fn sync_once(ctx: &Context) -> Result<usize, Error> {
             if ctx.namespace.as_ref().is_some_and(|w| *w != ns) {
                 continue;
             }
-            if report(ctx, &ns, vm_id, &disks, agent, &site).await? {
+            if report(ctx, &ns, vm_id, &disks, agent, &site, &status.primaries).await? {
                 reported += 1;
             }
         }
@@ -137,6 +141,7 @@ async fn report(
     disks: &[&ReplicaDisk],
     agent: &Agent,
     site: &Site,
+    shipping: &[PrimaryDisk],
 ) -> Result<bool, Error> {
     let api: Api<VMReplication> = Api::namespaced(ctx.site.client.clone(), ns);
     let name = replica_name(vm_id);
@@ -190,18 +195,26 @@ async fn report(
             created
         }
     };
-    write_replica_status(ctx, &obj, disks, agent, site).await?;
+    let mut next = replica_view(ctx, &obj, disks, agent, site);
+    // Promoted here and replicating back: how its resyncs went.
+    if next.replica_server.is_some() && disks.iter().all(|d| d.promoted) {
+        let previous = obj.status.clone().unwrap_or_default();
+        let v = crate::vmreplication::primary::view(vm_id, shipping);
+        next.last_resynchronization =
+            crate::vmreplication::primary::last_resynchronization(&v, &previous, ctx.now().as_millisecond());
+    }
+    crate::vmreplication::write::write(ctx, &obj, &next).await?;
     Ok(true)
 }
 
-/// Writes `obj`'s status as the replica side sees it (when worth a write).
-async fn write_replica_status(
+/// `obj`'s status as the replica side sees it.
+fn replica_view(
     ctx: &Context,
     obj: &VMReplication,
     disks: &[&ReplicaDisk],
     agent: &Agent,
     site: &Site,
-) -> Result<(), Error> {
+) -> VMReplicationStatus {
     let previous = obj.status.clone().unwrap_or_default();
     let lag_warning = site
         .servers
@@ -210,8 +223,7 @@ async fn write_replica_status(
         .map_or(Duration::from_secs(3600), |rs| {
             Duration::from_secs(u64::from(rs.spec.lag_warning_threshold_seconds))
         });
-    let next = replica_status(&previous, disks, &agent.node, obj.metadata.generation, ctx.now(), lag_warning);
-    crate::vmreplication::write::write(ctx, obj, &next).await
+    replica_status(&previous, disks, &agent.node, obj.metadata.generation, ctx.now(), lag_warning)
 }
 
 /// Reports reverse replication on the Primary object whose VM it is: it is
@@ -230,8 +242,81 @@ async fn report_reverse(
     let api: Api<VMReplication> = Api::namespaced(ctx.site.client.clone(), ns);
     let found = api.get_opt(name).await.map_err(Error::read("the Primary object"))?;
     let Some(obj) = found.filter(|o| o.spec.role == Role::Primary) else { return Ok(false) };
-    write_replica_status(ctx, &obj, disks, agent, site).await?;
+    let mut next = replica_view(ctx, &obj, disks, agent, site);
+    next.diverged_point = diverged_point(ctx, &obj, disks, agent).await;
+    crate::vmreplication::write::write(ctx, &obj, &next).await?;
     Ok(true)
+}
+
+/// The diverged point the old primary's disks keep, after carrying out
+/// `spec.divergedPoint.action` on it.
+async fn diverged_point(
+    ctx: &Context,
+    obj: &VMReplication,
+    disks: &[&ReplicaDisk],
+    agent: &Agent,
+) -> Option<DivergedPointStatus> {
+    let kept: Vec<(&ReplicaDisk, &vmreplica_api::control::DivergedPoint)> =
+        disks.iter().filter_map(|d| d.diverged.as_ref().map(|p| (*d, p))).collect();
+    let (_, first) = kept.first()?;
+    let action = obj.spec.diverged_point.as_ref().map_or(DivergedPointAction::Keep, |r| r.action);
+    let previous = obj.status.as_ref().and_then(|s| s.diverged_point.clone()).unwrap_or_default();
+    let copy = format!("{}-diverged", obj.name_any());
+    let mut status = DivergedPointStatus {
+        time: Timestamp::from_millisecond(first.time_unix_ms as i64).ok().map(Time),
+        epoch: first.epoch,
+        disks: Vec::new(),
+        message: None,
+    };
+    let mut failed = Vec::new();
+    for (d, p) in &kept {
+        let known = previous.disks.iter().find(|k| k.name == d.disk_id).and_then(|k| k.path.clone());
+        let path = match action {
+            DivergedPointAction::Discard => {
+                let gone = agent_client::discard_diverged(agent, ctx, &d.vm_id, &d.disk_id).await;
+                let copy_gone = agent_client::delete_copy(agent, ctx, &d.vm_id, &d.disk_id, &copy).await;
+                if let Err(why) = gone.and(copy_gone) {
+                    failed.push(format!("disk {}: {why}", d.disk_id));
+                } else {
+                    continue;
+                }
+                known
+            }
+            DivergedPointAction::Materialize if known.is_none() => {
+                let req = MaterializeRequest {
+                    vm_id: d.vm_id.clone(),
+                    disk_id: d.disk_id.clone(),
+                    seq: 0,
+                    name: copy.clone(),
+                    diverged: true,
+                };
+                match agent_client::materialize(agent, ctx, req).await {
+                    Ok(r) => Some(r.path),
+                    Err(why) => {
+                        failed.push(format!("disk {}: {why}", d.disk_id));
+                        None
+                    }
+                }
+            }
+            _ => known,
+        };
+        status.disks.push(DivergedDisk { name: d.disk_id.clone(), sequence: p.seq, path });
+    }
+    if status.disks.is_empty() {
+        return None;
+    }
+    status.message = Some(if !failed.is_empty() {
+        format!("{action:?} failed: {}", failed.join("; "))
+    } else if status.disks.iter().all(|d| d.path.is_some()) {
+        "materialised: attach the copies to a VM to recover these writes; set spec.divergedPoint.action: Discard \
+         to delete the point and its copies"
+            .into()
+    } else {
+        "these disks' writes that never reached the side that took the VM over are kept: set \
+         spec.divergedPoint.action to Materialize to write them out as disks, or Discard to delete them"
+            .into()
+    });
+    Some(status)
 }
 
 /// Reports the site's replicas every poll interval until `shutdown` completes.

@@ -118,14 +118,20 @@ pub struct FailoverRequest {
     #[serde(default = "latest", skip_serializing_if = "is_latest")]
     #[schemars(length(min = 1, max = 63))]
     pub recovery_point: String,
-    /// After a Planned failover, replicate back from the new primary to the old
-    /// one (no resync is needed: both sides are identical), with this object's
-    /// replicationFrequencySeconds, compression and recovery history. The old
-    /// primary's site must accept this site (a ReplicationServer and an
-    /// AuthorizationEntry there), as for any replication.
+    /// Replicate back from the new primary to the old one's own disks, with
+    /// this object's replicationFrequencySeconds, compression and recovery
+    /// history. After a Planned failover no resync is needed (both sides are
+    /// identical). After an Unplanned one (on the request that completes it,
+    /// or added to it later) the old primary's disks are resynchronised by
+    /// block hash — only what differs is sent — once its VM is stopped (a
+    /// running one is fenced and stopped), and what they held that never
+    /// reached this side is kept there as a diverged point (see
+    /// `spec.divergedPoint` on the Primary object). The old primary's site
+    /// must accept this site (a ReplicationServer and an AuthorizationEntry
+    /// there), as for any replication.
     #[serde(default)]
     pub reverse_replication: bool,
-    /// Planned, on a Replica object: where to reverse to, the old primary
+    /// On a Replica object: where to reverse to, the old primary
     /// site's replication server. Unset: `spec.primaryServer` on port 9443.
     /// (On a Primary object the reverse goes to `spec.replicaServer`.)
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -96,6 +96,64 @@ pub struct VMReplicationSpec {
     /// Replica role: forward what is applied here to a third site (A→B→C).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended_replica: Option<ExtendedReplica>,
+    /// What to do with the diverged point this site keeps once replication
+    /// was reversed onto its disks after an unplanned failover (the writes
+    /// that never reached the side that took the VM over; see
+    /// `status.divergedPoint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged_point: Option<DivergedPointRequest>,
+}
+
+/// What to do with a kept diverged point.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DivergedPointRequest {
+    /// Keep (the default: nothing is lost), Materialize (also write it out
+    /// per disk as `<name>-diverged`, its path in status, to attach to a VM
+    /// and recover the writes), or Discard (delete it and any copy: the
+    /// space goes, the writes are gone for good).
+    #[serde(default)]
+    pub action: DivergedPointAction,
+}
+
+/// See DivergedPointRequest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DivergedPointAction {
+    #[default]
+    Keep,
+    Materialize,
+    Discard,
+}
+
+/// A diverged point kept at this site.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DivergedPointStatus {
+    /// When the disks were set aside (the resync that followed began).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+    /// The epoch of the history they end.
+    pub epoch: u64,
+    /// Per disk: the last sequence of its own log the point ends, and the
+    /// copy's path once materialised.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DivergedDisk>,
+    /// What to do next, or why the requested action failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One disk of a diverged point.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DivergedDisk {
+    /// The disk's name in `spec.disks`.
+    pub name: String,
+    /// The last sequence of this site's own log the point ends.
+    pub sequence: u64,
+    /// The materialised copy, once `spec.divergedPoint.action` is Materialize.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 fn yes() -> bool {
@@ -386,6 +444,10 @@ pub struct VMReplicationStatus {
     /// Replica role with `spec.extendedReplica`: forwarding to the third site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended_replication: Option<ExtendedReplicationStatus>,
+    /// The writes this site's disks held that never reached the side that
+    /// took the VM over, kept when replication was reversed onto them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged_point: Option<DivergedPointStatus>,
 }
 
 /// Extended replication (A→B→C) as site B sees it.

@@ -520,7 +520,10 @@ async fn a_replica_object_follows_the_primary_across_clusters() {
         .await
         .unwrap();
     let l = last_of(vmreplica_crds::FailoverPhase::Completed).await;
-    assert!(l.message.unwrap().contains("full network copy"), "the status says what reversing costs");
+    assert!(
+        l.message.unwrap().contains("set reverseReplication: true on this request"),
+        "the status says how to protect it again"
+    );
     wait_secs(30, "B FailedOver", async || state_is(&b_vmrs, "pay", ReplicationState::FailedOver).await)
         .await;
     // The old primary, still running, is refused from now on.
@@ -580,45 +583,11 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let c = replica_site(root, "rev-c", &ca, c_name, b_name, &[]).await;
     let (b_repl, a_repl) = (b.repl_port, free_port());
 
-    // Site A (the shared apiserver) is a replica server too, for B: Hyper-V
-    // asks the same of a primary that is to receive reverse replication.
-    let a = client().await;
-    let a_ns = test_namespace(&a, "rev-a").await;
-    std::fs::create_dir_all(root.join("disks")).unwrap();
-    let a_storage = root.join("a-replicas");
-    std::fs::create_dir_all(&a_storage).unwrap();
-    let label = format!("vmreplica.io/reverse-test-{}", &a_ns[a_ns.len().saturating_sub(8)..]);
+    let SiteA { ns: a_ns, label, agent: mut a_agent, storage: a_storage, vmrs: a_vmrs } =
+        SiteA::start(root, "rev-a", &ca, b_name, a_repl).await;
     let socket = root.join("a-nbd.sock");
-    let mut a_agent = site_a_agent(root, &a_ns, &label, b_name, Some(a_repl));
-    let a_rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
-        "metadata": {"name": a_ns}, "spec": {"nodeSelector": {label.clone(): "true"}, "port": a_repl,
-        "allowAnyServer": false}});
-    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(a.clone()), &a_rs).await;
-    let a_entry = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "AuthorizationEntry",
-        "metadata": {"name": a_ns}, "spec": {"allowedPrimaryServer": b_name, "trustGroup": "finance",
-        "replicaStorageLocation": a_storage, "replicaNamespace": a_ns}});
-    apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(a.clone()), &a_entry).await;
-    let a_ctx = controllers(a.clone(), &a_ns, &ca, Some(a_ns.clone()));
-    tokio::spawn(site::run(a_ctx.site.clone(), std::future::pending()));
-    tokio::spawn(vmreplication::run(a_ctx.clone(), std::future::pending()));
-    tokio::spawn(replica_site::run(a_ctx, std::future::pending()));
-
-    let a_vmrs: Api<VMReplication> = Api::namespaced(a.clone(), &a_ns);
     let b_vmrs = b.vmrs.clone();
-    let img = |name: &str| {
-        let p = root.join("disks").join(format!("{name}.img"));
-        assert!(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "raw"])
-                .arg(&p)
-                .arg("8M")
-                .status()
-                .unwrap()
-                .success()
-        );
-        p
-    };
-    let (root_img, data_img) = (img("app-root"), img("app-data"));
+    let (root_img, data_img) = (disk_image(root, "app-root"), disk_image(root, "app-data"));
     let app = "app";
     let primary = |failover: serde_json::Value| {
         let mut o = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
@@ -819,6 +788,211 @@ async fn planned_failover_there_and_back_loses_nothing() {
     wait_secs(60, "A's write after its restart at B", async || qemu_io(&b_root, "read -P 0x34 6M 64k").ok())
         .await;
     drop(a_agent);
+}
+
+/// Site A on the shared apiserver: its agent (see [`site_a_agent`]) is a
+/// replica server too, for B on port `repl` — Hyper-V asks the same of a
+/// primary that is to receive reverse replication — with its own
+/// ReplicationServer, an AuthorizationEntry for B and its controllers.
+struct SiteA {
+    ns: String,
+    label: String,
+    agent: Process,
+    storage: std::path::PathBuf,
+    vmrs: Api<VMReplication>,
+}
+
+impl SiteA {
+    async fn start(root: &Path, tag: &str, ca: &Ca, b_name: &str, repl: u16) -> SiteA {
+        let a = client().await;
+        let ns = test_namespace(&a, tag).await;
+        std::fs::create_dir_all(root.join("disks")).unwrap();
+        let storage = root.join("a-replicas");
+        std::fs::create_dir_all(&storage).unwrap();
+        let label = format!("vmreplica.io/reverse-test-{}", &ns[ns.len().saturating_sub(8)..]);
+        let agent = site_a_agent(root, &ns, &label, b_name, Some(repl));
+        let rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
+            "metadata": {"name": ns}, "spec": {"nodeSelector": {label.clone(): "true"}, "port": repl,
+            "allowAnyServer": false}});
+        apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(a.clone()), &rs).await;
+        let entry = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "AuthorizationEntry",
+            "metadata": {"name": ns}, "spec": {"allowedPrimaryServer": b_name, "trustGroup": "finance",
+            "replicaStorageLocation": storage, "replicaNamespace": ns}});
+        apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(a.clone()), &entry).await;
+        let ctx = controllers(a.clone(), &ns, ca, Some(ns.clone()));
+        tokio::spawn(site::run(ctx.site.clone(), std::future::pending()));
+        tokio::spawn(vmreplication::run(ctx.clone(), std::future::pending()));
+        tokio::spawn(replica_site::run(ctx, std::future::pending()));
+        let vmrs = Api::namespaced(a.clone(), &ns);
+        SiteA { ns, label, agent, storage, vmrs }
+    }
+}
+
+/// A new 8 MiB raw image under `disks/`.
+fn disk_image(root: &Path, name: &str) -> std::path::PathBuf {
+    let p = root.join("disks").join(format!("{name}.img"));
+    let ok = Command::new("qemu-img").args(["create", "-q", "-f", "raw"]).arg(&p).arg("8M").status().unwrap();
+    assert!(ok.success());
+    p
+}
+
+/// Unplanned failover A→B while A still writes (forced past the
+/// split-brain guard; A's replication suspended, so its last writes never
+/// reach B), writes at B, then reverse replication on the completing
+/// request: A's VM, still attached, is fenced; once it lets go, A's own
+/// disks are resynchronised by block hash to B's with only what differs
+/// sent; A's writes that never reached B are kept at A as a diverged
+/// point, materialised and then discarded on request; B's writes go on
+/// reaching A by log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unplanned_failover_then_reverse_by_resync_keeps_the_old_primarys_diverged_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca = Ca::new("unplanned-ca").unwrap();
+    // B's own name: AuthorizationEntries are cluster-wide, and other tests'
+    // on this apiserver admit replica.site-b into their own storage.
+    let (a_name, b_name) = ("host1.site-a.example.com", "unplanned.site-b.example.com");
+    write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
+    let b = replica_site(root, "unp-b", &ca, b_name, "*.site-a.example.com", &[a_name]).await;
+    let (b_repl, a_repl) = (b.repl_port, free_port());
+    let SiteA { ns: a_ns, agent: _a_agent, vmrs: a_vmrs, .. } =
+        SiteA::start(root, "unp-a", &ca, b_name, a_repl).await;
+    let (root_img, data_img) = (disk_image(root, "app-root"), disk_image(root, "app-data"));
+    for img in [&root_img, &data_img] {
+        qemu_io(img.to_str().unwrap(), "write -P 0x01 0 4M").unwrap();
+    }
+    let app = "app";
+    let primary = |extra: serde_json::Value| {
+        let mut o = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication",
+            "metadata": {"name": app}, "spec": {"disks": [{"name": "root", "path": root_img},
+            {"name": "data", "path": data_img}], "replicationFrequencySeconds": 1,
+            "replicaServer": {"name": b_name, "port": b_repl}}});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            o["spec"][k] = v.clone();
+        }
+        o
+    };
+    apply_object(&a_vmrs, &primary(json!({}))).await;
+    let replica = wait_secs(60, "B's Replica object", async || {
+        state_is(&b.vmrs, app, ReplicationState::Replicating).await.filter(|v| v.spec.disks.len() == 2)
+    })
+    .await;
+    let socket = root.join("a-nbd.sock");
+    let a_export = |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", socket.display());
+    let b_export = |disk: &str| format!("nbd+unix:///{a_ns}.{app}/{disk}?socket={}", b.socket.display());
+    qemu_io(&a_export("root"), "write -P 0x11 1M 64k").unwrap();
+    let b_image = |name: &str| replica.spec.disks.iter().find(|d| d.name == name).unwrap().path.clone();
+    wait_secs(30, "A's write at B", async || qemu_io(&b_image("root"), "read -P 0x11 1M 64k").ok()).await;
+
+    // A is cut off (its replication suspended) and goes on writing.
+    apply_object(&a_vmrs, &primary(json!({"suspended": true}))).await;
+    state_is_within(&a_vmrs, app, ReplicationState::Suspended).await;
+    qemu_io(&a_export("root"), "write -P 0x44 5M 64k").unwrap();
+    qemu_io(&a_export("data"), "write -P 0x45 6M 64k").unwrap();
+
+    // Unplanned failover at B, forced (A replicated within the minute); B's VM writes.
+    let at_b = |failover: serde_json::Value| {
+        json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": app},
+               "spec": {"role": "Replica", "disks": replica.spec.disks, "replicationFrequencySeconds": 1,
+                        "failover": failover}})
+    };
+    let operator = PatchParams::apply("dr-operator").force();
+    let request = json!({"id": "u1", "type": "Unplanned", "force": true});
+    b.vmrs.patch(app, &operator, &Patch::Apply(at_b(request.clone()))).await.unwrap();
+    wait_secs(60, "B to run the VM on the chosen point", async || {
+        let l = b.vmrs.get(app).await.ok()?.status?.last_failover?;
+        (l.phase == vmreplica_crds::FailoverPhase::WaitingCompletion).then_some(l)
+    })
+    .await;
+    qemu_io(&b_export("root"), "write -P 0x55 2M 64k").unwrap();
+    // A's VM is still attached to its disks when the reverse comes.
+    let mut attached = Command::new("qemu-io")
+        .args(["-f", "raw", &a_export("root")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut complete = request.clone();
+    complete["complete"] = json!(true);
+    complete["reverseReplication"] = json!(true);
+    complete["reverseReplicaServer"] = json!({"name": a_name, "port": a_repl});
+    b.vmrs.patch(app, &operator, &Patch::Apply(at_b(complete))).await.unwrap();
+    let l = wait_secs(60, "the failover to complete, reversed", async || {
+        let l = b.vmrs.get(app).await.ok()?.status?.last_failover?;
+        (l.phase == vmreplica_crds::FailoverPhase::Completed).then_some(l)
+    })
+    .await;
+    assert_eq!(l.reversed_to.as_deref(), Some(&format!("{a_name}:{a_repl}")[..]), "{l:?}");
+    assert!(l.message.as_deref().unwrap_or_default().contains("diverged point"), "{l:?}");
+    // Fenced while attached: A's object says so, and nothing of A's disks changed.
+    let fenced = wait_secs(60, "A fenced", async || {
+        state_is(&a_vmrs, app, ReplicationState::Error).await.filter(|v| {
+            v.status.as_ref().is_some_and(|s| s.health_details.iter().any(|d| d.starts_with("Fenced")))
+        })
+    })
+    .await;
+    assert!(fenced.status.unwrap().epoch == 0);
+    qemu_io(root_img.to_str().unwrap(), "read -P 0x44 5M 64k").expect("A's disk untouched while fenced");
+    drop(attached.stdin.take());
+    attached.wait().unwrap();
+
+    // Let go: A's disks are resynchronised to B's, only the differing leaves sent.
+    let b_dir = Path::new(&b_image("root")).parent().unwrap().parent().unwrap().to_owned();
+    let copy = |disk: &str| b_dir.join(disk).join("materialized").join(format!("{app}-failover.img"));
+    let done = wait_secs(120, "the resync back to A", async || {
+        b.vmrs.get(app).await.ok()?.status?.last_resynchronization
+    })
+    .await;
+    assert!(identical(copy("root").to_str().unwrap(), &root_img), "A's root equals B's");
+    assert!(identical(copy("data").to_str().unwrap(), &data_img), "A's data equals B's");
+    // A's two writes B never had and B's one write: 3 x 64 KiB differ.
+    assert_eq!(done.bytes_resynchronized, 3 * 65536, "{done:?}");
+    assert!(done.bytes_sent < 3 * 65536 + 64 * 1024, "hashes and framing besides the data: {done:?}");
+    qemu_io(root_img.to_str().unwrap(), "read -P 0x55 2M 64k").expect("B's write at A");
+    assert!(
+        qemu_io(root_img.to_str().unwrap(), "read -P 0x44 5M 64k").is_err(),
+        "A's own write gone from its disk"
+    );
+
+    // ...but kept at A as its diverged point, listed on A's object.
+    let listed = wait_secs(60, "A's diverged point", async || {
+        let s = a_vmrs.get(app).await.ok()?.status?;
+        s.diverged_point.filter(|d| d.disks.len() == 2).map(|d| (s.state, d))
+    })
+    .await;
+    assert_eq!(listed.0, ReplicationState::Replicating, "A is B's replica now: {listed:?}");
+    assert!(listed.1.message.as_deref().unwrap_or_default().contains("Materialize"), "{listed:?}");
+    apply_object(&a_vmrs, &primary(json!({"suspended": true, "divergedPoint": {"action": "Materialize"}})))
+        .await;
+    let copies = wait_secs(60, "A's diverged point written out", async || {
+        let d = a_vmrs.get(app).await.ok()?.status?.diverged_point?;
+        d.disks.iter().map(|k| Some((k.name.clone(), k.path.clone()?))).collect::<Option<Vec<_>>>()
+    })
+    .await;
+    let of = |disk: &str| copies.iter().find(|(n, _)| n == disk).unwrap().1.clone();
+    qemu_io(&of("root"), "read -P 0x44 5M 64k").expect("A's diverged write");
+    qemu_io(&of("root"), "read -P 0x11 1M 64k").expect("what both had");
+    assert!(qemu_io(&of("root"), "read -P 0x55 2M 64k").is_err(), "not B's write");
+    qemu_io(&of("data"), "read -P 0x45 6M 64k").expect("A's diverged write on the other disk");
+    apply_object(&a_vmrs, &primary(json!({"suspended": true, "divergedPoint": {"action": "Discard"}}))).await;
+    wait_secs(60, "A's diverged point discarded", async || {
+        a_vmrs.get(app).await.ok()?.status.filter(|s| s.diverged_point.is_none())
+    })
+    .await;
+    assert!(!Path::new(&of("root")).exists(), "its copies went with it");
+
+    // B's writes go on reaching A's own disks, by log.
+    qemu_io(&b_export("data"), "write -P 0x66 3M 64k").unwrap();
+    wait_secs(30, "B's next write at A", async || {
+        qemu_io(data_img.to_str().unwrap(), "read -P 0x66 3M 64k").ok()
+    })
+    .await;
+    assert!(qemu_io(&a_export("root"), "read 0 512").is_err(), "A no longer serves the VM");
+}
+
+/// Waits for `name` in `api` to reach `want`.
+async fn state_is_within(api: &Api<VMReplication>, name: &str, want: ReplicationState) -> VMReplication {
+    wait_secs(30, &format!("{name} {want:?}"), async || state_is(api, name, want).await).await
 }
 
 /// Site A's agent on the shared apiserver (TLS in `a-tls`, disks under

@@ -190,7 +190,14 @@ fn replica_disk(r: &crate::replica::ReplicaDisk) -> ReplicaDisk {
         primary_final_seq: s.primary_final_seq().unwrap_or(0),
         primary_finished: s.primary_final_seq().is_some(),
         promoted: s.promoted(),
-        reverse: s.image.is_some(),
+        // The old primary's own disk (an image outside the replica's
+        // directory), not a copy of a point the VM ran on here.
+        reverse: s.image.as_ref().is_some_and(|i| !i.starts_with(r.dir())),
+        diverged: s.diverged.as_ref().map(|d| vmreplica_api::control::DivergedPoint {
+            seq: d.seq,
+            epoch: d.epoch,
+            time_unix_ms: d.time_ms,
+        }),
         image_path: r.image().display().to_string(),
         last_contact_unix_ms: r.last_contact_ms(),
         segments_applied: s.stats.segments,
@@ -310,6 +317,11 @@ impl ControlService {
                     quiesce_error: v.quiesce.error,
                     quiesce_error_unix_ms: v.quiesce.error_unix_ms,
                     thaw_pending: v.quiesce.thaw_pending,
+                    disks: v
+                        .disks
+                        .into_iter()
+                        .map(|d| vmreplica_api::control::DiskSpec { name: d.name, path: d.path })
+                        .collect(),
                 })
                 .collect(),
             extended: s.extended.iter().map(|x| shipped(x)).collect(),
@@ -364,9 +376,21 @@ impl Control for ControlService {
         req: Request<MaterializeRequest>,
     ) -> Result<Response<MaterializeReply>, Status> {
         let r = req.into_inner();
-        let (path, seq) =
-            self.agent.materialize(&r.vm_id, &r.disk_id, r.seq, &r.name).await.map_err(failed)?;
+        let (path, seq) = if r.diverged {
+            self.agent.materialize_diverged(&r.vm_id, &r.disk_id, &r.name).await.map_err(failed)?
+        } else {
+            self.agent.materialize(&r.vm_id, &r.disk_id, r.seq, &r.name).await.map_err(failed)?
+        };
         Ok(Response::new(MaterializeReply { path: path.display().to_string(), seq }))
+    }
+
+    async fn discard_diverged_point(
+        &self,
+        req: Request<DeleteMaterializedRequest>,
+    ) -> Result<Response<DeleteMaterializedReply>, Status> {
+        let r = req.into_inner();
+        let deleted = self.agent.discard_diverged(&r.vm_id, &r.disk_id).await.map_err(failed)?;
+        Ok(Response::new(DeleteMaterializedReply { deleted }))
     }
 
     async fn delete_materialized(

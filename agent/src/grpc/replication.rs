@@ -38,9 +38,10 @@ pub fn status(e: ReplicaError) -> Status {
     match e {
         ReplicaError::Verification { .. } => Status::data_loss(msg),
         ReplicaError::OutOfOrder { .. } | ReplicaError::ChunkOutOfOrder { .. } => Status::out_of_range(msg),
-        ReplicaError::StaleEpoch { .. } | ReplicaError::NoInitialCopy | ReplicaError::Precondition(_) => {
-            Status::failed_precondition(msg)
-        }
+        ReplicaError::StaleEpoch { .. }
+        | ReplicaError::NoInitialCopy
+        | ReplicaError::Precondition(_)
+        | ReplicaError::InUse(_) => Status::failed_precondition(msg),
         ReplicaError::Mismatch { .. } | ReplicaError::Invalid { .. } => Status::invalid_argument(msg),
         ReplicaError::TooLarge { .. } => Status::resource_exhausted(msg),
         ReplicaError::NoSuchPoint(_) => Status::not_found(msg),

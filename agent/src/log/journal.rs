@@ -558,6 +558,26 @@ impl Journal {
         &self.state
     }
 
+    /// Moves the log to a newer `epoch` (an unplanned failover completed on
+    /// the copy it logs): the state records it at once, and segments started
+    /// from now on carry it (an empty active segment is started again).
+    /// Whether the active segment holds records of the old one (to seal).
+    pub fn raise_epoch(&mut self, epoch: u64) -> Result<bool> {
+        if epoch <= self.state.epoch {
+            return Ok(false);
+        }
+        self.state.epoch = epoch;
+        self.state.store(&self.dir).map_err(io_err(&self.dir))?;
+        if self.next_seq == self.active.first_seq {
+            // Nothing in the active segment yet: started again under the new
+            // epoch (a crash in between: opening makes a missing one anew).
+            fs::remove_file(&self.active.path).map_err(io_err(&self.active.path))?;
+            self.active = Self::create_active(&self.dir, &self.cfg, epoch, self.next_seq)?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

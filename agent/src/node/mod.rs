@@ -464,8 +464,16 @@ impl Node {
         if !vms.get(vm_id).is_some_and(|m| m.prepared) {
             return None;
         }
-        let mut m = vms.remove(vm_id).expect("checked above");
+        let m = vms.remove(vm_id).expect("checked above");
         drop(vms);
+        let out = self.release(vm_id, m).await;
+        tracing::info!(vm = vm_id, "prepared VM released: its disks become replicas of the promoted side");
+        Some(out)
+    }
+
+    /// Stops serving and replicating `m` (removed from the VMs already) and
+    /// deletes its logs; per disk: name, image, the last sequence logged.
+    async fn release(&self, vm_id: &str, mut m: Managed) -> Vec<(String, PathBuf, u64)> {
         m.stop().await;
         for d in &m.disks {
             self.nbd.remove_export(&export_name(vm_id, d.name()));
@@ -477,8 +485,79 @@ impl Node {
             .map(|d| (d.name().to_owned(), d.path().to_owned(), d.log_status().next_seq - 1))
             .collect();
         retire(m.disks).await;
-        tracing::info!(vm = vm_id, "prepared VM released: its disks become replicas of the promoted side");
-        Some(out)
+        out
+    }
+
+    /// An unplanned failover completed on the copies this node serves: the
+    /// VM's disks log, and its shippers send, under the newer `epoch` from
+    /// now on (a side still at the old one is refused, and fenced).
+    pub async fn raise_epoch(&self, vm_id: &str, epoch: u64) -> Result<(), String> {
+        let mut vms = self.vms.lock().await;
+        let Some(m) = vms.get_mut(vm_id) else { return Ok(()) };
+        for d in &m.disks {
+            let d = d.clone();
+            tokio::task::spawn_blocking(move || d.raise_epoch(epoch))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("moving the log to epoch {epoch}: {e}"))?;
+        }
+        m.epoch = m.epoch.max(epoch);
+        Ok(())
+    }
+
+    /// Failing back after an unplanned failover, old primary's side: the
+    /// side that took the VM over (at `epoch`, newer than this side's)
+    /// replicates onto the disks this node still holds as the VM's primary.
+    /// While a client still uses them the VM is fenced (read-only, its
+    /// cycle stopped; its controller stops it) and an error says so. Once
+    /// none does, they stop being served and logged — their logs go (the
+    /// images hold every write, shipped or not) — and per disk its name,
+    /// image, last logged sequence and epoch are returned, to become
+    /// replicas that keep what they hold as a diverged point. `Ok(None)`:
+    /// no such VM here, or not of an older epoch.
+    pub async fn release_diverged(
+        &self,
+        vm_id: &str,
+        epoch: u64,
+    ) -> Result<Option<Vec<(String, PathBuf, u64, u64)>>, String> {
+        let mut vms = self.vms.lock().await;
+        let Some(m) = vms.get_mut(vm_id).filter(|m| m.epoch < epoch) else { return Ok(None) };
+        let in_use: Vec<&str> = m
+            .disks
+            .iter()
+            .filter(|d| self.nbd.connections(&export_name(vm_id, d.name())) > 0)
+            .map(|d| d.name())
+            .collect();
+        if !in_use.is_empty() {
+            let disks = in_use.join(", ");
+            if m.fenced.swap(epoch, Ordering::AcqRel) == 0 {
+                for d in &m.disks {
+                    d.make_read_only();
+                }
+                m.stop().await;
+                tracing::error!(
+                    vm = vm_id,
+                    epoch,
+                    "fenced: the side that took the VM over replicates back onto it"
+                );
+            }
+            return Err(format!(
+                "{vm_id} still runs here (disks {disks} in use) under epoch {}, and an unplanned failover moved it \
+                 to epoch {epoch}: it is fenced (read-only) and its controller stops it; its writes since the \
+                 failover are kept as a diverged point once it has stopped",
+                m.epoch
+            ));
+        }
+        let m = vms.remove(vm_id).expect("found above");
+        drop(vms);
+        let own = m.epoch;
+        let out = self.release(vm_id, m).await.into_iter().map(|(n, p, last)| (n, p, last, own)).collect();
+        tracing::info!(
+            vm = vm_id,
+            epoch,
+            "released to the side that took the VM over: its writes since are kept as a diverged point"
+        );
+        Ok(Some(out))
     }
 
     /// Every shipper of every protected VM.
@@ -499,6 +578,11 @@ impl Node {
                 prepared: m.prepared,
                 fenced_epoch: m.fenced.load(Ordering::Acquire),
                 quiesce: m.quiesce.lock().expect("not poisoned").clone(),
+                disks: m
+                    .disks
+                    .iter()
+                    .map(|d| DiskSpec { name: d.name().into(), path: d.path().display().to_string() })
+                    .collect(),
             })
             .collect()
     }

@@ -84,6 +84,8 @@ pub struct ProtectedVm {
     pub fenced_epoch: u64,
     /// How its application-consistent points go.
     pub quiesce: QuiesceStatus,
+    /// Its disks as served.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// A disk's position at the end of a planned failover's primary part.

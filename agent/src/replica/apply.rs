@@ -152,7 +152,7 @@ impl ReplicaDisk {
             sync_dir(&self.dir.join("undo"))?;
         }
         self.update(|s| {
-            if !s.points.is_empty() && !s.bridge.iter().any(|b| b == undo_name) {
+            if Self::bridged(s) && !s.bridge.iter().any(|b| b == undo_name) {
                 s.bridge.push(undo_name.to_owned());
             }
         })?;

@@ -15,11 +15,13 @@
 //!    undo/r<n>.undo        what resync batch <n> overwrote (resync.rs)
 //!    resync/<n>.seg        a resync batch, durable, not yet applied
 //!    forward/<a>-<b>.seg   applied, kept for the extended replica (forward.rs)
-//!    materialized/<n>.img  recovery points written out (points.rs)
+//!    materialized/<n>.img  recovery points written out (points.rs), and a diverged point's (diverged.rs)
 //!    replica.json          identity, lifecycle, epoch, sequence positions, points (state.rs)
+//!    lock                  flock'd while an agent has it open (one opener at a time)
 //! ```
 
 pub mod apply;
+mod diverged;
 mod files;
 pub mod forward;
 pub mod names;
@@ -44,7 +46,7 @@ use std::{
 use crate::log::{FormatError, format::MAX_SEQ};
 use files::{seq_files, undo_files, verify_file};
 pub use receive::{Incoming, IncomingCopy, IncomingSegment};
-pub use state::{ApplyStats, CopyCommit, Lifecycle, MAX_DISK_SIZE, Point, PointKind, ReplicaState};
+pub use state::{ApplyStats, CopyCommit, Diverged, Lifecycle, MAX_DISK_SIZE, Point, PointKind, ReplicaState};
 
 /// Checks a sequence number from the wire: 1..=MAX_SEQ.
 pub fn check_seq(field: &'static str, value: u64) -> Result<()> {
@@ -105,6 +107,9 @@ pub enum ReplicaError {
     /// The replica is not in a state that allows the call (a resync running, none to finish).
     #[error("{0}")]
     Precondition(String),
+    /// Another process (or another open in this one) holds the directory.
+    #[error("replica directory {0} is in use by another agent process")]
+    InUse(PathBuf),
 }
 
 type Result<T, E = ReplicaError> = std::result::Result<T, E>;
@@ -140,12 +145,28 @@ pub struct ReplicaDisk {
     /// When the primary last opened this replica (ms since the epoch; 0:
     /// not since this process started): its heartbeat when it has nothing to send.
     last_contact_ms: AtomicU64,
+    /// `lock` in the directory, held exclusively while this is open: a
+    /// second opener (another agent sharing the storage location) would
+    /// run recovery under a running apply or resync.
+    _lock: fs::File,
 }
 
 impl ReplicaDisk {
     /// Opens the replica in `dir` (which the store made, confined), creating it
     /// with `init` when there is none, and recovers from any crash.
     pub fn open(dir: &Path, init: impl FnOnce() -> ReplicaState) -> Result<Self> {
+        let lock_path = dir.join("lock");
+        let lock = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_at(&lock_path))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(ReplicaError::InUse(dir.to_owned())),
+            Err(e) => return Err(io_at(&lock_path)(e.into())),
+        }
         for sub in ["incoming", "log", "undo", "forward", "resync"] {
             let d = dir.join(sub);
             fs::create_dir_all(&d).map_err(io_at(&d))?;
@@ -163,6 +184,7 @@ impl ReplicaDisk {
             state: Mutex::new(state),
             apply_lock: Mutex::new(()),
             last_contact_ms: Default::default(),
+            _lock: lock,
         };
         disk.recover()?;
         Ok(disk)
@@ -266,6 +288,7 @@ impl ReplicaDisk {
             return Ok(self.image_path());
         }
         self.apply_pending()?;
+        self.settle_diverged()?;
         self.update(|s| {
             s.lifecycle = Lifecycle::Promoted;
             s.epoch += 1;
@@ -280,6 +303,7 @@ impl ReplicaDisk {
         if self.state().promoted() {
             return Ok(());
         }
+        self.settle_diverged()?;
         self.prune(|_| false)?;
         self.update(|s| {
             s.lifecycle = Lifecycle::Promoted;
@@ -302,6 +326,8 @@ impl ReplicaDisk {
         image: Option<PathBuf>,
         through: u64,
     ) -> Result<()> {
+        // A diverged point is written out first: its undo goes next.
+        self.settle_diverged()?;
         // Every undo file and segment of the other direction goes (folding
         // the undo files first would only rewrite what is deleted next).
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -12,6 +12,7 @@ use std::{
 use super::{
     Point, PointKind, ReplicaDisk, ReplicaError, Result,
     apply::write_ranges,
+    diverged::all_undo,
     files::{open_nofollow, open_reader, sync_dir, undo_files},
     io_at, now_ms,
     ranges::{RangeMap, Source},
@@ -99,19 +100,26 @@ impl ReplicaDisk {
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         let points = self.points();
         let at = points.iter().position(|p| p.seq == seq).ok_or(ReplicaError::NoSuchPoint(seq))?;
-        let image_path = self.image_path();
-        let image = open_nofollow(&image_path, false, false).map_err(io_at(&image_path))?;
-        sparse_copy(&image, dest).map_err(io_at(dest))?;
-        let out = OpenOptions::new().read(true).write(true).open(dest).map_err(io_at(dest))?;
-        let size = self.state().disk_size;
         // Newest first: the bridge takes the image back to the newest point
         // (what a resync or a not yet consistent segment changed since), then
         // each point's undo files take it back to the one before it.
-        let bridge: Vec<String> = self.state().bridge.iter().rev().cloned().collect();
-        let newer = points[at + 1..].iter().rev().flat_map(|p| p.undo_files().map(move |u| (p.seq, u)));
-        for (seq, name) in bridge.iter().map(|b| (0, b)).chain(newer) {
+        let bridge = self.state().bridge.iter().rev().map(|b| (0, b.clone())).collect::<Vec<_>>();
+        let undo: Vec<(u64, String)> = bridge.into_iter().chain(all_undo(&points[at + 1..])).collect();
+        self.write_back(&self.image_path(), &undo, dest)
+    }
+
+    /// Copies `source` to `dest` (sparse, a reflink where the filesystem
+    /// allows) and applies the undo files `undo` to the copy in order, each
+    /// verified as it is read (the number names the point it belongs to).
+    /// Called under the apply lock.
+    pub(super) fn write_back(&self, source: &Path, undo: &[(u64, String)], dest: &Path) -> Result<()> {
+        let image = open_nofollow(source, false, false).map_err(io_at(source))?;
+        sparse_copy(&image, dest).map_err(io_at(dest))?;
+        let out = OpenOptions::new().read(true).write(true).open(dest).map_err(io_at(dest))?;
+        let size = self.state().disk_size;
+        for (seq, name) in undo {
             let undo = self.dir.join("undo").join(name);
-            let verification = |source| ReplicaError::Verification { first_seq: seq, source };
+            let verification = |source| ReplicaError::Verification { first_seq: *seq, source };
             let mut reader = open_reader(&undo).map_err(verification)?;
             while let Some(r) = reader.next_record().map_err(verification)? {
                 apply_record(&out, size, &r).map_err(io_at(dest))?;

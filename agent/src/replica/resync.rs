@@ -164,6 +164,11 @@ impl ReplicaDisk {
                 why: "it must lie between the resync's next_seq and 2^62",
             });
         }
+        // Points of another history cannot be numbered in the log that
+        // resumes here: kept as the diverged point (diverged.rs).
+        if self.state().points.iter().any(|p| p.seq >= next_seq) {
+            self.collapse_history()?;
+        }
         self.update(|s| {
             s.lifecycle = Lifecycle::Receiving;
             s.epoch = s.epoch.max(epoch);

@@ -174,6 +174,30 @@ pub struct ReplicaState {
     /// copy of; another one arriving means it needs a new copy too.
     #[serde(default)]
     pub forwarded_copy: u64,
+    /// What this image held before a resync brought it onto another
+    /// history (the old primary's writes that never reached the side that
+    /// took the VM over): kept, listed and materialisable until pruned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diverged: Option<Diverged>,
+}
+
+/// The state before a resync of another history (see
+/// [`ReplicaState::diverged`]). While `file` is `None` it is reached from
+/// the image like a point older than every point: the bridge, then every
+/// point's undo files, newest first (the oldest point's undo leads to it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Diverged {
+    /// The last sequence of the log it ends, in its own history.
+    pub seq: u64,
+    /// That history's epoch.
+    pub epoch: u64,
+    /// When it was set aside (ms since the epoch).
+    pub time_ms: u64,
+    /// Written out as a file of its own (under `materialized/`) before the
+    /// image was promoted and could change without undo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 fn version_one() -> u32 {

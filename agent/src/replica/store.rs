@@ -290,7 +290,13 @@ impl ReplicaStore {
                     {
                         continue;
                     }
-                    let replica = self.open_dir(&dir, || unreachable!("replica.json exists"))?;
+                    let replica = match self.open_dir(&dir, || unreachable!("replica.json exists")) {
+                        Err(StoreError::Replica(ReplicaError::InUse(dir))) => {
+                            tracing::warn!(dir = %dir.display(), "replica held by another agent process: left to it");
+                            continue;
+                        }
+                        r => r?,
+                    };
                     self.apply_and_retain(&replica)?;
                     found += 1;
                 }

@@ -221,6 +221,7 @@ async fn on_replica(
                     disk_id: d.disk_id.clone(),
                     seq: per_disk.get(&d.disk_id).copied().unwrap_or(0),
                     name: name.clone(),
+                    diverged: false,
                 };
                 let r = agent_client::materialize(&loc.agent, ctx, req)
                     .await
@@ -269,18 +270,23 @@ async fn replicate_promoted(
     disks: &[ReplicaDisk],
     to: &str,
 ) -> Result<(), String> {
-    let mut images: Vec<&ReplicaDisk> = disks.iter().collect();
-    images.sort_by(|a, b| a.disk_id.cmp(&b.disk_id));
+    let vm_id = disks.first().map(|d| d.vm_id.clone()).unwrap_or_default();
+    // The disks as the agent serves them now (after an unplanned failover,
+    // the copies of the chosen point, not the replica images).
+    let status = agent_client::status(agent, ctx).await?;
+    let served = status.vms.iter().find(|v| v.vm_id == vm_id).map(|v| v.disks.clone()).unwrap_or_default();
+    if served.is_empty() {
+        return Err(format!("the agent on {} does not serve {vm_id}'s disks", agent.node));
+    }
+    let mut images: Vec<DiskSpec> = served;
+    images.sort_by(|a, b| a.name.cmp(&b.name));
     let history = &vmr.spec.recovery_history;
     let spec = VmReplicationSpec {
-        vm_id: disks.first().map(|d| d.vm_id.clone()).unwrap_or_default(),
+        vm_id,
         uid: vmr.uid().unwrap_or_default(),
         // Above the promotion's (0).
         generation: vmr.metadata.generation.unwrap_or(1).max(1),
-        disks: images
-            .iter()
-            .map(|d| DiskSpec { name: d.disk_id.clone(), path: d.image_path.clone() })
-            .collect(),
+        disks: images,
         replica_address: to.to_owned(),
         interval_seconds: vmr.spec.replication_frequency_seconds,
         compression: vmr.spec.compression_enabled,

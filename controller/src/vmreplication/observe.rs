@@ -107,7 +107,11 @@ pub async fn observe(vmr: &VMReplication, ctx: &Context) -> Result<Observation, 
     } else {
         None
     };
-    let replica = if !primary_role || active {
+    // Replication reversed onto this side's own disks (after a failover):
+    // its primary agent reports them as replicas, and the object shows them.
+    let reversed_here = matches!(&primary, Some(Ok((_, Ok(s))))
+        if s.replicas.iter().any(|d| d.reverse && d.vm_id == vm_id(vmr)));
+    let replica = if !primary_role || active || reversed_here {
         let reuse = match &primary {
             Some(Ok((a, Ok(s)))) => Some((a, s)),
             _ => None,

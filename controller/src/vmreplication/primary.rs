@@ -464,6 +464,9 @@ pub fn build_status(vmr: &VMReplication, outcome: &Outcome, input: &StatusInputs
         },
         last_failover: previous.last_failover.clone(),
         extended_replication: previous.extended_replication.clone(),
+        // Kept at this site's agent after failing back (written out as a
+        // file there): still shown.
+        diverged_point: previous.diverged_point.clone(),
         ..Default::default()
     };
     if let Outcome::Enabled(v) = outcome {
@@ -497,25 +500,7 @@ fn measured(
         successful_cycles: window.successful,
         missed_cycles: window.missed,
     });
-    status.last_resynchronization = match &v.last_resync {
-        // The time it was first seen finished stays.
-        Some(r) => Some(ResynchronizationStatus {
-            id: r.id.clone(),
-            completion_time: previous
-                .last_resynchronization
-                .as_ref()
-                .filter(|p| p.id == r.id)
-                .and_then(|p| p.completion_time.clone())
-                .or_else(|| ts(now_ms)),
-            mode: if r.dirty_map { "DirtyMap" } else { "HashTree" }.into(),
-            bytes_sent: r.wire,
-            data_bytes_sent: r.data,
-            bytes_resynchronized: r.changed,
-            duration_seconds: r.duration_ms / 1000,
-        }),
-        // An agent restarted since: what was seen stays.
-        None => previous.last_resynchronization.clone(),
-    };
+    status.last_resynchronization = last_resynchronization(v, previous, now_ms);
     // The long operation running: its rate since the last look, else the last one known.
     let progress = |operation: &str, done: u64, total: u64| {
         let rate = input.rate.unwrap_or_else(|| previous.progress.as_ref().map_or(0, |p| p.bytes_per_second));
@@ -535,6 +520,34 @@ fn measured(
         }
         _ => None,
     };
+}
+
+/// The last resync that finished on every disk, as status shows it.
+pub fn last_resynchronization(
+    v: &VmView,
+    previous: &VMReplicationStatus,
+    now_ms: i64,
+) -> Option<ResynchronizationStatus> {
+    let ts = |ms: i64| Timestamp::from_millisecond(ms).ok().map(Time);
+    match &v.last_resync {
+        // The time it was first seen finished stays.
+        Some(r) => Some(ResynchronizationStatus {
+            id: r.id.clone(),
+            completion_time: previous
+                .last_resynchronization
+                .as_ref()
+                .filter(|p| p.id == r.id)
+                .and_then(|p| p.completion_time.clone())
+                .or_else(|| ts(now_ms)),
+            mode: if r.dirty_map { "DirtyMap" } else { "HashTree" }.into(),
+            bytes_sent: r.wire,
+            data_bytes_sent: r.data,
+            bytes_resynchronized: r.changed,
+            duration_seconds: r.duration_ms / 1000,
+        }),
+        // An agent restarted since: what was seen stays.
+        None => previous.last_resynchronization.clone(),
+    }
 }
 
 /// Ready, Replicating and Degraded for the status.

@@ -97,7 +97,9 @@ fn standing(previous: &VMReplicationStatus, disks: &[&ReplicaDisk]) -> Standing 
     });
     let planned =
         last.filter(|l| l.failover_type == FailoverType::Planned && l.phase == FailoverPhase::Completed);
-    let reversed_to = planned.filter(|l| l.took_over).and_then(|l| l.reversed_to.clone());
+    let unplanned =
+        last.filter(|l| l.failover_type == FailoverType::Unplanned && l.phase == FailoverPhase::Completed);
+    let reversed_to = planned.filter(|l| l.took_over).or(unplanned).and_then(|l| l.reversed_to.clone());
     let promoted = disks.iter().all(|d| d.promoted);
     let state = if promoted && reversed_to.is_some() {
         ReplicationState::Replicating

@@ -62,7 +62,14 @@ pub fn finish(
             s.data_loss_window_seconds = *window;
             (WaitingCompletion, false, None)
         }
-        Done::UnplannedCompleted => (Completed, true, out.epoch),
+        Done::UnplannedCompleted { reversed_to } => {
+            s.reversed_to = reversed_to.clone();
+            (Completed, true, out.epoch)
+        }
+        Done::Reversed { to } => {
+            s.reversed_to = Some(to.clone());
+            (Completed, false, None)
+        }
         Done::UnplannedCancelled => (Cancelled, true, None),
     };
     s.phase = phase;
@@ -120,14 +127,21 @@ fn sentence(vmr: &VMReplication, done: &Done, out: &Outcome) -> Option<(String, 
             );
             (message, "UnplannedFailoverWaitingCompletion", false)
         }
-        Done::UnplannedCompleted => {
+        Done::UnplannedCompleted { reversed_to } => {
+            let protection = match reversed_to {
+                Some(to) => reversed_text(to),
+                None => " It is not protected now: set reverseReplication: true on this request to replicate back to \
+                          the old primary's own disks by resync (only what differs is sent)"
+                    .to_owned(),
+            };
             let message = format!(
                 "completed: the other recovery points are folded away and the old primary is refused; the VM's disks \
-                 are {exports}. It is not protected now: reverse replication after an unplanned failover is not built \
-                 yet (it needs the block-hash resync), so protecting it again means enabling replication anew, with a \
-                 full network copy"
+                 are {exports}.{protection}"
             );
             (message, "UnplannedFailoverCompleted", false)
+        }
+        Done::Reversed { to } => {
+            (format!("completed earlier; now{}", reversed_text(to)), "ReplicationReversed", false)
         }
         Done::UnplannedCancelled => (
             "cancelled: the failover copy was deleted; this is a replica again, and another point may be chosen".into(),
@@ -143,4 +157,13 @@ fn sentence(vmr: &VMReplication, done: &Done, out: &Outcome) -> Option<(String, 
             (text, "DisksServedAgain", true)
         }
     })
+}
+
+/// What an operator reads once replication is reversed after an unplanned failover.
+fn reversed_text(to: &str) -> String {
+    format!(
+        " Replication reversed to {to}: once the VM there is stopped (a running one is fenced and stopped), its \
+         disks are resynchronised by block hash, only what differs being sent, and what they held that never \
+         reached this side is kept there as a diverged point (status.divergedPoint of the Primary object)"
+    )
 }

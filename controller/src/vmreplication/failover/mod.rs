@@ -122,7 +122,15 @@ pub enum Done {
         window: Option<u64>,
         last_replicated_ms: Option<u64>,
     },
-    UnplannedCompleted,
+    /// Unplanned failover completed; replication reversed to this server
+    /// when it was asked for.
+    UnplannedCompleted {
+        reversed_to: Option<String>,
+    },
+    /// Replication reversed after a completed unplanned failover.
+    Reversed {
+        to: String,
+    },
     UnplannedCancelled,
     /// Served again after the agent restarted: an Event, no status change.
     ServedAgain {
@@ -279,6 +287,13 @@ pub fn primary_plan(f: &Facts) -> Plan {
     let request = request_of(f.vmr, FailoverType::Planned);
     let last = last_of(f.vmr).filter(|l| l.failover_type == FailoverType::Planned);
     let governs = request.is_some() || last.is_some_and(|l| l.phase == FailoverPhase::Completed);
+    // An unplanned failover elsewhere reversed replication onto this side's
+    // disks: they are the other side's replica (the replica-site report
+    // shows it) until a planned failover brings the VM back.
+    let reversed = f.replica.is_some_and(|l| l.status.replicas.iter().any(|d| d.reverse && !d.promoted));
+    if !governs && reversed && f.primary_agent {
+        return Plan::Wait { status: None, note: None, again: f.poll };
+    }
     if !governs || !f.primary_agent {
         return Plan::Idle;
     }

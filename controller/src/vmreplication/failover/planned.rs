@@ -208,11 +208,7 @@ fn reverse_or_resume(
             .map(|s| format!("{}:{}", s.name, s.port))
             .ok_or("spec.replicaServer is not set")
     } else {
-        match (&r.reverse_replica_server, &vmr.spec.primary_server) {
-            (Some(s), _) => Ok(format!("{}:{}", s.name, s.port)),
-            (None, Some(name)) => Ok(format!("{name}:9443")),
-            (None, None) => Err("no server to reverse to: set spec.failover.reverseReplicaServer"),
-        }
+        reverse_target(vmr, r)
     };
     let to = match to {
         Ok(to) => to,
@@ -229,4 +225,14 @@ fn reverse_or_resume(
         text.push_str(&format!(" The extended replica {c} receives nothing more (orphaned)."));
     }
     (text, Some(to))
+}
+
+/// Where a Replica object reverses to: the old primary site's replication
+/// server (HOST:PORT).
+pub(super) fn reverse_target(vmr: &VMReplication, r: &FailoverRequest) -> Result<String, &'static str> {
+    match (&r.reverse_replica_server, &vmr.spec.primary_server) {
+        (Some(s), _) => Ok(format!("{}:{}", s.name, s.port)),
+        (None, Some(name)) => Ok(format!("{name}:9443")),
+        (None, None) => Err("no server to reverse to: set spec.failover.reverseReplicaServer"),
+    }
 }

@@ -332,9 +332,68 @@ fn an_unplanned_failover_says_what_never_arrived_and_writes_the_epoch_when_compl
         (FailoverPhase::WaitingCompletion, Some(3), None)
     );
     assert!(s.message.unwrap().contains("never arrived"));
-    let done = Run { done: Done::UnplannedCompleted, ..r };
+    let done = Run { done: Done::UnplannedCompleted { reversed_to: None }, ..r };
     let (s, _, epoch) = finish(&vmr, &done, &out, Time(now()));
-    assert_eq!((s.unwrap().phase, epoch), (FailoverPhase::Completed, Some(4)));
+    let s = s.unwrap();
+    assert_eq!((s.phase, epoch), (FailoverPhase::Completed, Some(4)));
+    assert!(s.message.unwrap().contains("set reverseReplication: true on this request"));
+}
+
+#[test]
+fn reverse_replication_after_an_unplanned_failover_comes_with_completion_or_later_once() {
+    let waiting = last(FailoverType::Unplanned, "u1", FailoverPhase::WaitingCompletion);
+    let loc = located(vec![disk("root", &[(5, 1000)])]);
+    // Completing with reverse: promote, then replicate back to the old primary.
+    let request = serde_json::json!({"id": "u1", "type": "Unplanned", "complete": true,
+        "reverseReplication": true, "reverseReplicaServer": {"name": "a.example.com", "port": 7443}});
+    let vmr = object("Replica", Some(request.clone()), Some(waiting));
+    let r = run(replica_plan(&facts(&vmr, Some(&loc), None)));
+    assert_eq!(
+        r.actions,
+        vec![
+            Action::Promote { copy: "db-failover".into(), complete: true },
+            Action::ReplicateTo { to: "a.example.com:7443".into(), what: "reversing replication" },
+        ]
+    );
+    assert_eq!(r.done, Done::UnplannedCompleted { reversed_to: Some("a.example.com:7443".into()) });
+    let (s, _, _) = finish(&vmr, &r, &Outcome::default(), Time(now()));
+    let s = s.unwrap();
+    assert_eq!(s.reversed_to.as_deref(), Some("a.example.com:7443"));
+    assert!(s.message.unwrap().contains("diverged point"));
+
+    // Completed without it, asked for later on the same request: reverse only.
+    let completed = last(FailoverType::Unplanned, "u1", FailoverPhase::Completed);
+    let vmr = object("Replica", Some(request), Some(completed.clone()));
+    let r = run(replica_plan(&facts(&vmr, Some(&loc), None)));
+    assert_eq!(
+        r.actions,
+        vec![Action::ReplicateTo { to: "a.example.com:7443".into(), what: "reversing replication" }]
+    );
+    let (s, note, epoch) = finish(&vmr, &r, &Outcome::default(), Time(now()));
+    let s = s.unwrap();
+    assert_eq!(
+        (s.phase, s.reversed_to.as_deref(), epoch),
+        (FailoverPhase::Completed, Some("a.example.com:7443"), None)
+    );
+    assert_eq!(note.unwrap().reason, "ReplicationReversed");
+    // Done once: the status says where it went.
+    let vmr =
+        object("Replica", vmr.spec.failover.as_ref().map(|f| serde_json::to_value(f).unwrap()), Some(s));
+    assert!(!matches!(unplanned::unplanned(&facts(&vmr, Some(&loc), None)), Plan::Run(_)));
+    // Nowhere to reverse to: a failure that says what to set.
+    let mut bare = object("Replica", None, Some(completed));
+    bare.spec.primary_server = None;
+    bare.spec.failover = Some(
+        serde_json::from_value(serde_json::json!({"id": "u1", "type": "Unplanned",
+        "reverseReplication": true}))
+        .unwrap(),
+    );
+    let r = run(replica_plan(&facts(&bare, Some(&loc), None)));
+    assert!(
+        matches!(&r.done, Done::Failed { why, .. } if why.contains("reverseReplicaServer")),
+        "{:?}",
+        r.done
+    );
 }
 
 /// What a replica agent may answer, for the cross product below.

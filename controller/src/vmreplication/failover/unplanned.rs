@@ -25,6 +25,31 @@ pub(super) fn unplanned(f: &Facts) -> Plan {
     let copy = failover_copy_name(vmr);
     let Some(r) = request_of(vmr, FailoverType::Unplanned) else { return cancel(f, last, copy) };
     let same = last.filter(|l| l.id == r.id);
+    // Completed, and reverse replication asked for since: back to the old
+    // primary's own disks, by resync.
+    if let Some(l) = same.filter(|l| l.phase == FailoverPhase::Completed) {
+        if !r.reverse_replication || l.reversed_to.is_some() {
+            return Plan::Idle;
+        }
+        if f.replica.is_none() {
+            return Plan::NoAgent("reverse replication");
+        }
+        let mut actions = Vec::new();
+        let done = match reverse(f, r, &mut actions) {
+            Ok(to) => Done::Reversed { to },
+            Err(why) => Done::Failed { why, reason: "ReverseReplicationFailed" },
+        };
+        let status = l.clone();
+        return Plan::Run(Box::new(Run {
+            status,
+            write_first: false,
+            note: None,
+            actions,
+            done,
+            on_error: OnError::Retry,
+            again: None,
+        }));
+    }
     if same.is_some_and(ended) {
         return Plan::Idle;
     }
@@ -45,8 +70,21 @@ pub(super) fn unplanned(f: &Facts) -> Plan {
         if !r.complete {
             return Plan::Idle;
         }
-        let promote = Action::Promote { copy, complete: true };
-        return run(l.clone(), false, None, vec![promote], Done::UnplannedCompleted);
+        let mut actions = vec![Action::Promote { copy, complete: true }];
+        let reversed_to = match r.reverse_replication.then(|| reverse(f, r, &mut actions)) {
+            Some(Err(why)) => {
+                return run(
+                    l.clone(),
+                    false,
+                    None,
+                    Vec::new(),
+                    Done::Failed { why, reason: "ReverseReplicationFailed" },
+                );
+            }
+            Some(Ok(to)) => Some(to),
+            None => None,
+        };
+        return run(l.clone(), false, None, actions, Done::UnplannedCompleted { reversed_to });
     }
     let started = same.and_then(|l| l.start_time.clone()).unwrap_or(Time(f.now));
     let mut status = begin(r, FailoverPhase::Pending, started);
@@ -113,6 +151,20 @@ pub(super) fn unplanned(f: &Facts) -> Plan {
             run(status, true, forced, actions, waiting(point))
         }
     }
+}
+
+/// Reverse replication after an unplanned failover: the copy the VM runs
+/// on replicates to the old primary's own disks, which a resync brings to
+/// it (actions appended); where to.
+fn reverse(
+    f: &Facts,
+    r: &vmreplica_crds::FailoverRequest,
+    actions: &mut Vec<Action>,
+) -> Result<String, String> {
+    let to =
+        super::planned::reverse_target(f.vmr, r).map_err(|why| format!("reversing replication: {why}"))?;
+    actions.push(Action::ReplicateTo { to: to.clone(), what: "reversing replication" });
+    Ok(to)
 }
 
 /// Cancel: the request went while waiting for completion; the copy goes and
