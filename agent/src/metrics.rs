@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Replica side: the sequence applied through, and points kept.
     pub replica_applied: IntGaugeVec,
     pub replica_points: IntGaugeVec,
+    /// Bytes the last verification found differing (spec.verify; 0 expected).
+    pub verify_differing: IntGaugeVec,
     /// Replica side: requests refused, by gRPC code.
     pub refused: IntCounterVec,
     /// Replica side: bytes received on the wire (compressed as sent).
@@ -104,6 +106,14 @@ impl Metrics {
                 vd,
             )
             .expect("valid metric"),
+            verify_differing: IntGaugeVec::new(
+                labels(
+                    "Bytes the last verification found to differ between primary and replica (0 expected)",
+                    "verify_differing_bytes",
+                ),
+                vd,
+            )
+            .expect("valid metric"),
             refused: IntCounterVec::new(
                 labels("Replication requests refused, by gRPC code", "refused_requests_total"),
                 &["code"],
@@ -152,6 +162,7 @@ impl Metrics {
             Box::new(self.initial_copy_bytes.clone()),
             Box::new(self.replica_applied.clone()),
             Box::new(self.replica_points.clone()),
+            Box::new(self.verify_differing.clone()),
             Box::new(self.refused.clone()),
             Box::new(self.received_bytes.clone()),
             Box::new(self.transfers.clone()),

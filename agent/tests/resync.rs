@@ -50,20 +50,38 @@ fn distinct(n: usize, within: u64, seed: u64) -> Vec<u64> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_drifted_gets_only_the_leaves_that_differ_and_keeps_its_point() {
+/// A replica site and a primary disk of `size` bytes holding `data` random
+/// bytes (from `seed`), copied over by its shipper (uncompressed).
+async fn copied(
+    size: u64,
+    data: u64,
+    seed: u64,
+) -> (Site, Served, std::sync::Arc<vmreplica_api::tls::LiveTls>, Shipper) {
     let site = replica_site().await;
-    let content = Rng(11).bytes(40 * MIB as usize);
-    let p = tokio::task::spawn_blocking(move || serve_new_image(64 * MIB, &content)).await.unwrap();
+    let content = Rng(seed).bytes(data as usize);
+    let p = tokio::task::spawn_blocking(move || serve_new_image(size, &content)).await.unwrap();
     let tls = material(&site.ca, &["host1.site-a.example.com"]);
     let ship = shipper(&site, &tls, p.disk.clone(), plain(), None);
     ship.sync_once().await.unwrap();
-    // A first point at the replica.
-    let url = p.url();
-    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 5 1M 64k".into()])).await.unwrap();
-    let seg = p.disk.seal().unwrap().unwrap();
+    (site, p, tls, ship)
+}
+
+/// Runs one qemu-io `cmd` at the primary, seals and ships it: the sealed
+/// segment's last sequence.
+async fn write_and_ship(p: &Served, ship: &Shipper, cmd: &str) -> u64 {
+    let (url, cmd) = (p.url(), cmd.to_owned());
+    tokio::task::spawn_blocking(move || qemu_io(&url, &[cmd])).await.unwrap();
+    let last = p.disk.seal().unwrap().unwrap().last_seq;
     ship.sync_once().await.unwrap();
-    let replica = applied(&site, seg.last_seq).await;
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_drifted_gets_only_the_leaves_that_differ_and_keeps_its_point() {
+    let (site, p, _tls, ship) = copied(64 * MIB, 40 * MIB, 11).await;
+    // A first point at the replica.
+    let last = write_and_ship(&p, &ship, "write -P 5 1M 64k").await;
+    let replica = applied(&site, last).await;
     let point = replica.points().last().unwrap().seq;
 
     // 37 leaves of the replica change behind its back (a restored backup, a
@@ -186,7 +204,7 @@ async fn a_needed_resync_waits_for_its_window_and_runs_at_once_when_requested() 
     ship.set_resync_policy(ResyncPolicy {
         window: Some((from, to)),
         requested: Some("now".into()),
-        automatic: true,
+        ..Default::default()
     });
     ship.sync_once().await.unwrap();
     assert_eq!(ship.stats().last_resync.unwrap().id, "now");
@@ -203,17 +221,9 @@ async fn a_needed_resync_waits_for_its_window_and_runs_at_once_when_requested() 
 /// promoted, and gone once discarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_set_aside_keeps_what_it_held_as_a_diverged_point() {
-    let site = replica_site().await;
-    let content = Rng(21).bytes(8 * MIB as usize);
-    let p = tokio::task::spawn_blocking(move || serve_new_image(16 * MIB, &content)).await.unwrap();
-    let tls = material(&site.ca, &["host1.site-a.example.com"]);
-    let ship = shipper(&site, &tls, p.disk.clone(), plain(), None);
-    ship.sync_once().await.unwrap();
-    let url = p.url();
-    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 5 1M 64k".into()])).await.unwrap();
-    let seg = p.disk.seal().unwrap().unwrap();
-    ship.sync_once().await.unwrap();
-    let replica = applied(&site, seg.last_seq).await;
+    let (site, p, _tls, ship) = copied(16 * MIB, 8 * MIB, 21).await;
+    let last = write_and_ship(&p, &ship, "write -P 5 1M 64k").await;
+    let replica = applied(&site, last).await;
 
     // Its own writes, then set aside as of its own log's sequence 1000 (a
     // history the primary's log does not hold).
@@ -280,4 +290,119 @@ async fn a_disk_set_aside_keeps_what_it_held_as_a_diverged_point() {
     assert!(replica.materialize_diverged(&site.storage.path().join("none.img")).is_err());
     let files: Vec<_> = fs::read_dir(replica.dir().join("materialized")).unwrap().collect();
     assert!(files.is_empty(), "its file went with it: {files:?}");
+}
+
+/// An extended replica that got further than the point an unplanned
+/// failover chose holds another history, ahead of the new primary's log:
+/// the new primary (the chosen point's copy, logging under the next epoch
+/// after it) resynchronises it, and what it held — its newest point — stays
+/// as its diverged point, the older points folded into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_ahead_of_the_point_a_failover_chose_keeps_its_newest_point_as_diverged() {
+    use vmreplica_agent::{disk::log_dir_for, node::disks::fresh_log};
+    let (site, p, tls, ship) = copied(16 * MIB, 4 * MIB, 41).await;
+    let mut last = 0;
+    for k in 0..4u64 {
+        last = write_and_ship(&p, &ship, &format!("write -P {} {}M 64k", 10 + k, k + 5)).await;
+    }
+    let replica = applied(&site, last).await;
+    assert_eq!(replica.points().len(), 4);
+    let ahead = site.storage.path().join("ahead.img");
+    fs::copy(replica.image(), &ahead).unwrap();
+
+    // The failover chose the second point; the VM runs on its copy, which
+    // logs under epoch 1 after it, and writes.
+    let chosen = replica.points()[1].seq;
+    let b = tempfile::tempdir().unwrap();
+    let copy = b.path().join("root.img");
+    replica.materialize(chosen, &copy).unwrap();
+    fresh_log("vm1", "root", &copy, 1, chosen + 1).unwrap();
+    assert!(log_dir_for(&copy).exists());
+    let b_disk = tokio::task::spawn_blocking({
+        let copy = copy.clone();
+        move || serve_image("vm1", &copy)
+    })
+    .await
+    .unwrap();
+    let url = b_disk.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 99 12M 64k".into()])).await.unwrap();
+    let b_ship =
+        shipper(&site, &tls, b_disk.disk.clone(), plain(), None).with_epoch(1).with_log_start(chosen + 1);
+    b_ship.sync_once().await.unwrap();
+    let done = b_ship.stats().last_resync.expect("another history: resynchronised");
+    // Points 3 and 4 wrote 64 KiB each that the copy lacks; the copy wrote 64 KiB.
+    assert_eq!(done.changed_bytes, 3 * 65536, "{done:?}");
+    assert!(identical(path_str(&copy), path_str(&replica.image())));
+    let kept = replica.diverged().expect("the newest point kept");
+    assert_eq!((kept.seq, kept.epoch), (last, 0));
+    assert!(replica.points().is_empty(), "another history's points cannot stay points");
+    let out = site.storage.path().join("diverged.img");
+    replica.materialize_diverged(&out).unwrap();
+    assert!(identical(path_str(&out), path_str(&ahead)), "the replica as it was, byte for byte");
+    // Replication goes on by log, under the new epoch.
+    let url = b_disk.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 98 13M 4k".into()])).await.unwrap();
+    let seg = b_disk.disk.seal().unwrap().unwrap();
+    b_ship.sync_once().await.unwrap();
+    applied(&site, seg.last_seq).await;
+    assert!(identical(path_str(&copy), path_str(&replica.image())));
+    assert_eq!(replica.state().epoch, 1);
+    let _ = fs::remove_file(&out);
+    replica.materialize_diverged(&out).unwrap();
+    assert!(identical(path_str(&out), path_str(&ahead)), "still, behind the next point");
+}
+
+/// Verification (`spec.verify`): equal sides report 0 bytes differing;
+/// leaves corrupted at the replica on purpose are counted exactly; writes
+/// the primary made since the position compared are in flight, not
+/// differences; nothing changes on either side; the same id runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_counts_exactly_what_differs_and_changes_nothing() {
+    let (site, p, _tls, ship) = copied(16 * MIB, 8 * MIB, 51).await;
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 5 1M 64k".into()])).await.unwrap();
+    let seg = p.disk.seal().unwrap().unwrap();
+    let verify = |id: &str| {
+        ship.set_resync_policy(ResyncPolicy { verify: Some(id.into()), ..Default::default() });
+    };
+    verify("v1");
+    ship.sync_once().await.unwrap();
+    let v = ship.stats().last_verify.expect("verified");
+    assert_eq!((v.id.as_str(), v.seq, v.differing_bytes, v.in_flight_bytes), ("v1", seg.last_seq, 0, 0));
+    assert_eq!(v.compared_bytes, 16 * MIB);
+
+    // Five leaves go bad at the replica.
+    let replica = site.service.replica("vm1", "root").unwrap();
+    let points = replica.points();
+    let image = replica.image();
+    scribble(&image, &distinct(5, 16 * MIB / LEAF, 3), 77);
+    let bad = site.storage.path().join("bad.img");
+    fs::copy(&image, &bad).unwrap();
+    verify("v2");
+    ship.sync_once().await.unwrap();
+    let v = ship.stats().last_verify.unwrap();
+    assert_eq!((v.id.as_str(), v.differing_bytes, v.in_flight_bytes), ("v2", 5 * LEAF, 0), "{v:?}");
+    assert!(identical(path_str(&bad), path_str(&image)), "nothing was sent: the replica is as it was");
+    assert_eq!(replica.points(), points);
+
+    // A write at the primary not yet shipped: in flight, not a difference.
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 9 9M 64k".into()])).await.unwrap();
+    verify("v3");
+    ship.sync_once().await.unwrap();
+    let v = ship.stats().last_verify.unwrap();
+    assert_eq!((v.id.as_str(), v.differing_bytes, v.in_flight_bytes), ("v3", 5 * LEAF, 65536), "{v:?}");
+    // The same id again: nothing runs (the write is shipped by the next cycle).
+    ship.sync_once().await.unwrap();
+    assert_eq!(ship.stats().last_verify.unwrap(), v);
+    // A resync heals it, and the next verification says so.
+    ship.set_resync_policy(ResyncPolicy {
+        requested: Some("heal".into()),
+        verify: Some("v4".into()),
+        ..Default::default()
+    });
+    ship.sync_once().await.unwrap();
+    let v = ship.stats().last_verify.unwrap();
+    assert_eq!((v.id.as_str(), v.differing_bytes), ("v4", 0), "{v:?}");
+    assert!(identical(path_str(&p.image), path_str(&image)));
 }

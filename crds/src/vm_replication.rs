@@ -77,6 +77,13 @@ pub struct VMReplicationSpec {
     /// again does nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resynchronize: Option<ResynchronizeRequest>,
+    /// Verify the replica end to end (on request): both sides' hash trees are
+    /// compared at one log position, nothing is sent or changed, and
+    /// `status.lastVerification` says how many bytes differ (0 expected;
+    /// also the agent's `vmreplica_agent_verify_differing_bytes`). A new
+    /// `id` runs one; the same id again does nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<ResynchronizeRequest>,
     /// When a resynchronisation that replication needs (the log passed half
     /// the disk while the replica was out of reach, a gap in the log, the
     /// replica holding another history) starts on its own.
@@ -123,6 +130,29 @@ pub enum DivergedPointAction {
     Keep,
     Materialize,
     Discard,
+}
+
+/// What a verification found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VerificationStatus {
+    /// The `spec.verify.id` it answers.
+    pub id: String,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Bytes (in 4 KiB blocks) that differ between the two sides and that
+    /// no write since the position compared explains: 0 expected; anything
+    /// else means the replica does not hold what the primary had
+    /// (request `spec.resynchronize` to repair it).
+    pub differing_bytes: u64,
+    /// Bytes that differ where the primary wrote after the position
+    /// compared (in flight, replicated by the next cycles).
+    pub in_flight_bytes: u64,
+    /// Bytes of disk compared, over all disks.
+    pub compared_bytes: u64,
+    /// How long it took (the slowest disk).
+    pub duration_seconds: u64,
 }
 
 /// A diverged point kept at this site.
@@ -444,6 +474,9 @@ pub struct VMReplicationStatus {
     /// Replica role with `spec.extendedReplica`: forwarding to the third site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extended_replication: Option<ExtendedReplicationStatus>,
+    /// The last verification (`spec.verify`) that finished on every disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verification: Option<VerificationStatus>,
     /// The writes this site's disks held that never reached the side that
     /// took the VM over, kept when replication was reversed onto them.
     #[serde(default, skip_serializing_if = "Option::is_none")]

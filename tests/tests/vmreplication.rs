@@ -591,7 +591,7 @@ async fn an_overflowed_log_is_resynchronised_on_request_outside_the_window() {
     wait_secs(30, "the replica to equal the disk", async || same(&replica_img, &disk).then_some(())).await;
 
     // Nothing to heal: a requested resync compares hashes and sends no data.
-    s.apply("rs", with(spec, "resynchronize", json!({"id": "check-2"}))).await;
+    s.apply("rs", with(spec.clone(), "resynchronize", json!({"id": "check-2"}))).await;
     let v = wait_secs(90, "the second resync", async || {
         let v = s.vmrs.get("rs").await.ok()?;
         v.status.as_ref()?.last_resynchronization.as_ref().is_some_and(|r| r.id == "check-2").then_some(v)
@@ -600,4 +600,34 @@ async fn an_overflowed_log_is_resynchronised_on_request_outside_the_window() {
     let r = v.status.unwrap().last_resynchronization.unwrap();
     assert_eq!((r.mode.as_str(), r.bytes_resynchronized, r.data_bytes_sent), ("HashTree", 0, 0), "{r:?}");
     assert!(r.bytes_sent > 0 && r.bytes_sent < 64 << 10, "hashes only: {r:?}");
+
+    // Verification: 0 on equal sides; the exact count once three 4 KiB
+    // blocks of the replica are corrupted on purpose; nothing repaired by it.
+    let verified = async |id: &str| {
+        wait_secs(90, &format!("verification {id}"), async || {
+            let v = s.vmrs.get("rs").await.ok()?;
+            v.status.as_ref()?.last_verification.as_ref().is_some_and(|r| r.id == id).then_some(v)
+        })
+        .await
+        .status
+        .unwrap()
+    };
+    s.apply("rs", with(spec.clone(), "verify", json!({"id": "v-1"}))).await;
+    let st = verified("v-1").await;
+    let r = st.last_verification.unwrap();
+    assert_eq!((r.differing_bytes, r.compared_bytes), (0, 32 << 20), "{r:?}");
+    for at in ["29M", "30M", "31M"] {
+        qemu_io(replica_img.to_str().unwrap(), &format!("write -P 0xEE {at} 4k")).unwrap();
+    }
+    s.apply("rs", with(spec, "verify", json!({"id": "v-2"}))).await;
+    let st = verified("v-2").await;
+    let r = st.last_verification.unwrap();
+    assert_eq!(r.differing_bytes, 3 * 4096, "exactly the corrupted blocks: {r:?}");
+    assert_eq!(st.health, Health::Warning);
+    assert!(
+        st.health_details.iter().any(|d| d.contains("verification (v-2) found 12.0 KiB")),
+        "{:?}",
+        st.health_details
+    );
+    assert!(!same(&replica_img, &disk), "a verification repairs nothing");
 }

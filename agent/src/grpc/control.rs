@@ -177,6 +177,7 @@ fn vm_spec(s: VmReplicationSpec) -> VmSpec {
                 (m(s.resync_window_start_minute), m(s.resync_window_end_minute))
             }),
             requested: Some(s.resync_request_id).filter(|id| !id.is_empty()),
+            verify: Some(s.verify_request_id).filter(|id| !id.is_empty()),
         },
     }
 }
@@ -284,6 +285,15 @@ fn shipped(s: &Shipper) -> PrimaryDisk {
         resync,
         last_resync,
         resync_waiting: st.resync_waiting.unwrap_or_default(),
+        last_verify: st.last_verify.as_ref().map(|v| vmreplica_api::control::VerifyResult {
+            id: v.id.clone(),
+            seq: v.seq,
+            differing_bytes: v.differing_bytes,
+            in_flight_bytes: v.in_flight_bytes,
+            compared_bytes: v.compared_bytes,
+            finished_unix_ms: unix_ms(v.finished),
+            duration_ms: v.duration_ms,
+        }),
     }
 }
 

@@ -10,6 +10,8 @@
 //!  Window{w,h} ─▶ own hash of w (hasher thread, in order) ─▶ WindowVerdict
 //!  HashList{w} ─▶ BlockVerdict   LeafHashes{w} ─▶ LeafVerdict   Data ─▶ batch ─▶ apply
 //!  Finish ─▶ last batch applied, finish_resync ─▶ Done
+//!  verify: the replica must hold exactly through next_seq - 1 (applied);
+//!  verdicts only, no data, nothing changes ─▶ Done
 //! ```
 
 use std::sync::Arc;
@@ -51,8 +53,15 @@ impl ReplicationService {
         let store = self.agent.store().map_err(|e| Status::failed_precondition(e.to_string()))?.clone();
         let _slot = store.transfer().await;
         let r = replica.clone();
-        blocking(move || r.begin_resync(start.disk_size, start.epoch, start.next_seq)).await?;
-        tracing::info!(id = %start.id, dirty_map = start.dirty_map, next_seq = start.next_seq, "resync began");
+        if start.verify {
+            // Compare only: the replica must stand exactly where the primary says.
+            let (size, at) = (start.disk_size, start.next_seq);
+            blocking(move || r.check_verifiable(size, at)).await?;
+            tracing::info!(id = %start.id, next_seq = start.next_seq, "verification began");
+        } else {
+            blocking(move || r.begin_resync(start.disk_size, start.epoch, start.next_seq)).await?;
+            tracing::info!(id = %start.id, dirty_map = start.dirty_map, next_seq = start.next_seq, "resync began");
+        }
         let size = replica.state().disk_size;
         let mut own = (!start.dirty_map).then(|| replica.hash_windows());
         let mut cmp = Comparison::default();
@@ -97,9 +106,14 @@ impl ReplicationService {
                             cmp.offer(mine).map_err(bad)?;
                         }
                         let masks = cmp.leaves(l.window, &l.blocks, &l.hashes).map_err(bad)?;
+                        if start.verify {
+                            // Nothing will come for them: counted by the primary.
+                            cmp.forget(l.window);
+                        }
                         send(tx, Down::Leaves(LeafVerdict { window: l.window, blocks: l.blocks, masks }))
                             .await?;
                     }
+                    Up::Data(_) if start.verify => return Err(bad("data in a verification".into())),
                     Up::Data(d) => {
                         self.throttle(d.data.len(), &vm, &disk).await;
                         let raw =
@@ -123,6 +137,14 @@ impl ReplicationService {
                     Up::Finish(f) => {
                         if !cmp.settled() {
                             return Err(bad("finished before every window asked for was answered".into()));
+                        }
+                        if start.verify {
+                            tracing::info!(
+                                id = %start.id, compared = cmp.windows_compared, differing = cmp.windows_differing,
+                                leaves = cmp.leaves_wanted, "verification finished"
+                            );
+                            let next_seq = start.next_seq;
+                            return send(tx, Down::Done(ResyncDone { bytes_received: 0, next_seq })).await;
                         }
                         if let Some(last) = batch.take() {
                             let r = replica.clone();

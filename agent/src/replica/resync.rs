@@ -100,6 +100,29 @@ impl ReplicaDisk {
         self.update(|s| s.lifecycle = Lifecycle::Resyncing { next_seq, epoch })
     }
 
+    /// A verification may compare this replica at `next_seq`: it receives,
+    /// is `disk_size` bytes, and holds exactly through `next_seq - 1`, all of
+    /// it applied (applied here first).
+    pub fn check_verifiable(&self, disk_size: u64, next_seq: u64) -> Result<()> {
+        self.apply_pending()?;
+        let s = self.state();
+        if s.lifecycle != Lifecycle::Receiving || s.disk_size != disk_size {
+            return Err(ReplicaError::Precondition(format!(
+                "a verification needs a receiving replica of {disk_size} bytes; this one is {:?} of {} bytes",
+                s.lifecycle, s.disk_size
+            )));
+        }
+        if s.applied_through + 1 != next_seq || s.received_through != s.applied_through {
+            return Err(ReplicaError::Precondition(format!(
+                "the replica holds through {} (applied through {}), not through {}: a verification compares one position",
+                s.received_through,
+                s.applied_through,
+                next_seq.saturating_sub(1)
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether a resync began and has not finished.
     pub fn resyncing(&self) -> bool {
         matches!(self.state().lifecycle, Lifecycle::Resyncing { .. })
@@ -332,6 +355,11 @@ impl Comparison {
             self.wanted.remove(&window);
         }
         Ok(())
+    }
+
+    /// Leaves of `window` asked for will not come (a verification): settled.
+    pub fn forget(&mut self, window: u64) {
+        self.wanted.remove(&window);
     }
 
     /// Whether every window is settled: nothing asked for is still awaited.

@@ -8,7 +8,8 @@
 //!  field removed ─▶ ExtendReplication {remove} (the third site keeps its disks)
 //!  a failover to this site ─▶ the promotion forwards what was kept and stops it;
 //!    a planned one without reverse then replicates to the third site from here
-//!    ("resume"), one with reverse leaves the third site orphaned, as in Hyper-V
+//!    ("resume"; after an unplanned one, by resync), one with reverse leaves the
+//!    third site orphaned, as in Hyper-V
 //! ```
 //! `status.extendedReplication` is written under its own field manager, so
 //! the replica-site report never overwrites it. Pure: the act layer asks the
@@ -101,7 +102,11 @@ pub fn refused(to: &str, message: String) -> ExtendedReplicationStatus {
 /// site's agent holds (`replica`).
 pub fn plan(vmr: &VMReplication, replica: Option<&Located>, poll: Duration) -> Plan {
     let last = vmr.status.as_ref().and_then(|s| s.last_failover.as_ref());
-    let failed_over = last.is_some_and(|l| l.took_over || l.phase == FailoverPhase::WaitingCompletion);
+    let failed_over = last.is_some_and(|l| {
+        l.took_over
+            || l.phase == FailoverPhase::WaitingCompletion
+            || l.failover_type == FailoverType::Unplanned && l.phase == FailoverPhase::Completed
+    });
     let failing_over = vmr.spec.failover.as_ref().is_some_and(|f| f.failover_type != FailoverType::Test);
     let previous = vmr.status.as_ref().and_then(|s| s.extended_replication.clone());
     if failed_over || failing_over {

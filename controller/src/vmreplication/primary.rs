@@ -11,7 +11,7 @@ use kube::ResourceExt;
 use vmreplica_api::control::{AgentStatus, DiskSpec, FailureKind, PrimaryDisk, VmReplicationSpec};
 use vmreplica_crds::{
     FailoverPhase, FailoverStatus, Health, Progress, ReplicationState, ReplicationStatistics,
-    ResynchronizationStatus, VMReplication, VMReplicationStatus,
+    ResynchronizationStatus, VMReplication, VMReplicationStatus, VerificationStatus,
 };
 
 use super::monitoring::{Monitoring, humanize, humanize_bytes, lag_text};
@@ -77,6 +77,7 @@ pub fn resync_spec(vmr: &VMReplication) -> VmReplicationSpec {
     let minute = |t: &str| super::monitoring::parse_time_of_day(t).unwrap_or(0);
     let (start, end) = auto.window.as_ref().map_or((0, 0), |w| (minute(&w.start), minute(&w.end)));
     let done = vmr.status.as_ref().and_then(|s| s.last_resynchronization.as_ref()).map(|r| r.id.as_str());
+    let verified = vmr.status.as_ref().and_then(|s| s.last_verification.as_ref()).map(|v| v.id.as_str());
     VmReplicationSpec {
         resync_manual_only: !auto.enabled,
         resync_window_start_minute: start,
@@ -87,6 +88,13 @@ pub fn resync_spec(vmr: &VMReplication) -> VmReplicationSpec {
             .as_ref()
             .map(|r| r.id.clone())
             .filter(|id| Some(id.as_str()) != done)
+            .unwrap_or_default(),
+        verify_request_id: vmr
+            .spec
+            .verify
+            .as_ref()
+            .map(|r| r.id.clone())
+            .filter(|id| Some(id.as_str()) != verified)
             .unwrap_or_default(),
         ..Default::default()
     }
@@ -139,6 +147,8 @@ pub struct VmView {
     pub resync_waiting: Option<String>,
     /// The last resync that finished on every disk (the same id on all).
     pub last_resync: Option<ResyncView>,
+    /// The last verification that finished on every disk (the same id on all).
+    pub last_verify: Option<vmreplica_api::control::VerifyResult>,
     /// Kind and message of a disk's last failure, when its last cycle failed.
     pub failure: Option<(FailureKind, String)>,
     /// The agent fenced the VM: a newer epoch of it exists (0: not fenced).
@@ -236,6 +246,23 @@ pub fn view(vm_id: &str, disks: &[PrimaryDisk]) -> VmView {
             total.add(r);
         }
         v.last_resync = Some(total);
+    }
+    let verified: Vec<&vmreplica_api::control::VerifyResult> =
+        mine.iter().filter_map(|d| d.last_verify.as_ref()).collect();
+    if !verified.is_empty() && verified.len() == mine.len() && verified.iter().all(|r| r.id == verified[0].id)
+    {
+        v.last_verify = Some(verified.iter().fold(
+            Default::default(),
+            |mut t: vmreplica_api::control::VerifyResult, r| {
+                t.id.clone_from(&r.id);
+                t.differing_bytes += r.differing_bytes;
+                t.in_flight_bytes += r.in_flight_bytes;
+                t.compared_bytes += r.compared_bytes;
+                t.finished_unix_ms = t.finished_unix_ms.max(r.finished_unix_ms);
+                t.duration_ms = t.duration_ms.max(r.duration_ms);
+                t
+            },
+        ));
     }
     v
 }
@@ -387,6 +414,14 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
                      after appConsistentIntervalHours"
                 ));
             }
+            if let Some(r) = v.last_verify.as_ref().filter(|r| r.differing_bytes > 0) {
+                warning.push(format!(
+                    "The last verification ({}) found {} differing between primary and replica that no write \
+                     explains: set spec.resynchronize.id to repair the replica, then spec.verify.id again",
+                    r.id,
+                    humanize_bytes(r.differing_bytes)
+                ));
+            }
             let cycles = h.window.successful + h.window.missed;
             if cycles > 0 && h.window.missed * 5 > cycles {
                 warning.push(format!(
@@ -501,6 +536,18 @@ fn measured(
         missed_cycles: window.missed,
     });
     status.last_resynchronization = last_resynchronization(v, previous, now_ms);
+    status.last_verification = match &v.last_verify {
+        Some(r) => Some(VerificationStatus {
+            id: r.id.clone(),
+            completion_time: ts(r.finished_unix_ms as i64),
+            differing_bytes: r.differing_bytes,
+            in_flight_bytes: r.in_flight_bytes,
+            compared_bytes: r.compared_bytes,
+            duration_seconds: r.duration_ms / 1000,
+        }),
+        // An agent restarted since: what was seen stays.
+        None => previous.last_verification.clone(),
+    };
     // The long operation running: its rate since the last look, else the last one known.
     let progress = |operation: &str, done: u64, total: u64| {
         let rate = input.rate.unwrap_or_else(|| previous.progress.as_ref().map_or(0, |p| p.bytes_per_second));

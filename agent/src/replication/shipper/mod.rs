@@ -15,6 +15,7 @@ pub mod policy;
 pub mod resync;
 pub mod source;
 mod transfer;
+pub mod verify;
 
 use std::{
     sync::{Arc, Mutex},
@@ -35,6 +36,7 @@ use vmreplica_api::{
 use crate::{disk::ProtectedDisk, limits::Limits, metrics::Metrics, replica::ReplicaDisk};
 pub use policy::ResyncPolicy;
 pub use resync::{ResyncProgress, ResyncSummary};
+pub use verify::VerifySummary;
 
 /// A recovery history for the replica to keep: every point within the
 /// window, then one per hour for `hourly_points` hours.
@@ -93,6 +95,8 @@ pub struct ShipStats {
     pub last_resync: Option<ResyncSummary>,
     /// Why a resync is needed and not running (waiting for its window or a request).
     pub resync_waiting: Option<String>,
+    /// The last verification that finished.
+    pub last_verify: Option<VerifySummary>,
 }
 
 /// Ships one disk's log (a protected disk's, or a replica's applied
@@ -394,6 +398,7 @@ impl Shipper {
                 m.segment_bytes.with_label_values(&l).observe(seg.bytes as f64);
             }
         }
+        self.verify_if_requested(through).await?;
         Ok(through)
     }
 }

@@ -176,11 +176,30 @@ fn offers(
     (total, rx)
 }
 
-fn up(msg: Up) -> ResyncUp {
+/// What the replica answers in a Resync stream.
+pub(super) type Verdicts =
+    mpsc::UnboundedReceiver<Result<Option<vmreplica_api::replication::ResyncDown>, tonic::Status>>;
+
+/// This disk's image as a resync or verification reads it.
+#[derive(Clone, Copy)]
+pub(super) struct Reading<'a> {
+    pub image: &'a Arc<File>,
+    pub path: &'a std::path::Path,
+    pub size: u64,
+}
+
+/// An accepted Resync stream: what goes up, what comes down, and the task reading it.
+pub(super) struct Stream {
+    pub tx: mpsc::Sender<ResyncUp>,
+    pub verdicts: Verdicts,
+    pub reader: tokio::task::JoinHandle<()>,
+}
+
+pub(super) fn up(msg: Up) -> ResyncUp {
     ResyncUp { msg: Some(msg) }
 }
 
-fn bad(why: String) -> ShipError {
+pub(super) fn bad(why: String) -> ShipError {
     ShipError::Rpc(tonic::Status::internal(format!("resync: {why}")))
 }
 
@@ -215,7 +234,6 @@ impl Shipper {
         size: u64,
         path: &std::path::Path,
     ) -> Result<u64, ShipError> {
-        let (tx, rx) = mpsc::channel::<ResyncUp>(16);
         let start = ResyncStart {
             disk: Some(self.disk_ref()),
             disk_size: size,
@@ -223,30 +241,15 @@ impl Shipper {
             next_seq: cut,
             dirty_map: dirty.is_some(),
             id: id.to_owned(),
+            verify: false,
         };
-        tx.send(up(Up::Start(start))).await.map_err(|_| bad("stream closed".into()))?;
-        let mut down = self.client.clone().resync(ReceiverStream::new(rx)).await?.into_inner();
-        match down.message().await?.and_then(|m| m.msg) {
-            Some(Down::Accepted(_)) => {}
-            other => return Err(bad(format!("the replica answered the start with {other:?}"))),
-        }
-        // Verdicts are read by a task of their own, so that the replica
-        // never waits for this side to read while this side waits to send.
-        let (vtx, mut verdicts) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(async move {
-            loop {
-                let m = down.message().await;
-                let end = !matches!(m, Ok(Some(_)));
-                if vtx.send(m).is_err() || end {
-                    return;
-                }
-            }
-        });
+        let Stream { tx, mut verdicts, reader } = self.open_resync(start).await?;
         let image = Arc::new(
             File::open(path).map_err(|e| ShipError::Read { what: path.display().to_string(), source: e })?,
         );
         let dirty: Option<Vec<u64>> = dirty.map(|m| (0..m.blocks()).filter(|&b| m.is_dirty(b)).collect());
-        let sent = self.send_tree(&tx, &mut verdicts, &image, path, size, dirty).await;
+        let sent =
+            self.send_tree(&tx, &mut verdicts, Reading { image: &image, path, size }, dirty, None).await;
         let finish = async {
             sent?;
             let consistent_from = self.source.next_seq();
@@ -265,7 +268,31 @@ impl Shipper {
         finish
     }
 
-    async fn send_up(&self, tx: &mpsc::Sender<ResyncUp>, msg: Up) -> Result<(), ShipError> {
+    /// Starts a Resync stream with `start`; once the replica accepted it,
+    /// its messages are read by a task of their own, so that the replica
+    /// never waits for this side to read while this side waits to send.
+    pub(super) async fn open_resync(&self, start: ResyncStart) -> Result<Stream, ShipError> {
+        let (tx, rx) = mpsc::channel::<ResyncUp>(16);
+        tx.send(up(Up::Start(start))).await.map_err(|_| bad("stream closed".into()))?;
+        let mut down = self.client.clone().resync(ReceiverStream::new(rx)).await?.into_inner();
+        match down.message().await?.and_then(|m| m.msg) {
+            Some(Down::Accepted(_)) => {}
+            other => return Err(bad(format!("the replica answered the start with {other:?}"))),
+        }
+        let (vtx, verdicts) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let m = down.message().await;
+                let end = !matches!(m, Ok(Some(_)));
+                if vtx.send(m).is_err() || end {
+                    return;
+                }
+            }
+        });
+        Ok(Stream { tx, verdicts, reader })
+    }
+
+    pub(super) async fn send_up(&self, tx: &mpsc::Sender<ResyncUp>, msg: Up) -> Result<(), ShipError> {
         let m = up(msg);
         self.resync.wire_bytes.fetch_add(m.encoded_len() as u64, Relaxed);
         tx.send(m).await.map_err(|_| bad("the stream to the replica closed".into()))
@@ -308,17 +335,15 @@ impl Shipper {
 
     /// Offers every window top-down (or, with `dirty` blocks, just those
     /// blocks' leaf hashes) and answers the replica down the tree.
-    async fn send_tree(
+    pub(super) async fn send_tree(
         &self,
         tx: &mpsc::Sender<ResyncUp>,
-        verdicts: &mut mpsc::UnboundedReceiver<
-            Result<Option<vmreplica_api::replication::ResyncDown>, tonic::Status>,
-        >,
-        image: &Arc<File>,
-        path: &std::path::Path,
-        size: u64,
+        verdicts: &mut Verdicts,
+        reading: Reading<'_>,
         dirty: Option<Vec<u64>>,
+        mut differing: Option<&mut Vec<(u64, u64)>>,
     ) -> Result<(), ShipError> {
+        let Reading { image, path, size } = reading;
         let (total, mut hashes) = offers(path, size, dirty);
         let mut offered: BTreeMap<u64, (u64, WindowHashes)> = BTreeMap::new();
         let (mut hashed, mut settled) = (0u64, 0u64);
@@ -370,7 +395,11 @@ impl Shipper {
                             self.send_up(tx, Up::Leaves(LeafHashes { window: v.window, blocks: v.blocks, hashes })).await?;
                         }
                         Some(Down::Leaves(v)) => {
-                            self.send_leaves(tx, image, &v, size).await?;
+                            match differing.as_deref_mut() {
+                                // Verifying: counted, not sent.
+                                Some(out) => out.extend(leaf_runs(&v, size)?),
+                                None => self.send_leaves(tx, image, &v, size).await?,
+                            }
                             settle(&mut offered, v.window, &mut settled);
                         }
                         other => return Err(bad(format!("unexpected {other:?} mid-resync"))),
@@ -389,36 +418,37 @@ impl Shipper {
         v: &LeafVerdict,
         size: u64,
     ) -> Result<(), ShipError> {
-        if v.blocks.len() != v.masks.len() {
-            return Err(bad(format!(
-                "window {}: {} blocks, {} masks",
-                v.window,
-                v.blocks.len(),
-                v.masks.len()
-            )));
-        }
-        let base = v.window * WINDOW;
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (&b, &mask) in v.blocks.iter().zip(&v.masks) {
-            for l in 0..LEAVES_PER_BLOCK as u64 {
-                if mask & (1 << l) == 0 {
-                    continue;
-                }
-                let off = base + u64::from(b) * BLOCK + l * LEAF;
-                if off >= size {
-                    return Err(bad(format!("leaf at {off} lies past the disk's end")));
-                }
-                let len = LEAF.min(size - off);
-                match runs.last_mut() {
-                    Some((o, n)) if *o + *n == off && *n + len <= RUN => *n += len,
-                    _ => runs.push((off, len)),
-                }
-            }
-        }
+        let runs = leaf_runs(v, size)?;
         let count = runs.len();
         for (k, (off, len)) in runs.into_iter().enumerate() {
             self.send_run(tx, image, off, len, Some((v.window, k + 1 == count))).await?;
         }
         Ok(())
     }
+}
+
+/// The leaves a verdict names, adjacent ones as one run (offset, length).
+fn leaf_runs(v: &LeafVerdict, size: u64) -> Result<Vec<(u64, u64)>, ShipError> {
+    if v.blocks.len() != v.masks.len() {
+        return Err(bad(format!("window {}: {} blocks, {} masks", v.window, v.blocks.len(), v.masks.len())));
+    }
+    let base = v.window * WINDOW;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (&b, &mask) in v.blocks.iter().zip(&v.masks) {
+        for l in 0..LEAVES_PER_BLOCK as u64 {
+            if mask & (1 << l) == 0 {
+                continue;
+            }
+            let off = base + u64::from(b) * BLOCK + l * LEAF;
+            if off >= size {
+                return Err(bad(format!("leaf at {off} lies past the disk's end")));
+            }
+            let len = LEAF.min(size - off);
+            match runs.last_mut() {
+                Some((o, n)) if *o + *n == off && *n + len <= RUN => *n += len,
+                _ => runs.push((off, len)),
+            }
+        }
+    }
+    Ok(runs)
 }

@@ -129,6 +129,10 @@ fn sentence(vmr: &VMReplication, done: &Done, out: &Outcome) -> Option<(String, 
         }
         Done::UnplannedCompleted { reversed_to } => {
             let protection = match reversed_to {
+                Some(to) if super::extended_server(vmr).as_deref() == Some(to.as_str()) => format!(
+                    " Replication resumed to the extended replica {to}: it is resynchronised (only what differs \
+                     is sent), and what it held beyond the chosen point is kept there as a diverged point"
+                ),
                 Some(to) => reversed_text(to),
                 None => " It is not protected now: set reverseReplication: true on this request to replicate back to \
                           the old primary's own disks by resync (only what differs is sent)"

@@ -361,6 +361,26 @@ fn reverse_replication_after_an_unplanned_failover_comes_with_completion_or_late
     assert_eq!(s.reversed_to.as_deref(), Some("a.example.com:7443"));
     assert!(s.message.unwrap().contains("diverged point"));
 
+    // With an extended replica and no reverse: it follows this site now, by resync.
+    let mut extended = object(
+        "Replica",
+        Some(serde_json::json!({"id": "u1", "type": "Unplanned", "complete": true})),
+        Some(last(FailoverType::Unplanned, "u1", FailoverPhase::WaitingCompletion)),
+    );
+    extended.spec.extended_replica = Some(
+        serde_json::from_value(serde_json::json!({"replicaServer": {"name": "c.example.com", "port": 9443},
+            "replicationFrequencySeconds": 300}))
+        .unwrap(),
+    );
+    let r = run(replica_plan(&facts(&extended, Some(&loc), None)));
+    assert_eq!(
+        r.actions[1],
+        Action::ReplicateTo { to: "c.example.com:9443".into(), what: "resuming to the extended replica" }
+    );
+    let (s, _, _) = finish(&extended, &r, &Outcome::default(), Time(now()));
+    let message = s.unwrap().message.unwrap();
+    assert!(message.contains("resumed to the extended replica c.example.com:9443"), "{message}");
+
     // Completed without it, asked for later on the same request: reverse only.
     let completed = last(FailoverType::Unplanned, "u1", FailoverPhase::Completed);
     let vmr = object("Replica", Some(request), Some(completed.clone()));

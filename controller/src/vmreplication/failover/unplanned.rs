@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use vmreplica_api::control::ReplicaDisk;
-use vmreplica_crds::{FailoverPhase, FailoverStatus, FailoverType};
+use vmreplica_crds::{FailoverPhase, FailoverStatus, FailoverType, Role};
 
 use super::{
     Action, Done, Facts, Note, OnError, Plan, Run, begin, choose_points, data_loss_window, ended,
@@ -71,6 +71,14 @@ pub(super) fn unplanned(f: &Facts) -> Plan {
             return Plan::Idle;
         }
         let mut actions = vec![Action::Promote { copy, complete: true }];
+        if !r.reverse_replication
+            && let Some(to) = super::extended_server(vmr).filter(|_| vmr.spec.role == Role::Replica)
+        {
+            // The extended replica follows this site now; a resync brings it
+            // to the chosen point's history (what it held beyond is kept there).
+            actions.push(Action::ReplicateTo { to: to.clone(), what: "resuming to the extended replica" });
+            return run(l.clone(), false, None, actions, Done::UnplannedCompleted { reversed_to: Some(to) });
+        }
         let reversed_to = match r.reverse_replication.then(|| reverse(f, r, &mut actions)) {
             Some(Err(why)) => {
                 return run(
