@@ -1,7 +1,11 @@
 //! The agent's command line: what each flag means, checked and turned into
 //! the options [`crate::run`] takes. `main.rs` only parses and dispatches.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use vmreplica_api::tls::LiveTls;
@@ -46,6 +50,57 @@ pub enum Command {
         #[arg(required = true)]
         segments: Vec<PathBuf>,
     },
+    /// Write a recovery point of a replica directory to a new image, with
+    /// no agent running (one holding the directory is refused): the data of
+    /// a replica whose agent is gone. Lists the points when `--point` is unset.
+    Materialize {
+        /// The replica's directory (`<storage>/<vm>/<disk>`, holding replica.json).
+        #[arg(long)]
+        replica: PathBuf,
+        /// A point's sequence, `latest`, or `diverged`.
+        #[arg(long)]
+        point: Option<String>,
+        /// The image to write (must not exist).
+        #[arg(long, required_if_eq("point", "latest"))]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `materialize`: lists a replica's points, or writes one to `out`.
+pub fn materialize(replica: &Path, point: Option<&str>, out: Option<&Path>) -> Result<(), String> {
+    use crate::replica::ReplicaDisk;
+    if !replica.join("replica.json").is_file() {
+        return Err(format!("{} holds no replica (no replica.json)", replica.display()));
+    }
+    let r = ReplicaDisk::open(replica, || unreachable!("replica.json exists")).map_err(|e| e.to_string())?;
+    let Some(point) = point else {
+        let s = r.state().clone();
+        println!("{:?}, applied through {}", s.lifecycle, s.applied_through);
+        for p in &s.points {
+            println!("point {} {:?} sealed at {} ms", p.seq, p.kind, p.time_ms);
+        }
+        if let Some(d) = &s.diverged {
+            println!(
+                "diverged: its own log through {} (epoch {}), set aside at {} ms",
+                d.seq, d.epoch, d.time_ms
+            );
+        }
+        return Ok(());
+    };
+    let out = out.ok_or("--out is required with --point")?;
+    if out.exists() {
+        return Err(format!("{} exists: materialising writes a new image", out.display()));
+    }
+    if point == "diverged" {
+        return r.materialize_diverged(out).map_err(|e| e.to_string());
+    }
+    let seq = match point {
+        "latest" => r.points().last().map(|p| p.seq).ok_or("the replica has no recovery point")?,
+        n => n.parse().map_err(|_| format!("--point {n:?}: a sequence, `latest` or `diverged`"))?,
+    };
+    r.materialize(seq, out).map_err(|e| e.to_string())?;
+    println!("point {seq} written to {}", out.display());
+    Ok(())
 }
 
 /// How the agent announces itself in the cluster (a Lease per node).

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vmreplica_agent::{
-    cli::{Args, Command, inspect, receive_options, serve_options},
+    cli::{Args, Command, inspect, materialize, receive_options, serve_options},
     log, run,
 };
 
@@ -32,6 +32,9 @@ fn main() -> ExitCode {
             })
             .map_err(|e| e.to_string()),
         Command::Inspect { segments } => inspect(&segments),
+        Command::Materialize { replica, point, out } => {
+            materialize(&replica, point.as_deref(), out.as_deref())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

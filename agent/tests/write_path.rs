@@ -324,12 +324,19 @@ fn an_image_a_qemu_already_uses_is_refused() {
     fs::File::create(&image).unwrap().set_len(MIB).unwrap();
     let ino = fs::metadata(&image).unwrap().ino();
     let mut holder = qemu_on(&image).stderr(std::process::Stdio::null()).spawn().expect("qemu-system-x86_64");
+    // QEMU takes its locks in steps while it starts (the first ones seen in
+    // /proc/locks are not yet a writer's): wait until they are, as
+    // a writer opening it sees them ("Failed to get \"write\" lock").
     let held = (0..200).any(|_| {
         let locks = fs::read_to_string("/proc/locks").unwrap_or_default();
         let mine = locks
             .lines()
             .any(|l| l.split_whitespace().nth(5).is_some_and(|f| f.ends_with(&format!(":{ino}"))));
-        mine || {
+        let probe = Command::new("qemu-io").args(["-c", "quit", "-f", "raw"]).arg(&image).output().unwrap();
+        let text =
+            String::from_utf8_lossy(&probe.stderr).into_owned() + &String::from_utf8_lossy(&probe.stdout);
+        let writer = text.contains("\"write\" lock");
+        (mine && writer) || {
             std::thread::sleep(std::time::Duration::from_millis(50));
             false
         }

@@ -89,6 +89,8 @@ struct Site {
     controller: tokio::task::JoinHandle<()>,
     replicas: Vec<Process>,
     primary_name: String,
+    /// How the primary's agent was started, to start it again.
+    primary_args: Vec<std::ffi::OsString>,
 }
 
 async fn site() -> Site {
@@ -132,6 +134,7 @@ async fn site_with(primary_args: &[&str]) -> Site {
         .args(["--retry-seconds", "1", "--allow-quiesce-commands"])
         .args(primary_args)
         .args(lease_args(&ns, "node-a", &shared_kubeconfig()));
+    let primary_args = cmd.get_args().map(|a| a.to_owned()).collect();
     let primary = Process::spawn_ready(cmd, &root.join("primary.log"));
 
     let metrics = Metrics::new();
@@ -164,6 +167,7 @@ async fn site_with(primary_args: &[&str]) -> Site {
         controller,
         replicas,
         primary_name,
+        primary_args,
     }
 }
 
@@ -630,4 +634,108 @@ async fn an_overflowed_log_is_resynchronised_on_request_outside_the_window() {
         st.health_details
     );
     assert!(!same(&replica_img, &disk), "a verification repairs nothing");
+}
+
+/// kill -9 mid-resync, on both sides, as processes: the log overflows while
+/// the replica site is down (a bandwidth limit makes the resync that follows
+/// take seconds); the primary's agent is killed while it runs, then the
+/// replica's. While the replica's agent is down its newest point — from
+/// before the resync — materialises byte for byte what it held (what a
+/// failover would get), and in the end the replica equals the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_killed_mid_resync_lose_nothing_and_keep_the_pre_resync_point() {
+    let mut s = site_with(&["--bandwidth-limit", "4000000"]).await;
+    let disk = s.root.join("disks").join("k9.img");
+    qemu_img_create(&disk, "32M");
+    s.apply("k9", s.spec(&disk, "replica", s.replica_port)).await;
+    s.wait_state("k9", ReplicationState::Replicating, 60).await;
+    let export = format!("nbd+unix:///{}.k9/root?socket={}", s.ns, s.socket.display());
+    qemu_io(&export, "write -P 0x11 0 64k").unwrap();
+    let replica_dir = s.replica_storage.join(format!("{}.k9", s.ns)).join("root");
+    let replica_img = replica_dir.join("disk.img");
+    wait_secs(30, "the first write at the replica", async || {
+        qemu_io(replica_img.to_str().unwrap(), "read -P 0x11 0 64k").ok()
+    })
+    .await;
+
+    // The replica site goes away; what it holds is its newest point.
+    s.replicas[0].kill();
+    let before = s.root.join("before-resync.img");
+    std::fs::copy(&replica_img, &before).unwrap();
+    // 20 MiB of data that does not compress (more than half of 32 MiB).
+    let random = s.root.join("random.bin");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&random, bytes).unwrap();
+    for k in 0..20 {
+        qemu_io(&export, &format!("write -s {} {}M 1M", random.display(), k + 4)).unwrap();
+    }
+    let restart_replica =
+        |s: &Site| receiver(&s.root, "replica-tls", s.replica_port, &s.primary_name, &s.replica_storage);
+    s.replicas[0] = restart_replica(&s);
+    let resyncing = async |s: &Site| {
+        wait_secs(60, "a resync under way", async || {
+            let st = s.vmrs.get("k9").await.ok()?.status?;
+            let p = st.progress.filter(|p| p.operation == "Resynchronization" && p.bytes_done > 0)?;
+            (st.state == ReplicationState::Resynchronizing).then_some(p)
+        })
+        .await
+    };
+    resyncing(&s).await;
+
+    // kill -9 the primary's agent mid-resync, and start it again.
+    s.primary.kill();
+    let mut again = Command::new(bin("vmreplica-agent"));
+    again.args(&s.primary_args);
+    s.primary = Process::spawn_ready(again, &s.root.join("primary-restarted.log"));
+    resyncing(&s).await;
+    // Now the replica's.
+    s.replicas[0].kill();
+    // Down: its newest point is what it held before the resync began (what
+    // a failover would get), written out with the agent's offline tool.
+    let agent = |args: &[&std::ffi::OsStr]| Command::new(bin("vmreplica-agent")).args(args).output().unwrap();
+    let listed = agent(&["materialize".as_ref(), "--replica".as_ref(), replica_dir.as_os_str()]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(listed.starts_with("Resyncing"), "it never claims to be consistent mid-resync: {listed}");
+    assert!(listed.contains("\npoint "), "the point from before: {listed}");
+    let point = s.root.join("point.img");
+    let out = agent(&[
+        "materialize".as_ref(),
+        "--replica".as_ref(),
+        replica_dir.as_os_str(),
+        "--point".as_ref(),
+        "latest".as_ref(),
+        "--out".as_ref(),
+        point.as_os_str(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let same = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(&point)
+        .arg(&before)
+        .status()
+        .unwrap();
+    assert!(same.success(), "the pre-resync point, byte for byte, after two kills");
+    s.replicas[0] = restart_replica(&s);
+    wait_secs(180, "the replica to equal the disk", async || {
+        let st = s.vmrs.get("k9").await.ok()?.status?;
+        if st.state != ReplicationState::Replicating {
+            return None;
+        }
+        let same = Command::new("qemu-img")
+            .args(["compare", "-U", "-q", "-f", "raw", "-F", "raw"])
+            .arg(&replica_img)
+            .arg(&disk)
+            .status()
+            .ok()?;
+        same.success().then_some(())
+    })
+    .await;
 }
