@@ -81,6 +81,8 @@ pub struct OpenArgs {
     pub history: Option<Policy>,
     /// The primary's replication interval (0: not said).
     pub interval_seconds: u32,
+    /// The copy is imported at this site: make no replica on this Open.
+    pub import_awaited: bool,
 }
 
 /// Everything the control API reports on, as the agent holds it.
@@ -387,6 +389,16 @@ impl Agent {
                     .into_iter()
                     .find(|x| x.state().disk_id == a.disk_id)
                     .ok_or_else(|| StoreError::NotFound(format!("{} has no disk {}", a.vm_id, a.disk_id)))?,
+                // The copy is to be imported here (`vmreplica-agent import`):
+                // none made now, which would hold the directory.
+                None if a.import_awaited => {
+                    return Ok(Opened {
+                        needs_initial_copy: true,
+                        needs_resync: false,
+                        next_seq: 1,
+                        epoch: 0,
+                    });
+                }
                 None => store.new_replica(&grant, &a.vm_id, &a.disk_id, a.disk_size, a.epoch)?,
             },
         };

@@ -2,6 +2,7 @@
 //! the options [`crate::run`] takes. `main.rs` only parses and dispatches.
 
 use std::{
+    fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -50,6 +51,35 @@ pub enum Command {
         #[arg(required = true)]
         segments: Vec<PathBuf>,
     },
+    /// At a replica site, make replicas from an initial copy carried on
+    /// external media (`--from`, every `<vm>/<disk>` export under it,
+    /// verified chunk by chunk before anything is written), or from an image
+    /// already here (`--existing`, moved in; the primary then resynchronises
+    /// it, sending only what differs). Run it with the storage location and
+    /// primary name of the AuthorizationEntry that admits the primary.
+    Import {
+        /// The export's root directory (initialReplication.method ExternalMedia).
+        #[arg(long, conflicts_with = "existing", required_unless_present = "existing")]
+        from: Option<PathBuf>,
+        /// An image already at this site (method ExistingImage); needs --vm and --disk.
+        #[arg(long, requires_all = ["vm", "disk"])]
+        existing: Option<PathBuf>,
+        /// Only this VM (`<namespace>.<name>` of its VMReplication).
+        #[arg(long)]
+        vm: Option<String>,
+        /// With --existing: the disk's name in spec.disks.
+        #[arg(long)]
+        disk: Option<String>,
+        /// The replica storage location (the entry's replicaStorageLocation).
+        #[arg(long)]
+        storage: PathBuf,
+        /// The primary server's name the entry admits (its certificate's).
+        #[arg(long)]
+        primary: String,
+        /// The entry's trust group.
+        #[arg(long, default_value = "default")]
+        trust_group: String,
+    },
     /// Write a recovery point of a replica directory to a new image, with
     /// no agent running (one holding the directory is refused): the data of
     /// a replica whose agent is gone. Lists the points when `--point` is unset.
@@ -64,6 +94,62 @@ pub enum Command {
         #[arg(long, required_if_eq("point", "latest"))]
         out: Option<PathBuf>,
     },
+}
+
+/// What `import` was asked.
+pub struct ImportArgs {
+    pub from: Option<PathBuf>,
+    pub existing: Option<PathBuf>,
+    pub vm: Option<String>,
+    pub disk: Option<String>,
+    pub storage: PathBuf,
+    pub owner: crate::media::Owner,
+}
+
+/// `import`: replicas from an export or an existing image, under `storage`.
+pub fn import(a: ImportArgs) -> Result<(), String> {
+    use crate::{media, replica::store::replica_dir};
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    if !a.storage.is_absolute() {
+        return Err(format!("--storage {}: an absolute directory is needed", a.storage.display()));
+    }
+    if let Some(image) = &a.existing {
+        let (vm, disk) = (a.vm.as_deref().unwrap_or_default(), a.disk.as_deref().unwrap_or_default());
+        let dir = replica_dir(&a.storage, vm, disk, true).map_err(|e| err(&e))?;
+        let size = media::adopt_existing(image, &dir, (vm, disk), &a.owner).map_err(|e| err(&e))?;
+        println!(
+            "{vm}/{disk}: {size} bytes from {}; the primary resynchronises it at its next cycle",
+            image.display()
+        );
+        return Ok(());
+    }
+    let from = a.from.expect("clap: --from or --existing");
+    let mut imported = 0;
+    for vm in fs::read_dir(&from).map_err(|e| format!("{}: {e}", from.display()))?.flatten() {
+        let vm_id = vm.file_name().to_string_lossy().into_owned();
+        if a.vm.as_ref().is_some_and(|want| *want != vm_id) || !vm.path().is_dir() {
+            continue;
+        }
+        for disk in fs::read_dir(vm.path()).map_err(|e| format!("{}: {e}", vm.path().display()))?.flatten() {
+            let disk_id = disk.file_name().to_string_lossy().into_owned();
+            let src = media::disk_dir(&from, &vm_id, &disk_id).map_err(|e| err(&e))?;
+            if !src.join("manifest.json").exists() {
+                continue;
+            }
+            let dir = replica_dir(&a.storage, &vm_id, &disk_id, true).map_err(|e| err(&e))?;
+            let m = media::import(&src, &dir, &a.owner).map_err(|e| err(&e))?;
+            println!(
+                "{vm_id}/{disk_id}: {} chunks verified and imported; replication resumes at sequence {}",
+                m.chunks.len(),
+                m.next_seq
+            );
+            imported += 1;
+        }
+    }
+    if imported == 0 {
+        return Err(format!("{}: no export (<vm>/<disk>/manifest.json) found", from.display()));
+    }
+    Ok(())
 }
 
 /// `materialize`: lists a replica's points, or writes one to `out`.

@@ -21,6 +21,7 @@ pub mod image;
 pub mod lease;
 pub mod limits;
 pub mod log;
+pub mod media;
 pub mod metrics;
 pub mod nbd;
 pub mod node;

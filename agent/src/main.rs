@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vmreplica_agent::{
-    cli::{Args, Command, inspect, materialize, receive_options, serve_options},
+    cli::{Args, Command, ImportArgs, import, inspect, materialize, receive_options, serve_options},
     log, run,
 };
 
@@ -35,6 +35,14 @@ fn main() -> ExitCode {
         Command::Materialize { replica, point, out } => {
             materialize(&replica, point.as_deref(), out.as_deref())
         }
+        Command::Import { from, existing, vm, disk, storage, primary, trust_group } => import(ImportArgs {
+            from,
+            existing,
+            vm,
+            disk,
+            storage,
+            owner: vmreplica_agent::media::Owner { primary, trust_group },
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -94,7 +94,14 @@ async fn numbers_that_would_overflow_are_refused_and_the_replica_is_untouched() 
     for (disk_size, epoch, field) in
         [(0, 0, "disk_size 0"), (1 << 50, 0, "disk_size 1125899906842624"), (MIB, u64::MAX, "epoch")]
     {
-        let open = OpenRequest { disk: disk(), disk_size, epoch, history: None, interval_seconds: 0 };
+        let open = OpenRequest {
+            disk: disk(),
+            disk_size,
+            epoch,
+            history: None,
+            interval_seconds: 0,
+            import_awaited: false,
+        };
         let err = c.open(open).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err}");
         assert!(err.message().contains(field), "{field}: {err}");

@@ -120,6 +120,7 @@ async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
         epoch: 0,
         history: None,
         interval_seconds: 0,
+        import_awaited: false,
     };
 
     // Not authorised: no entry matches site-c.
@@ -247,8 +248,14 @@ async fn statistics_are_exported_as_prometheus_metrics() {
     applied(&site, seg.last_seq).await;
     // A refused request counts by its code.
     let stranger = material(&site.ca, &["x.site-c.example.com"]);
-    let open =
-        OpenRequest { disk: disk("vm1"), disk_size: 32 * MIB, epoch: 0, history: None, interval_seconds: 0 };
+    let open = OpenRequest {
+        disk: disk("vm1"),
+        disk_size: 32 * MIB,
+        epoch: 0,
+        history: None,
+        interval_seconds: 0,
+        import_awaited: false,
+    };
     client(&site, &stranger).await.open(open).await.unwrap_err();
 
     let body = http_get(addr, "/metrics").await;
@@ -445,8 +452,14 @@ async fn the_control_api_reports_statistics_and_points_over_mutual_tls() {
     assert_eq!(site.service.replica("vm1", "root").unwrap().state().clone(), before, "nothing changed");
     // And the controller's identity may not use the replication API.
     site.service.set_controller_names(vec![controller_name.into()]);
-    let open =
-        OpenRequest { disk: disk("vm1"), disk_size: 32 * MIB, epoch: 0, history: None, interval_seconds: 0 };
+    let open = OpenRequest {
+        disk: disk("vm1"),
+        disk_size: 32 * MIB,
+        epoch: 0,
+        history: None,
+        interval_seconds: 0,
+        import_awaited: false,
+    };
     let err = client(&site, &controller).await.open(open).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     assert!(err.message().contains("is the controller's certificate name"), "{err}");

@@ -406,3 +406,89 @@ async fn a_verification_counts_exactly_what_differs_and_changes_nothing() {
     assert_eq!((v.id.as_str(), v.differing_bytes), ("v4", 0), "{v:?}");
     assert!(identical(path_str(&p.image), path_str(&image)));
 }
+
+/// The initial copy on external media: the primary exports once (the log
+/// cut there) and waits, saying where; writes go on meanwhile. At the
+/// replica site a chunk altered in transport, or one missing, is named and
+/// nothing is imported; the whole export is imported, and the primary then
+/// sends only what was written since. An existing image (an older copy)
+/// is adopted instead and resynchronised with only what differs sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_copy_by_external_media_or_an_existing_image_then_only_the_rest() {
+    use vmreplica_agent::{
+        media::{self, Owner},
+        replication::shipper::InitialMethod,
+    };
+    let site = replica_site().await;
+    let content = Rng(61).bytes(10 * MIB as usize);
+    let p = tokio::task::spawn_blocking(move || serve_new_image(24 * MIB, &content)).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let media_dir = tempfile::tempdir().unwrap();
+    let cfg = ShipperConfig { initial: InitialMethod::ExternalMedia(media_dir.path().to_owned()), ..plain() };
+    let ship = shipper(&site, &tls, p.disk.clone(), cfg, None);
+    let err = ship.sync_once().await.unwrap_err().to_string();
+    assert!(err.contains("exported to") && err.contains("vmreplica-agent import"), "{err}");
+    let export = media_dir.path().join("vm1").join("root");
+    let m = media::manifest(&export).unwrap().expect("a whole export");
+    assert_eq!(
+        (m.disk_size, m.chunks.len()),
+        (24 * MIB, 3),
+        "10 MiB of data in 4 MiB chunks, zeros left out"
+    );
+    // Writes during transport; asking again exports nothing new.
+    let url = p.url();
+    tokio::task::spawn_blocking(move || {
+        qemu_io(&url, &["write -P 7 20M 64k".into(), "write -P 8 1M 4k".into()])
+    })
+    .await
+    .unwrap();
+    p.disk.seal().unwrap();
+    let again = ship.sync_once().await.unwrap_err().to_string();
+    assert!(again.contains(&format!("sequence {}", m.next_seq)), "{again}");
+    assert_eq!(media::manifest(&export).unwrap().unwrap(), m);
+
+    // At the replica site.
+    let owner = Owner { primary: "host1.site-a.example.com".into(), trust_group: "finance".into() };
+    let replica_dir = site.storage.path().join("replicas").join("vm1").join("root");
+    let chunk = export.join("chunks").join(format!("{:016x}.bin", m.chunks[1].offset));
+    let good = std::fs::read(&chunk).unwrap();
+    let mut bad = good.clone();
+    bad[12345] ^= 1;
+    std::fs::write(&chunk, &bad).unwrap();
+    let e = media::import(&export, &replica_dir, &owner).unwrap_err().to_string();
+    assert!(e.contains(&chunk.display().to_string()) && e.contains("altered"), "{e}");
+    assert!(!replica_dir.exists(), "nothing imported");
+    std::fs::remove_file(&chunk).unwrap();
+    let e = media::import(&export, &replica_dir, &owner).unwrap_err().to_string();
+    assert!(e.contains(&chunk.display().to_string()) && e.contains("missing"), "{e}");
+    std::fs::write(&chunk, &good).unwrap();
+    media::import(&export, &replica_dir, &owner).unwrap();
+    let e = media::import(&export, &replica_dir, &owner).unwrap_err().to_string();
+    assert!(e.contains("holds a replica already"), "{e}");
+
+    // The primary sends what was written since the cut, and no copy.
+    let through = ship.sync_once().await.unwrap();
+    let replica = applied(&site, through).await;
+    assert!(identical(path_str(&p.image), path_str(&replica.image())));
+    assert_eq!(ship.stats().initial_copy_bytes, 0, "no network copy");
+    assert!(ship.stats().raw_bytes_sent < 256 << 10, "only the writes since: {:?}", ship.stats());
+
+    // An existing image: an older copy of the disk, adopted and resynchronised.
+    let older = site.storage.path().join("older.img");
+    std::fs::copy(replica.image(), &older).unwrap();
+    let url = p.url();
+    tokio::task::spawn_blocking(move || qemu_io(&url, &["write -P 9 5M 8k".into()])).await.unwrap();
+    let p2 = p.disk.clone();
+    let cfg = ShipperConfig { initial: InitialMethod::ExistingImage, ..plain() };
+    let replica_dir2 = site.storage.path().join("replicas").join("vm2").join("root");
+    let ship2 = shipper_for("vm2", &site, &tls, p2, cfg, None);
+    let err = ship2.sync_once().await.unwrap_err().to_string();
+    assert!(err.contains("import --existing"), "{err}");
+    media::adopt_existing(&older, &replica_dir2, ("vm2", "root"), &owner).unwrap();
+    assert!(!older.exists(), "moved in");
+    ship2.sync_once().await.unwrap();
+    let done = ship2.stats().last_resync.expect("resynchronised");
+    assert_eq!(done.changed_bytes, 8192, "only what differs: {done:?}");
+    let r2 = site.service.replica("vm2", "root").unwrap();
+    assert!(identical(path_str(&p.image), path_str(&r2.image())));
+}

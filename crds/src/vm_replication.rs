@@ -324,9 +324,15 @@ pub enum InitialReplicationMethod {
     /// Copy over the network; zero and unallocated blocks are not sent.
     #[default]
     Network,
-    /// Export to a directory (external media) for import on the replica.
+    /// The primary's agent exports the disks to `directory` on its node
+    /// (under one of its disk roots; non-zero 4 MiB chunks and a manifest
+    /// with their BLAKE3) and waits; at the replica site `vmreplica-agent
+    /// import --from DIR` verifies every chunk and loads them; then only
+    /// what was written since the export is sent.
     ExternalMedia,
-    /// The replica already holds an image (restored backup, older copy): resynchronise by block hashes.
+    /// The replica site already holds an image (a restored backup, an older
+    /// copy): `vmreplica-agent import --existing IMAGE` there adopts it, and
+    /// a resynchronisation by block hashes sends only what differs.
     ExistingImage,
 }
 
@@ -340,8 +346,9 @@ pub struct InitialReplication {
     /// Start no earlier than this time (RFC 3339). Unset: immediately.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
-    /// ExternalMedia: absolute directory the export is written to (primary) or
-    /// imported from (replica).
+    /// ExternalMedia: the absolute directory on the primary's node the
+    /// export is written to (under one of its agent's disk roots; carried
+    /// to the replica site and imported from there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 4096), pattern(ABSOLUTE_PATH_PATTERN))]
     pub directory: Option<String>,

@@ -31,6 +31,7 @@ async fn open(addr: &str, tls: &Arc<LiveTls>) -> Result<(), tonic::Status> {
         epoch: 0,
         history: None,
         interval_seconds: 30,
+        import_awaited: false,
     };
     ReplicationClient::new(ch).open(req).await.map(|_| ())
 }

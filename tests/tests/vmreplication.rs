@@ -739,3 +739,81 @@ async fn agents_killed_mid_resync_lose_nothing_and_keep_the_pre_resync_point() {
     })
     .await;
 }
+
+/// initialReplication.method ExternalMedia through the CRD: the primary's
+/// agent exports the disk to the directory and the VM waits for the import
+/// (status says where and how); `vmreplica-agent import` at the replica
+/// site loads it; then only what was written since is shipped and the
+/// replica equals the disk. A bad directory is refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_copy_on_external_media_is_imported_at_the_replica_site() {
+    let s = site().await;
+    let disk = s.root.join("disks").join("em.img");
+    qemu_img_create(&disk, "16M");
+    qemu_io(disk.to_str().unwrap(), "write -P 0x31 0 6M").unwrap();
+    // Outside the agent's disk roots: refused (the agent would write there).
+    let outside = with(
+        s.spec(&disk, "replica", s.replica_port),
+        "initialReplication",
+        json!({
+        "method": "ExternalMedia", "directory": s.root.join("elsewhere")}),
+    );
+    s.apply("em", outside).await;
+    let v = s.wait_state("em", ReplicationState::Error, 30).await;
+    let details = v.status.unwrap().health_details.join(" ");
+    assert!(details.contains("outside the directories this agent may write"), "{details}");
+    let media = s.root.join("disks").join("media");
+    let initial = |dir: serde_json::Value| json!({"method": "ExternalMedia", "directory": dir});
+    let spec =
+        with(s.spec(&disk, "replica", s.replica_port), "initialReplication", initial(json!("relative")));
+    assert!(
+        s.vmrs
+            .create(
+                &Default::default(),
+                &serde_json::from_value(json!({"apiVersion":
+        "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": "em"}, "spec": spec}))
+                .unwrap()
+            )
+            .await
+            .is_err(),
+        "a relative directory is refused by the schema"
+    );
+    let spec = with(s.spec(&disk, "replica", s.replica_port), "initialReplication", initial(json!(media)));
+    s.apply("em", spec).await;
+    let v = wait_secs(60, "the export", async || {
+        let v = s.vmrs.get("em").await.ok()?;
+        let st = v.status.as_ref()?;
+        (st.state == ReplicationState::WaitingForInitialReplication
+            && st.health_details.iter().any(|d| d.contains("exported to")))
+        .then_some(v)
+    })
+    .await;
+    let details = v.status.unwrap().health_details.join(" ");
+    assert!(details.contains("vmreplica-agent import"), "it says how to import: {details}");
+    // Writes while the media travels.
+    let export = format!("nbd+unix:///{}.em/root?socket={}", s.ns, s.socket.display());
+    qemu_io(&export, "write -P 0x32 10M 64k").unwrap();
+    let import = Command::new(bin("vmreplica-agent"))
+        .args(["import", "--from"])
+        .arg(&media)
+        .arg("--storage")
+        .arg(&s.replica_storage)
+        .args(["--primary", &s.primary_name, "--trust-group", "g1"])
+        .output()
+        .unwrap();
+    assert!(import.status.success(), "{import:?}");
+    assert!(String::from_utf8_lossy(&import.stdout).contains("chunks verified and imported"), "{import:?}");
+    s.wait_state("em", ReplicationState::Replicating, 60).await;
+    let replica_img = s.replica_storage.join(format!("{}.em", s.ns)).join("root").join("disk.img");
+    wait_secs(30, "the replica to equal the disk", async || {
+        Command::new("qemu-img")
+            .args(["compare", "-U", "-q", "-f", "raw", "-F", "raw"])
+            .arg(&replica_img)
+            .arg(&disk)
+            .status()
+            .ok()?
+            .success()
+            .then_some(())
+    })
+    .await;
+}

@@ -23,7 +23,7 @@ use crate::{
     node::spec::{DiskSpec, ExtendSpec, Served, VmSpec},
     replication::{
         authz::{Entry, SiteConfig},
-        shipper::{ResyncPolicy, Shipper},
+        shipper::{InitialMethod, ResyncPolicy, Shipper},
     },
     site::{InForce, Settings},
 };
@@ -153,8 +153,8 @@ fn enable_reply(r: Result<Served, ControlError>, generation: i64) -> Result<Resp
     }))
 }
 
-fn vm_spec(s: VmReplicationSpec) -> VmSpec {
-    VmSpec {
+fn vm_spec(s: VmReplicationSpec) -> Result<VmSpec, String> {
+    Ok(VmSpec {
         vm_id: s.vm_id,
         uid: s.uid,
         generation: s.generation,
@@ -179,6 +179,25 @@ fn vm_spec(s: VmReplicationSpec) -> VmSpec {
             requested: Some(s.resync_request_id).filter(|id| !id.is_empty()),
             verify: Some(s.verify_request_id).filter(|id| !id.is_empty()),
         },
+        initial: initial_method(&s.initial_method, &s.initial_directory)?,
+    })
+}
+
+/// `spec.initialReplication` as the shippers use it; an error names what is wrong.
+fn initial_method(method: &str, dir: &str) -> Result<InitialMethod, String> {
+    match method {
+        "" | "Network" => Ok(InitialMethod::Network),
+        "ExistingImage" => Ok(InitialMethod::ExistingImage),
+        "ExternalMedia" => {
+            let d = std::path::Path::new(dir);
+            if !d.is_absolute() || d.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(format!(
+                    "initialReplication.directory {dir:?}: ExternalMedia needs an absolute directory without `..`"
+                ));
+            }
+            Ok(InitialMethod::ExternalMedia(d.to_owned()))
+        }
+        other => Err(format!("initialReplication.method {other:?}: Network, ExternalMedia or ExistingImage")),
     }
 }
 
@@ -376,9 +395,12 @@ impl Control for ControlService {
         &self,
         req: Request<VmReplicationSpec>,
     ) -> Result<Response<EnableReply>, Status> {
-        let spec = vm_spec(req.into_inner());
-        let generation = spec.generation;
-        enable_reply(self.agent.enable(spec).await, generation)
+        let req = req.into_inner();
+        let generation = req.generation;
+        match vm_spec(req) {
+            Ok(spec) => enable_reply(self.agent.enable(spec).await, generation),
+            Err(why) => enable_reply(Err(ControlError::Refused(why)), generation),
+        }
     }
 
     async fn materialize_point(

@@ -284,6 +284,7 @@ impl Replication for ReplicationService {
                     hourly: h.hourly_points.min(168),
                 }),
                 interval_seconds: r.interval_seconds,
+                import_awaited: r.import_awaited,
             };
             let o = self.agent.open(&names, args).await.map_err(refused)?;
             Ok(Response::new(OpenReply {

@@ -170,6 +170,7 @@ impl Node {
                 window_seconds: spec.history_window_seconds,
                 hourly_points: spec.history_hourly_points,
             }),
+            initial: spec.initial.clone(),
             ..Default::default()
         };
         m.disks
@@ -296,7 +297,8 @@ impl Node {
         let rebuild = m.spec.replica_address != spec.replica_address
             || m.spec.compression != spec.compression
             || m.spec.history_window_seconds != spec.history_window_seconds
-            || m.spec.history_hourly_points != spec.history_hourly_points;
+            || m.spec.history_hourly_points != spec.history_hourly_points
+            || m.spec.initial != spec.initial;
         let new_shippers = if rebuild { Some(self.shippers(&spec, m, peer)?) } else { None };
         m.stop().await;
         if let Some(s) = new_shippers {

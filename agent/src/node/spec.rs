@@ -43,6 +43,8 @@ pub struct VmSpec {
     pub history_hourly_points: u32,
     /// When the VM's disks may be resynchronised.
     pub resync: crate::replication::shipper::ResyncPolicy,
+    /// How a replica without a copy gets one.
+    pub initial: crate::replication::shipper::InitialMethod,
 }
 
 /// Extended replication of the replicas of a VM held here (A→B→C, at B).
@@ -162,6 +164,19 @@ pub fn check_spec(spec: &VmSpec, roots: &[PathBuf]) -> Result<Vec<(String, PathB
             return Err(format!("disk {}: {} is not a regular file", d.name, real.display()));
         }
         out.push((d.name.clone(), real));
+    }
+    // An export for external media is written by this agent: only where it may serve disks.
+    if let crate::replication::shipper::InitialMethod::ExternalMedia(dir) = &spec.initial {
+        let inside =
+            roots.iter().any(|r| dir.starts_with(r) || r.canonicalize().is_ok_and(|c| dir.starts_with(c)));
+        if !inside {
+            return Err(format!(
+                "initialReplication.directory {} is outside the directories this agent may write ({}); export \
+                 under a --disk-root",
+                dir.display(),
+                roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
+            ));
+        }
     }
     Ok(out)
 }

@@ -35,13 +35,18 @@ pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
     let initial = &vmr.spec.initial_replication;
     let history = &vmr.spec.recovery_history;
     let quiesce = history.quiesce.as_ref();
-    if initial.method != vmreplica_crds::InitialReplicationMethod::Network {
-        return Err(format!(
-            "initialReplication.method {:?} is not supported yet: use Network (the initial copy goes over the \
-             replication connection, sparse-aware)",
-            initial.method
-        ));
-    }
+    use vmreplica_crds::InitialReplicationMethod as Method;
+    let directory = match (initial.method, &initial.directory) {
+        (Method::ExternalMedia, None) => {
+            return Err(
+                "initialReplication.method ExternalMedia needs initialReplication.directory: where the \
+                        primary's agent writes the export on its node"
+                    .into(),
+            );
+        }
+        (Method::ExternalMedia, Some(d)) => d.clone(),
+        _ => String::new(),
+    };
     Ok(VmReplicationSpec {
         vm_id: vm_id(vmr),
         uid: vmr.uid().unwrap_or_default(),
@@ -66,6 +71,8 @@ pub fn agent_spec(vmr: &VMReplication) -> Result<VmReplicationSpec, String> {
         guest_agent_socket: quiesce.and_then(|q| q.guest_agent_socket.clone()).unwrap_or_default(),
         history_window_seconds: u64::from(history.continuous_window_seconds),
         history_hourly_points: history.hourly_recovery_points,
+        initial_method: format!("{:?}", initial.method),
+        initial_directory: directory,
         ..resync_spec(vmr)
     })
 }
@@ -390,6 +397,10 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
                     humanize_bytes(r.done),
                     humanize_bytes(r.total)
                 ));
+            } else if let Some((_, m)) =
+                v.failure.as_ref().filter(|(kind, _)| *kind == FailureKind::AwaitingInitialCopy)
+            {
+                warning.push(format!("The initial copy is awaited at the replica site: {m}"));
             } else if let Some((_, m)) = &v.failure {
                 let since = v.last_replication_ms.unwrap_or(h.since_ms);
                 let failing = Duration::from_millis((h.now_ms - since).max(0) as u64);

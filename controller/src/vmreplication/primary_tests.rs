@@ -49,7 +49,13 @@ fn the_agent_spec_carries_identity_and_settings() {
     assert_eq!(agent_spec(&later).unwrap().initial_replication_at_unix_ms, 2_000_000_000_000);
     let mut media = vmr(None);
     media.spec.initial_replication.method = vmreplica_crds::InitialReplicationMethod::ExternalMedia;
-    assert!(agent_spec(&media).unwrap_err().contains("not supported yet"));
+    assert!(agent_spec(&media).unwrap_err().contains("needs initialReplication.directory"));
+    media.spec.initial_replication.directory = Some("/media/usb".into());
+    let s = agent_spec(&media).unwrap();
+    assert_eq!((s.initial_method.as_str(), s.initial_directory.as_str()), ("ExternalMedia", "/media/usb"));
+    let mut existing = vmr(None);
+    existing.spec.initial_replication.method = vmreplica_crds::InitialReplicationMethod::ExistingImage;
+    assert_eq!(agent_spec(&existing).unwrap().initial_method, "ExistingImage");
 }
 
 #[test]

@@ -38,6 +38,9 @@ pub enum ShipError {
     /// A resync is needed and may not run yet: why, and when it will.
     #[error("a resynchronisation is required: {0}")]
     ResyncWaiting(String),
+    /// The initial copy goes by external media or an existing image: not yet imported there.
+    #[error("{0}")]
+    AwaitingInitial(String),
 }
 
 impl ShipError {
@@ -61,6 +64,7 @@ impl ShipError {
             ShipError::ResyncRequired { .. } | ShipError::Diverged { .. } | ShipError::ResyncWaiting(_) => {
                 FailureKind::ResyncRequired
             }
+            ShipError::AwaitingInitial(_) => FailureKind::AwaitingInitialCopy,
         }
     }
 }

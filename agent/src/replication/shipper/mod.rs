@@ -11,6 +11,7 @@
 //! ```
 
 mod error;
+mod media;
 pub mod policy;
 pub mod resync;
 pub mod source;
@@ -57,6 +58,20 @@ pub struct ShipperConfig {
     pub history: Option<History>,
     /// The replication interval, told to the replica (0: not said).
     pub interval_seconds: u32,
+    /// How a replica without a copy gets one.
+    pub initial: InitialMethod,
+}
+
+/// How a replica without a copy gets one (`spec.initialReplication.method`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum InitialMethod {
+    /// Sent over the replication connection.
+    #[default]
+    Network,
+    /// Exported to this directory here, imported at the replica site.
+    ExternalMedia(std::path::PathBuf),
+    /// The replica site imports an image it already holds; a resync follows.
+    ExistingImage,
 }
 
 impl Default for ShipperConfig {
@@ -68,6 +83,7 @@ impl Default for ShipperConfig {
             backoff: vec![min(1), min(2), min(4), min(8), min(30)],
             history: None,
             interval_seconds: 0,
+            initial: InitialMethod::Network,
         }
     }
 }
@@ -369,10 +385,25 @@ impl Shipper {
                 hourly_points: h.hourly_points,
             }),
             interval_seconds: self.cfg.interval_seconds,
+            import_awaited: self.cfg.initial != InitialMethod::Network
+                && matches!(self.source, Source::Protected(_)),
         };
         let reply = client.open(open).await?.into_inner();
         let mut next = checked_next(reply.next_seq, "Open")?;
-        if reply.needs_initial_copy || self.source.needs_copy() {
+        if reply.needs_initial_copy && !matches!(self.source, Source::Forward(_)) {
+            match &self.cfg.initial {
+                InitialMethod::Network => next = checked_next(self.initial_copy().await?, "PushInitialCopy")?,
+                InitialMethod::ExternalMedia(dir) => return Err(self.export_for_import(dir).await?),
+                InitialMethod::ExistingImage => {
+                    return Err(ShipError::AwaitingInitial(format!(
+                        "waiting for the existing image to be placed at the replica site: there, run `vmreplica-agent \
+                     import --existing IMAGE --vm {} --disk {} --storage STORAGE --primary NAME --trust-group GROUP`; \
+                     a resynchronisation then sends only what differs",
+                        self.vm_id, self.disk_id
+                    )));
+                }
+            }
+        } else if reply.needs_initial_copy || self.source.needs_copy() {
             next = checked_next(self.initial_copy().await?, "PushInitialCopy")?;
         } else if let Some(why) = self.resync_reason(&reply, next)? {
             next = checked_next(self.resync_if_allowed(why, next).await?, "Resync")?;
