@@ -30,6 +30,9 @@ pub struct Metrics {
     pub replica_points: IntGaugeVec,
     /// Bytes the last verification found differing (spec.verify; 0 expected).
     pub verify_differing: IntGaugeVec,
+    /// 1 while a disk's shipments are compressed; 0 when compression is off
+    /// or turned itself off for data that does not shrink.
+    pub compression_active: IntGaugeVec,
     /// Replica side: requests refused, by gRPC code.
     pub refused: IntCounterVec,
     /// Replica side: bytes received on the wire (compressed as sent).
@@ -106,6 +109,14 @@ impl Metrics {
                 vd,
             )
             .expect("valid metric"),
+            compression_active: IntGaugeVec::new(
+                labels(
+                    "1 while shipments are compressed, 0 when off (or off by itself: the data does not shrink)",
+                    "compression_active",
+                ),
+                vd,
+            )
+            .expect("valid metric"),
             verify_differing: IntGaugeVec::new(
                 labels(
                     "Bytes the last verification found to differ between primary and replica (0 expected)",
@@ -163,6 +174,7 @@ impl Metrics {
             Box::new(self.replica_applied.clone()),
             Box::new(self.replica_points.clone()),
             Box::new(self.verify_differing.clone()),
+            Box::new(self.compression_active.clone()),
             Box::new(self.refused.clone()),
             Box::new(self.received_bytes.clone()),
             Box::new(self.transfers.clone()),

@@ -345,7 +345,7 @@ async fn a_bad_spec_gives_error_with_what_to_fix_and_changes_nothing() {
                 json!({"method": "ExternalMedia"}),
             ),
             "InvalidSpec",
-            "not supported yet",
+            "needs initialReplication.directory",
         ),
     ];
     for (name, spec, reason, words) in cases {

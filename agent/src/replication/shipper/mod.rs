@@ -10,6 +10,7 @@
 //!          bring the replica up to date and the VM's policy allows it now (policy.rs)
 //! ```
 
+pub mod autocompress;
 mod error;
 mod media;
 pub mod policy;
@@ -134,6 +135,8 @@ pub struct Shipper {
     /// The initial copy in flight: bytes sent so far and bytes to send (the
     /// image's allocated extents), both 0 when none runs.
     copying: Arc<(std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64)>,
+    /// Whether chunks are compressed now (off for data that does not shrink).
+    compress: Arc<autocompress::AutoCompress>,
     /// Where the channel leads (to diagnose TLS failures).
     peer: Option<Peer>,
     /// When a resync may run (the VM's spec), and the one running.
@@ -185,6 +188,7 @@ impl Shipper {
             disk_id: disk_id.to_owned(),
             source,
             client,
+            compress: Arc::new(autocompress::AutoCompress::new(cfg.compression)),
             cfg,
             limits,
             epoch: 0,
@@ -370,6 +374,7 @@ impl Shipper {
         }
         if let Some(m) = &self.metrics {
             m.pending_bytes.with_label_values(&[vm, disk]).set(self.source.pending_bytes() as i64);
+            m.compression_active.with_label_values(&[vm, disk]).set(i64::from(self.compress.active()));
         }
         result
     }

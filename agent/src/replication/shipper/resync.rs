@@ -308,7 +308,7 @@ impl Shipper {
         len: u64,
         window: Option<(u64, bool)>,
     ) -> Result<(), ShipError> {
-        let (img, compression) = (image.clone(), self.cfg.compression);
+        let (img, compression) = (image.clone(), self.compress.clone());
         let data = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len as usize];
             img.read_exact_at(&mut buf, offset).map(|()| buf)
@@ -320,9 +320,9 @@ impl Shipper {
         let msg = if data.iter().all(|b| *b == 0) {
             ResyncData { offset, raw_len, zero: true, ..Default::default() }
         } else {
-            let (data, compressed) = match compression.then(|| zstd::bulk::compress(&data, 1)) {
-                Some(Ok(c)) if c.len() < data.len() => (c, true),
-                _ => (data, false),
+            let (data, compressed) = match compression.encode(&data) {
+                Some(c) => (c, true),
+                None => (data, false),
             };
             self.limits.bandwidth.acquire(data.len()).await;
             ResyncData { offset, data, compressed, raw_len, ..Default::default() }

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use vmreplica_api::replication::{CopyChunk, CopyStart, SegmentChunk, SegmentStart};
 
-use super::{ShipError, Shipper};
+use super::{ShipError, Shipper, autocompress::AutoCompress};
 use crate::{fail_point_armed, image::data_extents, limits::Limits, log::SealedSegment};
 
 /// What one chunk producer hands the gRPC stream.
@@ -32,15 +32,15 @@ impl Shipper {
     }
 
     /// Reads, compresses and rate-limits one chunk: `(data, compressed, raw_len)`.
-    fn encode(raw: &mut [u8], compression: bool, limits: &Limits) -> (Vec<u8>, bool, u32) {
+    fn encode(raw: &mut [u8], compression: &AutoCompress, limits: &Limits) -> (Vec<u8>, bool, u32) {
         // Test hook: corrupt what is sent (the replica must notice).
         if fail_point_armed!("ship.tamper-chunk") && !raw.is_empty() {
             raw[raw.len() / 2] ^= 0x20;
         }
         let raw_len = raw.len() as u32;
-        let (data, compressed) = match compression.then(|| zstd::bulk::compress(raw, 1)) {
-            Some(Ok(c)) if c.len() < raw.len() => (c, true),
-            _ => (raw.to_vec(), false),
+        let (data, compressed) = match compression.encode(raw) {
+            Some(c) => (c, true),
+            None => (raw.to_vec(), false),
         };
         limits.bandwidth.acquire_blocking(data.len());
         (data, compressed, raw_len)
@@ -56,7 +56,7 @@ impl Shipper {
             length: seg.bytes,
         };
         let (path, chunk, compression, limits) =
-            (seg.path.clone(), self.cfg.chunk_size, self.cfg.compression, self.limits.clone());
+            (seg.path.clone(), self.cfg.chunk_size, self.compress.clone(), self.limits.clone());
         let (rx, producer) = self.spawn_producer(move |tx| {
             let read_err = |source| ShipError::Read { what: path.display().to_string(), source };
             let mut file = File::open(&path).map_err(read_err)?;
@@ -73,7 +73,7 @@ impl Shipper {
                 if offset > 0 && fail_point_armed!("ship.cut-stream") {
                     return Ok(wire);
                 }
-                let (data, compressed, raw_len) = Self::encode(&mut buf[..n], compression, &limits);
+                let (data, compressed, raw_len) = Self::encode(&mut buf[..n], &compression, &limits);
                 wire += data.len() as u64;
                 let c = SegmentChunk { start: start.take(), offset, data, compressed, raw_len };
                 if tx.blocking_send(c).is_err() {
@@ -119,7 +119,7 @@ impl Shipper {
             self.source.image_path(),
             self.source.size(),
             self.cfg.chunk_size,
-            self.cfg.compression,
+            self.compress.clone(),
             self.limits.clone(),
             self.source.clone(),
             self.copying.clone(),
@@ -136,7 +136,7 @@ impl Shipper {
             copying.1.store(extents.iter().map(|(_, len)| len).sum(), Relaxed);
             let mut send = |off: u64, data: &mut [u8]| {
                 copying.0.fetch_add(data.len() as u64, Relaxed);
-                let (data, compressed, raw_len) = Self::encode(data, compression, &limits);
+                let (data, compressed, raw_len) = Self::encode(data, &compression, &limits);
                 wire += data.len() as u64;
                 let c = CopyChunk {
                     start: start.take(),
