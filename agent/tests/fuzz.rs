@@ -1,7 +1,7 @@
 //! Parsers fed hostile input (property tests, offline): an NBD client
 //! sending arbitrary bytes (from the first byte, or after a valid handshake),
-//! `replica.json` with arbitrary contents or numbers, and an external-media
-//! manifest with arbitrary numbers. Each must end with an error or a
+//! `replica.json` with arbitrary contents or numbers, an external-media
+//! manifest with arbitrary numbers, and a resync peer's hashes and data. Each must end with an error or a
 //! result that passes its own checks — never a panic, a hang, or a write.
 //! CI runs the default number of cases; `PROPTEST_CASES=5000 cargo test -p
 //! vmreplica-agent --test fuzz` is the long run.
@@ -18,9 +18,10 @@ use std::{
 use common::*;
 use proptest::prelude::*;
 use vmreplica_agent::{
+    hashtree::{self, LEAF},
     media,
     nbd::NbdServer,
-    replica::{ReplicaState, state},
+    replica::{ReplicaState, resync::Comparison, state},
 };
 
 /// Feeds `bytes` to a server session on a socket pair and waits for it to end.
@@ -156,5 +157,34 @@ proptest! {
                 prop_assert!(!replica.join("replica.json").exists() && !replica.join("disk.img").exists());
             }
         }
+    }
+
+    #[test]
+    fn a_resync_peer_s_arbitrary_hashes_and_data_are_refused_or_accounted(
+        bytes in proptest::collection::vec(any::<u8>(), 1..(256 << 10)),
+        window_hash in proptest::collection::vec(any::<u8>(), 0..20),
+        block_hashes in proptest::collection::vec(any::<u8>(), 0..200),
+        blocks in proptest::collection::vec(any::<u32>(), 0..6),
+        leaf_hashes in proptest::collection::vec(any::<u8>(), 0..800),
+        data in proptest::collection::vec((any::<u64>(), any::<u64>()), 0..6),
+        size in any::<u64>(),
+    ) {
+        let own = hashtree::hash_bytes(0, &bytes);
+        let leaves = own.leaves.len() as u64;
+        let mut cmp = Comparison::default();
+        let _ = cmp.window(own.clone(), &window_hash);
+        let _ = cmp.blocks(0, &block_hashes);
+        if let Ok(masks) = cmp.leaves(0, &blocks, &leaf_hashes) {
+            prop_assert_eq!(masks.len(), blocks.len());
+        }
+        for (offset, len) in &data {
+            if cmp.received(*offset, *len, size).is_ok() {
+                // Only whole leaves asked for, inside the disk, are taken.
+                prop_assert!(offset % LEAF == 0 && *len > 0 && offset + len <= size);
+                prop_assert!(offset / LEAF < leaves);
+            }
+        }
+        // Settled means nothing asked for is still awaited: never with a window open.
+        let _ = cmp.settled();
     }
 }
