@@ -250,7 +250,7 @@ async fn report_reverse(
 
 /// The diverged point the old primary's disks keep, after carrying out
 /// `spec.divergedPoint.action` on it.
-async fn diverged_point(
+pub(crate) async fn diverged_point(
     ctx: &Context,
     obj: &VMReplication,
     disks: &[&ReplicaDisk],

@@ -974,12 +974,6 @@ async fn unplanned_failover_then_reverse_by_resync_keeps_the_old_primarys_diverg
     qemu_io(&of("root"), "read -P 0x11 1M 64k").expect("what both had");
     assert!(qemu_io(&of("root"), "read -P 0x55 2M 64k").is_err(), "not B's write");
     qemu_io(&of("data"), "read -P 0x45 6M 64k").expect("A's diverged write on the other disk");
-    apply_object(&a_vmrs, &primary(json!({"suspended": true, "divergedPoint": {"action": "Discard"}}))).await;
-    wait_secs(60, "A's diverged point discarded", async || {
-        a_vmrs.get(app).await.ok()?.status.filter(|s| s.diverged_point.is_none())
-    })
-    .await;
-    assert!(!Path::new(&of("root")).exists(), "its copies went with it");
 
     // B's writes go on reaching A's own disks, by log.
     qemu_io(&b_export("data"), "write -P 0x66 3M 64k").unwrap();
@@ -988,6 +982,57 @@ async fn unplanned_failover_then_reverse_by_resync_keeps_the_old_primarys_diverg
     })
     .await;
     assert!(qemu_io(&a_export("root"), "read 0 512").is_err(), "A no longer serves the VM");
+
+    // Failing back to A (planned, B's part then A's): the diverged point is
+    // still listed there and still discarded on request, copies and all.
+    let back = json!({"id": "back", "type": "Planned"});
+    b.vmrs.patch(app, &operator, &Patch::Apply(at_b(back))).await.unwrap();
+    wait_secs(60, "B's part of failing back", async || {
+        let l = b.vmrs.get(app).await.ok()?.status?.last_failover?;
+        (l.id == "back" && l.phase == vmreplica_crds::FailoverPhase::Completed).then_some(())
+    })
+    .await;
+    let a_back = json!({"divergedPoint": {"action": "Materialize"},
+        "failover": {"id": "back", "type": "Planned", "reverseReplication": true}});
+    apply_object(&a_vmrs, &primary(a_back)).await;
+    wait_secs(90, "A to take the VM back", async || {
+        let l = a_vmrs.get(app).await.ok()?.status?.last_failover?;
+        (l.id == "back" && l.phase == vmreplica_crds::FailoverPhase::Completed && l.took_over).then_some(())
+    })
+    .await;
+    qemu_io(&a_export("data"), "read -P 0x66 3M 64k").expect("A serves B's writes");
+    let kept = a_vmrs
+        .get(app)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .diverged_point
+        .expect("still listed after failing back");
+    assert_eq!(kept.disks.len(), 2, "{kept:?}");
+    let a_discard = json!({"divergedPoint": {"action": "Discard"},
+        "failover": {"id": "back", "type": "Planned", "reverseReplication": true}});
+    apply_object(&a_vmrs, &primary(a_discard)).await;
+    wait_secs(60, "A's diverged point discarded", async || {
+        a_vmrs.get(app).await.ok()?.status.filter(|s| s.diverged_point.is_none())
+    })
+    .await;
+    assert!(!Path::new(&of("root")).exists(), "its copies went with it");
+    let files = files_named(&root.join("a-replicas"), "diverged.img");
+    assert!(files.is_empty(), "the point's own files went too: {files:?}");
+}
+
+/// Files called `name` under `dir`, recursively.
+fn files_named(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(files_named(&e.path(), name));
+        } else if e.file_name() == name {
+            out.push(e.path());
+        }
+    }
+    out
 }
 
 /// Waits for `name` in `api` to reach `want`.

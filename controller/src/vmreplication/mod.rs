@@ -224,7 +224,13 @@ async fn replicate(vmr: &VMReplication, ctx: &Context, obs: &Observation) -> Res
         }
         _ => (Baseline { window_start_ms, ..Default::default() }, None),
     };
-    let next = build_status(vmr, &outcome, &StatusInputs { now: obs.now, window, rate, monitoring: m });
+    let mut next = build_status(vmr, &outcome, &StatusInputs { now: obs.now, window, rate, monitoring: m });
+    // Taken back after failing over: the diverged point kept here (written
+    // out at the promotion) is still listed, and spec.divergedPoint acts on it.
+    if let Some(loc) = &obs.replica {
+        let disks: Vec<&vmreplica_api::control::ReplicaDisk> = loc.status.replicas.iter().collect();
+        next.diverged_point = crate::replica_site::diverged_point(ctx, vmr, &disks, &loc.agent).await;
+    }
     write::write(ctx, vmr, &next).await?;
     let (shipped, lag_seconds) = match &outcome {
         Outcome::Enabled(v) => (v.raw_bytes, lag(v, now_ms).map(|l| l.as_secs_f64())),

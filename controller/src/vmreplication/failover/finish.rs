@@ -63,6 +63,8 @@ pub fn finish(
             (WaitingCompletion, false, None)
         }
         Done::UnplannedCompleted { reversed_to } => {
+            // This side runs the VM now: a planned failover back starts here.
+            s.took_over = true;
             s.reversed_to = reversed_to.clone();
             (Completed, true, out.epoch)
         }
