@@ -257,21 +257,9 @@ impl Agent {
     ) -> Result<(PathBuf, u64), ControlError> {
         let replica = self.replica_for(vm, disk, name)?;
         let name = name.to_owned();
-        tokio::task::spawn_blocking(move || {
-            let seq = replica.diverged().map(|d| d.seq);
-            let dest = replica.materialized_path(&name);
-            let tmp = dest.with_extension("img.part");
-            let _ = std::fs::remove_file(&tmp);
-            if let Some(dir) = dest.parent() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| ControlError::Failed(format!("{}: {e}", dir.display())))?;
-            }
-            replica.materialize_diverged(&tmp).map_err(|e| ControlError::Failed(e.to_string()))?;
-            std::fs::rename(&tmp, &dest)
-                .map_err(|e| ControlError::Failed(format!("{}: {e}", dest.display())))?;
-            Ok((dest, seq.unwrap_or(0)))
-        })
-        .await?
+        tokio::task::spawn_blocking(move || replica.materialize_diverged_named(&name))
+            .await?
+            .map_err(|e| ControlError::Failed(e.to_string()))
     }
 
     /// Discards the disk's diverged point; whether there was one.

@@ -303,13 +303,10 @@ fn fresh(replica: &Path) -> Result<File, MediaError> {
         )));
     }
     fs::create_dir_all(replica).map_err(io_at(replica))?;
-    let path = replica.join("lock");
-    let lock =
-        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_at(&path))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|_| {
-        MediaError::Invalid(format!("{}: an agent holds this replica directory", replica.display()))
-    })?;
-    Ok(lock)
+    crate::replica::hold_dir(replica).map_err(|e| match e {
+        crate::replica::ReplicaError::Io { path, source } => MediaError::Io { path, source },
+        _ => MediaError::Invalid(format!("{}: an agent holds this replica directory", replica.display())),
+    })
 }
 
 fn hash_file(path: &Path, len: u64) -> Result<String, MediaError> {

@@ -18,7 +18,7 @@
 
 use std::{fs, path::PathBuf};
 
-use super::{Diverged, ReplicaDisk, ReplicaError, Result, files::sync_dir, io_at, now_ms, state::Point};
+use super::{Diverged, ReplicaDisk, ReplicaError, Result, io_at, now_ms, state::Point};
 
 /// The name of the diverged point's own file under `materialized/`.
 const DIVERGED_FILE: &str = "diverged";
@@ -86,6 +86,13 @@ impl ReplicaDisk {
         self.write_back(&source, &undo, dest)
     }
 
+    /// Writes the diverged point as copy `name`: its path, and the sequence
+    /// it ends in its own history.
+    pub fn materialize_diverged_named(&self, name: &str) -> Result<(PathBuf, u64)> {
+        let seq = self.diverged().map_or(0, |d| d.seq);
+        Ok((self.write_named(name, |tmp| self.materialize_diverged(tmp))?, seq))
+    }
+
     /// Discards the diverged point: its file, or the undo that only led to it.
     pub fn discard_diverged(&self) -> Result<bool> {
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -93,12 +100,7 @@ impl ReplicaDisk {
         self.unlink_diverged_undo()?;
         self.update(|s| s.diverged = None)?;
         if let Some(name) = d.file {
-            let path = self.materialized_path(&name);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_at(&path)(e)),
-            }
+            self.delete_materialized(&name)?;
         }
         tracing::info!(disk = %self.state().disk_id, seq = d.seq, epoch = d.epoch, "diverged point discarded");
         Ok(true)
@@ -110,14 +112,7 @@ impl ReplicaDisk {
         if self.diverged().is_none_or(|d| d.file.is_some()) {
             return Ok(());
         }
-        let dest = self.materialized_path(DIVERGED_FILE);
-        let dir = dest.parent().expect("under the replica dir").to_owned();
-        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
-        let tmp = dest.with_extension("img.part");
-        let _ = fs::remove_file(&tmp);
-        self.materialize_diverged(&tmp)?;
-        fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
-        sync_dir(&dir)?;
+        self.write_named(DIVERGED_FILE, |tmp| self.materialize_diverged(tmp))?;
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.update(|s| {
             if let Some(d) = &mut s.diverged {

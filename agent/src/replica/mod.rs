@@ -129,6 +129,19 @@ macro_rules! fail {
 }
 pub(crate) use fail;
 
+/// Takes `dir`'s `lock` exclusively, for as long as the returned file is
+/// open: one opener of a replica directory at a time (an agent, or an import).
+pub fn hold_dir(dir: &Path) -> Result<fs::File> {
+    let path = dir.join("lock");
+    let lock =
+        fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_at(&path))?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(lock),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ReplicaError::InUse(dir.to_owned())),
+        Err(e) => Err(io_at(&path)(e.into())),
+    }
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -155,18 +168,7 @@ impl ReplicaDisk {
     /// Opens the replica in `dir` (which the store made, confined), creating it
     /// with `init` when there is none, and recovers from any crash.
     pub fn open(dir: &Path, init: impl FnOnce() -> ReplicaState) -> Result<Self> {
-        let lock_path = dir.join("lock");
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io_at(&lock_path))?;
-        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => return Err(ReplicaError::InUse(dir.to_owned())),
-            Err(e) => return Err(io_at(&lock_path)(e.into())),
-        }
+        let lock = hold_dir(dir)?;
         for sub in ["incoming", "log", "undo", "forward", "resync"] {
             let d = dir.join(sub);
             fs::create_dir_all(&d).map_err(io_at(&d))?;

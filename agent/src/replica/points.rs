@@ -42,31 +42,40 @@ impl ReplicaDisk {
     /// there is no point yet) as copy `name`, replacing an earlier one of that
     /// name; returns its path and the point's sequence.
     pub fn materialize_named(&self, seq: u64, name: &str) -> Result<(PathBuf, u64)> {
+        let mut done = 0;
+        let dest = self.write_named(name, |tmp| {
+            done = match (seq, self.points().last()) {
+                (0, Some(p)) => p.seq,
+                (0, None) => {
+                    let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
+                    let image_path = self.image_path();
+                    let image = open_nofollow(&image_path, false, false).map_err(io_at(&image_path))?;
+                    sparse_copy(&image, tmp).map_err(io_at(tmp))?;
+                    File::open(tmp).and_then(|f| f.sync_all()).map_err(io_at(tmp))?;
+                    done = self.state().applied_through;
+                    return self.record_copy_seq(name, done);
+                }
+                (s, _) => s,
+            };
+            self.materialize(done, tmp)?;
+            self.record_copy_seq(name, done)
+        })?;
+        Ok((dest, done))
+    }
+
+    /// Writes copy `name` (replacing one of that name) through `write`,
+    /// which fills a new file at the path it is given: written aside, then
+    /// renamed into place, so a copy is whole or absent.
+    pub(super) fn write_named(&self, name: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
         let dest = self.materialized_path(name);
         let dir = dest.parent().expect("under the replica dir");
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let tmp = dest.with_extension("img.part");
         let _ = fs::remove_file(&tmp);
-        let seq = match (seq, self.points().last()) {
-            (0, Some(p)) => p.seq,
-            (0, None) => {
-                let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
-                let image_path = self.image_path();
-                let image = open_nofollow(&image_path, false, false).map_err(io_at(&image_path))?;
-                sparse_copy(&image, &tmp).map_err(io_at(&tmp))?;
-                File::open(&tmp).and_then(|f| f.sync_all()).map_err(io_at(&tmp))?;
-                let seq = self.state().applied_through;
-                self.record_copy_seq(name, seq)?;
-                fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
-                return Ok((dest, seq));
-            }
-            (s, _) => s,
-        };
-        self.materialize(seq, &tmp)?;
-        self.record_copy_seq(name, seq)?;
+        write(&tmp)?;
         fs::rename(&tmp, &dest).map_err(io_at(&tmp))?;
         sync_dir(dir)?;
-        Ok((dest, seq))
+        Ok(dest)
     }
 
     /// Remembers which sequence copy `name` holds (a promotion of the copy

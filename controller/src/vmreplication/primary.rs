@@ -83,26 +83,23 @@ pub fn resync_spec(vmr: &VMReplication) -> VmReplicationSpec {
     let auto = &vmr.spec.automatic_resynchronization;
     let minute = |t: &str| super::monitoring::parse_time_of_day(t).unwrap_or(0);
     let (start, end) = auto.window.as_ref().map_or((0, 0), |w| (minute(&w.start), minute(&w.end)));
-    let done = vmr.status.as_ref().and_then(|s| s.last_resynchronization.as_ref()).map(|r| r.id.as_str());
-    let verified = vmr.status.as_ref().and_then(|s| s.last_verification.as_ref()).map(|v| v.id.as_str());
+    let status = vmr.status.as_ref();
+    // A request's id until the status says it was done.
+    let pending = |asked: Option<&vmreplica_crds::ResynchronizeRequest>, done: Option<&String>| {
+        asked.map(|r| r.id.clone()).filter(|id| Some(id) != done).unwrap_or_default()
+    };
     VmReplicationSpec {
         resync_manual_only: !auto.enabled,
         resync_window_start_minute: start,
         resync_window_end_minute: end,
-        resync_request_id: vmr
-            .spec
-            .resynchronize
-            .as_ref()
-            .map(|r| r.id.clone())
-            .filter(|id| Some(id.as_str()) != done)
-            .unwrap_or_default(),
-        verify_request_id: vmr
-            .spec
-            .verify
-            .as_ref()
-            .map(|r| r.id.clone())
-            .filter(|id| Some(id.as_str()) != verified)
-            .unwrap_or_default(),
+        resync_request_id: pending(
+            vmr.spec.resynchronize.as_ref(),
+            status.and_then(|s| s.last_resynchronization.as_ref()).map(|r| &r.id),
+        ),
+        verify_request_id: pending(
+            vmr.spec.verify.as_ref(),
+            status.and_then(|s| s.last_verification.as_ref()).map(|v| &v.id),
+        ),
         ..Default::default()
     }
 }

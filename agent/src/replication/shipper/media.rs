@@ -7,13 +7,37 @@
 
 use std::path::Path;
 
-use super::{ShipError, Shipper};
+use super::{InitialMethod, ShipError, Shipper, Source};
 use crate::media;
 
 impl Shipper {
+    /// How the replica's first copy comes when it is imported at the
+    /// replica site rather than sent (a protected disk's, by external media
+    /// or an existing image); `None`: sent over the network.
+    pub(super) fn imported_copy(&self) -> Option<&InitialMethod> {
+        let imported =
+            self.cfg.initial != InitialMethod::Network && matches!(self.source, Source::Protected(_));
+        imported.then_some(&self.cfg.initial)
+    }
+
+    /// The replica has no copy and `method` brings it: the error the cycle
+    /// reports while the import is awaited (exporting first, once, for
+    /// external media).
+    pub(super) async fn awaiting_import(&self, method: &InitialMethod) -> Result<ShipError, ShipError> {
+        match method {
+            InitialMethod::ExternalMedia(dir) => self.export_for_import(dir).await,
+            _ => Ok(ShipError::AwaitingInitial(format!(
+                "waiting for the existing image to be placed at the replica site: there, run `vmreplica-agent \
+                 import --existing IMAGE --vm {} --disk {} --storage STORAGE --primary NAME --trust-group GROUP`; \
+                 a resynchronisation then sends only what differs",
+                self.vm_id, self.disk_id
+            ))),
+        }
+    }
+
     /// Exports this disk under `root` unless an export of it is there;
     /// returns the error the cycle reports while the import is awaited.
-    pub(super) async fn export_for_import(&self, root: &Path) -> Result<ShipError, ShipError> {
+    async fn export_for_import(&self, root: &Path) -> Result<ShipError, ShipError> {
         let invalid =
             |e: media::MediaError| ShipError::AwaitingInitial(format!("exporting for external media: {e}"));
         let dir = media::disk_dir(root, &self.vm_id, &self.disk_id).map_err(invalid)?;

@@ -390,24 +390,12 @@ impl Shipper {
                 hourly_points: h.hourly_points,
             }),
             interval_seconds: self.cfg.interval_seconds,
-            import_awaited: self.cfg.initial != InitialMethod::Network
-                && matches!(self.source, Source::Protected(_)),
+            import_awaited: self.imported_copy().is_some(),
         };
         let reply = client.open(open).await?.into_inner();
         let mut next = checked_next(reply.next_seq, "Open")?;
-        if reply.needs_initial_copy && !matches!(self.source, Source::Forward(_)) {
-            match &self.cfg.initial {
-                InitialMethod::Network => next = checked_next(self.initial_copy().await?, "PushInitialCopy")?,
-                InitialMethod::ExternalMedia(dir) => return Err(self.export_for_import(dir).await?),
-                InitialMethod::ExistingImage => {
-                    return Err(ShipError::AwaitingInitial(format!(
-                        "waiting for the existing image to be placed at the replica site: there, run `vmreplica-agent \
-                     import --existing IMAGE --vm {} --disk {} --storage STORAGE --primary NAME --trust-group GROUP`; \
-                     a resynchronisation then sends only what differs",
-                        self.vm_id, self.disk_id
-                    )));
-                }
-            }
+        if let Some(method) = self.imported_copy().filter(|_| reply.needs_initial_copy) {
+            return Err(self.awaiting_import(method).await?);
         } else if reply.needs_initial_copy || self.source.needs_copy() {
             next = checked_next(self.initial_copy().await?, "PushInitialCopy")?;
         } else if let Some(why) = self.resync_reason(&reply, next)? {

@@ -39,7 +39,7 @@ pub struct VerifySummary {
 
 impl Shipper {
     /// Verifies the replica, which holds exactly through `through`.
-    pub(super) async fn verify(&self, id: &str, through: u64) -> Result<VerifySummary, ShipError> {
+    async fn verify(&self, id: &str, through: u64) -> Result<VerifySummary, ShipError> {
         let started = std::time::Instant::now();
         let (size, path) = (self.source.size(), self.source.image_path());
         let start = ResyncStart {
@@ -99,5 +99,25 @@ impl Shipper {
             finished: Some(SystemTime::now()),
             duration_ms: started.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Runs the verification asked for, once per id, with the replica
+    /// holding exactly through `through`; its result goes to the stats and
+    /// the metric. A failed one is the cycle's error (and is tried again).
+    pub(super) async fn verify_if_requested(&self, through: u64) -> Result<(), ShipError> {
+        let asked = self.policy.lock().unwrap_or_else(|p| p.into_inner()).verify.clone();
+        let done = self.stats().last_verify.map(|v| v.id);
+        let Some(id) = asked.filter(|id| done.as_ref() != Some(id)) else { return Ok(()) };
+        if matches!(self.source, super::Source::Forward(_)) {
+            return Ok(());
+        }
+        tracing::info!(vm = %self.vm_id, disk = %self.disk_id, id, through, "verifying");
+        let v = self.verify(&id, through).await?;
+        tracing::info!(vm = %self.vm_id, disk = %self.disk_id, ?v, "verified");
+        if let Some(m) = &self.metrics {
+            m.verify_differing.with_label_values(&self.labels()).set(v.differing_bytes as i64);
+        }
+        self.stats.lock().unwrap_or_else(|p| p.into_inner()).last_verify = Some(v);
+        Ok(())
     }
 }
