@@ -11,6 +11,11 @@
 //! 3. Initial copy: an 8 GiB sparse image holding 1 GiB of real files: bytes
 //!    sent and time vs `cp --sparse=always` of the same image.
 //!
+//! 4. References (`refs`), what the pipeline's stages cannot beat on this
+//!    machine: loopback mutual-TLS throughput with the agents' TLS setup,
+//!    BLAKE3 and zstd level 1 on one core, `dd oflag=direct` of the disk.
+//!    `benches/rpo.sh` prints them beside its lag measurements.
+//!
 //! Work files go to `$BENCH_DIR` (default /var/tmp) and are removed.
 
 use std::{
@@ -23,7 +28,7 @@ use std::{
 
 mod common;
 
-use common::{Site, real_data, site};
+use common::{Site, real_data, site, tls_pair};
 use vmreplica_agent::{
     disk::ProtectedDisk,
     limits::Limits,
@@ -298,6 +303,80 @@ async fn bench_initial_copy(dir: &Path) {
     );
 }
 
+/// Bytes per second through one mutual-TLS connection on loopback, the
+/// agents' own TLS configuration (rustls, ring): 2 GiB in 1 MiB writes.
+async fn mtls_loopback() -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (server, client) = tls_pair();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config());
+    let reader = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut buf = vec![0u8; MIB as usize];
+        let mut n = 0u64;
+        loop {
+            match tls.read(&mut buf).await.unwrap() {
+                0 => return n,
+                k => n += k as u64,
+            }
+        }
+    });
+    let connector = tokio_rustls::TlsConnector::from(client.client_config());
+    let name = rustls::pki_types::ServerName::try_from("replica.site-b.example.com").unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let data = noise(MIB as usize);
+    let t = Instant::now();
+    for _ in 0..2048 {
+        tls.write_all(&data).await.unwrap();
+    }
+    tls.shutdown().await.unwrap();
+    let got = reader.await.unwrap();
+    assert_eq!(got, 2 * GIB);
+    got as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The references, one row each, in MiB/s.
+async fn bench_references(dir: &Path) {
+    let data = real_data(256 * MIB as usize);
+    let t = Instant::now();
+    let mut h = blake3::Hasher::new();
+    for c in data.chunks(MIB as usize) {
+        h.update(c);
+    }
+    std::hint::black_box(h.finalize());
+    println!("| reference: BLAKE3, one core | {:.0} MiB/s | | |", mbps(data.len() as u64, t.elapsed()));
+    let t = Instant::now();
+    let out: usize = data.chunks(MIB as usize).map(|c| zstd::bulk::compress(c, 1).unwrap().len()).sum();
+    println!(
+        "| reference: zstd level 1 on /usr files, one core | {:.0} MiB/s | {:.2}x smaller | |",
+        mbps(data.len() as u64, t.elapsed()),
+        data.len() as f64 / out as f64
+    );
+    println!(
+        "| reference: loopback mutual TLS, one connection | {:.0} MiB/s | | |",
+        mtls_loopback().await / MIB as f64
+    );
+    let src = dir.join("dd-src.bin");
+    fs::write(&src, &data).unwrap();
+    let dst = dir.join("dd-dst.bin");
+    let t = Instant::now();
+    let st = Command::new("dd")
+        .args(["bs=1M", "oflag=direct"])
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", dst.display()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    println!(
+        "| reference: dd oflag=direct, 1 MiB blocks | {:.0} MiB/s | | |",
+        mbps(data.len() as u64, t.elapsed())
+    );
+}
+
 fn main() {
     let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -313,5 +392,8 @@ fn main() {
     }
     if want("copy") {
         rt.block_on(bench_initial_copy(&mkdir(dir.path().join("copy"))));
+    }
+    if want("refs") {
+        rt.block_on(bench_references(&mkdir(dir.path().join("refs"))));
     }
 }

@@ -30,12 +30,7 @@ pub struct Site {
 
 /// Site B, accepting `*.site-a.example.com` into `storage`.
 pub async fn site(storage: &Path) -> Site {
-    let ca = Ca::new("bench-ca").unwrap();
-    let leaf = |names: &[&str]| {
-        let l = ca.leaf(names[0], names).unwrap();
-        LiveTls::new(TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() })
-            .unwrap()
-    };
+    let (server_tls, client_tls) = tls_pair();
     let cfg = SiteConfig {
         entries: vec![Entry {
             name: "bench".into(),
@@ -50,7 +45,6 @@ pub async fn site(storage: &Path) -> Site {
     let agent = Agent::new(None, Some(service.clone()), Vec::new(), agent_site);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let server_tls = leaf(&["replica.site-b.example.com"]);
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         serve(agent, listener, server_tls, async {
@@ -59,7 +53,19 @@ pub async fn site(storage: &Path) -> Site {
         .await
         .unwrap()
     });
-    Site { service, addr, client_tls: leaf(&["host1.site-a.example.com"]), _stop: stop }
+    Site { service, addr, client_tls, _stop: stop }
+}
+
+/// Site B's server certificate (`replica.site-b.example.com`) and a site A
+/// primary's client certificate (`host1.site-a.example.com`), one CA.
+pub fn tls_pair() -> (Arc<LiveTls>, Arc<LiveTls>) {
+    let ca = Ca::new("bench-ca").unwrap();
+    let leaf = |names: &[&str]| {
+        let l = ca.leaf(names[0], names).unwrap();
+        LiveTls::new(TlsMaterial { cert_pem: l.cert_pem, key_pem: l.key_pem, ca_pem: ca.cert_pem.clone() })
+            .unwrap()
+    };
+    (leaf(&["replica.site-b.example.com"]), leaf(&["host1.site-a.example.com"]))
 }
 
 /// `len` bytes of real file contents from /usr (compressible as a VM disk's are).
