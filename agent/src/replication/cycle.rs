@@ -199,15 +199,20 @@ impl VmReplication {
         }
     }
 
-    /// Runs cycles until `stop` fires.
+    /// Runs cycles until `stop` fires. Cycles start an interval apart, start
+    /// to start: a cycle that took longer than the interval (a large segment
+    /// to ship) is followed at once, not an interval later, so the lag stays
+    /// near the interval while the pipeline keeps up. Writes go on into the
+    /// next segment while one is shipped.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Self {
         let mut failures = 0usize;
-        let mut wait = Duration::ZERO;
+        let mut next_start = Instant::now();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(next_start.into()) => {}
                 _ = stop.changed() => return self,
             }
+            let started = Instant::now();
             let report = self.cycle_once().await;
             if let Some(epoch) = report.stale_epoch.filter(|_| !self.disks.is_empty()) {
                 // A newer primary of this VM exists: every write from now on
@@ -225,9 +230,11 @@ impl VmReplication {
             }
             if report.errors.is_empty() {
                 failures = 0;
-                wait = self.interval;
+                next_start = started + self.interval;
             } else {
-                wait = self.backoff[failures.min(self.backoff.len().saturating_sub(1))];
+                // After a failure the back-off counts from the failure.
+                let wait = self.backoff[failures.min(self.backoff.len().saturating_sub(1))];
+                next_start = Instant::now() + wait;
                 failures += 1;
                 tracing::warn!(errors = ?report.errors, retry_in = ?wait, "replication cycle failed");
             }
