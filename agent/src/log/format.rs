@@ -41,7 +41,7 @@ pub const MAX_ID_LEN: usize = 255;
 /// disk logging a billion records a second takes 146 years to get here.
 pub const MAX_SEQ: u64 = 1 << 62;
 const HEADER_FIXED_LEN: usize = 42;
-const DIGEST_LEN: usize = 32;
+pub const DIGEST_LEN: usize = 32;
 /// Payload of a seal record: digest and seal time.
 pub const SEAL_PAYLOAD_LEN: usize = DIGEST_LEN + 8;
 /// Seal record flag: the segment was rotated with the guest quiesced, so the

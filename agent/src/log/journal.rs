@@ -35,8 +35,9 @@ use super::{
     apply::apply_record,
     dirty::{DirtyMap, JournalState},
     format::{
-        FormatError, MAX_SEQ, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind, SEAL_FLAG_APP_CONSISTENT,
-        SEAL_RECORD_LEN, SegmentHeader, SegmentReader, encode_record, encode_seal, record_crc, record_header,
+        DIGEST_LEN, FormatError, MAX_SEQ, RECORD_HEADER_LEN, RECORD_TRAILER_LEN, RecordKind,
+        SEAL_FLAG_APP_CONSISTENT, SEAL_RECORD_LEN, SealInfo, SegmentHeader, SegmentReader, encode_record,
+        encode_seal, record_crc, record_header,
     },
 };
 
@@ -99,6 +100,27 @@ struct Active {
     path: PathBuf,
     first_seq: u64,
     len: u64,
+    /// What the seal will say, kept as records are appended so that sealing
+    /// need not read the segment back. `None` for a segment recovered after
+    /// a crash (sealing reads it back, verifying every record).
+    running: Option<Running>,
+}
+
+/// A segment's seal in the making: the BLAKE3 of every byte appended (header
+/// first) and the counts.
+struct Running {
+    hasher: blake3::Hasher,
+    first_seq: u64,
+    records: u64,
+    data_bytes: u64,
+}
+
+impl Running {
+    fn new(header: &[u8], first_seq: u64) -> Self {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(header);
+        Self { hasher, first_seq, records: 0, data_bytes: 0 }
+    }
 }
 
 enum Recovered {
@@ -112,6 +134,7 @@ pub struct Rotation {
     path: PathBuf,
     len: u64,
     app_consistent: bool,
+    running: Option<Running>,
 }
 
 /// Names and sizes of one disk's log.
@@ -221,10 +244,12 @@ impl Journal {
                     next_seq = reader.next_seq();
                     if Some(first) == newest {
                         let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
-                        active = Some(Active { file, path, first_seq: first, len });
+                        active = Some(Active { file, path, first_seq: first, len, running: None });
                     } else {
-                        sealed
-                            .push(finish_seal_with(Rotation { path, len, app_consistent: false }, *reader)?);
+                        sealed.push(finish_seal_with(
+                            Rotation { path, len, app_consistent: false, running: None },
+                            *reader,
+                        )?);
                         recovery.sealed += 1;
                     }
                 }
@@ -382,7 +407,8 @@ impl Journal {
         let mut file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err(&path))?;
         file.write_all(&header).and_then(|()| file.sync_all()).map_err(io_err(&path))?;
         sync_dir(dir)?;
-        Ok(Active { file, path, first_seq, len: header.len() as u64 })
+        let running = Some(Running::new(&header, first_seq));
+        Ok(Active { file, path, first_seq, len: header.len() as u64, running })
     }
 
     /// Bytes a write record of `payload_len` bytes needs around its payload:
@@ -404,7 +430,7 @@ impl Journal {
         let crc = record_crc(&h, &buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload_len]);
         buf[..RECORD_HEADER_LEN].copy_from_slice(&h);
         buf[RECORD_HEADER_LEN + payload_len..].copy_from_slice(&crc);
-        self.write_active(buf)
+        self.write_active(buf, payload_len as u64)
     }
 
     /// Appends a WRITE_ZEROES or TRIM.
@@ -414,10 +440,10 @@ impl Journal {
             self.state.dirty.mark(offset, len);
             return Ok(Logged::Dirty);
         }
-        self.write_active(&record)
+        self.write_active(&record, 0)
     }
 
-    fn write_active(&mut self, record: &[u8]) -> Result<Logged> {
+    fn write_active(&mut self, record: &[u8], payload_len: u64) -> Result<Logged> {
         if let Err(e) = self.active.file.write_all(record) {
             // Cut whatever part reached the file, so the next record follows a
             // complete one; the caller fails the write and leaves the image alone.
@@ -425,6 +451,11 @@ impl Journal {
             return Err(JournalError::Io { path: self.active.path.clone(), source: e });
         }
         self.active.len += record.len() as u64;
+        if let Some(r) = &mut self.active.running {
+            r.hasher.update(record);
+            r.records += 1;
+            r.data_bytes += payload_len;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         Ok(Logged::Record(seq))
@@ -480,7 +511,7 @@ impl Journal {
         let next = Self::create_active(&self.dir, &self.cfg, self.state.epoch, self.next_seq)?;
         let old = std::mem::replace(&mut self.active, next);
         self.rotating_bytes += old.len;
-        Ok(Some(Rotation { path: old.path, len: old.len, app_consistent }))
+        Ok(Some(Rotation { path: old.path, len: old.len, app_consistent, running: old.running }))
     }
 
     /// Records a segment [`finish_seal`] sealed.
@@ -583,10 +614,21 @@ impl Journal {
     }
 }
 
-/// Seals a rotated segment: the caller made the image durable first; this reads
-/// the segment back (verifying every record), appends the seal, fsyncs and
-/// renames it. Runs without the disk's lock.
-pub fn finish_seal(rotation: Rotation) -> Result<SealedSegment> {
+/// Seals a rotated segment: the caller made the image durable first; this
+/// appends the seal (its digest kept while the records were appended, or, for
+/// a segment recovered after a crash, read back verifying every record),
+/// fsyncs and renames it. Runs without the disk's lock.
+pub fn finish_seal(mut rotation: Rotation) -> Result<SealedSegment> {
+    if let Some(r) = rotation.running.take() {
+        let info = SealInfo {
+            last_seq: r.first_seq + r.records - 1,
+            records: r.records,
+            data_bytes: r.data_bytes,
+            sealed_unix_ms: 0,
+            app_consistent: rotation.app_consistent,
+        };
+        return write_seal(rotation, r.first_seq, info, r.hasher.finalize().as_bytes());
+    }
     let file = File::open(&rotation.path).map_err(io_err(&rotation.path))?;
     let damaged = |source| JournalError::Damaged { path: rotation.path.clone(), source };
     let mut reader = SegmentReader::new(BufReader::with_capacity(1 << 20, file)).map_err(damaged)?;
@@ -598,9 +640,17 @@ pub fn finish_seal(rotation: Rotation) -> Result<SealedSegment> {
 }
 
 fn finish_seal_with<R: io::Read>(rotation: Rotation, reader: SegmentReader<R>) -> Result<SealedSegment> {
-    let info = reader.seal_info();
+    write_seal(rotation, reader.header.first_seq, reader.seal_info(), &reader.digest())
+}
+
+fn write_seal(
+    rotation: Rotation,
+    first_seq: u64,
+    info: SealInfo,
+    digest: &[u8; DIGEST_LEN],
+) -> Result<SealedSegment> {
     let flags = if rotation.app_consistent { SEAL_FLAG_APP_CONSISTENT } else { 0 };
-    let seal = encode_seal(info.last_seq, info.records, info.data_bytes, &reader.digest(), now_ms(), flags);
+    let seal = encode_seal(info.last_seq, info.records, info.data_bytes, digest, now_ms(), flags);
     let path = &rotation.path;
     let mut file = OpenOptions::new().append(true).open(path).map_err(io_err(path))?;
     file.write_all(&seal).and_then(|()| file.sync_all()).map_err(io_err(path))?;
@@ -609,7 +659,7 @@ fn finish_seal_with<R: io::Read>(rotation: Rotation, reader: SegmentReader<R>) -
     sync_dir(sealed_path.parent().expect("segments live in a directory"))?;
     Ok(SealedSegment {
         path: sealed_path,
-        first_seq: reader.header.first_seq,
+        first_seq,
         last_seq: info.last_seq,
         records: info.records,
         bytes: rotation.len + seal.len() as u64,
@@ -623,5 +673,53 @@ impl Rotation {
     }
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The seal kept while appending is the one reading the segment back
+    /// would write: the reader checks its digest, counts and last sequence.
+    /// A recovered segment (nothing kept) is sealed by reading it back.
+    #[test]
+    fn the_seal_kept_while_appending_verifies_like_one_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join("img"))
+            .unwrap();
+        image.set_len(1 << 20).unwrap();
+        let cfg = JournalConfig {
+            vm_id: "vm".into(),
+            disk_id: "root".into(),
+            disk_size: 1 << 20,
+            resync_threshold: 1 << 19,
+        };
+        let (mut j, _) = Journal::open(&dir.path().join("log"), cfg, &image).unwrap();
+        let seal = |j: &mut Journal| {
+            for (i, len) in [4096usize, 512, 65536].into_iter().enumerate() {
+                let mut buf = vec![i as u8 + 1; Journal::record_len(len)];
+                j.append_write(&mut buf, (i as u64) << 16).unwrap();
+            }
+            j.append_zeroes(RecordKind::WriteZeroes, 8192, 4096).unwrap();
+            j.rotate(true).unwrap().unwrap()
+        };
+        let kept = seal(&mut j);
+        assert!(kept.running.is_some());
+        let mut read_back = seal(&mut j);
+        read_back.running = None;
+        for s in [finish_seal(kept).unwrap(), finish_seal(read_back).unwrap()] {
+            let bytes = fs::read(&s.path).unwrap();
+            let mut r = SegmentReader::new(&bytes[..]).unwrap();
+            while r.next_record().unwrap().is_some() {}
+            let info = r.finish_sealed().unwrap();
+            assert_eq!((info.records, info.data_bytes, info.app_consistent), (4, 4096 + 512 + 65536, true));
+            assert_eq!((info.last_seq, s.records, s.bytes), (s.first_seq + 3, 4, bytes.len() as u64));
+        }
     }
 }
