@@ -146,10 +146,15 @@ impl ReplicationService {
         let mut written = 0u64;
         while let Some(c) = chunk.take() {
             self.throttle(c.data.len(), &vm, &disk).await;
-            let step = decode_chunk(c.data, c.compressed, c.raw_len)
-                .and_then(|raw| seg.write_chunk(c.offset, &raw).map(|()| raw.len()).map_err(status));
+            let step = match decode_chunk(c.data, c.compressed, c.raw_len) {
+                Ok(raw) => {
+                    let n = raw.len() as u64;
+                    seg.write_chunk_async(c.offset, raw).await.map(|()| n).map_err(status)
+                }
+                Err(e) => Err(e),
+            };
             match step {
-                Ok(n) => written += n as u64,
+                Ok(n) => written += n,
                 Err(e) => {
                     seg.discard();
                     return Err(e);

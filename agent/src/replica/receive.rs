@@ -1,20 +1,28 @@
 //! Reception: segments and initial copies arriving from a primary. Nothing
 //! received counts until it is durable and verified; an initial copy replaces
 //! the image only once whole, through an intent recorded in `replica.json`.
+//!
+//! A segment is written and verified as it arrives, on a thread of its own:
+//! each chunk is written to the file and parsed (every record's CRC, the
+//! BLAKE3 digest of the seal) while the next one is on the wire, so finishing
+//! needs only the fsync, not a second read of the whole segment.
 
 use std::{
     fs::{self, File},
-    io::{BufWriter, Write},
+    io::{self, Read, Write},
     os::unix::fs::FileExt,
     path::PathBuf,
+    thread,
 };
+
+use tokio::sync::mpsc;
 
 use super::{
     CopyCommit, Lifecycle, MAX_SEGMENT_LEN, ReplicaDisk, ReplicaError, Result, check_epoch, check_seq, fail,
-    files::{open_nofollow, seq_files, sync_dir, undo_files, verify_file},
+    files::{open_nofollow, seq_files, sync_dir, undo_files},
     io_at,
 };
-use crate::log::format::MAX_SEQ;
+use crate::log::format::{FormatError, MAX_SEQ, SealInfo, SegmentHeader, SegmentReader};
 
 impl ReplicaDisk {
     /// Starts receiving the initial copy announced by `start`: a fresh sparse
@@ -150,9 +158,15 @@ impl ReplicaDisk {
         let path = self.dir.join("incoming").join(format!("{first_seq:020}.part"));
         let _ = fs::remove_file(&path);
         let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
+        let (chunks, rx) = mpsc::channel(4);
+        let writer = thread::Builder::new()
+            .name("segment-in".into())
+            .spawn(move || write_and_verify(file, rx))
+            .map_err(io_at(&path))?;
         Ok(Incoming::New(IncomingSegment {
             path,
-            file: BufWriter::with_capacity(1 << 20, file),
+            chunks: Some(chunks),
+            writer: Some(writer),
             first_seq,
             last_seq,
             epoch,
@@ -163,8 +177,10 @@ impl ReplicaDisk {
 
     /// Verifies a fully received segment, makes it durable and queues it for
     /// apply; returns the sequence the replica is durable through.
-    pub fn finish_segment(&self, seg: IncomingSegment) -> Result<u64> {
-        let IncomingSegment { path, file, first_seq, last_seq, epoch, len, received } = seg;
+    pub fn finish_segment(&self, mut seg: IncomingSegment) -> Result<u64> {
+        let written = seg.end();
+        let (path, first_seq, last_seq, epoch, len, received) =
+            (seg.path.clone(), seg.first_seq, seg.last_seq, seg.epoch, seg.len, seg.received);
         let discard = |e: ReplicaError| {
             let _ = fs::remove_file(&path);
             e
@@ -175,12 +191,13 @@ impl ReplicaDisk {
                 what: format!("{received} bytes received, {len} announced"),
             }));
         }
-        let file = file
-            .into_inner()
-            .map_err(|e| discard(ReplicaError::Io { path: path.clone(), source: e.into_error() }))?;
-        file.sync_all().map_err(|e| discard(ReplicaError::Io { path: path.clone(), source: e }))?;
-        let (header, seal) =
-            verify_file(&path).map_err(|e| discard(ReplicaError::Verification { first_seq, source: e }))?;
+        let (header, seal) = match written {
+            Ok(verified) => verified,
+            Err(Failed::Io(e)) => return Err(discard(ReplicaError::Io { path: path.clone(), source: e })),
+            Err(Failed::Format(e)) => {
+                return Err(discard(ReplicaError::Verification { first_seq, source: e }));
+            }
+        };
         let s = self.state().clone();
         let what =
             if (header.vm_id.as_str(), header.disk_id.as_str()) != (s.vm_id.as_str(), s.disk_id.as_str()) {
@@ -212,10 +229,13 @@ pub enum Incoming {
     Duplicate { durable_through: u64 },
 }
 
-/// The file a segment is received into.
+/// The file a segment is received into, and the thread writing and
+/// verifying it.
 pub struct IncomingSegment {
     path: PathBuf,
-    file: BufWriter<File>,
+    /// Chunks for the writer; `None` once the end was sent.
+    chunks: Option<mpsc::Sender<Vec<u8>>>,
+    writer: Option<thread::JoinHandle<std::result::Result<(SegmentHeader, SealInfo), Failed>>>,
     first_seq: u64,
     last_seq: u64,
     epoch: u64,
@@ -223,9 +243,84 @@ pub struct IncomingSegment {
     received: u64,
 }
 
+/// Why the writer stopped: the file could not be written or synced, or the
+/// bytes are not a sound sealed segment.
+enum Failed {
+    Io(io::Error),
+    Format(FormatError),
+}
+
+/// The writer: every chunk is written to `file`, then parsed; at the end the
+/// seal must have verified and nothing may follow it, and the file is synced.
+fn write_and_verify(
+    file: File,
+    chunks: mpsc::Receiver<Vec<u8>>,
+) -> std::result::Result<(SegmentHeader, SealInfo), Failed> {
+    let mut tee = Tee { chunks, file: &file, chunk: Vec::new(), at: 0, failed: None };
+    let verified = (|| {
+        let mut reader = SegmentReader::new(&mut tee)?;
+        while reader.next_record()?.is_some() {}
+        let header = reader.header.clone();
+        Ok((header, reader.finish_sealed()?))
+    })();
+    if let Some(e) = tee.failed.take() {
+        return Err(Failed::Io(e));
+    }
+    let verified = verified.map_err(Failed::Format)?;
+    file.sync_all().map_err(Failed::Io)?;
+    Ok(verified)
+}
+
+/// Reads the chunks in order, writing each to the file as it is taken.
+struct Tee<'a> {
+    chunks: mpsc::Receiver<Vec<u8>>,
+    file: &'a File,
+    chunk: Vec<u8>,
+    at: usize,
+    /// A write failed (told apart from a damaged segment).
+    failed: Option<io::Error>,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            let Some(next) = self.chunks.blocking_recv() else { return Ok(0) };
+            if let Err(e) = self.file.write_all(&next) {
+                let kind = e.kind();
+                self.failed = Some(e);
+                return Err(io::Error::new(kind, "writing the segment failed"));
+            }
+            (self.chunk, self.at) = (next, 0);
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 impl IncomingSegment {
-    /// Appends the chunk that starts at byte `offset` of the segment.
+    /// Appends the chunk that starts at byte `offset` of the segment (not
+    /// from within an async runtime: there, [`Self::write_chunk_async`]).
     pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_chunk(offset, data.len())?;
+        let sent = self.chunks.as_ref().is_some_and(|c| c.blocking_send(data.to_vec()).is_ok());
+        self.sent(sent, data.len())
+    }
+
+    /// Appends the chunk that starts at byte `offset`, waiting while the
+    /// writer is four chunks behind.
+    pub async fn write_chunk_async(&mut self, offset: u64, data: Vec<u8>) -> Result<()> {
+        let n = data.len();
+        self.check_chunk(offset, n)?;
+        let sent = match &self.chunks {
+            Some(c) => c.send(data).await.is_ok(),
+            None => false,
+        };
+        self.sent(sent, n)
+    }
+
+    fn check_chunk(&self, offset: u64, n: usize) -> Result<()> {
         if offset != self.received {
             return Err(ReplicaError::ChunkOutOfOrder {
                 what: "segment",
@@ -233,20 +328,56 @@ impl IncomingSegment {
                 found: offset,
             });
         }
-        if self.received + data.len() as u64 > self.len {
+        if self.received + n as u64 > self.len {
             return Err(ReplicaError::TooLarge {
                 what: "segment data",
-                len: self.received + data.len() as u64,
+                len: self.received + n as u64,
                 limit: self.len,
             });
         }
-        self.file.write_all(data).map_err(io_at(&self.path))?;
-        self.received += data.len() as u64;
         Ok(())
     }
 
-    pub fn discard(self) {
+    /// A chunk the writer could no longer take (it stopped at a damaged
+    /// record or a failed write) ends the segment with that error.
+    fn sent(&mut self, sent: bool, n: usize) -> Result<()> {
+        if !sent {
+            return Err(match self.end() {
+                Err(Failed::Io(e)) => ReplicaError::Io { path: self.path.clone(), source: e },
+                Err(Failed::Format(e)) => ReplicaError::Verification { first_seq: self.first_seq, source: e },
+                Ok(_) => {
+                    ReplicaError::Mismatch { first_seq: self.first_seq, what: "data after the seal".into() }
+                }
+            });
+        }
+        self.received += n as u64;
+        Ok(())
+    }
+
+    /// Ends the input and waits for the writer: what it verified, once the
+    /// file is durable.
+    fn end(&mut self) -> std::result::Result<(SegmentHeader, SealInfo), Failed> {
+        self.chunks = None;
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(Failed::Io(io::Error::other("the segment writer panicked"))),
+            None => Err(Failed::Io(io::Error::other("the segment was already ended"))),
+        }
+    }
+
+    pub fn discard(mut self) {
+        let _ = self.end();
         let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for IncomingSegment {
+    /// A segment dropped unfinished (its stream broke) stops its writer.
+    fn drop(&mut self) {
+        self.chunks = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
     }
 }
 
