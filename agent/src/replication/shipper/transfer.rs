@@ -1,7 +1,8 @@
 //! Streaming to the replica: a sealed segment in chunks (resumed by
 //! sequence: a broken stream is sent again whole), and the initial copy of
 //! the image, sparse-aware (holes and zero blocks are not sent). A reader
-//! thread reads, compresses and rate-limits while the gRPC stream sends.
+//! thread reads and rate-limits while the gRPC stream sends; while zstd is
+//! on, a segment's chunks are compressed on several threads, in order.
 
 use std::{
     fs::File,
@@ -31,19 +32,25 @@ impl Shipper {
         (rx, handle)
     }
 
-    /// Reads, compresses and rate-limits one chunk: `(data, compressed, raw_len)`.
-    fn encode(raw: &mut [u8], compression: &AutoCompress, limits: &Limits) -> (Vec<u8>, bool, u32) {
+    /// Compresses one chunk (when that pays): `(data, compressed, raw_len)`.
+    fn encode(mut raw: Vec<u8>, compression: &AutoCompress) -> (Vec<u8>, bool, u32) {
         // Test hook: corrupt what is sent (the replica must notice).
         if fail_point_armed!("ship.tamper-chunk") && !raw.is_empty() {
-            raw[raw.len() / 2] ^= 0x20;
+            let mid = raw.len() / 2;
+            raw[mid] ^= 0x20;
         }
         let raw_len = raw.len() as u32;
-        let (data, compressed) = match compression.encode(raw) {
-            Some(c) => (c, true),
-            None => (raw.to_vec(), false),
-        };
-        limits.bandwidth.acquire_blocking(data.len());
-        (data, compressed, raw_len)
+        match compression.encode(&raw) {
+            Some(c) => (c, true, raw_len),
+            None => (raw, false, raw_len),
+        }
+    }
+
+    /// [`Self::encode`], then waits for the bandwidth limit.
+    fn encode_limited(raw: Vec<u8>, compression: &AutoCompress, limits: &Limits) -> (Vec<u8>, bool, u32) {
+        let encoded = Self::encode(raw, compression);
+        limits.bandwidth.acquire_blocking(encoded.0.len());
+        encoded
     }
 
     pub(super) async fn push(&self, seg: &SealedSegment) -> Result<u64, ShipError> {
@@ -60,26 +67,45 @@ impl Shipper {
         let (rx, producer) = self.spawn_producer(move |tx| {
             let read_err = |source| ShipError::Read { what: path.display().to_string(), source };
             let mut file = File::open(&path).map_err(read_err)?;
-            let mut offset = 0u64;
-            let mut wire = 0u64;
-            let mut start = Some(start);
-            let mut buf = vec![0u8; chunk];
-            loop {
-                let n = read_full(&mut file, &mut buf).map_err(read_err)?;
-                if n == 0 {
-                    return Ok(wire);
+            let mut read_error = None;
+            let chunks = std::iter::from_fn(|| {
+                let mut buf = vec![0u8; chunk];
+                match read_full(&mut file, &mut buf) {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some(buf)
+                    }
+                    Err(e) => {
+                        read_error = Some(e);
+                        None
+                    }
                 }
-                // Test hook: end the stream early, as a dropped connection would.
-                if offset > 0 && fail_point_armed!("ship.cut-stream") {
-                    return Ok(wire);
-                }
-                let (data, compressed, raw_len) = Self::encode(&mut buf[..n], &compression, &limits);
-                wire += data.len() as u64;
-                let c = SegmentChunk { start: start.take(), offset, data, compressed, raw_len };
-                if tx.blocking_send(c).is_err() {
-                    return Ok(wire); // the call ended; its status says why
-                }
-                offset += n as u64;
+            });
+            let (mut offset, mut wire, mut start) = (0u64, 0u64, Some(start));
+            // Several threads only while compressing: otherwise a chunk is
+            // only moved along.
+            let threads = if compression.active() { compression_threads() } else { 1 };
+            in_order(
+                threads,
+                chunks,
+                |raw| Self::encode(raw, &compression),
+                |(data, compressed, raw_len)| {
+                    // Test hook: end the stream early, as a dropped connection would.
+                    if offset > 0 && fail_point_armed!("ship.cut-stream") {
+                        return false;
+                    }
+                    limits.bandwidth.acquire_blocking(data.len());
+                    wire += data.len() as u64;
+                    let c = SegmentChunk { start: start.take(), offset, data, compressed, raw_len };
+                    offset += u64::from(raw_len);
+                    // A send that fails: the call ended, and its status says why.
+                    tx.blocking_send(c).is_ok()
+                },
+            );
+            match read_error {
+                Some(e) => Err(read_err(e)),
+                None => Ok(wire),
             }
         });
         let call = self.client.clone().push_segment(ReceiverStream::new(rx)).await;
@@ -136,7 +162,7 @@ impl Shipper {
             copying.1.store(extents.iter().map(|(_, len)| len).sum(), Relaxed);
             let mut send = |off: u64, data: &mut [u8]| {
                 copying.0.fetch_add(data.len() as u64, Relaxed);
-                let (data, compressed, raw_len) = Self::encode(data, &compression, &limits);
+                let (data, compressed, raw_len) = Self::encode_limited(data.to_vec(), &compression, &limits);
                 wire += data.len() as u64;
                 let c = CopyChunk {
                     start: start.take(),
@@ -223,6 +249,76 @@ fn send_runs(
     Ok(run_len == 0 || send(run_start, &mut buf[..run_len]))
 }
 
+/// Threads compressing one transfer's chunks.
+fn compression_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+}
+
+/// Maps `items` through `f` on `threads` threads and hands the results to
+/// `out` in the items' order, until `out` says stop. Item `i` goes to thread
+/// `i % threads`, so the oldest result outstanding is always the next one of
+/// the thread the next item goes to.
+fn in_order<I: Send, O: Send>(
+    threads: usize,
+    items: impl Iterator<Item = I>,
+    f: impl Fn(I) -> O + Sync,
+    mut out: impl FnMut(O) -> bool,
+) {
+    if threads <= 1 {
+        for item in items {
+            if !out(f(item)) {
+                return;
+            }
+        }
+        return;
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (to_worker, inbox) = std::sync::mpsc::sync_channel::<I>(1);
+                let (outbox, from_worker) = std::sync::mpsc::sync_channel::<O>(1);
+                let work = move || {
+                    for item in inbox {
+                        if outbox.send(f(item)).is_err() {
+                            return;
+                        }
+                    }
+                };
+                std::thread::Builder::new()
+                    .name("ship-encode".into())
+                    .spawn_scoped(scope, work)
+                    .expect("a thread for compression");
+                (to_worker, from_worker)
+            })
+            .collect();
+        // Items `next .. next + outstanding` are with the threads.
+        let (mut next, mut outstanding) = (0usize, 0usize);
+        let mut take_oldest = |next: &mut usize| {
+            let o = workers[*next % threads].1.recv();
+            *next += 1;
+            o.is_ok_and(&mut out)
+        };
+        for (i, item) in items.enumerate() {
+            if outstanding == threads {
+                outstanding -= 1;
+                if !take_oldest(&mut next) {
+                    return;
+                }
+            }
+            if workers[i % threads].0.send(item).is_err() {
+                return;
+            }
+            outstanding += 1;
+        }
+        for _ in 0..outstanding {
+            if !take_oldest(&mut next) {
+                return;
+            }
+        }
+    });
+}
+
 fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -232,4 +328,32 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_order;
+
+    #[test]
+    fn results_come_in_the_items_order_and_a_stop_stops() {
+        for threads in 1..=4 {
+            // Uneven work, so that later items often finish first.
+            let slow = |i: u64| {
+                std::thread::sleep(std::time::Duration::from_micros((i * 7919) % 13 * 50));
+                i * i
+            };
+            let mut got = Vec::new();
+            in_order(threads, 0..50u64, slow, |o| {
+                got.push(o);
+                true
+            });
+            assert_eq!(got, (0..50u64).map(|i| i * i).collect::<Vec<_>>(), "{threads} threads");
+            let mut taken = 0;
+            in_order(threads, 0..50u64, slow, |_| {
+                taken += 1;
+                taken < 5
+            });
+            assert_eq!(taken, 5, "{threads} threads");
+        }
+    }
 }
