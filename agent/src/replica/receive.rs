@@ -256,7 +256,7 @@ fn write_and_verify(
     file: File,
     chunks: mpsc::Receiver<Vec<u8>>,
 ) -> std::result::Result<(SegmentHeader, SealInfo), Failed> {
-    let mut tee = Tee { chunks, file: &file, chunk: Vec::new(), at: 0, failed: None };
+    let mut tee = Tee { chunks, file: &file, chunk: Vec::new(), at: 0, failed: None, written: 0, flushed: 0 };
     let verified = (|| {
         let mut reader = SegmentReader::new(&mut tee)?;
         while reader.next_record()?.is_some() {}
@@ -279,7 +279,14 @@ struct Tee<'a> {
     at: usize,
     /// A write failed (told apart from a damaged segment).
     failed: Option<io::Error>,
+    /// Bytes written, and how many of them the kernel was asked to write back.
+    written: u64,
+    flushed: u64,
 }
+
+/// Writeback is started every this many bytes received, so that the fsync
+/// at the end finds little left to write.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl Read for Tee<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -289,6 +296,20 @@ impl Read for Tee<'_> {
                 let kind = e.kind();
                 self.failed = Some(e);
                 return Err(io::Error::new(kind, "writing the segment failed"));
+            }
+            self.written += next.len() as u64;
+            if self.written - self.flushed >= WRITEBACK_EVERY {
+                // DONTNEED starts writeback of the range without waiting for
+                // it (Linux; durability is still the fsync's, and an error
+                // here shows again there); pages already clean are dropped,
+                // which a segment read once by the apply can spare.
+                let _ = rustix::fs::fadvise(
+                    self.file,
+                    self.flushed,
+                    std::num::NonZeroU64::new(self.written - self.flushed),
+                    rustix::fs::Advice::DontNeed,
+                );
+                self.flushed = self.written;
             }
             (self.chunk, self.at) = (next, 0);
         }
