@@ -240,6 +240,9 @@ pub(super) fn labels(r: &ReplicaDisk) -> (String, String) {
     (s.vm_id.clone(), s.disk_id.clone())
 }
 
+/// Bytes a primary may send on one stream ahead of what was taken: eight chunks.
+const STREAM_WINDOW: u32 = 8 << 20;
+
 pub(super) fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Result<Vec<u8>, Status> {
     let raw_len = raw_len as usize;
     if raw_len > MAX_CHUNK || data.len() > MAX_CHUNK {
@@ -390,7 +393,12 @@ pub async fn serve(
     )
     .max_decoding_message_size(MAX_FRAME)
     .max_encoding_message_size(MAX_FRAME);
+    // HTTP/2 flow-control windows of several chunks, so a primary keeps
+    // sending while the previous chunk is written (hyper's default 1 MiB
+    // window holds a single 1 MiB chunk and makes the stream stop and go).
     tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(4 * STREAM_WINDOW)
         .add_service(svc)
         .serve_with_incoming_shutdown(vmreplica_api::tls::incoming(listener, tls), shutdown)
         .await
