@@ -8,60 +8,15 @@ mod common;
 
 use std::{
     fs,
-    io::{BufRead, BufReader},
     os::unix::fs::FileExt,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
-use common::*;
+use common::{procs::*, *};
 use vmreplica_tests::pki::Ca;
 
 const MIB: u64 = 1 << 20;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn kill9(&mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-}
-
-fn agent(args: &[String], failpoints: Option<&str>, log: &Path) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmreplica-agent"));
-    cmd.args(args).stdout(Stdio::piped()).stderr(fs::File::create(log).unwrap());
-    if let Some(fp) = failpoints {
-        cmd.env("VMREPLICA_FAILPOINTS", fp);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(
-        line.trim(),
-        "ready",
-        "agent {args:?} did not start: {}",
-        fs::read_to_string(log).unwrap_or_default()
-    );
-    Proc(child)
-}
-
-fn write_tls(dir: &Path, ca: &Ca, names: &[&str]) -> PathBuf {
-    fs::create_dir_all(dir).unwrap();
-    let leaf = ca.leaf(names[0], names).unwrap();
-    fs::write(dir.join("tls.crt"), leaf.cert_pem).unwrap();
-    fs::write(dir.join("tls.key"), leaf.key_pem).unwrap();
-    fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
-    dir.to_owned()
-}
 
 /// Writes `count` 64 KiB blocks of distinct patterns through `url`, starting at
 /// block `first`; returns the (offset, pattern) of each write qemu-io reported done.
@@ -85,35 +40,6 @@ fn write_blocks(url: &str, first: u64, count: u64) -> Vec<(u64, u8)> {
         .collect()
 }
 
-/// Waits for `ok`; on a timeout, fails with every agent log of `dir` attached.
-fn wait_until(dir: &Path, what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        if Instant::now() > deadline {
-            let mut logs = String::new();
-            for e in fs::read_dir(dir).unwrap().flatten() {
-                if e.path().extension().is_some_and(|x| x == "log") {
-                    logs += &format!(
-                        "--- {}\n{}\n",
-                        e.path().display(),
-                        fs::read_to_string(e.path()).unwrap_or_default()
-                    );
-                }
-            }
-            panic!("timed out waiting for {what}\n{logs}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn applied_through(replica_dir: &Path) -> u64 {
-    fs::read(replica_dir.join("replica.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["appliedThrough"].as_u64())
-        .unwrap_or(0)
-}
-
 #[test]
 fn kill_9_of_either_agent_mid_transfer_or_mid_apply_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
@@ -128,38 +54,8 @@ fn kill_9_of_either_agent_mid_transfer_or_mid_apply_loses_no_acknowledged_write(
     let url = format!("nbd+unix:///root?socket={}", socket.display());
     let storage = d.join("replicas");
     let replica_dir = storage.join("vm1/root");
-    let receive: Vec<String> = [
-        "receive",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--tls-dir",
-        rtls.to_str().unwrap(),
-        "--authorize",
-        &format!("pattern=*.site-a.example.com,storage={},trust-group=finance", storage.display()),
-    ]
-    .map(String::from)
-    .to_vec();
-    let serve: Vec<String> = [
-        "serve",
-        "--vm",
-        "vm1",
-        "--disk",
-        &format!("root={}", image.display()),
-        "--socket",
-        socket.to_str().unwrap(),
-        "--interval",
-        "1",
-        "--replicate-to",
-        &format!("127.0.0.1:{port}"),
-        "--replica-server-name",
-        "replica.site-b.example.com",
-        "--tls-dir",
-        ptls.to_str().unwrap(),
-        "--retry-seconds",
-        "1",
-    ]
-    .map(String::from)
-    .to_vec();
+    let receive = receive_args(&format!("127.0.0.1:{port}"), &rtls, &storage, &[]);
+    let serve = serve_args(&image, &socket, &format!("127.0.0.1:{port}"), &ptls, &[]);
 
     let mut replica = agent(&receive, None, &d.join("replica.log"));
     let mut primary = agent(&serve, None, &d.join("primary.log"));

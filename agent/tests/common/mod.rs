@@ -4,6 +4,8 @@
 
 pub mod nbd_raw;
 pub mod net;
+pub mod netem;
+pub mod procs;
 
 use std::{
     fs,

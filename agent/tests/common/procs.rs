@@ -1,0 +1,138 @@
+//! Real agent processes for tests: started with their arguments (and fail
+//! points), killed with -9, waited on; certificates written as the agents
+//! read them.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use vmreplica_tests::pki::Ca;
+
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        self.0.kill().unwrap();
+        self.0.wait().unwrap();
+    }
+}
+
+pub fn agent(args: &[String], failpoints: Option<&str>, log: &Path) -> Proc {
+    agent_in(None, args, failpoints, log)
+}
+
+/// [`agent`], inside the network namespace `netns` (`ip netns exec`).
+pub fn agent_in(netns: Option<&str>, args: &[String], failpoints: Option<&str>, log: &Path) -> Proc {
+    let bin = env!("CARGO_BIN_EXE_vmreplica-agent");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin]);
+            c
+        }
+        None => Command::new(bin),
+    };
+    cmd.args(args).stdout(Stdio::piped()).stderr(fs::File::create(log).unwrap());
+    if let Some(fp) = failpoints {
+        cmd.env("VMREPLICA_FAILPOINTS", fp);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "ready",
+        "agent {args:?} did not start: {}",
+        fs::read_to_string(log).unwrap_or_default()
+    );
+    Proc(child)
+}
+
+pub fn write_tls(dir: &Path, ca: &Ca, names: &[&str]) -> PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let leaf = ca.leaf(names[0], names).unwrap();
+    fs::write(dir.join("tls.crt"), leaf.cert_pem).unwrap();
+    fs::write(dir.join("tls.key"), leaf.key_pem).unwrap();
+    fs::write(dir.join("ca.crt"), &ca.cert_pem).unwrap();
+    dir.to_owned()
+}
+
+/// Waits for `ok`; on a timeout, fails with every agent log of `dir` attached.
+pub fn wait_until(dir: &Path, what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !ok() {
+        if Instant::now() > deadline {
+            let mut logs = String::new();
+            for e in fs::read_dir(dir).unwrap().flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    logs += &format!(
+                        "--- {}\n{}\n",
+                        e.path().display(),
+                        fs::read_to_string(e.path()).unwrap_or_default()
+                    );
+                }
+            }
+            panic!("timed out waiting for {what}\n{logs}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn applied_through(replica_dir: &Path) -> u64 {
+    fs::read(replica_dir.join("replica.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["appliedThrough"].as_u64())
+        .unwrap_or(0)
+}
+
+/// `receive` on `listen`, admitting `*.site-a.example.com` into `storage`
+/// (trust group `t`), then `extra`.
+pub fn receive_args(listen: &str, tls: &Path, storage: &Path, extra: &[&str]) -> Vec<String> {
+    let rule = format!("pattern=*.site-a.example.com,storage={},trust-group=t", storage.display());
+    let mut v = vec!["receive", "--listen", listen, "--tls-dir", path(tls), "--authorize", &rule];
+    v.extend_from_slice(extra);
+    v.into_iter().map(String::from).collect()
+}
+
+/// `serve` of VM `vm1`'s disk `root` (`image`) on `socket`, replicating every
+/// second to `to` (`replica.site-b.example.com`), retrying every second, then `extra`.
+pub fn serve_args(image: &Path, socket: &Path, to: &str, tls: &Path, extra: &[&str]) -> Vec<String> {
+    let disk = format!("root={}", image.display());
+    let mut v = vec![
+        "serve",
+        "--vm",
+        "vm1",
+        "--disk",
+        &disk,
+        "--socket",
+        path(socket),
+        "--interval",
+        "1",
+        "--replicate-to",
+        to,
+        "--replica-server-name",
+        "replica.site-b.example.com",
+        "--tls-dir",
+        path(tls),
+        "--retry-seconds",
+        "1",
+    ];
+    v.extend_from_slice(extra);
+    v.into_iter().map(String::from).collect()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
