@@ -28,6 +28,9 @@ command -v kubectl >/dev/null || need+=(kubernetes-client)
 command -v qemu-io >/dev/null || need+=(qemu-utils)
 command -v fio >/dev/null || need+=(fio)
 command -v openssl >/dev/null || need+=(openssl)
+# Network-fault tests: namespaces, veth and iptables rules they create.
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
 bins=(kube-apiserver kubelet kube-controller-manager kube-scheduler)
 missing() { for b in "${bins[@]}"; do [ -x "$assets/$b" ] || return 0; done; return 1; }
 if missing; then

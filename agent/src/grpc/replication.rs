@@ -396,9 +396,13 @@ pub async fn serve(
     // HTTP/2 flow-control windows of several chunks, so a primary keeps
     // sending while the previous chunk is written (hyper's default 1 MiB
     // window holds a single 1 MiB chunk and makes the stream stop and go).
+    // Pings free what a primary cut off by a partition held (a transfer
+    // slot, a half-received segment) instead of keeping it forever.
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(4 * STREAM_WINDOW)
+        .http2_keepalive_interval(Some(vmreplica_api::tls::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(vmreplica_api::tls::KEEPALIVE_TIMEOUT))
         .add_service(svc)
         .serve_with_incoming_shutdown(vmreplica_api::tls::incoming(listener, tls), shutdown)
         .await

@@ -12,7 +12,7 @@ use std::{fs, io, path::Path, sync::Arc};
 
 pub use live::{CertSummary, LiveTls, TlsError};
 use tonic::transport::Channel;
-pub use transport::{ChannelError, channel, incoming};
+pub use transport::{ChannelError, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, channel, incoming};
 
 /// An agent's certificate, key and the CA it trusts, PEM.
 #[derive(Clone, PartialEq, Eq)]

@@ -61,6 +61,13 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// How long a connection attempt may take (TCP and TLS).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle time after which a side pings the other over HTTP/2.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// An unanswered ping after this long: the connection is dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A lazily connecting mutual-TLS channel to `addr` (`host:port`) that
 /// verifies the server as `server_name` and, at every connection, presents
 /// the certificate `tls` holds then.
@@ -79,8 +86,14 @@ pub fn channel(addr: &str, server_name: &str, tls: &Arc<LiveTls>) -> Result<Chan
         }
     });
     // TLS is the connector's: tonic sees a plain HTTP/2 connection.
+    // HTTP/2 pings find a connection that went silent (a partition: TCP
+    // alone would back off for minutes and resume long after the network
+    // healed), so the call fails and the next attempt connects afresh.
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect_with_connector_lazy(connector))
 }
 
