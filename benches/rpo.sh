@@ -11,16 +11,17 @@
 # same minute on the same machine come first (`cargo bench ... replication
 # refs`: loopback mutual TLS, BLAKE3 and zstd on one core, dd oflag=direct).
 #   benches/rpo.sh [SECONDS] [RATE ...]        (default: 30 s, rates 20 50)
-# Environment: INTERVAL (s, default 1), COMPRESSION (on, off or both; default
-# both), DATA (random: what zstd cannot shrink, the default; or compressible:
+# Environment: INTERVAL (s, default 1), COMPRESSION (on, off, both, or
+# none: the primary serving the writes without replicating, the write path's
+# own CPU to subtract; default both), DATA (random: what zstd cannot shrink, the default; or compressible:
 # fio's buffer_compress_percentage=60), REFS=0 skips the references, AGENT_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-30}"; shift || true
 rates=("${@:-20 50}"); [ $# -eq 0 ] && rates=(20 50)
 interval="${INTERVAL:-1}"
-case "${COMPRESSION:-both}" in both) modes=(on off) ;; on|off) modes=("$COMPRESSION") ;;
-  *) echo "COMPRESSION must be on, off or both" >&2; exit 2 ;; esac
+case "${COMPRESSION:-both}" in both) modes=(on off) ;; on|off|none) modes=("$COMPRESSION") ;;
+  *) echo "COMPRESSION must be on, off, both or none" >&2; exit 2 ;; esac
 case "${DATA:-random}" in
   random) fio_data=(--refill_buffers) ;;
   compressible) fio_data=(--refill_buffers --buffer_compress_percentage=60 --buffer_compress_chunk=4k) ;;
@@ -55,17 +56,20 @@ run() {
     --storage "$d/replicas" --metrics "127.0.0.1:$rm" >/dev/null 2>"$d/replica.log" &
   pids+=($!); local rpid=$!
   for _ in $(seq 100); do grep -q "receiving replication" "$d/replica.log" && break; sleep 0.1; done
-  local extra=(); [ "$mode" = off ] && extra=(--no-compression)
+  local extra=(--replicate-to "127.0.0.1:$rport" --replica-server-name replica.site-b.example.com)
+  [ "$mode" = off ] && extra+=(--no-compression)
+  # Only the write path: nothing replicates, the replica agent idles.
+  [ "$mode" = none ] && extra=()
   "$agent_bin" serve --vm bench --disk "root=$d/disk.img" --socket "$d/nbd.sock" --interval "$interval" --retry-seconds 1 \
-    --replicate-to "127.0.0.1:$rport" --replica-server-name replica.site-b.example.com \
     --tls-dir "$work/certs/primary" --metrics "127.0.0.1:$pm" "${extra[@]}" >/dev/null 2>"$d/primary.log" &
   pids+=($!); local ppid=$!
   # The initial copy of the empty disk: the first successful cycle.
   for _ in $(seq 300); do
+    [ "$mode" = none ] && break
     curl -sf "http://127.0.0.1:$pm/metrics" | grep -q '^vmreplica_agent_replication_cycles_total{.*successful' && break
     sleep 0.1
   done
-  curl -sf "http://127.0.0.1:$pm/metrics" | grep -q '^vmreplica_agent_replication_cycles_total{.*successful' \
+  [ "$mode" = none ] || curl -sf "http://127.0.0.1:$pm/metrics" | grep -q '^vmreplica_agent_replication_cycles_total{.*successful' \
     || { echo "replication did not start:" >&2; tail -n 5 "$d/primary.log" "$d/replica.log" >&2; exit 1; }
   python3 benches/rpo_sample.py "http://127.0.0.1:$pm/metrics" "$ppid" "$rpid" "$d/samples.json" &
   local sampler=$!
@@ -80,9 +84,10 @@ text = open(sys.argv[2]).read()
 fio = json.loads(text[text.index("{"):])["jobs"][0]["write"]  # the nbd engine prints a banner first
 lag, pend = sorted(s["lag"]), sorted(s["pending"])
 q = lambda v, p: v[min(len(v) - 1, int(p * len(v)))] if v else float("nan")
+top = lambda v: max(v) if v else float("nan")
 mib = 1 << 20
 print(f"| {sys.argv[3]} | {sys.argv[4]} | {fio['bw_bytes'] / mib:.1f} | {q(lag, .5):.2f} | {q(lag, .99):.2f} | "
-      f"{max(lag):.2f} | {q(pend, .5) / mib:.0f} | {max(pend) / mib:.0f} | {s['raw_mib']:.0f} / {s['wire_mib']:.0f} | "
+      f"{top(lag):.2f} | {q(pend, .5) / mib:.0f} | {top(pend) / mib:.0f} | {s['raw_mib']:.0f} / {s['wire_mib']:.0f} | "
       f"{s['cpu'][0]:.0f}% / {s['cpu'][1]:.0f}% | {s['rss'][0]:.0f} / {s['rss'][1]:.0f} |")
 PY
   grep -qi "resync" "$d/primary.log" && echo "warning: the primary needed a resync (see $d/primary.log)" >&2
