@@ -14,7 +14,9 @@
 # Environment: INTERVAL (s, default 1), COMPRESSION (on, off, both, or
 # none: the primary serving the writes without replicating, the write path's
 # own CPU to subtract; default both), DATA (random: what zstd cannot shrink, the default; or compressible:
-# fio's buffer_compress_percentage=60), REFS=0 skips the references, AGENT_BIN.
+# fio's buffer_compress_percentage=60), DISKS (protected disks, default 1:
+# fio writes to the first, the others replicate idle; their memory shows in
+# the RSS columns), REFS=0 skips the references, AGENT_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-30}"; shift || true
@@ -51,6 +53,8 @@ fi
 run() {
   local mode=$1 rate=$2 d="$work/run" rport pm rm
   rm -rf "$d" && mkdir -p "$d/replicas" && truncate -s 32G "$d/disk.img"
+  local disks=(--disk "root=$d/disk.img")
+  for i in $(seq 2 "${DISKS:-1}"); do truncate -s 32G "$d/disk$i.img"; disks+=(--disk "d$i=$d/disk$i.img"); done
   rport=$(free_port); pm=$(free_port); rm=$(free_port)
   "$agent_bin" receive --listen "127.0.0.1:$rport" --tls-dir "$work/certs/replica" --allow-any-server \
     --storage "$d/replicas" --metrics "127.0.0.1:$rm" >/dev/null 2>"$d/replica.log" &
@@ -60,7 +64,7 @@ run() {
   [ "$mode" = off ] && extra+=(--no-compression)
   # Only the write path: nothing replicates, the replica agent idles.
   [ "$mode" = none ] && extra=()
-  "$agent_bin" serve --vm bench --disk "root=$d/disk.img" --socket "$d/nbd.sock" --interval "$interval" --retry-seconds 1 \
+  "$agent_bin" serve --vm bench "${disks[@]}" --socket "$d/nbd.sock" --interval "$interval" --retry-seconds 1 \
     --tls-dir "$work/certs/primary" --metrics "127.0.0.1:$pm" "${extra[@]}" >/dev/null 2>"$d/primary.log" &
   pids+=($!); local ppid=$!
   # The initial copy of the empty disk: the first successful cycle.

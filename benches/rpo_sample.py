@@ -4,7 +4,7 @@
 rpo_sample.py METRICS_URL PRIMARY_PID REPLICA_PID OUT.json
 
 Every 0.25 s until SIGINT: lag = now - vmreplica_agent_last_replication_timestamp_seconds
-and vmreplica_agent_pending_bytes (summed over disks). Then writes the samples,
+(of the disk furthest behind) and vmreplica_agent_pending_bytes (summed over disks). Then writes the samples,
 the bytes shipped meanwhile (raw and on the wire, MiB), each process's CPU
 (percent of one core over the sampling) and peak RSS (VmHWM, MiB).
 """
@@ -56,9 +56,10 @@ while not stop:
     except OSError:
         m = None
     if m:
-        last = total(m, "vmreplica_agent_last_replication_timestamp_seconds")
-        if last > 0:
-            lag.append(time.time() - last)
+        # The disk furthest behind.
+        stamps = [v for k, v in m.items() if k.startswith("vmreplica_agent_last_replication_timestamp_seconds")]
+        if stamps and min(stamps) > 0:
+            lag.append(time.time() - min(stamps))
         pending.append(total(m, "vmreplica_agent_pending_bytes"))
     time.sleep(0.25)
 elapsed = time.monotonic() - t0
