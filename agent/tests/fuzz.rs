@@ -1,7 +1,8 @@
 //! Parsers fed hostile input (property tests, offline): an NBD client
 //! sending arbitrary bytes (from the first byte, or after a valid handshake),
 //! `replica.json` with arbitrary contents or numbers, an external-media
-//! manifest with arbitrary numbers, and a resync peer's hashes and data. Each must end with an error or a
+//! manifest with arbitrary numbers, a resync peer's hashes and data, and a
+//! replicated segment damaged anywhere and cut into arbitrary chunks. Each must end with an error or a
 //! result that passes its own checks — never a panic, a hang, or a write.
 //! CI runs the default number of cases; `PROPTEST_CASES=5000 cargo test -p
 //! vmreplica-agent --test fuzz` is the long run.
@@ -19,10 +20,45 @@ use common::*;
 use proptest::prelude::*;
 use vmreplica_agent::{
     hashtree::{self, LEAF},
+    log::format::{RecordKind, SegmentHeader, SegmentWriter},
     media,
     nbd::NbdServer,
-    replica::{ReplicaState, resync::Comparison, state},
+    replica::{Incoming, ReplicaDisk, ReplicaState, resync::Comparison, state},
 };
+
+/// A sealed segment of `writes` 4 KiB writes from sequence 1, as a primary sends it.
+fn segment(writes: u64) -> Vec<u8> {
+    let header = SegmentHeader {
+        epoch: 0,
+        first_seq: 1,
+        created_unix_ms: 1_700_000_000_000,
+        vm_id: "vm1".into(),
+        disk_id: "root".into(),
+    };
+    let mut w = SegmentWriter::new(Vec::new(), &header).unwrap();
+    for i in 0..writes {
+        w.write_record(RecordKind::Write, i * 4096, 4096, &[i as u8 + 1; 4096]).unwrap();
+    }
+    w.finish(1_700_000_001_000).unwrap().0
+}
+
+/// Streams `bytes` to the replica as one segment `[1, last]`, in chunks of the given sizes.
+fn receive(r: &ReplicaDisk, bytes: &[u8], last: u64, sizes: &[usize]) -> Result<u64, String> {
+    let Incoming::New(mut inc) =
+        r.begin_segment(1, last, 0, bytes.len() as u64).map_err(|e| e.to_string())?
+    else {
+        return Err("taken as a duplicate".into());
+    };
+    let (mut at, mut k) = (0usize, 0usize);
+    while at < bytes.len() {
+        let n = sizes[k % sizes.len()].min(bytes.len() - at);
+        if let Err(e) = inc.write_chunk(at as u64, &bytes[at..at + n]) {
+            return Err(e.to_string());
+        }
+        (at, k) = (at + n, k + 1);
+    }
+    r.finish_segment(inc).map_err(|e| e.to_string())
+}
 
 /// Feeds `bytes` to a server session on a socket pair and waits for it to end.
 fn session(server: &Arc<NbdServer>, bytes: &[u8]) -> Result<(), TestCaseError> {
@@ -98,6 +134,37 @@ proptest! {
         session(&server, &b)?;
         // The disk is still whole: its log replays to the image.
         prop_assert!(p.disk.seal().is_ok());
+    }
+
+    #[test]
+    fn a_segment_damaged_anywhere_is_refused_as_it_arrives_and_leaves_nothing(
+        writes in 1u64..6,
+        damage in 0u8..3,
+        at in any::<prop::sample::Index>(),
+        bit in 0u8..8,
+        sizes in proptest::collection::vec(1usize..20_000, 1..5),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = ReplicaDisk::open(dir.path(), || ReplicaState::new("vm1", "root", 1 << 20, 0, "g", "p")).unwrap();
+        let copy = r.begin_copy(1 << 20, 0, 1).unwrap();
+        r.finish_copy(copy, 1).unwrap();
+        let good = segment(writes);
+        let mut bad = good.clone();
+        let i = at.index(good.len());
+        match damage {
+            0 => bad[i] ^= 1 << bit,     // a flipped bit anywhere
+            1 => bad.truncate(i),         // cut short (announced so)
+            _ => bad.extend_from_slice(&good[i..]), // something after the seal
+        }
+        let refused = receive(&r, &bad, writes, &sizes);
+        prop_assert!(refused.is_err(), "damage {damage} at {i} was accepted");
+        prop_assert_eq!(r.state().received_through, 0);
+        for sub in ["incoming", "log"] {
+            let left: Vec<_> = std::fs::read_dir(dir.path().join(sub)).unwrap().flatten().map(|e| e.path()).collect();
+            prop_assert!(left.is_empty(), "{sub} holds {left:?} after {refused:?}");
+        }
+        // The sound segment is taken after it, as if nothing happened.
+        prop_assert_eq!(receive(&r, &good, writes, &sizes), Ok(writes));
     }
 
     #[test]

@@ -172,6 +172,7 @@ impl ReplicaDisk {
             epoch,
             len,
             received: 0,
+            kept: false,
         }))
     }
 
@@ -214,6 +215,7 @@ impl ReplicaDisk {
         }
         let dest = self.dir.join("log").join(format!("{first_seq:020}.seg"));
         fs::rename(&path, &dest).map_err(io_at(&path))?;
+        seg.kept = true;
         sync_dir(dest.parent().expect("log dir"))?;
         self.update(|s| {
             s.received_through = last_seq;
@@ -241,6 +243,8 @@ pub struct IncomingSegment {
     epoch: u64,
     len: u64,
     received: u64,
+    /// Moved into the log: dropping it no longer removes the file.
+    kept: bool,
 }
 
 /// Why the writer stopped: the file could not be written or synced, or the
@@ -386,18 +390,20 @@ impl IncomingSegment {
         }
     }
 
-    pub fn discard(mut self) {
-        let _ = self.end();
-        let _ = fs::remove_file(&self.path);
-    }
+    /// Stops the writer and removes what was received (as dropping does).
+    pub fn discard(self) {}
 }
 
 impl Drop for IncomingSegment {
-    /// A segment dropped unfinished (its stream broke) stops its writer.
+    /// A segment dropped unfinished (its stream broke, a chunk was refused)
+    /// stops its writer and leaves no file behind.
     fn drop(&mut self) {
         self.chunks = None;
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        if !self.kept {
+            let _ = fs::remove_file(&self.path);
         }
     }
 }
