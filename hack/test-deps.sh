@@ -31,6 +31,8 @@ command -v openssl >/dev/null || need+=(openssl)
 # Network-fault tests: namespaces, veth and iptables rules they create.
 command -v ip >/dev/null || need+=(iproute2)
 command -v iptables >/dev/null || need+=(iptables)
+# Disk-fault tests: a small ext4 on a loop device.
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 bins=(kube-apiserver kubelet kube-controller-manager kube-scheduler)
 missing() { for b in "${bins[@]}"; do [ -x "$assets/$b" ] || return 0; done; return 1; }
 if missing; then

@@ -27,11 +27,6 @@ const MIB: u64 = 1 << 20;
 const DISK: u64 = 64 * MIB;
 const INTERVAL: Duration = Duration::from_secs(1);
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 /// Two namespaces joined by a veth pair; deleted (with the pair) on drop.
 struct Namespaces {
     a: String,
@@ -98,22 +93,6 @@ fn write(url: &str, first: u64, count: u64, tag: u64) -> u64 {
     cmd.args(["-f", "raw"]);
     for b in first..first + count {
         cmd.arg("-c").arg(format!("write -P {} {} 64k", (tag + b) % 251 + 1, b * 65536));
-    }
-    cmd.arg("-c").arg("flush");
-    let out = cmd.arg(url).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("wrote ")).count() as u64
-}
-
-/// Writes `count` 64 KiB blocks of random bytes (zstd cannot shrink them,
-/// so what crosses the network is what was written) from block `first`;
-/// returns how many qemu-io acknowledged.
-fn write_random(url: &str, dir: &Path, first: u64, count: u64, rng: &mut Rng) -> u64 {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for b in first..first + count {
-        let src = dir.join(format!("random-{b}.bin"));
-        fs::write(&src, rng.bytes(65536)).unwrap();
-        cmd.arg("-c").arg(format!("write -s {} {} 64k", src.display(), b * 65536));
     }
     cmd.arg("-c").arg("flush");
     let out = cmd.arg(url).output().unwrap();

@@ -77,9 +77,22 @@ impl ReplicationService {
     }
 
     /// Counts a refusal by its gRPC code (a bounded label).
+    /// Counts a refusal, and says it in this site's log too: a replica that
+    /// cannot store what it is sent (a full disk, a failing one) or refuses
+    /// a caller is news to its operator, not only to the primary's.
     fn counted<T>(&self, r: Result<T, Status>) -> Result<T, Status> {
-        if let (Err(s), Some(m)) = (&r, self.agent.store().ok().and_then(|s| s.metrics())) {
-            m.refused.with_label_values(&[&format!("{:?}", s.code())]).inc();
+        if let Err(s) = &r {
+            if let Some(m) = self.agent.store().ok().and_then(|s| s.metrics()) {
+                m.refused.with_label_values(&[&format!("{:?}", s.code())]).inc();
+            }
+            use tonic::Code::*;
+            match s.code() {
+                // The protocol's own answers (resume elsewhere, a stale epoch).
+                FailedPrecondition | OutOfRange | AlreadyExists | NotFound | Cancelled => {
+                    tracing::debug!(code = ?s.code(), "refused: {}", s.message())
+                }
+                _ => tracing::warn!(code = ?s.code(), "refused: {}", s.message()),
+            }
         }
         r
     }

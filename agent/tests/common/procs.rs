@@ -136,3 +136,25 @@ pub fn serve_args(image: &Path, socket: &Path, to: &str, tls: &Path, extra: &[&s
 fn path(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
 }
+
+/// Runs a command to its end; fails the test, with its stderr, if it fails.
+pub fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Writes `count` 64 KiB blocks of random bytes (zstd cannot shrink them, so
+/// what crosses the network is what was written) from block `first` through
+/// qemu-io, each from its own file in `dir`; returns how many were acknowledged.
+pub fn write_random(url: &str, dir: &Path, first: u64, count: u64, rng: &mut super::Rng) -> u64 {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for b in first..first + count {
+        let src = dir.join(format!("random-{b}.bin"));
+        fs::write(&src, rng.bytes(65536)).unwrap();
+        cmd.arg("-c").arg(format!("write -s {} {} 64k", src.display(), b * 65536));
+    }
+    cmd.arg("-c").arg("flush");
+    let out = cmd.arg(url).stderr(Stdio::null()).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("wrote ")).count() as u64
+}
