@@ -271,6 +271,12 @@ impl ProtectedDisk {
         Ok(sealed)
     }
 
+    /// Takes the oldest sealed segment, found damaged at rest, out of the
+    /// log (see [`Journal::quarantine_oldest`]); where it was put.
+    pub fn quarantine_oldest(&self, first_seq: u64) -> Result<std::path::PathBuf> {
+        Ok(self.journal().quarantine_oldest(first_seq)?)
+    }
+
     /// Deletes sealed segments the replica acknowledged, through sequence `through`.
     pub fn acknowledge(&self, through: u64) -> Result<()> {
         Ok(self.journal().acknowledge(through)?)

@@ -695,3 +695,47 @@ async fn after_a_failover_the_extended_replica_follows_the_new_primary() {
     assert!(identical(path_str(&at_c.image()), path_str(&served.image)), "C holds B's bytes");
     assert_eq!(at_c.state().epoch, 1);
 }
+
+/// A sealed segment that changed on the primary's disk after sealing (a bit
+/// flip at rest): the replica refuses it, the primary then finds its own
+/// copy damaged, sets it aside (never sent whole, never applied anywhere),
+/// and the replica is resynchronised from the image instead of being sent
+/// the same damaged bytes forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_damaged_at_rest_on_the_primary_is_set_aside_and_a_resync_heals() {
+    use std::os::unix::fs::FileExt;
+    let site = replica_site().await;
+    let p = tokio::task::spawn_blocking(|| serve_new_image(64 << 20, b"base")).await.unwrap();
+    let tls = material(&site.ca, &["host1.site-a.example.com"]);
+    let ship = shipper(&site, &tls, p.disk.clone(), ShipperConfig::default(), None);
+    ship.sync_once().await.unwrap();
+    let write = |cmds: Vec<String>| {
+        let url = p.url();
+        tokio::task::spawn_blocking(move || qemu_io(&url, &cmds))
+    };
+    write(vec!["write -P 1 0 2M".into(), "write -P 2 8M 1M".into()]).await.unwrap();
+    let damaged = p.disk.seal().unwrap().unwrap();
+    write(vec!["write -P 3 16M 1M".into()]).await.unwrap();
+    let later = p.disk.seal().unwrap().unwrap();
+    // One bit, in the middle of the first segment's data.
+    let f = fs::OpenOptions::new().read(true).write(true).open(&damaged.path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, damaged.bytes / 2).unwrap();
+    f.write_all_at(&[b[0] ^ 0x10], damaged.bytes / 2).unwrap();
+    drop(f);
+
+    let err = ship.sync_once().await.unwrap_err();
+    assert!(err.to_string().contains("is damaged on this disk"), "{err}");
+    assert_eq!(err.kind(), vmreplica_api::control::FailureKind::LocalDisk);
+    assert!(!damaged.path.exists() && damaged.path.with_extension("damaged").exists());
+    let replica = site.service.replica("vm1", "root").unwrap();
+    assert_eq!(replica.state().received_through, 0, "nothing of the damaged segment was taken");
+    let log: Vec<u64> = p.disk.log_status().sealed.iter().map(|s| s.first_seq).collect();
+    assert_eq!(log, vec![later.first_seq]);
+
+    // The next cycle finds the gap and resynchronises from the image.
+    assert_eq!(ship.sync_once().await.unwrap(), later.last_seq);
+    let r = applied(&site, later.last_seq).await;
+    assert!(ship.stats().last_resync.is_some_and(|s| s.changed_bytes > 0));
+    assert!(identical(path_str(&r.image()), path_str(&p.image)));
+}

@@ -547,6 +547,25 @@ impl Journal {
         sync_dir(&self.dir)
     }
 
+    /// Takes the oldest sealed segment out of the log, renamed
+    /// `<seq>.damaged` (kept for inspection, never read again): it was found
+    /// damaged at rest. The log then starts after it, and a replica that
+    /// needed it is resynchronised from the image. Only the oldest: a log
+    /// with a gap in its middle would not open again.
+    pub fn quarantine_oldest(&mut self, first_seq: u64) -> Result<PathBuf> {
+        let Some(seg) = self.sealed.first().filter(|s| s.first_seq == first_seq).cloned() else {
+            return Err(JournalError::Io {
+                path: self.dir.clone(),
+                source: io::Error::other(format!("segment {first_seq} is not the oldest sealed one")),
+            });
+        };
+        let to = seg.path.with_extension("damaged");
+        fs::rename(&seg.path, &to).map_err(io_err(&seg.path))?;
+        sync_dir(&self.dir)?;
+        self.sealed.remove(0);
+        Ok(to)
+    }
+
     /// Sealed segments, oldest first.
     pub fn sealed(&self) -> &[SealedSegment] {
         &self.sealed
@@ -679,6 +698,45 @@ impl Rotation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A segment set aside as damaged stays out of the log when it opens
+    /// again; only the oldest may be set aside.
+    #[test]
+    fn a_quarantined_segment_stays_out_when_the_log_opens_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join("img"))
+            .unwrap();
+        image.set_len(1 << 20).unwrap();
+        let cfg = || JournalConfig {
+            vm_id: "vm".into(),
+            disk_id: "root".into(),
+            disk_size: 1 << 20,
+            resync_threshold: 1 << 19,
+        };
+        let log = dir.path().join("log");
+        let (mut j, _) = Journal::open(&log, cfg(), &image).unwrap();
+        let mut firsts = Vec::new();
+        for i in 0..3u8 {
+            let mut buf = vec![i + 1; Journal::record_len(4096)];
+            j.append_write(&mut buf, 0).unwrap();
+            let r = j.rotate(false).unwrap().unwrap();
+            let sealed = finish_seal(r).unwrap();
+            firsts.push(sealed.first_seq);
+            j.register_sealed(sealed, 0);
+        }
+        assert!(j.quarantine_oldest(firsts[1]).is_err(), "not the oldest");
+        let kept = j.quarantine_oldest(firsts[0]).unwrap();
+        assert!(kept.exists() && kept.extension().is_some_and(|e| e == "damaged"));
+        drop(j);
+        let (j, _) = Journal::open(&log, cfg(), &image).unwrap();
+        assert_eq!(j.sealed().iter().map(|s| s.first_seq).collect::<Vec<_>>(), firsts[1..]);
+        assert_eq!(j.next_seq(), firsts[2] + 1);
+    }
 
     /// The seal kept while appending is the one reading the segment back
     /// would write: the reader checks its digest, counts and last sequence.

@@ -41,6 +41,12 @@ pub enum ShipError {
     /// The initial copy goes by external media or an existing image: not yet imported there.
     #[error("{0}")]
     AwaitingInitial(String),
+    /// A sealed segment changed on this side's disk after it was sealed.
+    #[error(
+        "log segment {first}..={last} is damaged on this disk ({why}): it was never sent whole and is kept \
+         aside as {kept}; the replica will be resynchronised from the image"
+    )]
+    DamagedAtRest { first: u64, last: u64, why: String, kept: String },
 }
 
 impl ShipError {
@@ -57,7 +63,10 @@ impl ShipError {
                 }
                 _ => FailureKind::Other,
             },
-            ShipError::Read { .. } | ShipError::Disk(_) | ShipError::Replica(_) => FailureKind::LocalDisk,
+            ShipError::Read { .. }
+            | ShipError::Disk(_)
+            | ShipError::Replica(_)
+            | ShipError::DamagedAtRest { .. } => FailureKind::LocalDisk,
             ShipError::BadReply { .. } => FailureKind::BadReply,
             ShipError::Tls(_) => FailureKind::TlsRefused,
             ShipError::StaleEpoch { .. } => FailureKind::StaleEpoch,

@@ -407,7 +407,14 @@ impl Shipper {
         let mut through = next - 1;
         for seg in self.source.sealed()? {
             let started = Instant::now();
-            through = self.push(&seg).await?;
+            through = match self.push(&seg).await {
+                // Refused as damaged: sent again unless it is damaged here.
+                Err(ShipError::Rpc(s)) if s.code() == tonic::Code::DataLoss => {
+                    self.source.check_refused(&seg)?;
+                    return Err(ShipError::Rpc(s));
+                }
+                r => r?,
+            };
             self.source.acknowledge(through)?;
             let mut s = self.stats.lock().unwrap_or_else(|p| p.into_inner());
             s.segments_sent += 1;

@@ -36,6 +36,21 @@ impl Source {
         }
     }
 
+    /// A segment the replica refused as damaged, checked here: when this
+    /// side's copy is damaged too, it is taken out of the log (a protected
+    /// disk's; a forwarded one is left to its replica's own checks).
+    pub(super) fn check_refused(&self, seg: &SealedSegment) -> Result<(), ShipError> {
+        let Self::Protected(d) = self else { return Ok(()) };
+        let Err(e) = crate::log::format::verify_sealed_file(&seg.path) else { return Ok(()) };
+        let kept = d.quarantine_oldest(seg.first_seq)?;
+        Err(ShipError::DamagedAtRest {
+            first: seg.first_seq,
+            last: seg.last_seq,
+            why: e.to_string(),
+            kept: kept.display().to_string(),
+        })
+    }
+
     pub(super) fn acknowledge(&self, through: u64) -> Result<(), ShipError> {
         match self {
             Self::Protected(d) => Ok(d.acknowledge(through)?),
