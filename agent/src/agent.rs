@@ -606,7 +606,7 @@ fn accept_open(replica: &ReplicaDisk, a: &OpenArgs) -> Result<Opened, StoreError
     }
     Ok(Opened {
         needs_initial_copy: !s.has_copy(),
-        needs_resync: matches!(s.lifecycle, Lifecycle::Resyncing { .. }),
+        needs_resync: matches!(s.lifecycle, Lifecycle::Resyncing { .. }) || s.resync_wanted,
         next_seq: s.received_through + 1,
         epoch: s.epoch,
     })

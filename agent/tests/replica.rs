@@ -361,3 +361,47 @@ fn a_crash_while_committing_an_initial_copy_is_finished_on_open_and_a_damaged_st
     assert!(matches!(err, ReplicaError::BadState { .. }), "{err}");
     assert!(err.to_string().contains("replica.json") && err.to_string().contains("receivedThrough"), "{err}");
 }
+
+/// A received segment that changed on the replica's disk before it was
+/// applied: never applied (what of it reached the image is undone), set
+/// aside with every segment after it, the newest point unchanged, and the
+/// replica asks for a resync — also after it is opened again.
+#[test]
+fn a_received_segment_damaged_at_rest_is_never_applied_and_a_resync_is_asked_for() {
+    let _serial = serial();
+    let p = primary(3, 23);
+    let dir = tempfile::tempdir().unwrap();
+    let replica = new_replica(dir.path(), &p.served.base);
+    send(&replica, &p.segments[0], false).unwrap();
+    replica.apply_pending().unwrap();
+    send(&replica, &p.segments[1], false).unwrap();
+    send(&replica, &p.segments[2], false).unwrap();
+    let stored = dir.path().join("log").join(format!("{:020}.seg", p.segments[1].first_seq));
+    let mut bytes = fs::read(&stored).unwrap();
+    let at = bytes.len() * 3 / 4;
+    bytes[at] ^= 0x40;
+    fs::write(&stored, bytes).unwrap();
+
+    let err = replica.apply_pending().unwrap_err();
+    assert!(matches!(err, ReplicaError::Verification { .. }), "{err}");
+    let through = p.segments[0].last_seq;
+    assert!(identical(path_str(&replica.image()), path_str(&p.snapshots[0])), "the image holds part of it");
+    let s = replica.state().clone();
+    assert_eq!((s.received_through, s.applied_through, s.resync_wanted), (through, through, true));
+    assert_eq!(replica.points().iter().map(|pt| pt.seq).collect::<Vec<_>>(), vec![through]);
+    let mut log: Vec<String> = fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    log.sort();
+    let damaged = |seg: &SealedSegment| format!("{:020}.damaged", seg.first_seq);
+    assert_eq!(log, vec![damaged(&p.segments[1]), damaged(&p.segments[2])]);
+    assert_eq!(replica.next_seq(), Some(through + 1));
+    drop(replica);
+    let reopened = ReplicaDisk::open(dir.path(), || unreachable!()).unwrap();
+    assert!(reopened.state().resync_wanted);
+    assert_eq!(reopened.apply_pending().unwrap(), 0);
+    let out = dir.path().join("latest.img");
+    reopened.materialize(through, &out).unwrap();
+    assert!(identical(path_str(&out), path_str(&p.snapshots[0])));
+}

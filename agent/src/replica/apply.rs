@@ -40,10 +40,63 @@ impl ReplicaDisk {
             if first <= self.state().applied_through {
                 continue;
             }
-            self.apply_one(first, &seg)?;
+            match self.apply_one(first, &seg) {
+                Err(e @ ReplicaError::Verification { first_seq, .. }) if first_seq == first => {
+                    self.set_aside_damaged(first)?;
+                    return Err(e);
+                }
+                r => r?,
+            }
             n += 1;
         }
         Ok(n)
+    }
+
+    /// A received segment that no longer verifies (it changed on this disk
+    /// after it was received and acknowledged: the primary has deleted its
+    /// copy): what of it was applied is undone with its undo file, it and
+    /// every segment after it are set aside (renamed `.damaged`, never read
+    /// again), and the replica asks for a resync. The point it would have
+    /// made is never offered; the newest point stays what it was.
+    fn set_aside_damaged(&self, first: u64) -> Result<()> {
+        let undo_name = format!("{first:020}.undo");
+        let undo = self.dir.join("undo").join(&undo_name);
+        if verify_file(&undo).is_ok() {
+            // The image may hold part of the segment: back to the point.
+            let image_path = self.image_path();
+            let image = open_nofollow(&image_path, true, false).map_err(io_at(&image_path))?;
+            let size = self.state().disk_size;
+            let mut reader = super::files::open_reader(&undo)
+                .map_err(|source| ReplicaError::Verification { first_seq: first, source })?;
+            while let Some(r) = reader
+                .next_record()
+                .map_err(|source| ReplicaError::Verification { first_seq: first, source })?
+            {
+                apply_record(&image, size, &r).map_err(io_at(&image_path))?;
+            }
+            image.sync_all().map_err(io_at(&image_path))?;
+        }
+        // Durable first: from here on nothing counts as received past the
+        // newest applied segment, so the primary cannot take those as held.
+        // (The undo file leaves the bridge too: the image is back at the point.)
+        self.update(|s| {
+            s.received_through = s.applied_through;
+            s.resync_wanted = true;
+            s.bridge.retain(|b| *b != undo_name);
+        })?;
+        for (seq, p) in seq_files(&self.dir.join("log"), ".seg")? {
+            if seq >= first {
+                fs::rename(&p, p.with_extension("damaged")).map_err(io_at(&p))?;
+            }
+        }
+        let _ = fs::remove_file(&undo);
+        sync_dir(&self.dir.join("log"))?;
+        tracing::error!(
+            dir = %self.dir.display(),
+            first_seq = first,
+            "a received segment is damaged on this disk: set aside (never applied), a resync is asked for"
+        );
+        Ok(())
     }
 
     /// Applies segment `seg` (starting at `first`) with its undo file and

@@ -199,6 +199,7 @@ impl ReplicaDisk {
             s.applied_through = next_seq - 1;
             s.consistent_from = consistent_from;
             s.resyncs += 1;
+            s.resync_wanted = false;
         })?;
         Ok(next_seq)
     }

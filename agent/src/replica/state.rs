@@ -179,6 +179,11 @@ pub struct ReplicaState {
     /// took the VM over): kept, listed and materialisable until pruned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diverged: Option<Diverged>,
+    /// A received segment was found damaged before it was applied and set
+    /// aside: the log can no longer bring this replica up to date, and the
+    /// primary is told to resynchronise it (cleared when a resync finishes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync_wanted: bool,
 }
 
 /// The state before a resync of another history (see
