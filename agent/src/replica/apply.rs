@@ -41,9 +41,12 @@ impl ReplicaDisk {
                 continue;
             }
             match self.apply_one(first, &seg) {
-                Err(e @ ReplicaError::Verification { first_seq, .. }) if first_seq == first => {
-                    self.set_aside_damaged(first)?;
-                    return Err(e);
+                // Handled, not an error for whoever applies (an agent
+                // starting must still start): said in the log, and the
+                // state asks for a resync.
+                Err(ReplicaError::Verification { first_seq, source }) if first_seq == first => {
+                    self.set_aside_damaged(first, &source)?;
+                    return Ok(n);
                 }
                 r => r?,
             }
@@ -58,7 +61,7 @@ impl ReplicaDisk {
     /// every segment after it are set aside (renamed `.damaged`, never read
     /// again), and the replica asks for a resync. The point it would have
     /// made is never offered; the newest point stays what it was.
-    fn set_aside_damaged(&self, first: u64) -> Result<()> {
+    fn set_aside_damaged(&self, first: u64, why: &FormatError) -> Result<()> {
         let undo_name = format!("{first:020}.undo");
         let undo = self.dir.join("undo").join(&undo_name);
         if verify_file(&undo).is_ok() {
@@ -94,7 +97,7 @@ impl ReplicaDisk {
         tracing::error!(
             dir = %self.dir.display(),
             first_seq = first,
-            "a received segment is damaged on this disk: set aside (never applied), a resync is asked for"
+            "a received segment is damaged on this disk ({why}): set aside (never applied), a resync is asked for"
         );
         Ok(())
     }
