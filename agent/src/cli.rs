@@ -333,6 +333,10 @@ pub struct Serve {
     /// only it may call the control API, and it may not call the replication API.
     #[arg(long = "controller-name", default_value = crate::grpc::control::DEFAULT_CONTROLLER_NAME)]
     controller_names: Vec<String>,
+    /// With --listen: read back and verify every stored segment and undo
+    /// file of the replicas held here this often (hours; 0: never).
+    #[arg(long, default_value_t = 24)]
+    scrub_hours: u64,
 }
 
 #[derive(ClapArgs)]
@@ -384,6 +388,10 @@ pub struct Receive {
     /// only it may call the control API, and it may not call the replication API.
     #[arg(long = "controller-name", default_value = crate::grpc::control::DEFAULT_CONTROLLER_NAME)]
     controller_names: Vec<String>,
+    /// Read back and verify every stored segment and undo file this often
+    /// (hours; 0: never): damage at rest is found before it is needed.
+    #[arg(long, default_value_t = 24)]
+    scrub_hours: u64,
 }
 
 fn parse_disk(s: &str) -> Result<(String, PathBuf), String> {
@@ -485,6 +493,7 @@ pub fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
         controllers: s.controller_names,
         receive: s.listen,
         receive_retention: Policy::default(),
+        scrub_every: scrub_every(s.scrub_hours),
         socket: s.socket,
         tcp: s.tcp,
         nbd_limits: crate::nbd::server::Limits {
@@ -494,6 +503,11 @@ pub fn serve_options(s: Serve) -> Result<run::ServeOptions, String> {
         interval: s.interval.map(|x| Duration::from_secs(x.max(1))),
         replicate,
     })
+}
+
+/// `--scrub-hours`: 0 turns the scrub off.
+fn scrub_every(hours: u64) -> Option<Duration> {
+    (hours > 0).then(|| Duration::from_secs(hours * 3600))
 }
 
 pub fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
@@ -522,6 +536,7 @@ pub fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
         control: r.control_listen,
         announce,
         controllers: r.controller_names,
+        scrub_every: scrub_every(r.scrub_hours),
     })
 }
 

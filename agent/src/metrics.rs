@@ -35,6 +35,8 @@ pub struct Metrics {
     pub compression_active: IntGaugeVec,
     /// Replica side: requests refused, by gRPC code.
     pub refused: IntCounterVec,
+    /// Replica side: files a scrub found damaged at rest.
+    pub scrub_damaged: IntCounterVec,
     /// Replica side: bytes received on the wire (compressed as sent).
     pub received_bytes: IntCounterVec,
     /// The agent's transfer slots and bandwidth limit, read when scraped.
@@ -130,6 +132,11 @@ impl Metrics {
                 &["code"],
             )
             .expect("valid metric"),
+            scrub_damaged: IntCounterVec::new(
+                labels("Stored segments and undo files a scrub found damaged at rest", "scrub_damaged_files_total"),
+                &["vm", "disk"],
+            )
+            .expect("valid metric"),
             received_bytes: IntCounterVec::new(
                 labels("Bytes the replica received on the wire, as sent (compressed)", "received_bytes_total"),
                 vd,
@@ -164,6 +171,7 @@ impl Metrics {
         let r = &self.registry;
         let all: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(self.pending_bytes.clone()),
+            Box::new(self.scrub_damaged.clone()),
             Box::new(self.segments_sent.clone()),
             Box::new(self.bytes_sent.clone()),
             Box::new(self.cycles.clone()),

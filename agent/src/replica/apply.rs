@@ -61,7 +61,7 @@ impl ReplicaDisk {
     /// every segment after it are set aside (renamed `.damaged`, never read
     /// again), and the replica asks for a resync. The point it would have
     /// made is never offered; the newest point stays what it was.
-    fn set_aside_damaged(&self, first: u64, why: &FormatError) -> Result<()> {
+    pub(super) fn set_aside_damaged(&self, first: u64, why: &FormatError) -> Result<()> {
         let undo_name = format!("{first:020}.undo");
         let undo = self.dir.join("undo").join(&undo_name);
         if verify_file(&undo).is_ok() {

@@ -30,6 +30,7 @@ pub mod ranges;
 pub mod receive;
 pub mod resync;
 pub mod retention;
+pub mod scrub;
 pub mod state;
 pub mod store;
 

@@ -273,6 +273,28 @@ impl ReplicaStore {
         Ok(())
     }
 
+    /// Scrubs every replica (see [`super::scrub`]); the files found damaged.
+    pub fn scrub_all(&self) -> usize {
+        let mut damaged = 0;
+        for r in self.replicas() {
+            let (vm, disk) = {
+                let s = r.state();
+                (s.vm_id.clone(), s.disk_id.clone())
+            };
+            match r.scrub() {
+                Ok(report) => {
+                    damaged += report.damaged.len();
+                    if let Some(m) = self.metrics() {
+                        m.scrub_damaged.with_label_values(&[&vm, &disk]).inc_by(report.damaged.len() as u64);
+                    }
+                    tracing::info!(%vm, %disk, files = report.files, damaged = report.damaged.len(), "scrubbed");
+                }
+                Err(e) => tracing::error!(%vm, %disk, error = %e, "scrub failed"),
+            }
+        }
+        damaged
+    }
+
     /// Opens every replica under the site's storage locations (recovering any
     /// crash) and applies what they received but had not applied; returns how
     /// many replicas were found.

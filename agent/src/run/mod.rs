@@ -260,6 +260,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         store.set_controller_names(opts.controllers.clone());
         store
     });
+    if let (Some(store), Some(every)) = (&store, opts.scrub_every) {
+        tasks.push(scrub_every(store.clone(), every, stopped.clone()));
+    }
     let agent = Agent::new(node, store, fixed, site.clone());
     if let Some(listen) = opts.receive {
         start_replication(&agent, listen).await?;
@@ -316,6 +319,7 @@ pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
     tracing::info!(replicas = recovered.map_err(|e| e.to_string())?, "replicas recovered");
     start_replication(&agent, opts.listen).await?;
     let (stop, stopped) = watch::channel(false);
+    let scrub = opts.scrub_every.map(|every| scrub_every(store.clone(), every, stopped.clone()));
     let lease = match &opts.announce {
         Some(a) => {
             let endpoint = site.listener.get().map(Listener::watch);
@@ -332,5 +336,27 @@ pub async fn receive(opts: ReceiveOptions) -> Result<(), String> {
     if let Some(l) = lease {
         let _ = l.await;
     }
+    if let Some(s) = scrub {
+        let _ = s.await;
+    }
     Ok(())
+}
+
+/// Scrubs every replica of `store` each `every`, the first one `every` after
+/// the start, until `stop`.
+fn scrub_every(
+    store: Arc<ReplicaStore>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.scrub_all()).await;
+        }
+    })
 }

@@ -65,6 +65,8 @@ pub struct ServeOptions {
     /// what reverse replication needs). Its rules come from the controller.
     pub receive: Option<SocketAddr>,
     pub receive_retention: Policy,
+    /// How often replicas held here are scrubbed (`None`: never).
+    pub scrub_every: Option<Duration>,
 }
 
 /// A replica site's options.
@@ -84,4 +86,6 @@ pub struct ReceiveOptions {
     pub announce: Option<Announce>,
     /// The controller's certificate names (see [`ServeOptions::controllers`]).
     pub controllers: Vec<String>,
+    /// How often replicas are scrubbed (`None`: never).
+    pub scrub_every: Option<Duration>,
 }
