@@ -97,6 +97,25 @@ impl ReplicationService {
         r
     }
 
+    /// A replica holding received segments it has not applied (an apply
+    /// that never started, whatever the reason) applies them now: a primary
+    /// opening it is the moment it is sure to come back to.
+    fn apply_behind(&self, vm: &str, disk: &str) {
+        let Ok(store) = self.agent.store().cloned() else { return };
+        let Some(replica) = store.replica(vm, disk) else { return };
+        let behind = {
+            let s = replica.state();
+            s.received_through > s.applied_through
+        };
+        if behind {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.apply_and_retain(&replica) {
+                    tracing::error!(error = %e, "applying received segments failed");
+                }
+            });
+        }
+    }
+
     fn require(&self, names: &[String], vm: &str, disk: &str) -> Result<Arc<ReplicaDisk>, Status> {
         let store = self.agent.store().map_err(|e| Status::failed_precondition(e.to_string()))?;
         store.require(names, vm, disk).map_err(refused)
@@ -181,19 +200,28 @@ impl ReplicationService {
                 }
             }
         }
-        let r = replica.clone();
-        let durable_through = tokio::task::spawn_blocking(move || r.finish_segment(seg))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(status)?;
-        // Apply after acknowledging: the segment is already durable and verified.
-        if let Ok(store) = self.agent.store().cloned() {
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.apply_and_retain(&replica) {
-                    tracing::error!(error = %e, "applying received segments failed");
-                }
-            });
-        }
+        // The apply is started by the task that makes the segment durable,
+        // not by this handler after it: a primary that vanishes at that
+        // moment drops this future, and the segment, already counted as
+        // received, would wait unapplied until the next one came (the chaos
+        // suite found an idle VM's replica stuck so). It runs while the
+        // acknowledgement goes back.
+        let store = self.agent.store().cloned().ok();
+        let runtime = tokio::runtime::Handle::current();
+        let durable_through = tokio::task::spawn_blocking(move || {
+            let through = replica.finish_segment(seg)?;
+            if let Some(store) = store {
+                runtime.spawn_blocking(move || {
+                    if let Err(e) = store.apply_and_retain(&replica) {
+                        tracing::error!(error = %e, "applying received segments failed");
+                    }
+                });
+            }
+            Ok::<_, ReplicaError>(through)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status)?;
         Ok(Response::new(SegmentAck { durable_through, bytes_written: written }))
     }
 
@@ -307,7 +335,9 @@ impl Replication for ReplicationService {
                 interval_seconds: r.interval_seconds,
                 import_awaited: r.import_awaited,
             };
+            let (vm, disk) = (args.vm_id.clone(), args.disk_id.clone());
             let o = self.agent.open(&names, args).await.map_err(refused)?;
+            self.apply_behind(&vm, &disk);
             Ok(Response::new(OpenReply {
                 needs_initial_copy: o.needs_initial_copy,
                 needs_resync: o.needs_resync,
