@@ -87,11 +87,8 @@ fn a_full_replica_filesystem_is_reported_and_replication_resumes_when_space_is_f
     );
     let to = format!("127.0.0.1:{port}");
     let _replica = agent(&receive_args(&to, &rtls, &storage, &[]), None, &d.join("replica.log"));
-    let _primary = agent(
-        &serve_args(&image, &socket, &to, &ptls, &["--metrics", &metrics]),
-        None,
-        &d.join("primary.log"),
-    );
+    let serve = serve_args(&image, &socket, &to, &ptls, &["--metrics", &metrics]);
+    let mut primary = agent(&serve, None, &d.join("primary.log"));
     let mut rng = Rng(0xd15c);
     assert_eq!(write_random(&url, d, 0, 32, &mut rng), 32);
     let converged = |secs| {
@@ -119,14 +116,17 @@ fn a_full_replica_filesystem_is_reported_and_replication_resumes_when_space_is_f
     assert!(plog.contains("No space left on device"), "the primary's log does not say why:\n{plog}");
     let rlog = fs::read_to_string(d.join("replica.log")).unwrap();
     assert!(rlog.contains("No space left on device"), "the replica's log does not say why:\n{rlog}");
-    // Nothing half-received stays; the primary keeps what did not fit (a
-    // segment cut before the space ran out may have gone: at most the 8 MiB
-    // that were free).
-    let incoming: Vec<_> = fs::read_dir(storage.join("vm1/root/incoming")).unwrap().flatten().collect();
-    assert!(incoming.is_empty(), "partial files left: {incoming:?}");
+    // The primary keeps what did not fit (a segment cut before the space
+    // ran out may have gone: at most the 8 MiB that were free).
     assert_ne!(fs::read(&replica_image).unwrap(), fs::read(&image).unwrap());
     let pending = metric(&scrape(&metrics), "vmreplica_agent_pending_bytes");
     assert!(pending >= (16 * MIB) as f64, "the primary holds {pending} bytes of log of the 24 MiB written");
+    // Nothing half-received stays once no transfer is in flight (the primary
+    // retries every second, so it is stopped to look; its log is durable).
+    primary.kill9();
+    let incoming = storage.join("vm1/root/incoming");
+    wait_until(d, "no partial file in incoming/", 20, || fs::read_dir(&incoming).unwrap().next().is_none());
+    let _primary = agent(&serve, None, &d.join("primary2.log"));
 
     // Space freed: replication resumes by itself.
     let t = Instant::now();
