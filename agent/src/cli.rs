@@ -543,12 +543,7 @@ pub fn receive_options(r: Receive) -> Result<run::ReceiveOptions, String> {
 pub fn inspect(segments: &[PathBuf]) -> Result<(), String> {
     let mut failed = false;
     for path in segments {
-        let result = std::fs::File::open(path).map_err(log::FormatError::Io).and_then(|f| {
-            let mut r = log::SegmentReader::new(std::io::BufReader::new(f))?;
-            while r.next_record()?.is_some() {}
-            let h = r.header.clone();
-            Ok((h, r.finish_sealed()?))
-        });
+        let result = log::format::verify_sealed_file(path);
         match result {
             Ok((h, seal)) => println!(
                 "{}: ok: {}/{} epoch {} sequence {}..={} ({} records, {} data bytes)",

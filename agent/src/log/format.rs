@@ -481,6 +481,14 @@ impl<R: Read> SegmentReader<R> {
         }
     }
 
+    /// Reads every record to the end, checking each, then the seal (see
+    /// [`Self::finish_sealed`]): the whole verification of a sealed segment.
+    pub fn read_to_seal(mut self) -> Result<(SegmentHeader, SealInfo), FormatError> {
+        while self.next_record()?.is_some() {}
+        let header = self.header.clone();
+        Ok((header, self.finish_sealed()?))
+    }
+
     /// After the last record: checks that a seal was read and nothing follows it.
     pub fn finish_sealed(mut self) -> Result<SealInfo, FormatError> {
         if !self.sealed {
@@ -559,11 +567,9 @@ pub fn verify_sealed(bytes: &[u8]) -> Result<(SegmentHeader, Vec<Record>, SealIn
 
 /// Reads a sealed segment file through, checking every record and the
 /// seal's digest, without keeping the records.
-pub fn verify_sealed_file(path: &std::path::Path) -> Result<SealInfo, FormatError> {
+pub fn verify_sealed_file(path: &std::path::Path) -> Result<(SegmentHeader, SealInfo), FormatError> {
     let f = std::fs::File::open(path)?;
-    let mut reader = SegmentReader::new(io::BufReader::with_capacity(1 << 20, f))?;
-    while reader.next_record()?.is_some() {}
-    reader.finish_sealed()
+    SegmentReader::new(io::BufReader::with_capacity(1 << 20, f))?.read_to_seal()
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {

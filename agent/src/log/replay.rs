@@ -51,7 +51,7 @@ pub fn replay(image: &Path, segments: &[PathBuf]) -> Result<ReplayReport, Replay
     let mut epoch = 0;
     for path in segments {
         let damaged = |source| ReplayError::Damaged { path: path.clone(), source };
-        let mut reader = open(path)?;
+        let reader = open(path)?;
         let h = reader.header.clone();
         if let Some(f) = first.as_ref().filter(|f| (&f.vm_id, &f.disk_id) != (&h.vm_id, &h.disk_id)) {
             return Err(ReplayError::MixedDisks {
@@ -66,8 +66,7 @@ pub fn replay(image: &Path, segments: &[PathBuf]) -> Result<ReplayReport, Replay
         if h.epoch < epoch {
             return Err(ReplayError::EpochWentBack { path: path.clone(), previous: epoch, found: h.epoch });
         }
-        while reader.next_record().map_err(damaged)?.is_some() {}
-        let seal = reader.finish_sealed().map_err(damaged)?;
+        let (_, seal) = reader.read_to_seal().map_err(damaged)?;
         report.records += seal.records;
         next_seq = Some(seal.last_seq + 1);
         epoch = h.epoch;

@@ -59,8 +59,5 @@ pub(super) fn open_reader(path: &Path) -> Result<SegmentReader<BufReader<File>>,
 }
 
 pub(super) fn verify_file(path: &Path) -> Result<(SegmentHeader, SealInfo), FormatError> {
-    let mut r = open_reader(path)?;
-    while r.next_record()?.is_some() {}
-    let h = r.header.clone();
-    Ok((h, r.finish_sealed()?))
+    open_reader(path)?.read_to_seal()
 }

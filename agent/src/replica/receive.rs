@@ -261,12 +261,7 @@ fn write_and_verify(
     chunks: mpsc::Receiver<Vec<u8>>,
 ) -> std::result::Result<(SegmentHeader, SealInfo), Failed> {
     let mut tee = Tee { chunks, file: &file, chunk: Vec::new(), at: 0, failed: None, written: 0, flushed: 0 };
-    let verified = (|| {
-        let mut reader = SegmentReader::new(&mut tee)?;
-        while reader.next_record()?.is_some() {}
-        let header = reader.header.clone();
-        Ok((header, reader.finish_sealed()?))
-    })();
+    let verified = SegmentReader::new(&mut tee).and_then(SegmentReader::read_to_seal);
     if let Some(e) = tee.failed.take() {
         return Err(Failed::Io(e));
     }
