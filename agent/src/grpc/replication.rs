@@ -25,7 +25,11 @@ use vmreplica_api::{
 use crate::{
     agent::{Agent, OpenArgs},
     limits::TransferPermit,
-    replica::{Incoming, ReplicaDisk, ReplicaError, retention::Policy, store::StoreError},
+    replica::{
+        Incoming, ReplicaDisk, ReplicaError,
+        retention::Policy,
+        store::{ReplicaStore, StoreError},
+    },
 };
 
 /// The gRPC status for a replica error: what the sender should do differs per kind.
@@ -108,11 +112,7 @@ impl ReplicationService {
             s.received_through > s.applied_through
         };
         if behind {
-            tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.apply_and_retain(&replica) {
-                    tracing::error!(error = %e, "applying received segments failed");
-                }
-            });
+            spawn_apply(&tokio::runtime::Handle::current(), store, replica);
         }
     }
 
@@ -211,11 +211,7 @@ impl ReplicationService {
         let durable_through = tokio::task::spawn_blocking(move || {
             let through = replica.finish_segment(seg)?;
             if let Some(store) = store {
-                runtime.spawn_blocking(move || {
-                    if let Err(e) = store.apply_and_retain(&replica) {
-                        tracing::error!(error = %e, "applying received segments failed");
-                    }
-                });
+                spawn_apply(&runtime, store, replica);
             }
             Ok::<_, ReplicaError>(through)
         })
@@ -279,6 +275,15 @@ impl ReplicationService {
 pub(super) fn labels(r: &ReplicaDisk) -> (String, String) {
     let s = r.state();
     (s.vm_id.clone(), s.disk_id.clone())
+}
+
+/// Applies what `replica` received, on a blocking thread of `runtime`.
+fn spawn_apply(runtime: &tokio::runtime::Handle, store: Arc<ReplicaStore>, replica: Arc<ReplicaDisk>) {
+    runtime.spawn_blocking(move || {
+        if let Err(e) = store.apply_and_retain(&replica) {
+            tracing::error!(error = %e, "applying received segments failed");
+        }
+    });
 }
 
 /// Bytes a primary may send on one stream ahead of what was taken: eight chunks.

@@ -68,15 +68,7 @@ impl ReplicaDisk {
             // The image may hold part of the segment: back to the point.
             let image_path = self.image_path();
             let image = open_nofollow(&image_path, true, false).map_err(io_at(&image_path))?;
-            let size = self.state().disk_size;
-            let mut reader = super::files::open_reader(&undo)
-                .map_err(|source| ReplicaError::Verification { first_seq: first, source })?;
-            while let Some(r) = reader
-                .next_record()
-                .map_err(|source| ReplicaError::Verification { first_seq: first, source })?
-            {
-                apply_record(&image, size, &r).map_err(io_at(&image_path))?;
-            }
+            self.apply_undo(first, &undo_name, &image, &image_path)?;
             image.sync_all().map_err(io_at(&image_path))?;
         }
         // Durable first: from here on nothing counts as received past the

@@ -125,17 +125,23 @@ impl ReplicaDisk {
         let image = open_nofollow(source, false, false).map_err(io_at(source))?;
         sparse_copy(&image, dest).map_err(io_at(dest))?;
         let out = OpenOptions::new().read(true).write(true).open(dest).map_err(io_at(dest))?;
-        let size = self.state().disk_size;
         for (seq, name) in undo {
-            let undo = self.dir.join("undo").join(name);
-            let verification = |source| ReplicaError::Verification { first_seq: *seq, source };
-            let mut reader = open_reader(&undo).map_err(verification)?;
-            while let Some(r) = reader.next_record().map_err(verification)? {
-                apply_record(&out, size, &r).map_err(io_at(dest))?;
-            }
-            reader.finish_sealed().map_err(verification)?;
+            self.apply_undo(*seq, name, &out, dest)?;
         }
         out.sync_all().map_err(io_at(dest))
+    }
+
+    /// Applies undo file `name` (of point `seq`) to `out` (at `out_path`),
+    /// verifying it as it is read; the caller syncs.
+    pub(super) fn apply_undo(&self, seq: u64, name: &str, out: &File, out_path: &Path) -> Result<()> {
+        let size = self.state().disk_size;
+        let verification = |source| ReplicaError::Verification { first_seq: seq, source };
+        let mut reader = open_reader(&self.dir.join("undo").join(name)).map_err(verification)?;
+        while let Some(r) = reader.next_record().map_err(verification)? {
+            apply_record(out, size, &r).map_err(io_at(out_path))?;
+        }
+        reader.finish_sealed().map_err(verification)?;
+        Ok(())
     }
 
     /// Drops the points `keep` rejects (never the newest), folding their undo
