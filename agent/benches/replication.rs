@@ -83,6 +83,21 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
 
+/// How long `dd bs=1M if=SRC of=DST FLAGS…` takes.
+fn time_dd(src: &Path, dst: &Path, flags: &[&str]) -> Duration {
+    let t = Instant::now();
+    let st = Command::new("dd")
+        .arg("bs=1M")
+        .args(flags)
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", dst.display()))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    t.elapsed()
+}
+
 fn bench_apply(dir: &Path) {
     // 2 GiB of log stays below the resync threshold (half the disk).
     let size = 8 * GIB;
@@ -126,30 +141,13 @@ fn bench_apply(dir: &Path) {
     let dst = dir.join("dd-dst.bin");
     let mut dd = Duration::ZERO;
     for _ in 0..2 {
-        let t = Instant::now();
-        let st = Command::new("dd")
-            .args(["bs=1M", "oflag=direct", "conv=notrunc"])
-            .arg(format!("if={}", src.display()))
-            .arg(format!("of={}", dst.display()))
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-        dd += t.elapsed();
+        dd += time_dd(&src, &dst, &["oflag=direct", "conv=notrunc"]);
     }
     let r = mbps(2 * GIB, dd);
     // Over data, an apply must first read the GiB it overwrites and write it
     // to the undo file: the least I/O that takes is a direct read of 1 GiB
     // and two direct writes of 1 GiB.
-    let t = Instant::now();
-    let st = Command::new("dd")
-        .args(["bs=1M", "iflag=direct", "of=/dev/null"])
-        .arg(format!("if={}", dst.display()))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let undo_floor = t.elapsed() + dd;
+    let undo_floor = time_dd(&dst, Path::new("/dev/null"), &["iflag=direct"]) + dd;
     for (what, t) in [("onto an empty replica", times[0]), ("over data (1 GiB of undo first)", times[1])] {
         let a = mbps(GIB, t);
         println!(
@@ -167,16 +165,7 @@ fn bench_apply(dir: &Path) {
     );
     // The ceiling of any page-cache write path on this disk: buffered dd + fdatasync.
     let buffered = dir.join("dd-buffered.bin");
-    let t = Instant::now();
-    let st = Command::new("dd")
-        .args(["bs=1M", "conv=fdatasync"])
-        .arg(format!("if={}", src.display()))
-        .arg(format!("of={}", buffered.display()))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let b = mbps(GIB, t.elapsed());
+    let b = mbps(GIB, time_dd(&src, &buffered, &["conv=fdatasync"]));
     println!(
         "| (reference) buffered dd conv=fdatasync, same bytes | {b:.0} MiB/s | dd oflag=direct: {r:.0} MiB/s | {:.2}x |",
         b / r
@@ -362,19 +351,8 @@ async fn bench_references(dir: &Path) {
     let src = dir.join("dd-src.bin");
     fs::write(&src, &data).unwrap();
     let dst = dir.join("dd-dst.bin");
-    let t = Instant::now();
-    let st = Command::new("dd")
-        .args(["bs=1M", "oflag=direct"])
-        .arg(format!("if={}", src.display()))
-        .arg(format!("of={}", dst.display()))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    println!(
-        "| reference: dd oflag=direct, 1 MiB blocks | {:.0} MiB/s | | |",
-        mbps(data.len() as u64, t.elapsed())
-    );
+    let took = time_dd(&src, &dst, &["oflag=direct"]);
+    println!("| reference: dd oflag=direct, 1 MiB blocks | {:.0} MiB/s | | |", mbps(data.len() as u64, took));
 }
 
 fn main() {

@@ -46,23 +46,6 @@ impl Drop for SmallFs {
     }
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-fn scrape(addr: &str) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg("import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
-        .arg(format!("http://{addr}/metrics"))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn a_full_replica_filesystem_is_reported_and_replication_resumes_when_space_is_freed() {
     if !rustix::process::geteuid().is_root() {
@@ -104,10 +87,10 @@ fn a_full_replica_filesystem_is_reported_and_replication_resumes_when_space_is_f
     let fill = small.free() - 8 * MIB;
     fs::write(&filler, vec![0xaa; fill as usize]).unwrap();
     let missed_before =
-        metric(&scrape(&metrics), "vmreplica_agent_replication_cycles_total{disk=\"root\",result=\"missed\"");
+        metric(None, &metrics, "vmreplica_agent_replication_cycles_total{disk=\"root\",result=\"missed\"");
     assert_eq!(write_random(&url, d, 32, 384, &mut rng), 384, "the primary refused writes");
     wait_until(d, "a cycle refused for want of space", 60, || {
-        metric(&scrape(&metrics), "vmreplica_agent_replication_cycles_total{disk=\"root\",result=\"missed\"")
+        metric(None, &metrics, "vmreplica_agent_replication_cycles_total{disk=\"root\",result=\"missed\"")
             > missed_before
     });
     std::thread::sleep(Duration::from_secs(3));
@@ -119,7 +102,7 @@ fn a_full_replica_filesystem_is_reported_and_replication_resumes_when_space_is_f
     // The primary keeps what did not fit (a segment cut before the space
     // ran out may have gone: at most the 8 MiB that were free).
     assert_ne!(fs::read(&replica_image).unwrap(), fs::read(&image).unwrap());
-    let pending = metric(&scrape(&metrics), "vmreplica_agent_pending_bytes");
+    let pending = metric(None, &metrics, "vmreplica_agent_pending_bytes");
     assert!(pending >= (16 * MIB) as f64, "the primary holds {pending} bytes of log of the 24 MiB written");
     // Nothing half-received stays once no transfer is in flight (the primary
     // retries every second, so it is stopped to look; its log is durable).
@@ -136,5 +119,5 @@ fn a_full_replica_filesystem_is_reported_and_replication_resumes_when_space_is_f
         "disk full: replication resumed and converged {:.1} s after space was freed",
         t.elapsed().as_secs_f64()
     );
-    assert!(metric(&scrape(&metrics), "vmreplica_agent_pending_bytes") < (24 * MIB) as f64);
+    assert!(metric(None, &metrics, "vmreplica_agent_pending_bytes") < (24 * MIB) as f64);
 }

@@ -699,10 +699,8 @@ impl Rotation {
 mod tests {
     use super::*;
 
-    /// A segment set aside as damaged stays out of the log when it opens
-    /// again; only the oldest may be set aside.
-    #[test]
-    fn a_quarantined_segment_stays_out_when_the_log_opens_again() {
+    /// A directory and a 1 MiB image in it for a log.
+    fn scratch() -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
         let image = OpenOptions::new()
             .create(true)
@@ -712,14 +710,25 @@ mod tests {
             .open(dir.path().join("img"))
             .unwrap();
         image.set_len(1 << 20).unwrap();
-        let cfg = || JournalConfig {
+        (dir, image)
+    }
+
+    fn config() -> JournalConfig {
+        JournalConfig {
             vm_id: "vm".into(),
             disk_id: "root".into(),
             disk_size: 1 << 20,
             resync_threshold: 1 << 19,
-        };
+        }
+    }
+
+    /// A segment set aside as damaged stays out of the log when it opens
+    /// again; only the oldest may be set aside.
+    #[test]
+    fn a_quarantined_segment_stays_out_when_the_log_opens_again() {
+        let (dir, image) = scratch();
         let log = dir.path().join("log");
-        let (mut j, _) = Journal::open(&log, cfg(), &image).unwrap();
+        let (mut j, _) = Journal::open(&log, config(), &image).unwrap();
         let mut firsts = Vec::new();
         for i in 0..3u8 {
             let mut buf = vec![i + 1; Journal::record_len(4096)];
@@ -733,7 +742,7 @@ mod tests {
         let kept = j.quarantine_oldest(firsts[0]).unwrap();
         assert!(kept.exists() && kept.extension().is_some_and(|e| e == "damaged"));
         drop(j);
-        let (j, _) = Journal::open(&log, cfg(), &image).unwrap();
+        let (j, _) = Journal::open(&log, config(), &image).unwrap();
         assert_eq!(j.sealed().iter().map(|s| s.first_seq).collect::<Vec<_>>(), firsts[1..]);
         assert_eq!(j.next_seq(), firsts[2] + 1);
     }
@@ -743,22 +752,8 @@ mod tests {
     /// A recovered segment (nothing kept) is sealed by reading it back.
     #[test]
     fn the_seal_kept_while_appending_verifies_like_one_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(dir.path().join("img"))
-            .unwrap();
-        image.set_len(1 << 20).unwrap();
-        let cfg = JournalConfig {
-            vm_id: "vm".into(),
-            disk_id: "root".into(),
-            disk_size: 1 << 20,
-            resync_threshold: 1 << 19,
-        };
-        let (mut j, _) = Journal::open(&dir.path().join("log"), cfg, &image).unwrap();
+        let (dir, image) = scratch();
+        let (mut j, _) = Journal::open(&dir.path().join("log"), config(), &image).unwrap();
         let seal = |j: &mut Journal| {
             for (i, len) in [4096usize, 512, 65536].into_iter().enumerate() {
                 let mut buf = vec![i as u8 + 1; Journal::record_len(len)];

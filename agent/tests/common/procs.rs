@@ -158,3 +158,27 @@ pub fn write_random(url: &str, dir: &Path, first: u64, count: u64, rng: &mut sup
     let out = cmd.arg(url).stderr(Stdio::null()).output().unwrap();
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("wrote ")).count() as u64
 }
+
+/// The sum of the Prometheus samples whose line starts with `name`, scraped
+/// from `/metrics` at `addr` (from inside network namespace `netns`, if given).
+pub fn metric(netns: Option<&str>, addr: &str, name: &str) -> f64 {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "python3"]);
+            c
+        }
+        None => Command::new("python3"),
+    };
+    let out = cmd
+        .arg("-c")
+        .arg("import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
+        .arg(format!("http://{addr}/metrics"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
