@@ -11,6 +11,13 @@
 //! the image byte for byte, even with several connections writing at once.
 //! Appending before writing means the image never holds a write the log lacks.
 //! Reads take no lock.
+//!
+//! An I/O error that leaves the log or the image in doubt — the image write
+//! after its record was logged, any failed fsync of either — faults the log
+//! ([`Journal::fault`]): every later write and flush fails with EIO until the
+//! agent restarts on repaired storage, where recovery replays the log onto
+//! the image. A failed append that was cut cleanly only fails that write (a
+//! full filesystem: the next write may succeed).
 
 use std::{
     fs::{File, OpenOptions},
@@ -146,7 +153,13 @@ impl ProtectedDisk {
 
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check("read", offset, buf.len() as u64)?;
-        self.image.read_exact_at(buf, offset).map_err(self.image_err())
+        self.read_image(buf, offset)
+    }
+
+    fn read_image(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        crate::failpoint::io("io.image.read")
+            .and_then(|()| self.image.read_exact_at(buf, offset))
+            .map_err(self.image_err())
     }
 
     /// Logs and applies a write whose payload is `buf[RECORD_HEADER_LEN..len-4]`
@@ -159,7 +172,19 @@ impl ProtectedDisk {
             let mut journal = self.journal();
             self.writable()?;
             let logged = journal.append_write(buf, offset)?;
-            self.image.write_all_at(&buf[payload], offset).map_err(self.image_err())?;
+            let written = crate::failpoint::io("io.image.write")
+                .and_then(|()| self.image.write_all_at(&buf[payload.clone()], offset));
+            if let Err(e) = written {
+                // The log holds a record the image may hold none or part of
+                // (a sparse image on a full filesystem). Logging what the image
+                // holds now makes them agree again, and only this write fails:
+                // the guest can retry it once space is freed.
+                let now = self
+                    .read_image(&mut buf[payload], offset)
+                    .and_then(|()| Ok(journal.append_write(buf, offset)?));
+                self.fault_on(&mut journal, now)?;
+                return Err(self.image_err()(e));
+            }
             logged
         };
         if fua {
@@ -176,13 +201,34 @@ impl ProtectedDisk {
             let mut journal = self.journal();
             self.writable()?;
             let logged = journal.append_zeroes(kind, offset, len)?;
-            zero_range(&self.image, offset, len, keep_allocated).map_err(self.image_err())?;
+            let zeroed = crate::failpoint::io("io.image.write")
+                .and_then(|()| zero_range(&self.image, offset, len, keep_allocated))
+                .map_err(self.image_err());
+            self.fault_on(&mut journal, zeroed)?;
             logged
         };
         if fua {
             self.flush()?;
         }
         Ok(logged)
+    }
+
+    /// Passes `r` on, faulting the log when it is an error (the image is in
+    /// doubt: the log has a record it may lack, or a sync failed).
+    fn fault_on<T>(&self, journal: &mut Journal, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            journal.fault(e.to_string());
+        }
+        r
+    }
+
+    /// Why this disk refuses writes after an I/O error, if it does.
+    pub fn faulted(&self) -> Option<String> {
+        self.journal().faulted().map(str::to_owned)
+    }
+
+    fn sync_image(&self) -> Result<()> {
+        crate::failpoint::io("io.image.sync").and_then(|()| self.image.sync_data()).map_err(self.image_err())
     }
 
     fn writable(&self) -> Result<()> {
@@ -212,7 +258,8 @@ impl ProtectedDisk {
     /// Makes every write completed so far durable, in the log and the image.
     pub fn flush(&self) -> Result<()> {
         self.journal().sync()?;
-        self.image.sync_data().map_err(self.image_err())
+        let synced = self.sync_image();
+        self.fault_on(&mut self.journal(), synced)
     }
 
     /// Seals the active segment (if it holds any record) and opens the next one.
@@ -263,11 +310,16 @@ impl ProtectedDisk {
     /// The second half of [`Self::seal`]: hashing and syncing, off the lock.
     pub fn finish(&self, rotation: Rotation) -> Result<SealedSegment> {
         // Everything in the rotated segment is in the image; make it durable so a
-        // sealed segment never describes writes the image could lose.
-        self.image.sync_data().map_err(self.image_err())?;
+        // sealed segment never describes writes the image could lose. Failing
+        // that, or the seal, the rotated segment stays unsealed for recovery
+        // to redo and seal.
         let len = rotation.len();
-        let sealed = finish_seal(rotation)?;
-        self.journal().register_sealed(sealed.clone(), len);
+        // Not after a fault: a sync would then succeed without what was lost.
+        self.journal().healthy()?;
+        let sealed = self.sync_image().and_then(|()| Ok(finish_seal(rotation)?));
+        let mut journal = self.journal();
+        let sealed = self.fault_on(&mut journal, sealed)?;
+        journal.register_sealed(sealed.clone(), len);
         Ok(sealed)
     }
 
@@ -311,7 +363,9 @@ impl ProtectedDisk {
 
     /// Flushes and records a clean shutdown.
     pub fn shutdown(&self) -> Result<()> {
-        self.image.sync_data().map_err(self.image_err())?;
-        Ok(self.journal().shutdown()?)
+        let synced = self.sync_image();
+        let mut journal = self.journal();
+        self.fault_on(&mut journal, synced)?;
+        Ok(journal.shutdown()?)
     }
 }

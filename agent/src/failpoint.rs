@@ -42,16 +42,54 @@ pub fn hit(name: &str) -> io::Result<()> {
         eprintln!("failpoint {name}: aborting");
         std::process::abort();
     }
-    let mut once = ONCE.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(i) = once.iter().position(|n| n == name) {
-        once.remove(i);
-        return Err(io::Error::other(format!("failpoint {name}")));
-    }
-    drop(once);
-    if ARMED.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|s| s.contains(name)) {
+    if hit_in_process(name) {
         return Err(io::Error::other(format!("failpoint {name}")));
     }
     Ok(())
+}
+
+/// An I/O fault point, where the agent reads, writes or syncs its files: it
+/// fails with EIO as the storage below would (a failing disk, a filesystem
+/// gone read-only behind the agent's back) when armed in-process, or when
+/// named in the file `VMREPLICA_IO_FAULTS` points to (comma- or
+/// line-separated; `name:errno` for another error, e.g. `io.log.append:28`
+/// for ENOSPC), read at every hit so a test can start and stop the fault
+/// while a real agent process runs. Never aborts. Without the `failpoints`
+/// feature this is `Ok(())`, inlined away.
+#[inline(always)]
+pub fn io(#[allow(unused_variables)] name: &str) -> std::io::Result<()> {
+    #[cfg(feature = "failpoints")]
+    if let Some(errno) = io_armed(name) {
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "failpoints")]
+fn io_armed(name: &str) -> Option<i32> {
+    const EIO: i32 = 5;
+    if let Some(path) = std::env::var_os("VMREPLICA_IO_FAULTS") {
+        let listed = std::fs::read_to_string(path).unwrap_or_default();
+        for item in listed.split([',', '\n']).map(str::trim) {
+            let (n, errno) = item.split_once(':').unwrap_or((item, ""));
+            if n == name {
+                return Some(errno.parse().unwrap_or(EIO));
+            }
+        }
+    }
+    hit_in_process(name).then_some(EIO)
+}
+
+/// Whether `name` is armed in this process (an `arm_once` is used up).
+#[cfg(feature = "failpoints")]
+fn hit_in_process(name: &str) -> bool {
+    let mut once = ONCE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = once.iter().position(|n| n == name) {
+        once.remove(i);
+        return true;
+    }
+    drop(once);
+    ARMED.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|s| s.contains(name))
 }
 
 /// At a fail point named `$name`: returns `Err($map(io_error))` from the

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// 1 while a disk's shipments are compressed; 0 when compression is off
     /// or turned itself off for data that does not shrink.
     pub compression_active: IntGaugeVec,
+    /// 1 while a protected disk refuses writes after an I/O error.
+    pub disk_faulted: IntGaugeVec,
     /// Replica side: requests refused, by gRPC code.
     pub refused: IntCounterVec,
     /// Replica side: files a scrub found damaged at rest.
@@ -119,6 +121,15 @@ impl Metrics {
                 vd,
             )
             .expect("valid metric"),
+            disk_faulted: IntGaugeVec::new(
+                labels(
+                    "1 while a protected disk refuses writes: an I/O error left its log or image in doubt \
+                     (restart the agent once the storage is repaired)",
+                    "disk_faulted",
+                ),
+                vd,
+            )
+            .expect("valid metric"),
             verify_differing: IntGaugeVec::new(
                 labels(
                     "Bytes the last verification found to differ between primary and replica (0 expected)",
@@ -183,6 +194,7 @@ impl Metrics {
             Box::new(self.replica_points.clone()),
             Box::new(self.verify_differing.clone()),
             Box::new(self.compression_active.clone()),
+            Box::new(self.disk_faulted.clone()),
             Box::new(self.refused.clone()),
             Box::new(self.received_bytes.clone()),
             Box::new(self.transfers.clone()),

@@ -147,6 +147,7 @@ impl JournalState {
     /// Replaces the state file durably (write, fsync, rename, fsync directory).
     pub fn store(&self, dir: &Path) -> io::Result<()> {
         let tmp = dir.join("state.tmp");
+        crate::failpoint::io("io.log.state")?;
         fs::write(&tmp, self.encode())?;
         fs::File::open(&tmp)?.sync_all()?;
         fs::rename(&tmp, dir.join("state"))?;

@@ -53,6 +53,12 @@ pub enum JournalError {
     ForeignSegment { path: PathBuf, expected: String, found: String },
     #[error("log segments do not follow each other: {path} starts at {found}, expected {expected}")]
     Discontinuous { path: PathBuf, expected: u64, found: u64 },
+    #[error(
+        "the log in {dir} is faulted since {why}: what its storage holds is in doubt, so this disk \
+         refuses writes and flushes until the agent restarts on repaired storage (the log is then \
+         replayed onto the image)"
+    )]
+    Faulted { dir: PathBuf, why: String },
 }
 
 type Result<T, E = JournalError> = std::result::Result<T, E>;
@@ -156,6 +162,9 @@ pub struct Journal {
     next_seq: u64,
     sealed: Vec<SealedSegment>,
     rotating_bytes: u64,
+    /// Set by the first I/O error that leaves the log or the image in doubt
+    /// (see [`Journal::fault`]); then nothing more is logged or synced.
+    faulted: Option<String>,
 }
 
 fn segment_name(first_seq: u64, sealed: bool) -> String {
@@ -269,6 +278,7 @@ impl Journal {
             next_seq,
             sealed,
             rotating_bytes: 0,
+            faulted: None,
         };
         if journal.state.resync_required {
             journal.drop_pending_into_dirty_map()?;
@@ -405,8 +415,16 @@ impl Journal {
         }
         .encode();
         let mut file = OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_err(&path))?;
-        file.write_all(&header).and_then(|()| file.sync_all()).map_err(io_err(&path))?;
-        sync_dir(dir)?;
+        let written = crate::failpoint::io("io.log.create")
+            .and_then(|()| file.write_all(&header))
+            .and_then(|()| file.sync_all())
+            .map_err(io_err(&path))
+            .and_then(|()| sync_dir(dir));
+        if let Err(e) = written {
+            // Gone again, or it would stand in the way of the next try.
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         let running = Some(Running::new(&header, first_seq));
         Ok(Active { file, path, first_seq, len: header.len() as u64, running })
     }
@@ -420,6 +438,7 @@ impl Journal {
 
     /// Appends a write whose payload sits in `buf[RECORD_HEADER_LEN..len - 4]`.
     pub fn append_write(&mut self, buf: &mut [u8], offset: u64) -> Result<Logged> {
+        self.healthy()?;
         let payload_len = buf.len() - RECORD_HEADER_LEN - RECORD_TRAILER_LEN;
         if self.must_track_only(buf.len() as u64)? {
             self.state.dirty.mark(offset, payload_len as u64);
@@ -435,6 +454,7 @@ impl Journal {
 
     /// Appends a WRITE_ZEROES or TRIM.
     pub fn append_zeroes(&mut self, kind: RecordKind, offset: u64, len: u64) -> Result<Logged> {
+        self.healthy()?;
         let record = encode_record(kind, self.next_seq, offset, len, &[]);
         if self.must_track_only(record.len() as u64)? {
             self.state.dirty.mark(offset, len);
@@ -444,10 +464,20 @@ impl Journal {
     }
 
     fn write_active(&mut self, record: &[u8], payload_len: u64) -> Result<Logged> {
-        if let Err(e) = self.active.file.write_all(record) {
+        let written = crate::failpoint::io("io.log.append")
+            // Failing storage may take part of a write: half the record lands.
+            .inspect_err(|_| drop(self.active.file.write_all(&record[..record.len() / 2])))
+            .and_then(|()| self.active.file.write_all(record));
+        if let Err(e) = written {
             // Cut whatever part reached the file, so the next record follows a
-            // complete one; the caller fails the write and leaves the image alone.
-            let _ = self.active.file.set_len(self.active.len);
+            // complete one; the caller fails the write and leaves the image
+            // alone. If even that fails, a torn record could end up between
+            // whole ones, and recovery would stop at it: fault.
+            let cut = crate::failpoint::io("io.log.truncate")
+                .and_then(|()| self.active.file.set_len(self.active.len));
+            if let Err(cut) = cut {
+                self.fault(format!("cutting a failed append from {}: {cut}", self.active.path.display()));
+            }
             return Err(JournalError::Io { path: self.active.path.clone(), source: e });
         }
         self.active.len += record.len() as u64;
@@ -466,7 +496,8 @@ impl Journal {
     fn must_track_only(&mut self, record_len: u64) -> Result<bool> {
         if !self.state.resync_required && self.pending_bytes() + record_len > self.cfg.resync_threshold {
             self.state.resync_required = true;
-            self.drop_pending_into_dirty_map()?;
+            let dropped = self.drop_pending_into_dirty_map();
+            self.fault_on(dropped)?;
         }
         Ok(self.state.resync_required)
     }
@@ -505,6 +536,7 @@ impl Journal {
     /// Starts a new active segment and hands back the old one for
     /// [`finish_seal`], or `None` when the active segment holds no record.
     pub fn rotate(&mut self, app_consistent: bool) -> Result<Option<Rotation>> {
+        self.healthy()?;
         if self.next_seq == self.active.first_seq || self.state.resync_required {
             return Ok(None);
         }
@@ -522,19 +554,67 @@ impl Journal {
     }
 
     /// Makes every appended record durable; in resync mode, the dirty map.
+    /// A failed sync faults the log: the kernel may have dropped the pages
+    /// it could not write, and a later sync would then succeed without them.
     pub fn sync(&mut self) -> Result<()> {
-        self.active.file.sync_data().map_err(io_err(&self.active.path))?;
-        if self.state.resync_required {
-            self.state.store(&self.dir).map_err(io_err(&self.dir))?;
-        }
-        Ok(())
+        self.healthy()?;
+        let synced = self.sync_active().and_then(|()| {
+            if self.state.resync_required {
+                self.state.store(&self.dir).map_err(io_err(&self.dir))?;
+            }
+            Ok(())
+        });
+        self.fault_on(synced)
     }
 
-    /// Syncs and marks the shutdown clean (the dirty map is complete).
+    fn sync_active(&self) -> Result<()> {
+        crate::failpoint::io("io.log.sync")
+            .and_then(|()| self.active.file.sync_data())
+            .map_err(io_err(&self.active.path))
+    }
+
+    /// Syncs and marks the shutdown clean (the dirty map is complete). A
+    /// faulted log is never marked clean.
     pub fn shutdown(&mut self) -> Result<()> {
-        self.active.file.sync_data().map_err(io_err(&self.active.path))?;
+        self.healthy()?;
+        let synced = self.sync_active();
+        self.fault_on(synced)?;
         self.state.clean_shutdown = true;
         self.state.store(&self.dir).map_err(io_err(&self.dir))
+    }
+
+    /// Faults the log (once; the first cause is kept): an I/O error left the
+    /// log or the image in doubt. From now on every append, sync, rotation,
+    /// resync and shutdown fails with [`JournalError::Faulted`], so no write
+    /// or flush is acknowledged on top of what may be lost, and the log is
+    /// never marked clean; the agent's restart on repaired storage replays
+    /// the log onto the image (recovery redoes every unsealed record).
+    pub fn fault(&mut self, why: String) {
+        if self.faulted.is_none() {
+            tracing::error!(log = %self.dir.display(), "log faulted: {why}");
+            self.faulted = Some(why);
+        }
+    }
+
+    /// Why the log is faulted, if it is.
+    pub fn faulted(&self) -> Option<&str> {
+        self.faulted.as_deref()
+    }
+
+    /// `Err(Faulted)` once the log is faulted.
+    pub fn healthy(&self) -> Result<()> {
+        match &self.faulted {
+            Some(why) => Err(JournalError::Faulted { dir: self.dir.clone(), why: why.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Passes `r` on, faulting the log when it is an error.
+    pub fn fault_on<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.fault(e.to_string());
+        }
+        r
     }
 
     /// Deletes sealed segments whose records all have `seq <= through` (the
@@ -593,6 +673,9 @@ impl Journal {
     /// replica's position), that map. Logging resumes at once; the map is
     /// handed over (a failed resync then compares hashes instead).
     pub fn begin_resync(&mut self, replica_next: u64) -> Result<(u64, Option<DirtyMap>)> {
+        // A faulted primary's image may lack what its log holds: sending the
+        // image and dropping the log would lose those writes at the replica.
+        self.healthy()?;
         if !self.state.resync_required {
             return Ok((self.next_seq, None));
         }
@@ -613,9 +696,17 @@ impl Journal {
     /// from now on carry it (an empty active segment is started again).
     /// Whether the active segment holds records of the old one (to seal).
     pub fn raise_epoch(&mut self, epoch: u64) -> Result<bool> {
+        self.healthy()?;
         if epoch <= self.state.epoch {
             return Ok(false);
         }
+        let raised = self.raise_epoch_steps(epoch);
+        self.fault_on(raised)
+    }
+
+    /// Half done, these leave the epoch in memory ahead of the disk, or no
+    /// active segment: [`Self::raise_epoch`] faults the log then.
+    fn raise_epoch_steps(&mut self, epoch: u64) -> Result<bool> {
         self.state.epoch = epoch;
         self.state.store(&self.dir).map_err(io_err(&self.dir))?;
         if self.next_seq == self.active.first_seq {
@@ -672,7 +763,10 @@ fn write_seal(
     let seal = encode_seal(info.last_seq, info.records, info.data_bytes, digest, now_ms(), flags);
     let path = &rotation.path;
     let mut file = OpenOptions::new().append(true).open(path).map_err(io_err(path))?;
-    file.write_all(&seal).and_then(|()| file.sync_all()).map_err(io_err(path))?;
+    file.write_all(&seal)
+        .and_then(|()| crate::failpoint::io("io.log.sync"))
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(path))?;
     let sealed_path = path.with_extension("seg");
     fs::rename(path, &sealed_path).map_err(io_err(path))?;
     sync_dir(sealed_path.parent().expect("segments live in a directory"))?;

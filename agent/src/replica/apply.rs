@@ -216,7 +216,9 @@ impl ReplicaDisk {
                 ApplyError::Io(source) => ReplicaError::Io { path: image_path.clone(), source },
                 ApplyError::Stopped(e) => e,
             })?;
-        image.sync_all().map_err(io_at(&image_path))?;
+        crate::failpoint::io("io.replica.image.sync")
+            .and_then(|()| image.sync_all())
+            .map_err(io_at(&image_path))?;
         Ok((seal, direct_bytes, seg_file))
     }
 }
@@ -294,14 +296,21 @@ fn apply_records(
             Ok(())
         });
         let (flush_tx, flush_rx) = mpsc::sync_channel::<()>(1);
+        // Its first error fails the apply: a writeback error is reported
+        // once per open file, so the final fsync would not see it again.
         let flusher = scope.spawn(move || {
+            let mut first = Ok(());
             while flush_rx.recv().is_ok() {
-                let _ = image.sync_data();
+                if let (Ok(()), Err(e)) = (&first, image.sync_data()) {
+                    first = Err(e);
+                }
             }
+            first
         });
         let written = (|| {
             let (mut applied, mut since_flush, mut direct_bytes) = (0u64, 0u64, 0u64);
             for staged in work_rx {
+                crate::failpoint::io("io.replica.image.write").map_err(ApplyError::Io)?;
                 match staged {
                     Staged::Direct(r, buf) => {
                         check_bounds(size, &r).map_err(ApplyError::Io)?;
@@ -333,9 +342,10 @@ fn apply_records(
             Ok(direct_bytes)
         })();
         drop(flush_tx);
-        flusher.join().expect("the flusher does not panic");
+        let flushed = flusher.join().expect("the flusher does not panic");
         let parsed = parser.join().expect("the parser does not panic");
         let direct_bytes = written?;
+        flushed.map_err(ApplyError::Io)?;
         parsed.map_err(ApplyError::Format)?;
         Ok(direct_bytes)
     })

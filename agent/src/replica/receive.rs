@@ -266,7 +266,7 @@ fn write_and_verify(
         return Err(Failed::Io(e));
     }
     let verified = verified.map_err(Failed::Format)?;
-    file.sync_all().map_err(Failed::Io)?;
+    crate::failpoint::io("io.replica.segment.sync").and_then(|()| file.sync_all()).map_err(Failed::Io)?;
     Ok(verified)
 }
 
@@ -291,7 +291,9 @@ impl Read for Tee<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.chunk.len() {
             let Some(next) = self.chunks.blocking_recv() else { return Ok(0) };
-            if let Err(e) = self.file.write_all(&next) {
+            let written =
+                crate::failpoint::io("io.replica.segment.write").and_then(|()| self.file.write_all(&next));
+            if let Err(e) = written {
                 let kind = e.kind();
                 self.failed = Some(e);
                 return Err(io::Error::new(kind, "writing the segment failed"));

@@ -375,7 +375,10 @@ pub fn store(dir: &Path, s: &ReplicaState) -> Result<()> {
     let tmp = dir.join("replica.json.tmp");
     let body = serde_json::to_vec_pretty(&ReplicaState { version: STATE_VERSION, ..s.clone() })
         .expect("state serialises");
-    fs::write(&tmp, body).and_then(|()| File::open(&tmp)?.sync_all()).map_err(io_at(&tmp))?;
+    crate::failpoint::io("io.replica.state")
+        .and_then(|()| fs::write(&tmp, body))
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .map_err(io_at(&tmp))?;
     fs::rename(&tmp, dir.join("replica.json")).map_err(io_at(&tmp))?;
     sync_dir(dir)
 }

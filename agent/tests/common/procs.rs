@@ -32,10 +32,15 @@ pub fn agent(args: &[String], failpoints: Option<&str>, log: &Path) -> Proc {
     agent_in(None, args, failpoints, log)
 }
 
+/// [`agent`] with more environment variables (no fail points).
+pub fn agent_env(args: &[String], env: &[(&str, &Path)], log: &Path) -> Proc {
+    start(Command::new(env!("CARGO_BIN_EXE_vmreplica-agent")), args, env, log)
+}
+
 /// [`agent`], inside the network namespace `netns` (`ip netns exec`).
 pub fn agent_in(netns: Option<&str>, args: &[String], failpoints: Option<&str>, log: &Path) -> Proc {
     let bin = env!("CARGO_BIN_EXE_vmreplica-agent");
-    let mut cmd = match netns {
+    let cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", ns, bin]);
@@ -43,10 +48,13 @@ pub fn agent_in(netns: Option<&str>, args: &[String], failpoints: Option<&str>, 
         }
         None => Command::new(bin),
     };
+    let fp = failpoints.map(|fp| ("VMREPLICA_FAILPOINTS", Path::new(fp)));
+    start(cmd, args, fp.as_slice(), log)
+}
+
+fn start(mut cmd: Command, args: &[String], env: &[(&str, &Path)], log: &Path) -> Proc {
     cmd.args(args).stdout(Stdio::piped()).stderr(fs::File::create(log).unwrap());
-    if let Some(fp) = failpoints {
-        cmd.env("VMREPLICA_FAILPOINTS", fp);
-    }
+    cmd.envs(env.iter().copied());
     let mut child = cmd.spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();

@@ -315,7 +315,13 @@ pub fn state(suspended: bool, outcome: &Outcome, previous: ReplicationState) -> 
     match outcome {
         Outcome::Invalid { .. } => Error,
         Outcome::AgentUnavailable(_) => previous,
-        Outcome::Enabled(v) if v.fenced_epoch > 0 || refused_by_replica(v).is_some() => Error,
+        Outcome::Enabled(v)
+            if v.fenced_epoch > 0
+                || refused_by_replica(v).is_some()
+                || v.failure.as_ref().is_some_and(|(kind, _)| *kind == FailureKind::DiskFaulted) =>
+        {
+            Error
+        }
         Outcome::Enabled(v) if v.resyncing.is_some() => Resynchronizing,
         Outcome::Enabled(v) if v.resync_required && suspended => ResynchronizeSuspended,
         Outcome::Enabled(v) if v.resync_required => WaitingForStartResynchronize,
@@ -365,6 +371,14 @@ pub fn health(h: &HealthInput<'_>) -> (Health, Vec<String>) {
         Outcome::Enabled(v) => {
             if v.fenced_epoch > 0 {
                 critical.push(fenced_text(v.fenced_epoch));
+            } else if let Some((_, m)) =
+                v.failure.as_ref().filter(|(kind, _)| *kind == FailureKind::DiskFaulted)
+            {
+                critical.push(format!(
+                    "The primary's storage failed under a protected disk ({m}). The VM's writes to that disk \
+                     fail and it does not replicate. Repair the storage, then restart the vmreplica agent on \
+                     that node: it replays the disk's log onto the image and replication resumes"
+                ));
             } else if let Some((_, m)) =
                 v.failure.as_ref().filter(|(kind, _)| *kind == FailureKind::TlsRefused)
             {

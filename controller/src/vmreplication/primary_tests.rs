@@ -181,6 +181,17 @@ fn health_rules_fire_with_details() {
         ReplicationState::Error
     );
 
+    let mut faulted = ok.clone();
+    let why = "disk root: the log in /var/lib/x is faulted since disk image /d/root.img: Input/output error";
+    faulted.failure = Some((FailureKind::DiskFaulted, why.into()));
+    let (h, d) = health(&input(&Outcome::Enabled(Box::new(faulted.clone())), w(10, 0), 1_000_000));
+    assert_eq!(h, Health::Critical, "at once: retrying does not repair storage");
+    assert!(d[0].contains("Input/output error") && d[0].contains("restart the vmreplica agent"), "{d:?}");
+    assert_eq!(
+        state(false, &Outcome::Enabled(Box::new(faulted)), ReplicationState::Replicating),
+        ReplicationState::Error
+    );
+
     let mut fenced = ok.clone();
     fenced.fenced_epoch = 3;
     fenced.failure = Some((FailureKind::StaleEpoch, "refused this primary's epoch 1".into()));

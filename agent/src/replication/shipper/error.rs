@@ -63,6 +63,9 @@ impl ShipError {
                 }
                 _ => FailureKind::Other,
             },
+            ShipError::Disk(crate::disk::DiskError::Journal(crate::log::JournalError::Faulted {
+                ..
+            })) => FailureKind::DiskFaulted,
             ShipError::Read { .. }
             | ShipError::Disk(_)
             | ShipError::Replica(_)

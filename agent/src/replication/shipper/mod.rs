@@ -375,6 +375,7 @@ impl Shipper {
         if let Some(m) = &self.metrics {
             m.pending_bytes.with_label_values(&[vm, disk]).set(self.source.pending_bytes() as i64);
             m.compression_active.with_label_values(&[vm, disk]).set(i64::from(self.compress.active()));
+            m.disk_faulted.with_label_values(&[vm, disk]).set(i64::from(self.source.faulted()));
         }
         result
     }

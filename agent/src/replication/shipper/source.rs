@@ -88,6 +88,14 @@ impl Source {
         }
     }
 
+    /// Whether the source disk refuses writes after an I/O error.
+    pub(super) fn faulted(&self) -> bool {
+        match self {
+            Self::Protected(d) => d.faulted().is_some(),
+            Self::Forward(_) => false,
+        }
+    }
+
     /// Whether only a dirty map recorded the latest changes (the log overflowed).
     pub(super) fn resync_required(&self) -> bool {
         match self {
