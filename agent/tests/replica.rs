@@ -356,7 +356,9 @@ fn a_crash_while_committing_an_initial_copy_is_finished_on_open_and_a_damaged_st
     let path = dir.path().join("replica.json");
     let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
     v["receivedThrough"] = serde_json::json!(u64::MAX);
-    fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    // Written as the agent writes it (with its checksum): it is the numbers
+    // that are wrong, not the file.
+    vmreplica_agent::replica::state::store(dir.path(), &serde_json::from_value(v).unwrap()).unwrap();
     let err = ReplicaDisk::open(dir.path(), || unreachable!()).map(|_| ()).unwrap_err();
     assert!(matches!(err, ReplicaError::BadState { .. }), "{err}");
     assert!(err.to_string().contains("replica.json") && err.to_string().contains("receivedThrough"), "{err}");
@@ -435,8 +437,14 @@ fn a_scrub_finds_damage_at_rest_and_nothing_damaged_is_used() {
     };
     flip(&undo);
     flip(&dir.path().join("log").join(format!("{:020}.seg", p.segments[4].first_seq)));
+    flip(&dir.path().join("replica.json"));
+    assert!(vmreplica_agent::replica::state::load(dir.path()).is_err(), "the checksum finds the flip");
     let report = replica.scrub().unwrap();
-    assert_eq!(report.damaged.len(), 2, "{report:?}");
+    assert_eq!(report.damaged.len(), 3, "{report:?}");
+    assert!(
+        report.damaged[0].contains("replica.json") && report.damaged[0].contains("checksum"),
+        "{report:?}"
+    );
     assert_eq!(report.points_lost, 2);
     let left: Vec<u64> = replica.points().iter().map(|pt| pt.seq).collect();
     assert_eq!(left, vec![p.segments[2].last_seq, p.segments[3].last_seq]);
@@ -448,6 +456,8 @@ fn a_scrub_finds_damage_at_rest_and_nothing_damaged_is_used() {
     }
     let s = replica.state().clone();
     assert!(s.resync_wanted && s.received_through == p.segments[3].last_seq);
+    let on_disk = vmreplica_agent::replica::state::load(dir.path()).unwrap().unwrap();
+    assert_eq!(on_disk, s, "replica.json was written again, from the state in memory");
     assert_eq!(replica.apply_pending().unwrap(), 0);
     assert!(identical(path_str(&replica.image()), path_str(&p.snapshots[3])));
 }

@@ -11,7 +11,10 @@
 //! - a damaged undo file of the bridge (what a resync changed since the
 //!   newest point) drops every point: none could be materialised exactly.
 //!
-//! `replica.json` is checked whenever it is loaded (see `state::load`).
+//! - `replica.json` (checked against its checksum whenever it is loaded,
+//!   see `state::load`) is read back too: damaged, it is written again
+//!   from the state in memory, which was sound when loaded and is what the
+//!   replica has done since.
 
 use std::fs;
 
@@ -37,6 +40,11 @@ impl ReplicaDisk {
     pub fn scrub(&self) -> Result<ScrubReport> {
         let _apply = self.apply_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut report = ScrubReport::default();
+        report.files += 1;
+        if let Err(e) = super::state::load(&self.dir) {
+            report.damaged.push(format!("{e} (written again from the state in memory)"));
+            self.update(|_| {})?;
+        }
         let applied = self.state().applied_through;
         for (first, p) in seq_files(&self.dir.join("log"), ".seg")? {
             if first <= applied {

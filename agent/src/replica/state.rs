@@ -23,8 +23,43 @@ use serde::{Deserialize, Serialize};
 use super::{ReplicaError, Result, files::sync_dir, io_at};
 use crate::log::format::MAX_SEQ;
 
-/// The `replica.json` format this agent writes.
-pub const STATE_VERSION: u32 = 2;
+/// The `replica.json` format this agent writes (3: with its checksum).
+pub const STATE_VERSION: u32 = 3;
+
+/// How `replica.json` ends: its CRC32C, over the file as it would be without
+/// this member, is the last member, so the file stays JSON a person can read.
+const CHECKSUM_HEAD: &[u8] = b",\n  \"checksum\": \"crc32c:";
+const CHECKSUM_TAIL: &[u8] = b"\"\n}";
+const CHECKSUM_LEN: usize = CHECKSUM_HEAD.len() + 8 + CHECKSUM_TAIL.len();
+
+/// The file `body` (pretty JSON of an object) with its checksum member.
+fn with_checksum(mut body: Vec<u8>) -> Vec<u8> {
+    let crc = crc32c::crc32c(&body);
+    assert!(body.ends_with(b"\n}"), "pretty JSON of an object ends with a closing brace");
+    body.truncate(body.len() - 2);
+    body.extend_from_slice(CHECKSUM_HEAD);
+    body.extend_from_slice(format!("{crc:08x}").as_bytes());
+    body.extend_from_slice(CHECKSUM_TAIL);
+    body
+}
+
+/// Checks the checksum member of `bytes`: `Ok(false)` when there is none
+/// (files of versions 1 and 2), an error when it does not match.
+fn verify_checksum(bytes: &[u8]) -> std::result::Result<bool, String> {
+    let Some(at) = bytes.len().checked_sub(CHECKSUM_LEN) else { return Ok(false) };
+    let (body, member) = bytes.split_at(at);
+    if !member.starts_with(CHECKSUM_HEAD) || !member.ends_with(CHECKSUM_TAIL) {
+        return Ok(false);
+    }
+    let hex = &member[CHECKSUM_HEAD.len()..CHECKSUM_HEAD.len() + 8];
+    let want = std::str::from_utf8(hex).ok().and_then(|h| u32::from_str_radix(h, 16).ok());
+    let mut original = body.to_vec();
+    original.extend_from_slice(b"\n}");
+    match want {
+        Some(w) if w == crc32c::crc32c(&original) => Ok(true),
+        _ => Err("checksum mismatch: the file changed on disk after it was written (damage at rest)".into()),
+    }
+}
 
 /// Largest disk a replica accepts (64 TiB, VHDX's limit too).
 pub const MAX_DISK_SIZE: u64 = 64 << 40;
@@ -352,7 +387,11 @@ pub fn load(dir: &Path) -> Result<Option<ReplicaState>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(ReplicaError::Io { path, source: e }),
     };
+    let checked = verify_checksum(&bytes).map_err(&bad)?;
     let mut state: ReplicaState = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    if state.version >= 3 && !checked {
+        return Err(bad("no checksum where this format has one: damaged at rest".into()));
+    }
     match state.version {
         1 => {
             let legacy: LegacyFlags = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
@@ -373,8 +412,10 @@ pub fn load(dir: &Path) -> Result<Option<ReplicaState>> {
 /// Replaces `dir/replica.json` with `s`, durably (write, fsync, rename, fsync dir).
 pub fn store(dir: &Path, s: &ReplicaState) -> Result<()> {
     let tmp = dir.join("replica.json.tmp");
-    let body = serde_json::to_vec_pretty(&ReplicaState { version: STATE_VERSION, ..s.clone() })
-        .expect("state serialises");
+    let body = with_checksum(
+        serde_json::to_vec_pretty(&ReplicaState { version: STATE_VERSION, ..s.clone() })
+            .expect("state serialises"),
+    );
     crate::failpoint::io("io.replica.state")
         .and_then(|()| fs::write(&tmp, body))
         .and_then(|()| File::open(&tmp)?.sync_all())
@@ -401,19 +442,61 @@ mod tests {
         store(dir.path(), &s).unwrap();
         let written: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.path().join("replica.json")).unwrap()).unwrap();
-        assert_eq!(written["version"], 2);
+        assert_eq!(written["version"], 3);
         assert_eq!(written["lifecycle"], serde_json::json!({"stage": "finalized", "lastSeq": 9}));
         assert!(written.get("hasCopy").is_none(), "the flags are gone: {written}");
         assert_eq!(load(dir.path()).unwrap().unwrap(), s);
 
-        let mut v3 = written.clone();
-        v3["version"] = serde_json::json!(3);
-        fs::write(dir.path().join("replica.json"), v3.to_string()).unwrap();
+        let mut v4 = written.clone();
+        v4["version"] = serde_json::json!(4);
+        fs::write(dir.path().join("replica.json"), with_checksum(serde_json::to_vec_pretty(&v4).unwrap()))
+            .unwrap();
         let err = load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("replica.json") && err.contains("version 3"), "{err}");
+        assert!(err.contains("replica.json") && err.contains("version 4"), "{err}");
         fs::write(dir.path().join("replica.json"), b"{not json").unwrap();
         let err = load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("replica.json") && err.contains("unreadable"), "{err}");
+    }
+
+    /// Every single flipped bit of a stored `replica.json` (values, names,
+    /// punctuation, the checksum itself) is refused when it is loaded,
+    /// naming the file; the file as written loads back equal.
+    #[test]
+    fn a_bit_flipped_anywhere_in_replica_json_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = ReplicaState::new("ns.vm", "root", 1 << 30, 2, "g", "host1.site-a.example.com");
+        s.lifecycle = Lifecycle::Receiving;
+        (s.received_through, s.applied_through, s.consistent_from) = (4711, 4700, 12);
+        s.points.push(Point {
+            seq: 4700,
+            time_ms: 1_800_000_000_000,
+            kind: PointKind::Standard,
+            undo: Some("00000000000000004690.undo".into()),
+            chain: vec![],
+        });
+        s.bridge.push("00000000000000004701.undo".into());
+        store(dir.path(), &s).unwrap();
+        let path = dir.path().join("replica.json");
+        let good = fs::read(&path).unwrap();
+        assert_eq!(load(dir.path()).unwrap().unwrap(), ReplicaState { version: STATE_VERSION, ..s });
+        for at in 0..good.len() {
+            for bit in [0, 3, 6] {
+                let mut bad = good.clone();
+                bad[at] ^= 1 << bit;
+                fs::write(&path, &bad).unwrap();
+                let err = load(dir.path()).err().unwrap_or_else(|| {
+                    panic!("bit {bit} of byte {at} ({:?}) flipped went unnoticed", good[at] as char)
+                });
+                assert!(err.to_string().contains("replica.json"), "{err}");
+            }
+        }
+        // Cut short, or with the checksum member gone: refused too.
+        fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert!(load(dir.path()).is_err());
+        let text = String::from_utf8(good).unwrap();
+        let without = text[..text.rfind(",\n  \"checksum\"").unwrap()].to_owned() + "\n}";
+        fs::write(&path, without).unwrap();
+        assert!(load(dir.path()).unwrap_err().to_string().contains("no checksum"));
     }
 
     #[test]
