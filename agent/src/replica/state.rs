@@ -398,12 +398,16 @@ pub fn load(dir: &Path) -> Result<Option<ReplicaState>> {
             state.lifecycle = legacy.lifecycle();
             state.version = STATE_VERSION;
         }
+        // Version 2 differs only in having no checksum: it gets one when
+        // next stored.
+        2 => state.version = STATE_VERSION,
         STATE_VERSION => {}
-        v => {
+        v if v > STATE_VERSION => {
             return Err(bad(format!(
                 "format version {v} is newer than this agent reads ({STATE_VERSION}): run a newer agent"
             )));
         }
+        v => return Err(bad(format!("format version {v} does not exist"))),
     }
     state.check().map_err(bad)?;
     Ok(Some(state))
@@ -446,6 +450,13 @@ mod tests {
         assert_eq!(written["lifecycle"], serde_json::json!({"stage": "finalized", "lastSeq": 9}));
         assert!(written.get("hasCopy").is_none(), "the flags are gone: {written}");
         assert_eq!(load(dir.path()).unwrap().unwrap(), s);
+
+        // Version 2 (no checksum) loads as it is, and is stored with one.
+        let mut v2 = written.clone();
+        v2["version"] = serde_json::json!(2);
+        v2.as_object_mut().unwrap().remove("checksum");
+        fs::write(dir.path().join("replica.json"), serde_json::to_vec_pretty(&v2).unwrap()).unwrap();
+        assert_eq!(load(dir.path()).unwrap().unwrap(), s, "version 2 loads");
 
         let mut v4 = written.clone();
         v4["version"] = serde_json::json!(4);
