@@ -59,6 +59,50 @@ pub fn log_dir_for(image: &Path) -> PathBuf {
     image.with_file_name(name)
 }
 
+/// The file in a disk's log directory that a planned failover's finished
+/// primary part leaves: the disk's final sequence, every record through it
+/// durable at the replica. It outlives the agent, so a side restarted
+/// between its part and the other side's can still be failed back onto.
+const PREPARED_MARK: &str = "prepared";
+
+/// The prepared mark of the disk at `image`, if it has one (see
+/// [`ProtectedDisk::mark_prepared`]): the VM, the disk, the final sequence.
+pub fn prepared_mark(image: &Path) -> Option<(String, String, u64)> {
+    let text = std::fs::read_to_string(log_dir_for(image).join(PREPARED_MARK)).ok()?;
+    let mut words = text.split_whitespace();
+    let last = words.next()?.parse().ok()?;
+    Some((words.next()?.to_owned(), words.next()?.to_owned(), last))
+}
+
+/// The images under `roots` (three directories deep at most) whose logs
+/// carry the prepared mark of VM `vm_id`: per disk, its name and image.
+pub fn prepared_under(roots: &[PathBuf], vm_id: &str) -> Vec<(String, PathBuf)> {
+    fn walk(dir: &Path, depth: u32, vm_id: &str, out: &mut Vec<(String, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            match path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".vmrlog")) {
+                Some(image) => {
+                    let image = path.with_file_name(image);
+                    if let Some((_, disk, _)) = prepared_mark(&image).filter(|(vm, ..)| vm == vm_id) {
+                        out.push((disk, image));
+                    }
+                }
+                None if depth > 0 => walk(&path, depth - 1, vm_id, out),
+                None => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for root in roots {
+        walk(root, 3, vm_id, &mut out);
+    }
+    out
+}
+
 /// A disk being served and logged.
 pub struct ProtectedDisk {
     name: String,
@@ -245,10 +289,33 @@ impl ProtectedDisk {
         self.read_only.store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Accepts writes again (a failover was cancelled before the VM moved).
+    /// Accepts writes again (a failover was cancelled before the VM moved);
+    /// the prepared mark goes first.
     pub fn make_writable(&self) {
         let _journal = self.journal();
+        let mark = log_dir_for(&self.path).join(PREPARED_MARK);
+        if let Err(e) = std::fs::remove_file(&mark)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            // Harmless: a mark is believed only with no record after it.
+            tracing::warn!(mark = %mark.display(), error = %e, "removing the prepared mark");
+        }
         self.read_only.store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Records, durably, that this read-only disk's log ends at `last` and
+    /// the replica holds all of it: a planned failover's primary part is
+    /// done for it (see [`prepared_mark`]).
+    pub fn mark_prepared(&self, last: u64) -> Result<()> {
+        let dir = log_dir_for(&self.path);
+        let tmp = dir.join("prepared.tmp");
+        let err = |source| DiskError::Image { path: dir.clone(), source };
+        let vm = self.journal().vm_id().to_owned();
+        std::fs::write(&tmp, format!("{last} {vm} {}\n", self.name))
+            .and_then(|()| File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, dir.join(PREPARED_MARK)))
+            .and_then(|()| File::open(&dir)?.sync_all())
+            .map_err(err)
     }
 
     pub fn is_read_only(&self) -> bool {

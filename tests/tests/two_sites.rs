@@ -7,6 +7,8 @@
 //! removes replication on both sides and leaves B's disks in place. Planned
 //! failover there and back with reverse replication, and extended replication
 //! to a third site C (a third apiserver) that follows B after a failover.
+//! Planned failovers back and forth with either site's controllers or agent
+//! killed at a random moment of each step (`FAILOVER_CHAOS_ROUNDS` moves).
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -42,6 +44,27 @@ fn qemu_io(target: &str, cmd: &str) -> Result<(), String> {
 fn example(file: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(repo_root().join("examples").join(file)).unwrap();
     serde_yaml::from_str(&text).unwrap()
+}
+
+/// Failover `id` of `name` once it ended (Completed or Failed); `what` goes
+/// into the timeout's message.
+async fn failover_ended(
+    api: &Api<VMReplication>,
+    name: &str,
+    id: &str,
+    secs: u64,
+    what: &str,
+) -> vmreplica_crds::FailoverStatus {
+    wait_secs(secs, &format!("failover {id} to end {what}"), async || {
+        api.get(name).await.ok()?.status?.last_failover.filter(|l| {
+            l.id == id
+                && matches!(
+                    l.phase,
+                    vmreplica_crds::FailoverPhase::Completed | vmreplica_crds::FailoverPhase::Failed
+                )
+        })
+    })
+    .await
 }
 
 async fn last_failover(api: &Api<VMReplication>, name: &str) -> vmreplica_crds::FailoverStatus {
@@ -583,7 +606,7 @@ async fn planned_failover_there_and_back_loses_nothing() {
     let c = replica_site(root, "rev-c", &ca, c_name, b_name, &[]).await;
     let (b_repl, a_repl) = (b.repl_port, free_port());
 
-    let SiteA { ns: a_ns, label, agent: mut a_agent, storage: a_storage, vmrs: a_vmrs } =
+    let SiteA { ns: a_ns, label, agent: mut a_agent, storage: a_storage, vmrs: a_vmrs, .. } =
         SiteA::start(root, "rev-a", &ca, b_name, a_repl).await;
     let socket = root.join("a-nbd.sock");
     let b_vmrs = b.vmrs.clone();
@@ -629,18 +652,7 @@ async fn planned_failover_there_and_back_loses_nothing() {
         })
         .await
     };
-    let done = async |api: &Api<VMReplication>, id: &str| {
-        wait_secs(60, &format!("failover {id} to complete"), async || {
-            api.get(app).await.ok()?.status?.last_failover.filter(|l| {
-                l.id == id
-                    && matches!(
-                        l.phase,
-                        vmreplica_crds::FailoverPhase::Completed | vmreplica_crds::FailoverPhase::Failed
-                    )
-            })
-        })
-        .await
-    };
+    let done = async |api: &Api<VMReplication>, id: &str| failover_ended(api, app, id, 60, "").await;
 
     // B forwards to C.
     b_vmrs.patch(app, &tester, &Patch::Apply(at_b(serde_json::Value::Null))).await.unwrap();
@@ -790,6 +802,251 @@ async fn planned_failover_there_and_back_loses_nothing() {
     drop(a_agent);
 }
 
+/// What a strike kills at a random moment of a failover step.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    Nothing,
+    ControllersA,
+    ControllersB,
+    BothControllers,
+    AgentA,
+    AgentB,
+}
+
+/// A kill during a failover step: whom, when (milliseconds after the step
+/// was requested; `None`: once it completed), and for how long.
+#[derive(Clone, Copy, Debug)]
+struct Strike {
+    victim: Victim,
+    at: Option<u64>,
+    down: u64,
+}
+
+const CALM: Strike = Strike { victim: Victim::Nothing, at: None, down: 0 };
+
+/// Planned failovers back and forth, A→B then B→A, each with reverse
+/// replication, while at a random moment of each of its two steps (the old
+/// primary's part, the new primary's) either site's controllers, both, or
+/// either site's agent is killed and started again. After every move: the
+/// failover completed, both sides hold the same bytes, every write made at
+/// any earlier primary is served by the new one, and a write there reaches
+/// the old primary. `FAILOVER_CHAOS_ROUNDS` moves (default 2: there and
+/// back), seeded by `FAILOVER_CHAOS_SEED` (printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_failovers_back_and_forth_survive_kills_at_random_moments() {
+    let rounds: u64 = std::env::var("FAILOVER_CHAOS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let seed: u64 =
+        std::env::var("FAILOVER_CHAOS_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
+    eprintln!("failover chaos: {rounds} moves, FAILOVER_CHAOS_SEED={seed}");
+    // splitmix64 of the seed: neighbouring seeds are unrelated runs.
+    let mut rng = {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) | 1
+    };
+    let mut below = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let victims = [
+        Victim::Nothing,
+        Victim::ControllersA,
+        Victim::ControllersB,
+        Victim::BothControllers,
+        Victim::AgentA,
+        Victim::AgentB,
+    ];
+    let calm = std::env::var_os("FAILOVER_CHAOS_CALM").is_some();
+    failover_moves("foc", rounds, &format!("FAILOVER_CHAOS_SEED={seed}"), |_, _| {
+        let victim = if calm { Victim::Nothing } else { victims[below(victims.len() as u64) as usize] };
+        // One strike in four once the step completed, before the next.
+        let at = (below(4) != 0).then(|| below(2500));
+        Strike { victim, at, down: below(1000) }
+    })
+    .await;
+}
+
+/// An agent killed right after its side's part of a planned failover (its
+/// VM stopped, its disks read-only, its last log at the other side), and
+/// started again before the other side takes the VM over: it is still
+/// failed back onto, with no copy (before, it had forgotten it was prepared
+/// and refused the reverse replication for ever). Both directions: B's
+/// promoted replica, then A's own disks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_after_its_part_of_a_planned_failover_is_failed_back_onto() {
+    let after = |victim| Strike { victim, at: None, down: 200 };
+    failover_moves("fos", 3, "scripted", |round, step| match (round, step) {
+        (0, 0) | (2, 0) => after(Victim::AgentA),
+        (1, 0) => after(Victim::AgentB),
+        _ => CALM,
+    })
+    .await;
+}
+
+/// Runs `rounds` planned failovers, A→B, B→A, …, each with reverse
+/// replication, striking as `strike(move, step)` says (step 0: the old
+/// primary's part, 1: the new primary's); checks what the chaos test's doc
+/// says after every move. `what` names the run in failures; `tag` its
+/// sites, and B's server name: A's AuthorizationEntry (cluster-scoped, on
+/// the apiserver the tests share) then admits only this test's B, so
+/// replication reversed onto A lands in this test's storage.
+async fn failover_moves(tag: &str, rounds: u64, what: &str, mut strike: impl FnMut(u64, usize) -> Strike) {
+    // The controllers' own words (RUST_LOG), to read beside the agents' logs.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    let root = root.as_path();
+    if std::env::var_os("FAILOVER_CHAOS_KEEP").is_some() {
+        eprintln!("failover chaos: logs kept in {}", root.display());
+        std::mem::forget(dir); // not removed: the agents' logs stay to read
+    }
+    let ca = Ca::new("fo-chaos-ca").unwrap();
+    let a_name = "host1.site-a.example.com";
+    let b_name = &format!("replica-{tag}-{}.site-b.example.com", std::process::id());
+    write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
+    let mut b = replica_site(root, &format!("{tag}-b"), &ca, b_name, "*.site-a.example.com", &[a_name]).await;
+    let a_repl = free_port();
+    let mut a = SiteA::start(root, &format!("{tag}-a"), &ca, b_name, a_repl).await;
+    let image = disk_image(root, &format!("{tag}-root"));
+    let app = "app";
+    let (b_port, a_vmrs, b_vmrs) = (b.repl_port, a.vmrs.clone(), b.vmrs.clone());
+    let at_a = |failover: serde_json::Value| {
+        json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": app},
+            "spec": {"disks": [{"name": "root", "path": image}], "replicationFrequencySeconds": 1,
+                     "replicaServer": {"name": b_name, "port": b_port}, "failover": failover}})
+    };
+    apply_object(&a.vmrs, &at_a(json!(null))).await;
+    let replica = wait_secs(60, "B's Replica object", async || {
+        state_is(&b.vmrs, app, ReplicationState::Replicating).await
+    })
+    .await;
+    let b_image = replica.spec.disks[0].path.clone();
+    let at_b = |failover: serde_json::Value| {
+        json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": app},
+               "spec": {"role": "Replica", "disks": replica.spec.disks, "replicationFrequencySeconds": 1,
+                        "failover": failover}})
+    };
+    let a_export = format!("nbd+unix:///{}.{app}/root?socket={}", a.ns, root.join("a-nbd.sock").display());
+    let b_export = format!("nbd+unix:///{}.{app}/root?socket={}", a.ns, b.socket.display());
+    let done = async |api: &Api<VMReplication>, id: &str, struck: &[String]| {
+        failover_ended(api, app, id, 120, &format!("({what}, {struck:?})")).await
+    };
+    let mut struck = Vec::new();
+    let mut written: Vec<(u64, u64)> = Vec::new(); // (offset, pattern)
+    for round in 0..rounds {
+        let to_b = round % 2 == 0;
+        let (from_export, to_export) = if to_b { (&a_export, &b_export) } else { (&b_export, &a_export) };
+        let a_image = image.to_str().unwrap().to_owned();
+        let (from_image, to_image) = if to_b { (&a_image, &b_image) } else { (&b_image, &a_image) };
+        let off = (round * 2 % 128) * 65536;
+        let pattern = 0x10 + round % 0xe0;
+        qemu_io(from_export, &format!("write -P {pattern} {off} 64k")).unwrap();
+        written.push((off, pattern));
+        let id = format!("r{round}");
+        let steps = if to_b {
+            [
+                (&a_vmrs, at_a(json!({"id": id, "type": "Planned"}))),
+                (
+                    &b_vmrs,
+                    at_b(json!({"id": id, "type": "Planned", "reverseReplication": true,
+                                      "reverseReplicaServer": {"name": a_name, "port": a_repl}})),
+                ),
+            ]
+        } else {
+            [
+                (&b_vmrs, at_b(json!({"id": id, "type": "Planned"}))),
+                (&a_vmrs, at_a(json!({"id": id, "type": "Planned", "reverseReplication": true}))),
+            ]
+        };
+        for (api, obj) in steps {
+            apply_object(api, &obj).await;
+            let Strike { victim, at, down } = strike(round, struck.len() % 2);
+            struck.push(match at {
+                Some(at) => format!("move {round} {victim:?} at {at} ms for {down} ms"),
+                None => format!("move {round} {victim:?} once done, for {down} ms"),
+            });
+            eprintln!("failover chaos: {}", struck.last().unwrap());
+            match at {
+                Some(at) => tokio::time::sleep(Duration::from_millis(at)).await,
+                None => {
+                    let l = done(api, &id, &struck).await;
+                    assert_eq!(
+                        l.phase,
+                        vmreplica_crds::FailoverPhase::Completed,
+                        "move {round}, {what}: {l:?}"
+                    );
+                }
+            }
+            match victim {
+                Victim::Nothing => {}
+                Victim::ControllersA => a.controllers.kill(),
+                Victim::ControllersB => b.controllers.kill(),
+                Victim::BothControllers => {
+                    a.controllers.kill();
+                    b.controllers.kill();
+                }
+                Victim::AgentA => a.agent.kill(),
+                Victim::AgentB => b.agent.kill(),
+            }
+            tokio::time::sleep(Duration::from_millis(down)).await;
+            match victim {
+                Victim::Nothing => {}
+                Victim::ControllersA => a.controllers.restart(&ca),
+                Victim::ControllersB => b.controllers.restart(&ca),
+                Victim::BothControllers => {
+                    a.controllers.restart(&ca);
+                    b.controllers.restart(&ca);
+                }
+                Victim::AgentA => {
+                    // Its log so far kept beside the new one's.
+                    let _ = std::fs::rename(
+                        root.join("a-agent.log"),
+                        root.join(format!("a-agent.{}.log", struck.len())),
+                    );
+                    a.agent = site_a_agent(root, &a.ns, &a.label, b_name, Some(a_repl))
+                }
+                Victim::AgentB => b.restart_agent(),
+            }
+            let l = done(api, &id, &struck).await;
+            assert_eq!(
+                l.phase,
+                vmreplica_crds::FailoverPhase::Completed,
+                "move {round}, {what}, {struck:?}: {l:?}"
+            );
+        }
+        // Zero loss: both sides the same bytes, every write ever made served
+        // by the new primary.
+        assert!(
+            identical(to_image, Path::new(from_image)),
+            "move {round} ({what}, {struck:?}): sides differ"
+        );
+        for (off, pattern) in &written {
+            wait_secs(60, &format!("move {round}: write {pattern} at {off} served"), async || {
+                qemu_io(to_export, &format!("read -P {pattern} {off} 64k")).ok()
+            })
+            .await;
+        }
+        // Replicating back: a write at the new primary reaches the old one.
+        let off = (round * 2 % 128 + 1) * 65536;
+        let pattern = 0xf0 + round % 0x0f;
+        qemu_io(to_export, &format!("write -P {pattern} {off} 64k")).unwrap();
+        written.push((off, pattern));
+        wait_secs(60, &format!("move {round}: the new primary's write at the old one"), async || {
+            qemu_io(from_image, &format!("read -P {pattern} {off} 64k")).ok()
+        })
+        .await;
+    }
+    eprintln!("failover chaos: {rounds} moves passed ({what}): {struck:?}");
+}
+
 /// Site A on the shared apiserver: its agent (see [`site_a_agent`]) is a
 /// replica server too, for B on port `repl` — Hyper-V asks the same of a
 /// primary that is to receive reverse replication — with its own
@@ -800,6 +1057,46 @@ struct SiteA {
     agent: Process,
     storage: std::path::PathBuf,
     vmrs: Api<VMReplication>,
+    controllers: SiteControllers,
+}
+
+/// A site's controller loops (sites, VMReplications, the replica site) as
+/// tasks of this test. Killing them aborts them wherever they are, as kill
+/// -9 of the controller's process would: nothing of them runs on, no
+/// clean-up; started again, they know only what the apiserver holds.
+struct SiteControllers {
+    client: kube::Client,
+    ns: String,
+    watch: Option<String>,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl SiteControllers {
+    fn start(client: kube::Client, ns: &str, ca: &Ca, watch: Option<String>) -> Self {
+        let mut c = Self { client, ns: ns.to_owned(), watch, tasks: Vec::new() };
+        c.spawn(ca);
+        c
+    }
+
+    fn spawn(&mut self, ca: &Ca) {
+        let ctx = controllers(self.client.clone(), &self.ns, ca, self.watch.clone());
+        self.tasks = vec![
+            tokio::spawn(site::run(ctx.site.clone(), std::future::pending())).abort_handle(),
+            tokio::spawn(vmreplication::run(ctx.clone(), std::future::pending())).abort_handle(),
+            tokio::spawn(replica_site::run(ctx, std::future::pending())).abort_handle(),
+        ];
+    }
+
+    fn kill(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    fn restart(&mut self, ca: &Ca) {
+        self.kill();
+        self.spawn(ca);
+    }
 }
 
 impl SiteA {
@@ -819,12 +1116,9 @@ impl SiteA {
             "metadata": {"name": ns}, "spec": {"allowedPrimaryServer": b_name, "trustGroup": "finance",
             "replicaStorageLocation": storage, "replicaNamespace": ns}});
         apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(a.clone()), &entry).await;
-        let ctx = controllers(a.clone(), &ns, ca, Some(ns.clone()));
-        tokio::spawn(site::run(ctx.site.clone(), std::future::pending()));
-        tokio::spawn(vmreplication::run(ctx.clone(), std::future::pending()));
-        tokio::spawn(replica_site::run(ctx, std::future::pending()));
+        let controllers = SiteControllers::start(a.clone(), &ns, ca, Some(ns.clone()));
         let vmrs = Api::namespaced(a.clone(), &ns);
-        SiteA { ns, label, agent, storage, vmrs }
+        SiteA { ns, label, agent, storage, vmrs, controllers }
     }
 }
 
@@ -1075,6 +1369,8 @@ struct ReplicaSite {
     agent: Process,
     /// How its agent was started, to start it again.
     agent_args: (Vec<std::ffi::OsString>, std::path::PathBuf),
+    restarts: u32,
+    controllers: SiteControllers,
 }
 
 impl ReplicaSite {
@@ -1084,7 +1380,10 @@ impl ReplicaSite {
         let (args, log) = &self.agent_args;
         let mut cmd = Command::new(bin("vmreplica-agent"));
         cmd.args(args);
-        self.agent = Process::spawn_ready(cmd, &log.with_extension("restarted.log"));
+        // Each start's log kept.
+        self.restarts += 1;
+        self.agent =
+            Process::spawn_ready(cmd, &log.with_extension(format!("restarted-{}.log", self.restarts)));
     }
 }
 
@@ -1135,12 +1434,9 @@ async fn replica_site(
     entry["spec"]["replicaStorageLocation"] = json!(storage);
     entry["spec"]["allowedPrimaryServer"] = json!(allowed);
     apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(client.clone()), &entry).await;
-    let ctx = controllers(client.clone(), &ns, ca, None);
-    tokio::spawn(site::run(ctx.site.clone(), std::future::pending()));
-    tokio::spawn(vmreplication::run(ctx.clone(), std::future::pending()));
-    tokio::spawn(replica_site::run(ctx, std::future::pending()));
+    let controllers = SiteControllers::start(client.clone(), &ns, ca, None);
     let vmrs = Api::namespaced(client.clone(), dr);
-    ReplicaSite { _plane: plane, vmrs, repl_port, socket, node, agent, agent_args }
+    ReplicaSite { _plane: plane, vmrs, repl_port, socket, node, agent, agent_args, restarts: 0, controllers }
 }
 
 /// Extended replication A→B→C across three apiservers: B forwards what it

@@ -722,6 +722,11 @@ impl Journal {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The VM whose disk this log records.
+    pub fn vm_id(&self) -> &str {
+        &self.cfg.vm_id
+    }
 }
 
 /// Seals a rotated segment: the caller made the image durable first; this

@@ -37,7 +37,7 @@ use tokio::sync::{Mutex, watch};
 use vmreplica_api::tls::{LiveTls, Peer};
 
 use crate::{
-    disk::ProtectedDisk,
+    disk::{ProtectedDisk, log_dir_for},
     limits::Limits,
     metrics::Metrics,
     nbd::NbdServer,
@@ -378,6 +378,8 @@ impl Node {
                 s.sync_once().await.map_err(|e| format!("disk {name}: shipping the last segment: {e}"))?;
             if durable >= last {
                 s.finalize(last).await.map_err(|e| format!("disk {name}: telling the replica: {e}"))?;
+                d.mark_prepared(last)
+                    .map_err(|e| format!("disk {name}: recording the final sequence: {e}"))?;
             }
             out.push(FinalDisk { disk_id: name, last_seq: last, durable_through: durable });
         }
@@ -471,6 +473,69 @@ impl Node {
         let out = self.release(vm_id, m).await;
         tracing::info!(vm = vm_id, "prepared VM released: its disks become replicas of the promoted side");
         Some(out)
+    }
+
+    /// The disks (name, image) under this node's disk roots that a planned
+    /// failover's primary part left prepared for VM `vm_id` (found by their
+    /// marks: this agent may have restarted since).
+    pub async fn prepared_at_rest(&self, vm_id: &str) -> Vec<(String, PathBuf)> {
+        let (roots, vm) = (self.cfg.disk_roots.clone(), vm_id.to_owned());
+        tokio::task::spawn_blocking(move || crate::disk::prepared_under(&roots, &vm))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// [`Self::release_prepared`] for a VM this agent prepared before it
+    /// restarted (so it is not served here now): each of its disks (name,
+    /// image) must carry the prepared mark of its final sequence with no
+    /// record logged after it (its log is opened, and recovered, to check),
+    /// so the promoted side holds every write. Their logs are deleted.
+    pub async fn release_prepared_at_rest(
+        &self,
+        vm_id: &str,
+        disks: Vec<(String, PathBuf)>,
+    ) -> Option<Vec<(String, PathBuf, u64)>> {
+        let vms = self.vms.lock().await;
+        if vms.contains_key(vm_id) || disks.is_empty() {
+            return None;
+        }
+        let vm = vm_id.to_owned();
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for (name, image) in disks {
+                let (_, _, last) =
+                    crate::disk::prepared_mark(&image).filter(|(v, d, _)| *v == vm && *d == name)?;
+                let (disk, _) = ProtectedDisk::open(&vm, &name, &image).ok()?;
+                let logged = disk.log_status().next_seq - 1;
+                drop(disk);
+                if logged != last {
+                    tracing::warn!(
+                        vm,
+                        disk = name,
+                        last,
+                        logged,
+                        "written after it was prepared: not failed back"
+                    );
+                    return None;
+                }
+                out.push((name, image, last));
+            }
+            Some(out)
+        })
+        .await
+        .ok()??;
+        for (_, image, _) in &checked {
+            let dir = log_dir_for(image);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "removing the log");
+            }
+        }
+        drop(vms);
+        tracing::info!(
+            vm = vm_id,
+            "VM prepared before this agent restarted released: its disks become replicas"
+        );
+        Some(checked)
     }
 
     /// Stops serving and replicating `m` (removed from the VMs already) and

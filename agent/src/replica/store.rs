@@ -317,9 +317,18 @@ impl ReplicaStore {
                             tracing::warn!(dir = %dir.display(), "replica held by another agent process: left to it");
                             continue;
                         }
-                        r => r?,
+                        // One replica that cannot be opened (damaged, its
+                        // image gone) must not keep the others closed: they
+                        // would go unreported, and could not be failed over.
+                        Err(e) => {
+                            tracing::error!(dir = %dir.display(), error = %e, "replica cannot be opened: left closed");
+                            continue;
+                        }
+                        Ok(r) => r,
                     };
-                    self.apply_and_retain(&replica)?;
+                    if let Err(e) = self.apply_and_retain(&replica) {
+                        tracing::error!(dir = %dir.display(), error = %e, "applying what the replica received failed");
+                    }
                     found += 1;
                 }
             }

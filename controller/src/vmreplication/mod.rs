@@ -69,6 +69,7 @@ fn facts<'a>(vmr: &'a VMReplication, obs: &'a Observation, ctx: &Context) -> Fac
         now: obs.now,
         replica: obs.replica.as_ref(),
         primary_agent: matches!(obs.primary, Some(Ok(_))),
+        serves_vm: matches!(&obs.primary, Some(Ok((_, Ok(s)))) if s.vms.iter().any(|v| v.vm_id == primary::vm_id(vmr))),
         power: obs.power,
         poll: ctx.poll,
     }

@@ -55,6 +55,9 @@ pub struct Facts<'a> {
     pub replica: Option<&'a Located>,
     /// Primary role: whether an agent serves the VM's disks here.
     pub primary_agent: bool,
+    /// Primary role: whether that agent reports this VM among those it
+    /// protects (it does not after giving the VM away, nor when restarted).
+    pub serves_vm: bool,
     /// The VM's power, when it was read (a planned failover stopping it).
     pub power: Option<PowerState>,
     pub poll: Duration,
@@ -300,14 +303,53 @@ pub fn primary_plan(f: &Facts) -> Plan {
     // Replication reversed onto this side: it is the VM's replica now (the
     // replica-site report shows it), or it is taking the VM back.
     if let Some(loc) = f.replica.filter(|l| l.status.replicas.iter().any(|d| d.reverse)) {
-        let taken_back = loc.status.replicas.iter().all(|d| d.promoted)
-            && last.is_some_and(|l| l.took_over && l.phase == FailoverPhase::Completed);
+        // Taken back, and then (a later request) the primary's part of
+        // moving it away again is under way or done here: that is this
+        // side's part, not the target's (which would "complete" at once,
+        // this side serving the disks already).
+        // (Of this request: the previous move's part, done here before the
+        // VM was taken back, must not pass for it.)
+        let own_part = |l: &FailoverStatus| {
+            (l.took_over && l.phase == FailoverPhase::Completed)
+                || !l.took_over
+                    && request.is_some_and(|r| r.id == l.id)
+                    && matches!(
+                        l.phase,
+                        FailoverPhase::StoppingVM | FailoverPhase::SyncingFinalLog | FailoverPhase::Completed
+                    )
+        };
+        let taken_back = loc.status.replicas.iter().all(|d| d.promoted) && last.is_some_and(own_part);
         if !taken_back {
             return match planned_target(f) {
                 Plan::Idle => Plan::Wait { status: None, note: None, again: f.poll },
                 p => p,
             };
         }
+    }
+    // This request's take-back is under way here (its target's part), and
+    // the agent's report of the reversed disks is missing (it restarted):
+    // that is no new move to begin, whose first step would stop the VM.
+    let taking_back = last.is_some_and(|l| {
+        request.is_some_and(|r| r.id == l.id)
+            && matches!(
+                l.phase,
+                FailoverPhase::Pending
+                    | FailoverPhase::PreparingDisks
+                    | FailoverPhase::StartingVM
+                    | FailoverPhase::WaitingCompletion
+                    | FailoverPhase::Reversing
+            )
+    });
+    // This side gave the VM away (its part of an earlier move completed)
+    // and its agent no longer protects the VM: a new request can only take
+    // it back, which needs the agent's report of the reversed disks (missing
+    // until a restarted agent is configured again). A side still holding
+    // the VM (never taken over) does its part again instead.
+    let gave_away = last.is_some_and(|l| {
+        !l.took_over && l.phase == FailoverPhase::Completed && request.is_some_and(|r| r.id != l.id)
+    }) && !f.serves_vm;
+    if (taking_back || gave_away) && f.replica.is_none() {
+        return Plan::Wait { status: None, note: None, again: SOON };
     }
     match (request, last) {
         (Some(r), last) => primary_part(f, r, last),

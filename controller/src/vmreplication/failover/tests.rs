@@ -60,7 +60,15 @@ fn object(role: &str, failover: Option<serde_json::Value>, last: Option<Failover
 }
 
 fn facts<'a>(vmr: &'a VMReplication, replica: Option<&'a Located>, power: Option<PowerState>) -> Facts<'a> {
-    Facts { vmr, now: now(), replica, primary_agent: true, power, poll: Duration::from_secs(30) }
+    Facts {
+        vmr,
+        now: now(),
+        replica,
+        primary_agent: true,
+        serves_vm: true,
+        power,
+        poll: Duration::from_secs(30),
+    }
 }
 
 fn last(kind: FailoverType, id: &str, phase: FailoverPhase) -> FailoverStatus {
@@ -215,6 +223,76 @@ fn the_primary_part_stops_the_vm_waits_for_it_then_ships_the_last_log() {
     let mut no_agent = facts(&vmr, None, None);
     no_agent.primary_agent = false;
     assert_eq!(primary_plan(&no_agent), Plan::Idle);
+}
+
+/// Failed back here (the disks are this side's own, reversed onto and
+/// promoted again), then moved away once more: every step of the new
+/// request is this side's primary part, never the target's. (Before, the
+/// step after StoppingVM took the target's path, which found the disks
+/// served here and "completed" the failover at once: found by the failover
+/// chaos test, A→B→A→B.)
+#[test]
+fn a_side_that_took_the_vm_back_does_the_primarys_part_of_the_next_move() {
+    let mut own = disk("root", &[(5, NOW_MS as u64)]);
+    own.image_path = "/d/root.img".into();
+    own.reverse = true;
+    own.promoted = true;
+    let here = located(vec![own]);
+    let req = serde_json::json!({"id": "r2", "type": "Planned"});
+    let mut back = last(FailoverType::Planned, "r1", FailoverPhase::Completed);
+    back.took_over = true;
+    let vmr = object("Primary", Some(req.clone()), Some(back));
+    let r = run(primary_plan(&facts(&vmr, Some(&here), Some(PowerState::Running))));
+    assert_eq!((r.status.phase, r.actions.clone()), (FailoverPhase::StoppingVM, vec![Action::StopVm]));
+    let stopping = object(
+        "Primary",
+        Some(req.clone()),
+        Some(last(FailoverType::Planned, "r2", FailoverPhase::StoppingVM)),
+    );
+    let r = run(primary_plan(&facts(&stopping, Some(&here), Some(PowerState::Stopped))));
+    assert_eq!(
+        (r.status.phase, r.actions.clone(), r.done),
+        (FailoverPhase::SyncingFinalLog, vec![Action::PrepareFailover], Done::Prepared)
+    );
+    let prepared =
+        object("Primary", Some(req), Some(last(FailoverType::Planned, "r2", FailoverPhase::Completed)));
+    assert!(matches!(
+        primary_plan(&facts(&prepared, Some(&here), None)),
+        Plan::Hold(ReplicationState::SyncedReplicationComplete, _)
+    ));
+    // Taking it back (r3) while the last status is still this side's part
+    // of r2 and the disks are promoted already (the agent restarted between
+    // promoting and the status being written): the take-back goes on, no
+    // primary's part of r3 is begun (the failover chaos test, move 11 of
+    // seed 20261206: "VM not protected on this agent").
+    let back = serde_json::json!({"id": "r3", "type": "Planned", "reverseReplication": true});
+    let midway =
+        object("Primary", Some(back), Some(last(FailoverType::Planned, "r2", FailoverPhase::Completed)));
+    // ...nor while the agent, restarting, has not reported its disks yet.
+    let started = object(
+        "Primary",
+        Some(serde_json::json!({"id": "r3", "type": "Planned", "reverseReplication": true})),
+        Some(last(FailoverType::Planned, "r3", FailoverPhase::StartingVM)),
+    );
+    assert!(matches!(primary_plan(&facts(&started, None, None)), Plan::Wait { .. }));
+    // ...nor when its status is still this side's part of the last move and
+    // the restarted agent neither protects the VM nor reports its reversed
+    // disks yet (seed 20261206, move 11: the primary's part of the take-back
+    // was begun, and Failed: "VM not protected on this agent").
+    let mut restarted = facts(&midway, None, None);
+    restarted.serves_vm = false;
+    assert!(matches!(primary_plan(&restarted), Plan::Wait { .. }));
+    // A side that still holds the VM (the other never took it over) does
+    // its part again for a new request.
+    let r = run(primary_plan(&facts(&midway, None, Some(PowerState::Running))));
+    assert_eq!((r.status.phase, r.actions.clone()), (FailoverPhase::StoppingVM, vec![Action::StopVm]));
+    match primary_plan(&facts(&midway, Some(&here), None)) {
+        Plan::Run(r) => assert!(
+            !r.actions.contains(&Action::StopVm) && !r.actions.contains(&Action::PrepareFailover),
+            "{r:?}"
+        ),
+        other => assert!(!matches!(other, Plan::Hold(..)), "{other:?}"),
+    }
 }
 
 #[test]
