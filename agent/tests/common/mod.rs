@@ -41,6 +41,15 @@ pub fn serve_new_image(size: u64, content: &[u8]) -> Served {
 
 /// [`serve_new_image`] for a VM of another id.
 pub fn serve_new_image_for(vm: &str, size: u64, content: &[u8]) -> Served {
+    let served = new_image_for(vm, size, content);
+    NbdServer::new([served.disk.clone()]).serve_unix(UnixListener::bind(&served.socket).unwrap());
+    served
+}
+
+/// [`serve_new_image_for`] without the NBD listener (its accept thread,
+/// holding the disk open, lives as long as the test process): for tests
+/// that make thousands of disks and drive `NbdServer::handle` themselves.
+pub fn new_image_for(vm: &str, size: u64, content: &[u8]) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("root.img");
     let f = fs::File::create(&image).unwrap();
@@ -51,7 +60,6 @@ pub fn serve_new_image_for(vm: &str, size: u64, content: &[u8]) -> Served {
     let (disk, _) = ProtectedDisk::open(vm, "root", &image).unwrap();
     let disk = Arc::new(disk);
     let socket = dir.path().join("nbd.sock");
-    NbdServer::new([disk.clone()]).serve_unix(UnixListener::bind(&socket).unwrap());
     Served { dir, disk, image, base, socket }
 }
 
