@@ -138,6 +138,14 @@ fn a_segment_damaged_on_the_replica_while_it_was_down_is_healed_by_a_resync() {
         })
     };
     converged("the first copy");
+    // Nothing received is left to apply: else the next agent would meet
+    // its fail point applying that at startup, before it says it is ready.
+    let received = || {
+        let v: serde_json::Value =
+            serde_json::from_slice(&fs::read(replica_dir.join("replica.json")).unwrap()).unwrap();
+        v["receivedThrough"].as_u64().unwrap()
+    };
+    wait_until(d, "the replica to apply all it received", 20, || received() == applied_through(&replica_dir));
 
     // The replica takes the next segments but dies applying them...
     replica.kill9();
