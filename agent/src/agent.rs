@@ -405,14 +405,11 @@ impl Agent {
         let Some(node) = &self.node else {
             return Err(ReplicaError::StaleEpoch { current, found: a.epoch }.into());
         };
-        // One state lock at a time: image() takes it too.
+        // Its disks are these replicas' images (one state lock at a time:
+        // image() takes it too).
         let disk = |r: &Arc<ReplicaDisk>| r.state().disk_id.clone();
-        let at_rest = || store.of_vm(&a.vm_id).iter().map(|r| (disk(r), r.image())).collect();
-        let released = match node.release_prepared(&a.vm_id).await {
-            Some(r) => Some(r),
-            None => node.release_prepared_at_rest(&a.vm_id, at_rest()).await,
-        };
-        let Some(released) = released else {
+        let images = store.of_vm(&a.vm_id).iter().map(|r| (disk(r), r.image())).collect();
+        let Some(released) = node.release_prepared(&a.vm_id, Some(images)).await else {
             return Err(StoreError::Precondition(format!(
                 "{} runs here (promoted at epoch {current}) and was not failed over back: a planned failover must \
                  first stop it here",
@@ -449,12 +446,7 @@ impl Agent {
         epoch: u64,
     ) -> Result<Option<Vec<Arc<ReplicaDisk>>>, StoreError> {
         let Some(node) = self.node.as_ref().filter(|_| epoch > 0) else { return Ok(None) };
-        let disks = match node.release_prepared(vm).await {
-            Some(d) => Some(d),
-            // Prepared before this agent restarted: its disks say so.
-            None => node.release_prepared_at_rest(vm, node.prepared_at_rest(vm).await).await,
-        };
-        let Some(disks) = disks else { return Ok(None) };
+        let Some(disks) = node.release_prepared(vm, None).await else { return Ok(None) };
         let mut out = Vec::new();
         for (disk_id, path, through) in disks {
             let (size, dir) = home_of(&path, grant, vm, &disk_id)?;

@@ -226,7 +226,7 @@ impl ProtectedDisk {
                 let now = self
                     .read_image(&mut buf[payload], offset)
                     .and_then(|()| Ok(journal.append_write(buf, offset)?));
-                self.fault_on(&mut journal, now)?;
+                journal.fault_on(now)?;
                 return Err(self.image_err()(e));
             }
             logged
@@ -248,22 +248,13 @@ impl ProtectedDisk {
             let zeroed = crate::failpoint::io("io.image.write")
                 .and_then(|()| zero_range(&self.image, offset, len, keep_allocated))
                 .map_err(self.image_err());
-            self.fault_on(&mut journal, zeroed)?;
+            journal.fault_on(zeroed)?;
             logged
         };
         if fua {
             self.flush()?;
         }
         Ok(logged)
-    }
-
-    /// Passes `r` on, faulting the log when it is an error (the image is in
-    /// doubt: the log has a record it may lack, or a sync failed).
-    fn fault_on<T>(&self, journal: &mut Journal, r: Result<T>) -> Result<T> {
-        if let Err(e) = &r {
-            journal.fault(e.to_string());
-        }
-        r
     }
 
     /// Why this disk refuses writes after an I/O error, if it does.
@@ -308,14 +299,13 @@ impl ProtectedDisk {
     /// done for it (see [`prepared_mark`]).
     pub fn mark_prepared(&self, last: u64) -> Result<()> {
         let dir = log_dir_for(&self.path);
-        let tmp = dir.join("prepared.tmp");
-        let err = |source| DiskError::Image { path: dir.clone(), source };
         let vm = self.journal().vm_id().to_owned();
-        std::fs::write(&tmp, format!("{last} {vm} {}\n", self.name))
-            .and_then(|()| File::open(&tmp)?.sync_all())
-            .and_then(|()| std::fs::rename(&tmp, dir.join(PREPARED_MARK)))
-            .and_then(|()| File::open(&dir)?.sync_all())
-            .map_err(err)
+        crate::log::dirty::replace_durably(
+            &dir,
+            PREPARED_MARK,
+            format!("{last} {vm} {}\n", self.name).as_bytes(),
+        )
+        .map_err(|source| DiskError::Image { path: dir.clone(), source })
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -326,7 +316,7 @@ impl ProtectedDisk {
     pub fn flush(&self) -> Result<()> {
         self.journal().sync()?;
         let synced = self.sync_image();
-        self.fault_on(&mut self.journal(), synced)
+        self.journal().fault_on(synced)
     }
 
     /// Seals the active segment (if it holds any record) and opens the next one.
@@ -385,7 +375,7 @@ impl ProtectedDisk {
         self.journal().healthy()?;
         let sealed = self.sync_image().and_then(|()| Ok(finish_seal(rotation)?));
         let mut journal = self.journal();
-        let sealed = self.fault_on(&mut journal, sealed)?;
+        let sealed = journal.fault_on(sealed)?;
         journal.register_sealed(sealed.clone(), len);
         Ok(sealed)
     }
@@ -432,7 +422,7 @@ impl ProtectedDisk {
     pub fn shutdown(&self) -> Result<()> {
         let synced = self.sync_image();
         let mut journal = self.journal();
-        self.fault_on(&mut journal, synced)?;
+        journal.fault_on(synced)?;
         Ok(journal.shutdown()?)
     }
 }

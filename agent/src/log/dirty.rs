@@ -144,15 +144,22 @@ impl JournalState {
         }
     }
 
-    /// Replaces the state file durably (write, fsync, rename, fsync directory).
+    /// Replaces the state file durably.
     pub fn store(&self, dir: &Path) -> io::Result<()> {
-        let tmp = dir.join("state.tmp");
         crate::failpoint::io("io.log.state")?;
-        fs::write(&tmp, self.encode())?;
-        fs::File::open(&tmp)?.sync_all()?;
-        fs::rename(&tmp, dir.join("state"))?;
-        fs::File::open(dir)?.sync_all()
+        replace_durably(dir, "state", &self.encode())
     }
+}
+
+/// Replaces `dir/name` with `bytes` so that a crash leaves the old file or
+/// the new one, whole: written beside it, fsynced, renamed over it, and the
+/// directory fsynced.
+pub fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    fs::write(&tmp, bytes)?;
+    fs::File::open(&tmp)?.sync_all()?;
+    fs::rename(&tmp, dir.join(name))?;
+    fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -609,8 +609,9 @@ impl Journal {
         }
     }
 
-    /// Passes `r` on, faulting the log when it is an error.
-    pub fn fault_on<T>(&mut self, r: Result<T>) -> Result<T> {
+    /// Passes `r` on, faulting the log when it is an error (of the log, or
+    /// of the image it records).
+    pub fn fault_on<T, E: std::fmt::Display>(&mut self, r: Result<T, E>) -> Result<T, E> {
         if let Err(e) = &r {
             self.fault(e.to_string());
         }

@@ -460,13 +460,29 @@ impl Node {
     /// Reverse replication, old primary's side: a VM prepared for a planned
     /// failover stops being served here so that its disks can become
     /// replicas of the promoted side. Its logs (all shipped and durable
-    /// there) are deleted; the images stay. `None` when the VM is not
-    /// prepared here (it still runs, or this agent restarted since). Per
-    /// disk: name, image, and the last sequence logged (what the image holds).
-    pub async fn release_prepared(&self, vm_id: &str) -> Option<Vec<(String, PathBuf, u64)>> {
+    /// there) are deleted; the images stay. A VM not served here because
+    /// this agent restarted since is known by its disks' prepared marks:
+    /// those of `at_rest` (name, image), or with `None` those found under
+    /// the disk roots. `None` when the VM is not prepared here (it still
+    /// runs). Per disk: name, image, and the last sequence logged (what the
+    /// image holds).
+    pub async fn release_prepared(
+        &self,
+        vm_id: &str,
+        at_rest: Option<Vec<(String, PathBuf)>>,
+    ) -> Option<Vec<(String, PathBuf, u64)>> {
         let mut vms = self.vms.lock().await;
-        if !vms.get(vm_id).is_some_and(|m| m.prepared) {
-            return None;
+        match vms.get(vm_id) {
+            Some(m) if m.prepared => {}
+            Some(_) => return None,
+            None => {
+                drop(vms);
+                let disks = match at_rest {
+                    Some(d) => d,
+                    None => self.prepared_at_rest(vm_id).await,
+                };
+                return self.release_prepared_at_rest(vm_id, disks).await;
+            }
         }
         let m = vms.remove(vm_id).expect("checked above");
         drop(vms);
@@ -478,7 +494,7 @@ impl Node {
     /// The disks (name, image) under this node's disk roots that a planned
     /// failover's primary part left prepared for VM `vm_id` (found by their
     /// marks: this agent may have restarted since).
-    pub async fn prepared_at_rest(&self, vm_id: &str) -> Vec<(String, PathBuf)> {
+    async fn prepared_at_rest(&self, vm_id: &str) -> Vec<(String, PathBuf)> {
         let (roots, vm) = (self.cfg.disk_roots.clone(), vm_id.to_owned());
         tokio::task::spawn_blocking(move || crate::disk::prepared_under(&roots, &vm))
             .await
@@ -490,7 +506,7 @@ impl Node {
     /// image) must carry the prepared mark of its final sequence with no
     /// record logged after it (its log is opened, and recovered, to check),
     /// so the promoted side holds every write. Their logs are deleted.
-    pub async fn release_prepared_at_rest(
+    async fn release_prepared_at_rest(
         &self,
         vm_id: &str,
         disks: Vec<(String, PathBuf)>,

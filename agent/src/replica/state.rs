@@ -14,13 +14,13 @@
 //! migrated; a newer version than this agent knows is refused by name.
 
 use std::{
-    fs::{self, File},
+    fs,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::{ReplicaError, Result, files::sync_dir, io_at};
+use super::{ReplicaError, Result, io_at};
 use crate::log::format::MAX_SEQ;
 
 /// The `replica.json` format this agent writes (3: with its checksum).
@@ -413,19 +413,15 @@ pub fn load(dir: &Path) -> Result<Option<ReplicaState>> {
     Ok(Some(state))
 }
 
-/// Replaces `dir/replica.json` with `s`, durably (write, fsync, rename, fsync dir).
+/// Replaces `dir/replica.json` with `s`, durably.
 pub fn store(dir: &Path, s: &ReplicaState) -> Result<()> {
-    let tmp = dir.join("replica.json.tmp");
     let body = with_checksum(
         serde_json::to_vec_pretty(&ReplicaState { version: STATE_VERSION, ..s.clone() })
             .expect("state serialises"),
     );
     crate::failpoint::io("io.replica.state")
-        .and_then(|()| fs::write(&tmp, body))
-        .and_then(|()| File::open(&tmp)?.sync_all())
-        .map_err(io_at(&tmp))?;
-    fs::rename(&tmp, dir.join("replica.json")).map_err(io_at(&tmp))?;
-    sync_dir(dir)
+        .and_then(|()| crate::log::dirty::replace_durably(dir, "replica.json", &body))
+        .map_err(io_at(&dir.join("replica.json")))
 }
 
 #[cfg(test)]

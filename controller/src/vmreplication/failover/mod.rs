@@ -274,6 +274,13 @@ pub(super) fn ended(l: &FailoverStatus) -> bool {
     matches!(l.phase, FailoverPhase::Completed | FailoverPhase::Failed)
 }
 
+/// Whether a planned failover is in its primary's part (stopping the VM,
+/// shipping the last log); the target's part runs through the other
+/// phases before it ends.
+pub(super) fn in_primary_part(l: &FailoverStatus) -> bool {
+    matches!(l.phase, FailoverPhase::StoppingVM | FailoverPhase::SyncingFinalLog)
+}
+
 /// The next step for a Replica object.
 pub fn replica_plan(f: &Facts) -> Plan {
     for plan in [test(f), planned_back(f), planned_target(f), unplanned(f)] {
@@ -303,20 +310,16 @@ pub fn primary_plan(f: &Facts) -> Plan {
     // Replication reversed onto this side: it is the VM's replica now (the
     // replica-site report shows it), or it is taking the VM back.
     if let Some(loc) = f.replica.filter(|l| l.status.replicas.iter().any(|d| d.reverse)) {
-        // Taken back, and then (a later request) the primary's part of
-        // moving it away again is under way or done here: that is this
-        // side's part, not the target's (which would "complete" at once,
-        // this side serving the disks already).
-        // (Of this request: the previous move's part, done here before the
-        // VM was taken back, must not pass for it.)
+        // Taken back, and then this request's primary's part of moving it
+        // away again is under way or done here: that is this side's part,
+        // not the target's (which would "complete" at once, this side
+        // serving the disks already). A previous move's part, done here
+        // before the VM was taken back, does not count.
         let own_part = |l: &FailoverStatus| {
             (l.took_over && l.phase == FailoverPhase::Completed)
                 || !l.took_over
                     && request.is_some_and(|r| r.id == l.id)
-                    && matches!(
-                        l.phase,
-                        FailoverPhase::StoppingVM | FailoverPhase::SyncingFinalLog | FailoverPhase::Completed
-                    )
+                    && (in_primary_part(l) || l.phase == FailoverPhase::Completed)
         };
         let taken_back = loc.status.replicas.iter().all(|d| d.promoted) && last.is_some_and(own_part);
         if !taken_back {
@@ -331,14 +334,9 @@ pub fn primary_plan(f: &Facts) -> Plan {
     // that is no new move to begin, whose first step would stop the VM.
     let taking_back = last.is_some_and(|l| {
         request.is_some_and(|r| r.id == l.id)
-            && matches!(
-                l.phase,
-                FailoverPhase::Pending
-                    | FailoverPhase::PreparingDisks
-                    | FailoverPhase::StartingVM
-                    | FailoverPhase::WaitingCompletion
-                    | FailoverPhase::Reversing
-            )
+            && !in_primary_part(l)
+            && !ended(l)
+            && l.phase != FailoverPhase::Cancelled
     });
     // This side gave the VM away (its part of an earlier move completed)
     // and its agent no longer protects the VM: a new request can only take

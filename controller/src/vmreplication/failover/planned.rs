@@ -10,8 +10,8 @@ use vmreplica_crds::{
 };
 
 use super::{
-    Action, Done, Facts, OnError, Plan, Run, SOON, begin, ended, extended_server, last_of, note, other_side,
-    request_of, with,
+    Action, Done, Facts, OnError, Plan, Run, SOON, begin, ended, extended_server, in_primary_part, last_of,
+    note, other_side, request_of, with,
 };
 use crate::power::PowerState;
 
@@ -113,8 +113,7 @@ pub(super) fn planned_back(f: &Facts) -> Plan {
         return Plan::Idle;
     };
     let starting = l.took_over && l.phase == FailoverPhase::Completed && l.id != r.id;
-    let resuming =
-        l.id == r.id && matches!(l.phase, FailoverPhase::StoppingVM | FailoverPhase::SyncingFinalLog);
+    let resuming = l.id == r.id && in_primary_part(l);
     if !(starting || resuming) {
         return Plan::Idle;
     }
