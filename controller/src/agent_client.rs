@@ -18,36 +18,77 @@ use crate::{Error, agents::Agent, context::Context};
 /// How long an agent has to answer a control call.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// A control call that failed: why, in a sentence, and whether the agent
+/// answered at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    pub message: String,
+    /// The agent was not reached (down, restarting, not answering in time):
+    /// the call may be tried again as it is. An agent that answered with an
+    /// error is not unreachable.
+    pub unreachable: bool,
+}
+
+impl CallError {
+    fn unreachable(message: String) -> Self {
+        CallError { message, unreachable: true }
+    }
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<CallError> for String {
+    fn from(e: CallError) -> String {
+        e.message
+    }
+}
+
 /// Calls the agent's control API with the deadline; the error says which
 /// agent failed how, in a sentence.
 pub async fn control<T>(
     agent: &Agent,
     ctx: &Context,
     call: impl AsyncFnOnce(ControlClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
-) -> Result<T, String> {
+) -> Result<T, CallError> {
     if !agent.live {
-        return Err(format!(
+        return Err(CallError::unreachable(format!(
             "the agent on node {} is not running (its Lease expired); check the agent's pod",
             agent.node
-        ));
+        )));
     }
     let Some((endpoint, server_name)) = agent.control() else {
-        return Err(format!("the agent on node {} announces no control endpoint", agent.node));
+        return Err(CallError::unreachable(format!(
+            "the agent on node {} announces no control endpoint",
+            agent.node
+        )));
     };
     let key = format!("{endpoint}/{server_name}");
     let cached = ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
     let ch = match cached {
         Some(ch) => ch,
         None => {
-            let ch = channel(endpoint, server_name, &ctx.site.tls).map_err(|e| e.to_string())?;
+            let ch = channel(endpoint, server_name, &ctx.site.tls)
+                .map_err(|e| CallError { message: e.to_string(), unreachable: false })?;
             ctx.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(key, ch.clone());
             ch
         }
     };
     match tokio::time::timeout(DEADLINE, call(ControlClient::new(ch))).await {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(s)) => Err(format!("the agent on node {} at {endpoint}: {}", agent.node, s.message())),
-        Err(_) => Err(format!("the agent on node {} at {endpoint} did not answer within 10s", agent.node)),
+        Ok(Err(s)) => Err(CallError {
+            message: format!("the agent on node {} at {endpoint}: {}", agent.node, s.message()),
+            // The agent's own refusals are never Unavailable: that code is
+            // the transport's (connection refused, reset, TLS handshake).
+            unreachable: s.code() == tonic::Code::Unavailable,
+        }),
+        Err(_) => Err(CallError::unreachable(format!(
+            "the agent on node {} at {endpoint} did not answer within 10s",
+            agent.node
+        ))),
     }
 }
 
@@ -58,18 +99,22 @@ async fn step<T>(
     name: &'static str,
     call: impl AsyncFnOnce(ControlClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
 ) -> Result<T, Error> {
-    control(agent, ctx, call).await.map_err(|message| Error::Agent {
+    control(agent, ctx, call).await.map_err(|e| Error::Agent {
         call: name,
         node: agent.node.clone(),
-        message,
+        message: e.message,
     })
 }
 
-pub async fn status(agent: &Agent, ctx: &Context) -> Result<AgentStatus, String> {
+pub async fn status(agent: &Agent, ctx: &Context) -> Result<AgentStatus, CallError> {
     control(agent, ctx, async |mut c| c.get_status(GetStatusRequest {}).await.map(|r| r.into_inner())).await
 }
 
-pub async fn enable(agent: &Agent, ctx: &Context, spec: &VmReplicationSpec) -> Result<EnableReply, String> {
+pub async fn enable(
+    agent: &Agent,
+    ctx: &Context,
+    spec: &VmReplicationSpec,
+) -> Result<EnableReply, CallError> {
     control(agent, ctx, async |mut c| c.enable_replication(spec.clone()).await.map(|r| r.into_inner())).await
 }
 
@@ -85,22 +130,22 @@ pub async fn prepare_failover(
     ctx: &Context,
     vm_id: &str,
     uid: &str,
-) -> Result<PrepareReply, String> {
+) -> Result<PrepareReply, CallError> {
     let req = RemoveRequest { vm_id: vm_id.to_owned(), uid: uid.to_owned() };
     control(agent, ctx, async |mut c| c.prepare_failover(req.clone()).await.map(|r| r.into_inner())).await
 }
 
-pub async fn promote(agent: &Agent, ctx: &Context, req: PromoteRequest) -> Result<EnableReply, String> {
+pub async fn promote(agent: &Agent, ctx: &Context, req: PromoteRequest) -> Result<EnableReply, CallError> {
     let reply =
         control(agent, ctx, async |mut c| c.promote(req.clone()).await.map(|r| r.into_inner())).await?;
-    if reply.accepted { Ok(reply) } else { Err(reply.message) }
+    if reply.accepted { Ok(reply) } else { Err(CallError { message: reply.message, unreachable: false }) }
 }
 
 pub async fn materialize(
     agent: &Agent,
     ctx: &Context,
     req: MaterializeRequest,
-) -> Result<MaterializeReply, String> {
+) -> Result<MaterializeReply, CallError> {
     control(agent, ctx, async |mut c| c.materialize_point(req.clone()).await.map(|r| r.into_inner())).await
 }
 
@@ -110,7 +155,7 @@ pub async fn discard_diverged(
     ctx: &Context,
     vm_id: &str,
     disk_id: &str,
-) -> Result<(), String> {
+) -> Result<(), CallError> {
     let req = DeleteMaterializedRequest {
         vm_id: vm_id.to_owned(),
         disk_id: disk_id.to_owned(),
@@ -125,7 +170,7 @@ pub async fn delete_copy(
     vm_id: &str,
     disk_id: &str,
     name: &str,
-) -> Result<(), String> {
+) -> Result<(), CallError> {
     let req = DeleteMaterializedRequest {
         vm_id: vm_id.to_owned(),
         disk_id: disk_id.to_owned(),

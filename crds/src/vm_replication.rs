@@ -662,8 +662,16 @@ pub struct FailoverStatus {
     #[serde(default)]
     pub took_over: bool,
     /// Replication was reversed: this side now replicates to that server.
+    /// Kept through this side's part of a planned failover back (it
+    /// replicates there until that part is done).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reversed_to: Option<String>,
+    /// The materialised copy this side's agent serves as the VM's disks, when
+    /// it took the VM over by an unplanned failover (the chosen point's
+    /// copy); kept, like `reversedTo`, through its part of a planned failover
+    /// back. An agent restarted meanwhile is told to serve these disks again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_copy: Option<String>,
     /// What happened, in a sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -814,15 +814,17 @@ enum Victim {
 }
 
 /// A kill during a failover step: whom, when (milliseconds after the step
-/// was requested; `None`: once it completed), and for how long.
+/// was requested; `None`: once it completed), for how long, and what the
+/// step's failover status says meanwhile (`None`: not checked).
 #[derive(Clone, Copy, Debug)]
 struct Strike {
     victim: Victim,
     at: Option<u64>,
     down: u64,
+    says: Option<&'static str>,
 }
 
-const CALM: Strike = Strike { victim: Victim::Nothing, at: None, down: 0 };
+const CALM: Strike = Strike { victim: Victim::Nothing, at: None, down: 0, says: None };
 
 /// Planned failovers back and forth, A→B then B→A, each with reverse
 /// replication, while at a random moment of each of its two steps (the old
@@ -866,7 +868,7 @@ async fn planned_failovers_back_and_forth_survive_kills_at_random_moments() {
         let victim = if calm { Victim::Nothing } else { victims[below(victims.len() as u64) as usize] };
         // One strike in four once the step completed, before the next.
         let at = (below(4) != 0).then(|| below(2500));
-        Strike { victim, at, down: below(1000) }
+        Strike { victim, at, down: below(1000), says: None }
     })
     .await;
 }
@@ -879,11 +881,29 @@ async fn planned_failovers_back_and_forth_survive_kills_at_random_moments() {
 /// promoted replica, then A's own disks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_restarted_after_its_part_of_a_planned_failover_is_failed_back_onto() {
-    let after = |victim| Strike { victim, at: None, down: 200 };
+    let after = |victim| Strike { victim, at: None, down: 200, says: None };
     failover_moves("fos", 3, "scripted", |round, step| match (round, step) {
         (0, 0) | (2, 0) => after(Victim::AgentA),
         (1, 0) => after(Victim::AgentB),
         _ => CALM,
+    })
+    .await;
+}
+
+/// An agent down for seconds while a planned failover needs it: the
+/// failover waits for it, says so when it is the old primary's agent, and
+/// completes once the agent is back. Before, the first refused connection
+/// failed the failover (a CI run: the primary's agent restarting during
+/// PrepareFailover). Both agents, in both steps, both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_waits_for_an_agent_that_is_down() {
+    let down = |victim, says| Strike { victim, at: Some(0), down: 4000, says };
+    failover_moves("fod", 2, "scripted", |round, step| match (round, step) {
+        // The old primary's agent, during its part: the status says why it waits.
+        (0, 0) => down(Victim::AgentA, Some("waiting for the agent")),
+        (0, 1) => down(Victim::AgentB, None),
+        (1, 0) => down(Victim::AgentB, None),
+        _ => down(Victim::AgentA, None),
     })
     .await;
 }
@@ -968,7 +988,7 @@ async fn failover_moves(tag: &str, rounds: u64, what: &str, mut strike: impl FnM
         };
         for (api, obj) in steps {
             apply_object(api, &obj).await;
-            let Strike { victim, at, down } = strike(round, struck.len() % 2);
+            let Strike { victim, at, down, says } = strike(round, struck.len() % 2);
             struck.push(match at {
                 Some(at) => format!("move {round} {victim:?} at {at} ms for {down} ms"),
                 None => format!("move {round} {victim:?} once done, for {down} ms"),
@@ -996,7 +1016,26 @@ async fn failover_moves(tag: &str, rounds: u64, what: &str, mut strike: impl FnM
                 Victim::AgentA => a.agent.kill(),
                 Victim::AgentB => b.agent.kill(),
             }
-            tokio::time::sleep(Duration::from_millis(down)).await;
+            let back = tokio::time::Instant::now() + Duration::from_millis(down);
+            if let Some(text) = says {
+                let saying = async || {
+                    let l = api.get(app).await.ok()?.status?.last_failover?;
+                    l.message.filter(|m| l.id == id && m.contains(text))
+                };
+                let said = tokio::time::timeout_at(back, async {
+                    loop {
+                        if let Some(m) = saying().await {
+                            return m;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                });
+                let said = said.await.unwrap_or_else(|_| {
+                    panic!("move {round}, {what}: the failover never said {text:?} while {victim:?} was down")
+                });
+                eprintln!("failover chaos: while {victim:?} was down: {said}");
+            }
+            tokio::time::sleep_until(back).await;
             match victim {
                 Victim::Nothing => {}
                 Victim::ControllersA => a.controllers.restart(&ca),

@@ -18,11 +18,12 @@ use super::{
     extended,
     failover::{Action, Done, Note, OnError, Outcome, Run, finish, test_vm_name},
     observe::{Located, Observation},
-    primary::vm_id,
+    primary::{self, vm_id},
     write::{write_extended, write_failover},
 };
 use crate::{
-    Error, agent_client,
+    Error,
+    agent_client::{self, CallError},
     agents::Agent,
     context::Context,
     power::{self, Power, VmPower},
@@ -33,13 +34,37 @@ use crate::{
 enum Failure {
     /// The step could not be carried out: the plan's [`OnError`] applies.
     Step(String),
+    /// The agent was not reached (restarting, down, not answering in time):
+    /// retried for [`UNREACHABLE_GRACE_MS`] from the failover's start, then
+    /// as a [`Failure::Step`]. Every step may be repeated (a controller
+    /// restarted mid-step repeats it too).
+    Unreachable(String),
     /// The apiserver or the VM runtime: retried whatever the plan says.
     Retry(Error),
 }
 
+/// How long a failover waits for an agent it cannot reach before a plan that
+/// fails on errors gives up: an agent restarting (a crash, a rollout of the
+/// DaemonSet) is back well within it.
+pub const UNREACHABLE_GRACE_MS: i64 = 300_000;
+
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         Failure::Retry(e)
+    }
+}
+
+impl From<CallError> for Failure {
+    fn from(e: CallError) -> Self {
+        Failure::step(e, "")
+    }
+}
+
+impl Failure {
+    /// A failed agent call, its message prefixed with `context`.
+    fn step(e: CallError, context: &str) -> Self {
+        let message = format!("{context}{}", e.message);
+        if e.unreachable { Failure::Unreachable(message) } else { Failure::Step(message) }
     }
 }
 
@@ -70,7 +95,12 @@ pub async fn run(ctx: &Context, vmr: &VMReplication, obs: &Observation, run: &Ru
                 }
             }
             Err(Failure::Retry(e)) => return Err(e),
-            Err(Failure::Step(why)) => {
+            Err(Failure::Unreachable(why)) if within_grace(&current, ctx.now()) => {
+                current.message = Some(format!("waiting for the agent (retried every 5 s): {why}"));
+                write_failover(ctx, vmr, &current, None).await?;
+                return Err(Error::Agent { call: name(action), node: out.node.clone(), message: why });
+            }
+            Err(Failure::Step(why) | Failure::Unreachable(why)) => {
                 return match run.on_error {
                     OnError::Retry => {
                         Err(Error::Agent { call: name(action), node: out.node.clone(), message: why })
@@ -91,6 +121,15 @@ pub async fn run(ctx: &Context, vmr: &VMReplication, obs: &Observation, run: &Ru
         publish(ctx, vmr, &n).await;
     }
     Ok(())
+}
+
+/// Whether a failover begun at `status.start_time` still waits for an
+/// unreachable agent at `now`.
+fn within_grace(status: &FailoverStatus, now: k8s_openapi::jiff::Timestamp) -> bool {
+    status
+        .start_time
+        .as_ref()
+        .is_none_or(|t| now.as_millisecond() - t.0.as_millisecond() <= UNREACHABLE_GRACE_MS)
 }
 
 /// Records the failover as Failed with `why`.
@@ -191,12 +230,28 @@ async fn prepare(
     obs: &Observation,
 ) -> Result<Vec<(String, u64)>, Failure> {
     let (agent, vm) = match (vmr.spec.role, &obs.primary) {
-        (Role::Primary, Some(Ok((agent, _)))) => (agent, vm_id(vmr)),
+        (Role::Primary, Some(Ok((agent, status)))) => {
+            // An agent restarted since it last replicated the VM has not
+            // been told of it again (a failover holds the primary's pass
+            // back): told now, its log recovered, before it prepares.
+            if let Ok(status) = status {
+                let spec = primary::agent_spec(vmr).map_err(Failure::Step)?;
+                if primary::needs_enable(&spec, status) {
+                    let reply = agent_client::enable(agent, ctx, &spec).await?;
+                    if !reply.accepted {
+                        let why =
+                            format!("the agent on node {} refused the VM: {}", agent.node, reply.message);
+                        return Err(Failure::Step(why));
+                    }
+                }
+            }
+            (agent, vm_id(vmr))
+        }
         (Role::Primary, _) => return Err(Failure::Step("no agent serves this VM's disks here".into())),
         _ => located(obs).map(|l| (&l.agent, l.vm_id().to_owned()))?,
     };
     let uid = vmr.uid().unwrap_or_default();
-    let reply = agent_client::prepare_failover(agent, ctx, &vm, &uid).await.map_err(Failure::Step)?;
+    let reply = agent_client::prepare_failover(agent, ctx, &vm, &uid).await?;
     if !reply.synced {
         let detail = if reply.message.is_empty() { format!("{:?}", reply.disks) } else { reply.message };
         return Err(Failure::Step(format!("the replica does not hold every logged write: {detail}")));
@@ -225,7 +280,7 @@ async fn on_replica(
                 };
                 let r = agent_client::materialize(&loc.agent, ctx, req)
                     .await
-                    .map_err(|why| Failure::Step(format!("disk {}: {why}", d.disk_id)))?;
+                    .map_err(|e| Failure::step(e, &format!("disk {}: ", d.disk_id)))?;
                 out.copies.push(r.path.clone());
                 out.copy_of.insert(d.image_path.clone(), r.path);
             }
@@ -234,7 +289,7 @@ async fn on_replica(
             for d in &loc.status.replicas {
                 agent_client::delete_copy(&loc.agent, ctx, &d.vm_id, &d.disk_id, name)
                     .await
-                    .map_err(|why| Failure::Step(format!("deleting the copies {name}: {why}")))?;
+                    .map_err(|e| Failure::step(e, &format!("deleting the copies {name}: ")))?;
             }
         }
         Action::Promote { copy, complete } => {
@@ -244,14 +299,14 @@ async fn on_replica(
                 copy_name: copy.clone(),
                 complete: *complete,
             };
-            let reply = agent_client::promote(&loc.agent, ctx, req).await.map_err(Failure::Step)?;
+            let reply = agent_client::promote(&loc.agent, ctx, req).await?;
             out.exports = reply.exports;
             out.epoch = Some(reply.epoch);
         }
         Action::ReplicateTo { to, what } => {
             replicate_promoted(ctx, vmr, &loc.agent, &loc.status.replicas, to)
                 .await
-                .map_err(|why| Failure::Step(format!("{what}: {why}")))?;
+                .map_err(|e| Failure::step(e, &format!("{what}: ")))?;
         }
         Action::RemoveReplication => {
             agent_client::remove_replication(&loc.agent, ctx, loc.vm_id(), &uid).await?;
@@ -269,14 +324,15 @@ async fn replicate_promoted(
     agent: &Agent,
     disks: &[ReplicaDisk],
     to: &str,
-) -> Result<(), String> {
+) -> Result<(), CallError> {
     let vm_id = disks.first().map(|d| d.vm_id.clone()).unwrap_or_default();
     // The disks as the agent serves them now (after an unplanned failover,
     // the copies of the chosen point, not the replica images).
     let status = agent_client::status(agent, ctx).await?;
     let served = status.vms.iter().find(|v| v.vm_id == vm_id).map(|v| v.disks.clone()).unwrap_or_default();
     if served.is_empty() {
-        return Err(format!("the agent on {} does not serve {vm_id}'s disks", agent.node));
+        let message = format!("the agent on {} does not serve {vm_id}'s disks", agent.node);
+        return Err(CallError { message, unreachable: false });
     }
     let mut images: Vec<DiskSpec> = served;
     images.sort_by(|a, b| a.name.cmp(&b.name));
@@ -295,7 +351,7 @@ async fn replicate_promoted(
         ..Default::default()
     };
     let reply = agent_client::enable(agent, ctx, &spec).await?;
-    if reply.accepted { Ok(()) } else { Err(reply.message) }
+    if reply.accepted { Ok(()) } else { Err(CallError { message: reply.message, unreachable: false }) }
 }
 
 /// Creates the test VM when the object names a KubeVirt VM: the copies

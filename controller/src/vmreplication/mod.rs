@@ -155,7 +155,7 @@ async fn outcome(vmr: &VMReplication, ctx: &Context, obs: &Observation) -> Outco
     };
     if needs_enable(&spec, &status) {
         match agent_client::enable(agent, ctx, &spec).await {
-            Err(why) => return Outcome::AgentUnavailable(why),
+            Err(why) => return Outcome::AgentUnavailable(why.into()),
             Ok(r) if !r.accepted => {
                 let message = format!("the agent on node {} refused: {}", agent.node, r.message);
                 return Outcome::Invalid { reason: "AgentRefused", message };
@@ -164,7 +164,7 @@ async fn outcome(vmr: &VMReplication, ctx: &Context, obs: &Observation) -> Outco
         }
         status = match agent_client::status(agent, ctx).await {
             Ok(s) => s,
-            Err(why) => return Outcome::AgentUnavailable(why),
+            Err(why) => return Outcome::AgentUnavailable(why.into()),
         };
     }
     let mut v = view(&spec.vm_id, &status.primaries);

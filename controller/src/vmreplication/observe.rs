@@ -99,7 +99,7 @@ pub async fn observe(vmr: &VMReplication, ctx: &Context) -> Result<Observation, 
         Some(match choose_agent(vmr, &agents) {
             Ok(a) => {
                 let a = a.clone();
-                let status = agent_client::status(&a, ctx).await;
+                let status = agent_client::status(&a, ctx).await.map_err(String::from);
                 Ok((a, status))
             }
             Err(why) => Err(why),

@@ -222,6 +222,7 @@ pub fn begin(f: &FailoverRequest, phase: FailoverPhase, started: Time) -> Failov
         forced: false,
         took_over: false,
         reversed_to: None,
+        served_copy: None,
         message: None,
     }
 }
@@ -451,19 +452,40 @@ fn keep_serving(f: &Facts) -> Plan {
     if loc.serves(&vmr.uid().unwrap_or_default()) {
         return idle;
     }
-    let copy = if unplanned { failover_copy_name(vmr) } else { String::new() };
-    let mut actions = vec![Action::Promote { copy, complete: false }];
-    if let Some(to) = &l.reversed_to {
+    serve_again(f, l.clone(), served_copy(vmr, l), l.reversed_to.clone())
+}
+
+/// The copy a side that took the VM over (`l`) serves as the VM's disks:
+/// after an unplanned failover, the chosen point's materialised copy; after a
+/// planned one, none (the promoted replicas themselves).
+pub(super) fn served_copy(vmr: &VMReplication, l: &FailoverStatus) -> Option<String> {
+    match l.failover_type {
+        FailoverType::Unplanned => Some(failover_copy_name(vmr)),
+        _ => l.served_copy.clone(),
+    }
+}
+
+/// Tells an agent that restarted (and so serves nothing until asked) to
+/// serve the VM's disks again — `copy`, or the promoted replicas — and
+/// to replicate them to `reversed_to`; `status` is left as it is.
+pub(super) fn serve_again(
+    f: &Facts,
+    status: FailoverStatus,
+    copy: Option<String>,
+    reversed_to: Option<String>,
+) -> Plan {
+    let mut actions = vec![Action::Promote { copy: copy.unwrap_or_default(), complete: false }];
+    if let Some(to) = &reversed_to {
         actions.push(Action::ReplicateTo { to: to.clone(), what: "replicating again" });
     }
     Plan::Run(Box::new(Run {
-        status: l.clone(),
+        status,
         write_first: false,
         note: None,
         actions,
-        done: Done::ServedAgain { reversed_to: l.reversed_to.clone() },
+        done: Done::ServedAgain { reversed_to },
         on_error: OnError::Retry,
-        again: Some(f.poll),
+        again: Some(f.poll.min(SOON)),
     }))
 }
 

@@ -11,7 +11,7 @@ use vmreplica_crds::{
 
 use super::{
     Action, Done, Facts, OnError, Plan, Run, SOON, begin, ended, extended_server, in_primary_part, last_of,
-    note, other_side, request_of, with,
+    note, other_side, request_of, serve_again, served_copy, with,
 };
 use crate::power::PowerState;
 
@@ -117,11 +117,29 @@ pub(super) fn planned_back(f: &Facts) -> Plan {
     if !(starting || resuming) {
         return Plan::Idle;
     }
-    if f.replica.is_none() {
+    let Some(loc) = f.replica else {
         return Plan::NoAgent("do the primary's part of failing back");
+    };
+    // What this side serves and where it replicates to: from the failover
+    // that brought the VM here, kept in this part's status.
+    let (copy, reversed_to) = match starting {
+        true => (served_copy(f.vmr, l), l.reversed_to.clone()),
+        false => (l.served_copy.clone(), l.reversed_to.clone()),
+    };
+    // An agent restarted since serves nothing until asked: its part ships
+    // the last log of the disks it serves, so it serves them again first.
+    // (Its part done, the disks are prepared and stay unserved: the other
+    // side takes them over.)
+    if !loc.serves(&kube::ResourceExt::uid(f.vmr).unwrap_or_default()) && (starting || in_primary_part(l)) {
+        return serve_again(f, l.clone(), copy, reversed_to);
     }
     match primary_part(f, r, Some(l).filter(|l| l.failover_type == FailoverType::Planned)) {
         Plan::Idle | Plan::Hold(..) => Plan::Wait { status: None, note: None, again: f.poll },
+        Plan::Run(mut run) => {
+            run.status.served_copy = copy;
+            run.status.reversed_to = reversed_to;
+            Plan::Run(run)
+        }
         p => p,
     }
 }

@@ -653,3 +653,57 @@ fn a_second_unplanned_failover_is_refused_while_the_vm_runs_on_the_first() {
     assert_eq!(*reason, "UnplannedFailoverRefused");
     assert!(why.contains("already runs at this site, on the disks of failover u0"), "{why}");
 }
+
+/// A side that took the VM over (here by an unplanned failover, so it serves
+/// the point's copy) and is asked to fail it back: an agent that restarted
+/// serves nothing, so it is told to serve the same disks again, before its
+/// part starts and while it runs; the part's status keeps what it serves
+/// and where it replicates. Once its part is done, nothing is served again.
+/// Before, its part shipped from an agent that did not know the VM, and the
+/// failover failed with the VM stopped and its disks unserved.
+#[test]
+fn a_side_failing_back_has_a_restarted_agent_serve_its_disks_again_first() {
+    let mut took = last(FailoverType::Unplanned, "u0", FailoverPhase::Completed);
+    (took.took_over, took.reversed_to) = (true, Some("a.example.com:9443".into()));
+    let back = serde_json::json!({"id": "p1", "type": "Planned"});
+    let restarted = located(vec![disk("root", &[(5, 1000)])]);
+    let mut serving = restarted.clone();
+    serving.status.vms = vec![ProtectedVm { vm_id: "a.db".into(), uid: "u-1".into(), ..Default::default() }];
+    let again = vec![
+        Action::Promote { copy: "db-failover".into(), complete: false },
+        Action::ReplicateTo { to: "a.example.com:9443".into(), what: "replicating again" },
+    ];
+
+    let vmr = object("Replica", Some(back.clone()), Some(took.clone()));
+    let r = run(replica_plan(&facts(&vmr, Some(&restarted), Some(PowerState::Running))));
+    assert_eq!(r.actions, again, "served again before the part starts");
+    assert!(matches!(r.done, Done::ServedAgain { .. }));
+    assert_eq!(r.status.id, "u0", "the last failover's status, unchanged");
+
+    let r = run(replica_plan(&facts(&vmr, Some(&serving), Some(PowerState::Running))));
+    assert_eq!(r.actions, vec![Action::StopVm]);
+    assert_eq!(r.status.phase, FailoverPhase::StoppingVM);
+    assert_eq!(r.status.served_copy.as_deref(), Some("db-failover"));
+    assert_eq!(r.status.reversed_to.as_deref(), Some("a.example.com:9443"));
+
+    // The agent restarts while the part runs: served again, the same disks.
+    for phase in [FailoverPhase::StoppingVM, FailoverPhase::SyncingFinalLog] {
+        let mut part = r.status.clone();
+        part.phase = phase;
+        let vmr = object("Replica", Some(back.clone()), Some(part.clone()));
+        let s = run(replica_plan(&facts(&vmr, Some(&restarted), Some(PowerState::Stopped))));
+        assert_eq!(s.actions, again, "{phase:?}");
+        assert_eq!(s.status, part, "{phase:?}: its status unchanged");
+    }
+
+    // Its part done: the disks stay prepared and unserved.
+    let mut done = r.status.clone();
+    done.phase = FailoverPhase::Completed;
+    let vmr = object("Replica", Some(back), Some(done));
+    let plan = replica_plan(&facts(&vmr, Some(&restarted), Some(PowerState::Stopped)));
+    let acts = match &plan {
+        Plan::Run(r) => r.actions.clone(),
+        _ => Vec::new(),
+    };
+    assert!(!acts.iter().any(|a| matches!(a, Action::Promote { .. })), "{plan:?}");
+}
