@@ -8,6 +8,7 @@
 
 pub mod controlplane;
 pub mod guest;
+pub mod netns;
 pub mod pki;
 pub mod procs;
 

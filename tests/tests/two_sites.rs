@@ -1608,3 +1608,130 @@ async fn extended_replication_then_failover_to_b_resumes_to_c() {
     })
     .await;
 }
+
+/// A partition between the sites: the replica agent runs in a network
+/// namespace this test makes, reached through a bridge from loopback, and
+/// the partition is an iptables DROP of everything inside that namespace.
+/// The Primary object's health goes Critical, saying that no cycle succeeded
+/// and to check that the replica site's agent is reachable; after the heal
+/// the replica converges, Critical clears at once, Warning says how many of
+/// the window's cycles were missed (every interval a stalled attempt spanned
+/// counts), and health is Normal again once successful cycles outnumber
+/// them enough or the monitoring window ends (its ReplicationServer's
+/// windows are laid to end shortly after the heal).
+/// Needs root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_between_the_sites_shows_in_health_until_it_heals() {
+    use vmreplica_crds::Health;
+    assert!(rustix::process::geteuid().is_root(), "this test makes a network namespace: run it as root");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca = Ca::new("partition-ca").unwrap();
+    let (a_name, b_name) = ("host1.site-a.example.com", "partition.site-b.example.com");
+    write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
+    write_tls(&root.join("b-tls"), &material(&ca, &[b_name, "127.0.0.1"]));
+    let net = vmreplica_tests::netns::NetNs::new("part");
+    let storage = root.join("b-replicas");
+    std::fs::create_dir_all(&storage).unwrap();
+    let mut cmd = net.command(bin("vmreplica-agent"));
+    cmd.args(["receive", "--listen", "127.0.0.1:7443", "--tls-dir"])
+        .arg(root.join("b-tls"))
+        .arg("--authorize")
+        .arg(format!("pattern=*.site-a.example.com,storage={},trust-group=t", storage.display()));
+    let _b = Process::spawn_ready(cmd, &root.join("b-agent.log"));
+    let bridge = net.bridge_to("127.0.0.1:7443".parse().unwrap());
+    let a = SiteA::start(root, "part-a", &ca, b_name, free_port()).await;
+    // Hour-long monitoring windows, one of which ends 90 to 150 s from now:
+    // the partition and its heal come before that.
+    let start = k8s_openapi::jiff::Timestamp::now();
+    let boundary = {
+        let s = (start.as_second() + 150) / 60 * 60;
+        k8s_openapi::jiff::Timestamp::from_second(s).unwrap()
+    };
+    let hhmm = boundary.strftime("%H:%M").to_string();
+    let rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
+        "metadata": {"name": a.ns}, "spec": {"nodeSelector": {a.label.clone(): "true"}, "port": 9443,
+        "allowAnyServer": false, "monitoringInterval": "1h", "monitoringStartTime": hhmm}});
+    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(client().await), &rs).await;
+    let image = disk_image(root, "part-root");
+    let app = "app";
+    apply_object(
+        &a.vmrs,
+        &json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "VMReplication", "metadata": {"name": app},
+            "spec": {"disks": [{"name": "root", "path": image}], "replicationFrequencySeconds": 1,
+                     "replicaServer": {"name": b_name, "port": bridge.port()}}}),
+    )
+    .await;
+    let export = format!("nbd+unix:///{}.{app}/root?socket={}", a.ns, root.join("a-nbd.sock").display());
+    let health = async || {
+        let s = a.vmrs.get(app).await.ok()?.status?;
+        Some((s.state, s.health, s.health_details))
+    };
+    wait_secs(60, "replicating, health Normal", async || {
+        health().await.filter(|(s, h, _)| *s == ReplicationState::Replicating && *h == Health::Normal)
+    })
+    .await;
+    qemu_io(&export, "write -P 0x61 0 1M").unwrap();
+    let replica_image = || {
+        let found =
+            Command::new("find").arg(&storage).args(["-name", "*.img", "-path", "*root*"]).output().unwrap();
+        String::from_utf8_lossy(&found.stdout).lines().next().map(std::path::PathBuf::from)
+    };
+    wait_secs(30, "the write at the replica", async || {
+        replica_image().filter(|p| qemu_io(p.to_str().unwrap(), "read -P 0x61 0 1M").is_ok())
+    })
+    .await;
+
+    // The partition: writes go on at A, nothing reaches B.
+    net.rule("-A", &["-j", "DROP"]);
+    qemu_io(&export, "write -P 0x62 1M 1M").unwrap();
+    let (_, _, details) = wait_secs(60, "health Critical during the partition", async || {
+        health().await.filter(|(_, h, _)| *h == Health::Critical)
+    })
+    .await;
+    eprintln!("partition: {details:?}");
+    assert!(
+        details.iter().any(|d| d.starts_with("No replication cycle has succeeded for")
+            && d.contains("Check that the replica site's agent is running and reachable")),
+        "{details:?}"
+    );
+    let image_b = replica_image().unwrap();
+    assert!(
+        qemu_io(image_b.to_str().unwrap(), "read -P 0x62 1M 1M").is_err(),
+        "a write crossed the partition"
+    );
+
+    // Healed: B converges, Critical clears, Normal once the window ends.
+    net.rule("-D", &["-j", "DROP"]);
+    let healed = k8s_openapi::jiff::Timestamp::now();
+    assert!(
+        healed.as_second() + 10 < boundary.as_second(),
+        "the partition outlasted the monitoring window laid for it ({healed} vs {boundary}): the machine is too slow"
+    );
+    wait_secs(60, "the partition's write at B", async || {
+        qemu_io(image_b.to_str().unwrap(), "read -P 0x62 1M 1M").ok()
+    })
+    .await;
+    assert!(identical(image.to_str().unwrap(), &image_b), "the sides differ after the heal");
+    // The cycles the partition cost are in the window: Warning, saying so.
+    let (_, _, details) = wait_secs(15, "Critical to clear after the heal", async || {
+        health().await.filter(|(_, h, _)| *h != Health::Critical)
+    })
+    .await;
+    eprintln!("healed: {details:?}");
+    assert!(
+        details.iter().any(|d| d.contains("replication cycles in this monitoring window were missed")),
+        "{details:?}"
+    );
+    let wait = (boundary.as_second() - k8s_openapi::jiff::Timestamp::now().as_second()).max(0) as u64 + 30;
+    wait_secs(wait, "health Normal again", async || {
+        health()
+            .await
+            .filter(|(s, h, d)| *s == ReplicationState::Replicating && *h == Health::Normal && d.is_empty())
+    })
+    .await;
+    eprintln!(
+        "partition: healed at {healed}, Normal at {} (window ends {boundary})",
+        k8s_openapi::jiff::Timestamp::now()
+    );
+}

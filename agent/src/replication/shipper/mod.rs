@@ -340,6 +340,7 @@ impl Shipper {
     /// Brings the replica up to date with every sealed segment; returns the
     /// sequence the replica is durable through.
     pub async fn sync_once(&self) -> Result<u64, ShipError> {
+        let started = Instant::now();
         let result = match self.sync_inner().await {
             Err(e) => Err(self.explain(e).await),
             ok => ok,
@@ -364,11 +365,16 @@ impl Shipper {
             }
             Err(e) => {
                 s.errors += 1;
-                s.missed_cycles += 1;
+                // Every interval the failed attempt spanned went without
+                // replication (a partition stalls an attempt for seconds:
+                // counted once, it would hide the outage from the window's
+                // missed-cycle rule).
+                let missed = missed_by_failure(started.elapsed(), self.cfg.interval_seconds);
+                s.missed_cycles += missed;
                 s.last_error = Some(e.to_string());
                 s.last_failure = e.kind();
                 if let Some(m) = &self.metrics {
-                    m.cycles.with_label_values(&[vm, disk, "missed"]).inc();
+                    m.cycles.with_label_values(&[vm, disk, "missed"]).inc_by(missed);
                 }
             }
         }
@@ -435,10 +441,33 @@ impl Shipper {
     }
 }
 
+/// The replication cycles a failed attempt that took `took` missed: its own
+/// and every further interval it spanned (one when the interval is not set).
+fn missed_by_failure(took: Duration, interval_seconds: u32) -> u64 {
+    match interval_seconds {
+        0 => 1,
+        i => 1 + took.as_secs() / u64::from(i),
+    }
+}
+
 /// A replica's "next sequence" answer, checked before any arithmetic on it.
 fn checked_next(value: u64, call: &'static str) -> Result<u64, ShipError> {
     if value == 0 || value > crate::log::format::MAX_SEQ + 1 {
         return Err(ShipError::BadReply { call, value });
     }
     Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_attempt_misses_every_interval_it_spanned() {
+        assert_eq!(missed_by_failure(Duration::from_millis(300), 1), 1);
+        assert_eq!(missed_by_failure(Duration::from_millis(10_400), 1), 11, "stalled 10 s by a partition");
+        assert_eq!(missed_by_failure(Duration::from_secs(29), 30), 1);
+        assert_eq!(missed_by_failure(Duration::from_secs(95), 30), 4);
+        assert_eq!(missed_by_failure(Duration::from_secs(95), 0), 1, "no interval: the attempt alone");
+    }
 }
