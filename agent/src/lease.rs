@@ -50,6 +50,11 @@ pub struct Presence {
     /// The host peers reach the agent at, and where its replication server
     /// listens now (a ReplicationServer may move it).
     pub replication: Option<(String, watch::Receiver<Option<std::net::SocketAddr>>)>,
+    /// When this agent process started: the Lease's `acquireTime`, which a
+    /// restart changes and a renewal does not. The controller configures an
+    /// agent whose acquireTime changed at once (it starts with no site
+    /// configuration) instead of at its next periodic look.
+    pub started: Timestamp,
 }
 
 /// The Lease name of a node's agent.
@@ -80,6 +85,7 @@ impl Presence {
                 holder_identity: Some(self.node.clone()),
                 lease_duration_seconds: Some(self.duration.as_secs().max(1) as i32),
                 renew_time: Some(MicroTime(Timestamp::now())),
+                acquire_time: Some(MicroTime(self.started)),
                 ..Default::default()
             }),
         }

@@ -43,9 +43,12 @@ pub fn is_live(lease: &Lease, now: Timestamp) -> bool {
 }
 
 /// The agents announced in `namespace`, live or not, by node name.
+/// The label selector of the agents' Leases.
+pub const LEASE_SELECTOR: &str = "app.kubernetes.io/component=vmreplica-agent";
+
 pub async fn discover(client: &Client, namespace: &str, now: Timestamp) -> Result<Vec<Agent>, kube::Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let lp = ListParams::default().labels("app.kubernetes.io/component=vmreplica-agent");
+    let lp = ListParams::default().labels(LEASE_SELECTOR);
     let mut agents: Vec<Agent> = leases
         .list(&lp)
         .await?

@@ -331,6 +331,7 @@ pub async fn run(ctx: Arc<Shared>, shutdown: impl std::future::Future<Output = (
         .watches(entries.clone(), watcher::Config::default(), move |_entry| {
             server_store.state().iter().map(|rs| ObjectRef::from_obj(rs.as_ref())).collect::<Vec<_>>()
         })
+        .reconcile_all_on(agents_started(&ctx))
         .graceful_shutdown_on(on_stop())
         .run(reconcile, error_policy, ctx.clone())
         .for_each(crate::log_result);
@@ -351,6 +352,31 @@ pub async fn run(ctx: Arc<Shared>, shutdown: impl std::future::Future<Output = (
     }
     let _ = stop.send(true);
     both.await;
+}
+
+/// One item each time an agent starts (its Lease appears, or its
+/// `acquireTime` or endpoints change; renewals do not count): it has no site
+/// configuration until a ReplicationServer is reconciled, which would
+/// otherwise wait for the periodic look, up to 30 s.
+fn agents_started(ctx: &Shared) -> impl futures::Stream<Item = ()> + Send + 'static {
+    use kube::runtime::{PredicateConfig, WatchStreamExt};
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+        ctx.client.clone(),
+        &ctx.agents_namespace,
+    );
+    let selector = watcher::Config::default().labels(crate::agents::LEASE_SELECTOR);
+    let started = |l: &k8s_openapi::api::coordination::v1::Lease| {
+        let mut h = DefaultHasher::new();
+        l.spec.as_ref().and_then(|s| s.acquire_time.as_ref()).map(|t| t.0.as_millisecond()).hash(&mut h);
+        l.metadata.annotations.hash(&mut h);
+        Some(h.finish())
+    };
+    watcher(leases, selector)
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(started, PredicateConfig::default())
+        .filter_map(|l| std::future::ready(l.ok().map(drop)))
 }
 
 fn entry_error_policy(_e: Arc<AuthorizationEntry>, e: &Error, _ctx: Arc<Shared>) -> Action {

@@ -44,7 +44,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     let ca = Ca::new("site-ca").unwrap();
     write_tls(&dir.path().join("agent"), &material(&ca, &["127.0.0.1"]));
     let (repl, ctl) = (free_port(), free_port());
-    let _agent = {
+    let start_agent = || {
         let mut cmd = Command::new(bin("vmreplica-agent"));
         cmd.args([
             "receive",
@@ -59,6 +59,7 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
         .args(lease_args(&ns, "node-b", &shared_kubeconfig()));
         Process::spawn_ready(cmd, &dir.path().join("agent.log"))
     };
+    let mut agent = start_agent();
     let addr = format!("127.0.0.1:{repl}");
     let primary = live(&ca, &[&format!("host1.{ns}.example.com")]);
     // Before the controller configures it, the agent accepts nobody.
@@ -121,6 +122,18 @@ async fn the_controller_configures_agents_and_reports_what_they_accepted() {
     open(&addr, &primary).await.unwrap();
     let stranger = live(&ca, &["x.nowhere.example.org"]);
     assert_eq!(open(&addr, &stranger).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+
+    // An agent restarted (kill -9) starts with no configuration and accepts
+    // nobody; its new Lease (a new acquireTime) has it configured again at
+    // once, not at the periodic look 30 s later.
+    agent.kill();
+    let _agent = start_agent();
+    let restarted = std::time::Instant::now();
+    vmreplica_tests::procs::wait_secs(10, "the restarted agent configured", async || {
+        open(&addr, &primary).await.ok()
+    })
+    .await;
+    eprintln!("the restarted agent was configured {:?} after its start", restarted.elapsed());
 
     // A configuration the agent cannot enforce: refused, with the reason, and
     // the rules it had stay in force.

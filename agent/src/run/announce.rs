@@ -58,6 +58,7 @@ pub async fn announce(
         node_labels: None,
         duration: Duration::from_secs(15),
         replication: replication.map(|r| (a.host.clone(), r)),
+        started: k8s_openapi::jiff::Timestamp::now(),
     };
     crate::lease::announce(client, presence, stopped)
         .await
