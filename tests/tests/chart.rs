@@ -381,6 +381,8 @@ async fn the_chart_installs_replicates_upgrades_and_uninstalls_keeping_the_repli
     for (sa, verb, group, resource, in_ns, want) in [
         (&ctl, "patch", "vmreplica.io", "vmreplications/status", Some("anywhere"), true),
         (&ctl, "watch", "vmreplica.io", "replicationservers", None, true),
+        (&ctl, "watch", "coordination.k8s.io", "leases", here, true),
+        (&ctl, "watch", "coordination.k8s.io", "leases", Some("kube-system"), false),
         (&ctl, "get", "", "secrets", here, true),
         (&ctl, "list", "", "secrets", here, false),
         (&ctl, "get", "", "secrets", Some("kube-system"), false),
