@@ -1700,8 +1700,8 @@ async fn extended_replication_then_failover_to_b_resumes_to_c() {
 /// the window's cycles were missed (every interval a stalled attempt spanned
 /// counts), and health is Normal again once successful cycles outnumber
 /// them enough or the monitoring window ends (its ReplicationServer's
-/// windows are laid to end shortly after the heal).
-/// Needs root.
+/// windows are laid, just before the partition, to start afresh then and
+/// to end shortly after the heal). Needs root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_between_the_sites_shows_in_health_until_it_heals() {
     use vmreplica_crds::Health;
@@ -1722,19 +1722,8 @@ async fn a_partition_between_the_sites_shows_in_health_until_it_heals() {
         .arg(format!("pattern=*.site-a.example.com,storage={},trust-group=t", storage.display()));
     let _b = Process::spawn_ready(cmd, &root.join("b-agent.log"));
     let bridge = net.bridge_to("127.0.0.1:7443".parse().unwrap());
-    let a = SiteA::start(root, "part-a", &ca, b_name, free_port()).await;
-    // Hour-long monitoring windows, one of which ends 90 to 150 s from now:
-    // the partition and its heal come before that.
-    let start = k8s_openapi::jiff::Timestamp::now();
-    let boundary = {
-        let s = (start.as_second() + 150) / 60 * 60;
-        k8s_openapi::jiff::Timestamp::from_second(s).unwrap()
-    };
-    let hhmm = boundary.strftime("%H:%M").to_string();
-    let rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
-        "metadata": {"name": a.ns}, "spec": {"nodeSelector": {a.label.clone(): "true"}, "port": 9443,
-        "allowAnyServer": false, "monitoringInterval": "1h", "monitoringStartTime": hhmm}});
-    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(client().await), &rs).await;
+    let a_repl = free_port();
+    let a = SiteA::start(root, "part-a", &ca, b_name, a_repl).await;
     let image = disk_image(root, "part-root");
     let app = "app";
     apply_object(
@@ -1764,6 +1753,21 @@ async fn a_partition_between_the_sites_shows_in_health_until_it_heals() {
     })
     .await;
 
+    // Hour-long monitoring windows, one of which ends 90 to 150 s from now:
+    // the partition and its heal come before that. Laid now, they also start
+    // the window afresh (a new window start), so the cycles the partition
+    // misses are most of it, whatever the machine's speed before.
+    let start = k8s_openapi::jiff::Timestamp::now();
+    let boundary = {
+        let s = (start.as_second() + 150) / 60 * 60;
+        k8s_openapi::jiff::Timestamp::from_second(s).unwrap()
+    };
+    let hhmm = boundary.strftime("%H:%M").to_string();
+    let rs = json!({"apiVersion": "vmreplica.io/v1alpha1", "kind": "ReplicationServer",
+        "metadata": {"name": a.ns}, "spec": {"nodeSelector": {a.label.clone(): "true"}, "port": a_repl,
+        "allowAnyServer": false, "monitoringInterval": "1h", "monitoringStartTime": hhmm}});
+    apply_object(&Api::<vmreplica_crds::ReplicationServer>::all(client().await), &rs).await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // two passes: the new window's baseline
     // The partition: writes go on at A, nothing reaches B.
     net.rule("-A", &["-j", "DROP"]);
     qemu_io(&export, "write -P 0x62 1M 1M").unwrap();
