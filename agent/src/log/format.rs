@@ -374,6 +374,18 @@ impl<R: Read> SegmentReader<R> {
     /// 85 lines) on purpose: every check a hostile or torn record must pass,
     /// in the order the bytes arrive.
     pub fn next_record(&mut self) -> Result<Option<Record>, FormatError> {
+        Ok(self.next_record_placed(None)?.map(|(r, _)| r))
+    }
+
+    /// [`Self::next_record`], reading a Write record's payload into `place`
+    /// when that can take it as an O_DIRECT write (aligned, and no larger
+    /// than its capacity): the record's own payload is then empty, and the
+    /// `true` beside it says where the bytes are. One copy fewer than
+    /// reading into the record and copying over.
+    pub fn next_record_placed(
+        &mut self,
+        place: Option<&mut crate::direct::AlignedBuf>,
+    ) -> Result<Option<(Record, bool)>, FormatError> {
         if self.sealed {
             return Ok(None);
         }
@@ -411,17 +423,30 @@ impl<R: Read> SegmentReader<R> {
         if kind != RecordKind::Seal && offset.checked_add(length).is_none() {
             return Err(FormatError::BadRecord { at, what: "offset + length overflows" });
         }
-        let mut payload = vec![0u8; payload_len as usize];
+        let placed = place.filter(|b| {
+            kind == RecordKind::Write
+                && crate::direct::aligned(offset, payload_len as usize)
+                && b.capacity() >= payload_len as usize
+        });
+        let in_place = placed.is_some();
+        let mut owned = Vec::new();
+        let payload: &mut [u8] = match placed {
+            Some(b) => b.slice_mut(payload_len as usize),
+            None => {
+                owned.resize(payload_len as usize, 0);
+                &mut owned
+            }
+        };
         let mut crc = [0u8; RECORD_TRAILER_LEN];
-        let got = read_full(&mut self.inner, &mut payload)?;
+        let got = read_full(&mut self.inner, payload)?;
         if got < payload.len() || read_full(&mut self.inner, &mut crc)? < RECORD_TRAILER_LEN {
             return Err(FormatError::Truncated { at });
         }
-        if record_crc(&h, &payload) != crc {
+        if record_crc(&h, payload) != crc {
             return Err(FormatError::RecordChecksum { at });
         }
         if kind == RecordKind::Seal {
-            let sealed_unix_ms = u64_at(&payload, DIGEST_LEN);
+            let sealed_unix_ms = u64_at(payload, DIGEST_LEN);
             let app_consistent = h[5] & SEAL_FLAG_APP_CONSISTENT != 0;
             let info = SealInfo {
                 last_seq: seq,
@@ -450,14 +475,14 @@ impl<R: Read> SegmentReader<R> {
         }
         if self.hash {
             self.hasher.update(&h);
-            self.hasher.update(&payload);
+            self.hasher.update(payload);
             self.hasher.update(&crc);
         }
         self.position += (RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN) as u64;
         self.next_seq += 1;
         self.records += 1;
         self.data_bytes += payload.len() as u64;
-        Ok(Some(Record { kind, seq, offset, length, payload }))
+        Ok(Some((Record { kind, seq, offset, length, payload: owned }, in_place)))
     }
 
     /// Whether a valid seal has been read.

@@ -276,26 +276,38 @@ fn apply_records(
             // unlink after the point is recorded.
             let mut uncached = 0;
             let (mut batch, mut batched) = (Vec::new(), 0);
-            while let Some(mut r) = reader.next_record()? {
+            // Direct-eligible payloads are read straight into an aligned
+            // buffer (a returned one, or one the size of the last payload).
+            let (mut spare, mut last) = (None::<AlignedBuf>, 64usize << 10);
+            loop {
+                let direct_now = direct_ok.load(Relaxed);
+                let mut buf = spare
+                    .take()
+                    .or_else(|| free_rx.try_recv().ok())
+                    .unwrap_or_else(|| AlignedBuf::with_capacity(last));
+                let Some((mut r, placed)) = reader.next_record_placed(direct_now.then_some(&mut buf))? else {
+                    break;
+                };
                 if let Some(len) = std::num::NonZeroU64::new(reader.position.saturating_sub(uncached))
                     && len.get() >= WRITEBACK_STEP
                 {
                     let _ = rustix::fs::fadvise(segment, uncached, Some(len), rustix::fs::Advice::DontNeed);
                     uncached = reader.position;
                 }
-                let staged = if r.kind == RecordKind::Write
-                    && direct_ok.load(Relaxed)
-                    && aligned(r.offset, r.payload.len())
-                {
-                    let mut buf = free_rx
-                        .try_recv()
-                        .ok()
-                        .filter(|b| b.capacity() >= r.payload.len())
-                        .unwrap_or_else(|| AlignedBuf::with_capacity(r.payload.len()));
-                    buf.fill_from(&r.payload);
-                    r.payload = Vec::new();
+                let staged = if placed {
+                    last = buf.as_slice().len();
                     Staged::Direct(r, buf)
+                } else if r.kind == RecordKind::Write && direct_now && aligned(r.offset, r.payload.len()) {
+                    // Larger than the buffer at hand (which goes: the next
+                    // record takes a returned one, or one this size).
+                    drop(buf);
+                    last = r.payload.len();
+                    let mut big = AlignedBuf::with_capacity(r.payload.len());
+                    big.fill_from(&r.payload);
+                    r.payload = Vec::new();
+                    Staged::Direct(r, big)
                 } else {
+                    spare = Some(buf);
                     Staged::Buffered(r)
                 };
                 batched += match &staged {
