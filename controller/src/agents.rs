@@ -42,10 +42,10 @@ pub fn is_live(lease: &Lease, now: Timestamp) -> bool {
     }
 }
 
-/// The agents announced in `namespace`, live or not, by node name.
 /// The label selector of the agents' Leases.
 pub const LEASE_SELECTOR: &str = "app.kubernetes.io/component=vmreplica-agent";
 
+/// The agents announced in `namespace`, live or not, by node name.
 pub async fn discover(client: &Client, namespace: &str, now: Timestamp) -> Result<Vec<Agent>, kube::Error> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
     let lp = ListParams::default().labels(LEASE_SELECTOR);

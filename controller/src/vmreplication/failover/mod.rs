@@ -457,7 +457,8 @@ fn keep_serving(f: &Facts) -> Plan {
 
 /// The copy a side that took the VM over (`l`) serves as the VM's disks:
 /// after an unplanned failover, the chosen point's materialised copy; after a
-/// planned one, none (the promoted replicas themselves).
+/// planned one, none (the promoted replicas themselves); during its part of
+/// failing back, the one that part's status kept.
 pub(super) fn served_copy(vmr: &VMReplication, l: &FailoverStatus) -> Option<String> {
     match l.failover_type {
         FailoverType::Unplanned => Some(failover_copy_name(vmr)),

@@ -122,15 +122,12 @@ pub(super) fn planned_back(f: &Facts) -> Plan {
     };
     // What this side serves and where it replicates to: from the failover
     // that brought the VM here, kept in this part's status.
-    let (copy, reversed_to) = match starting {
-        true => (served_copy(f.vmr, l), l.reversed_to.clone()),
-        false => (l.served_copy.clone(), l.reversed_to.clone()),
-    };
+    let (copy, reversed_to) = (served_copy(f.vmr, l), l.reversed_to.clone());
     // An agent restarted since serves nothing until asked: its part ships
     // the last log of the disks it serves, so it serves them again first.
     // (Its part done, the disks are prepared and stay unserved: the other
-    // side takes them over.)
-    if !loc.serves(&kube::ResourceExt::uid(f.vmr).unwrap_or_default()) && (starting || in_primary_part(l)) {
+    // side takes them over; that is neither starting nor resuming.)
+    if !loc.serves(&kube::ResourceExt::uid(f.vmr).unwrap_or_default()) {
         return serve_again(f, l.clone(), copy, reversed_to);
     }
     match primary_part(f, r, Some(l).filter(|l| l.failover_type == FailoverType::Planned)) {
