@@ -261,12 +261,9 @@ fn apply_records(
     const WRITEBACK_STEP: u64 = 64 << 20;
     let direct_ok = AtomicBool::new(direct.is_some());
     std::thread::scope(|scope| {
-        // Records go across in batches of about BATCH bytes: one handed over
-        // per record, the two threads spent a fifth of the replica's CPU
-        // waking each other (64 KiB writes at 50 MiB/s). One batch being
-        // read, one queued, one being written: at most three in memory per
-        // apply (a batch is one record when that is larger, at most MAX_PAYLOAD).
-        const BATCH: usize = 1 << 20;
+        // Records go across in batches (see `Batches`): one batch being read,
+        // one queued, one being written: at most three in memory per apply
+        // (a batch is one record when that is larger, at most MAX_PAYLOAD).
         let (work_tx, work_rx) = mpsc::sync_channel::<Vec<Staged>>(1);
         let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
         let direct_ok = &direct_ok;
@@ -275,7 +272,7 @@ fn apply_records(
             // dropped as they are read, here, rather than all at once by the
             // unlink after the point is recorded.
             let mut uncached = 0;
-            let (mut batch, mut batched) = (Vec::new(), 0);
+            let mut batches = Batches::new(work_tx);
             // Direct-eligible payloads are read straight into an aligned
             // buffer (a returned one, or one the size of the last payload).
             let (mut spare, mut last) = (None::<AlignedBuf>, 64usize << 10);
@@ -310,22 +307,15 @@ fn apply_records(
                     spare = Some(buf);
                     Staged::Buffered(r)
                 };
-                batched += match &staged {
+                let bytes = match &staged {
                     Staged::Direct(_, buf) => buf.as_slice().len(),
                     Staged::Buffered(r) => r.payload.len(),
-                }
-                .max(1);
-                batch.push(staged);
-                if batched >= BATCH {
-                    batched = 0;
-                    if work_tx.send(std::mem::take(&mut batch)).is_err() {
-                        return Ok(()); // the writer stopped; its error is the one reported
-                    }
+                };
+                if !batches.push(staged, bytes as u64, false) {
+                    return Ok(()); // the writer stopped; its error is the one reported
                 }
             }
-            if !batch.is_empty() {
-                let _ = work_tx.send(batch);
-            }
+            batches.finish();
             Ok(())
         });
         let (flush_tx, flush_rx) = mpsc::sync_channel::<()>(1);
@@ -429,17 +419,15 @@ pub(super) fn write_ranges<W: Write>(
         (start..end).step_by(CHUNK as usize).map(move |off| (off, (end - off).min(CHUNK), src, start))
     });
     std::thread::scope(|scope| {
-        // Chunks go across in batches of about BATCH bytes (an undo of 64 KiB
-        // writes is thousands of small ranges: one hand-over each cost more
-        // than the copying). At most three batches in memory (a batch is one
-        // chunk, up to CHUNK, when that is larger).
-        const BATCH: u64 = 1 << 20;
+        // Chunks go across in batches (see `Batches`; an undo of 64 KiB
+        // writes is thousands of small ranges). At most three batches in
+        // memory (a batch is one chunk, up to CHUNK, when that is larger).
         type Read = io::Result<(u64, u64, Option<AlignedBuf>)>;
         let (tx, rx) = mpsc::sync_channel::<Vec<Read>>(1);
         let (give_back, free) = mpsc::channel::<AlignedBuf>();
         scope.spawn(move || {
             let (mut direct, mut no_direct) = (direct, None);
-            let (mut batch, mut batched) = (Vec::new(), 0u64);
+            let mut batches = Batches::new(tx);
             for (off, n, src, start) in chunks {
                 let read = match src {
                     Source::Zero => Ok(None),
@@ -455,18 +443,11 @@ pub(super) fn write_ranges<W: Write>(
                     }
                 };
                 let failed = read.is_err();
-                batched += n;
-                batch.push(read.map(|b| (off, n, b)));
-                if batched >= BATCH || failed {
-                    batched = 0;
-                    if tx.send(std::mem::take(&mut batch)).is_err() || failed {
-                        return;
-                    }
+                if !batches.push(read.map(|b| (off, n, b)), n, failed) || failed {
+                    return;
                 }
             }
-            if !batch.is_empty() {
-                let _ = tx.send(batch);
-            }
+            batches.finish();
         });
         for item in rx.into_iter().flatten() {
             let (off, n, buf) = item.map_err(io_at(path))?;
@@ -480,6 +461,43 @@ pub(super) fn write_ranges<W: Write>(
         }
         Ok(())
     })
+}
+
+/// Items handed from one thread to another in batches of about 1 MiB:
+/// handed over one at a time (64 KiB writes at 50 MiB/s), the two threads
+/// spent a fifth of the replica's CPU waking each other.
+struct Batches<T> {
+    tx: std::sync::mpsc::SyncSender<Vec<T>>,
+    batch: Vec<T>,
+    bytes: u64,
+}
+
+impl<T> Batches<T> {
+    const BYTES: u64 = 1 << 20;
+
+    fn new(tx: std::sync::mpsc::SyncSender<Vec<T>>) -> Self {
+        Self { tx, batch: Vec::new(), bytes: 0 }
+    }
+
+    /// Adds `item` (`bytes` long; counted as one at least), sending the
+    /// batch once it holds about a mebibyte, or at once when `now`; false
+    /// once the receiving thread has stopped.
+    fn push(&mut self, item: T, bytes: u64, now: bool) -> bool {
+        self.batch.push(item);
+        self.bytes += bytes.max(1);
+        if self.bytes < Self::BYTES && !now {
+            return true;
+        }
+        self.bytes = 0;
+        self.tx.send(std::mem::take(&mut self.batch)).is_ok()
+    }
+
+    /// Sends what is left.
+    fn finish(self) {
+        if !self.batch.is_empty() {
+            let _ = self.tx.send(self.batch);
+        }
+    }
 }
 
 /// Reads `chunk` at `at`: through `direct` (O_DIRECT) when aligned, else the page
