@@ -15,13 +15,13 @@ mod common;
 use std::{
     fs,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use common::{Rng, netem::Netem, procs::*};
-use vmreplica_tests::pki::Ca;
+use vmreplica_tests::{netns::NetNs, pki::Ca};
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 64 * MIB;
@@ -29,50 +29,34 @@ const INTERVAL: Duration = Duration::from_secs(1);
 
 /// Two namespaces joined by a veth pair; deleted (with the pair) on drop.
 struct Namespaces {
-    a: String,
-    b: String,
+    a: NetNs,
+    b: NetNs,
 }
 
 impl Namespaces {
     fn new() -> Self {
+        let (a, b) = (NetNs::new("a"), NetNs::new("b"));
         let id = std::process::id() % 100_000;
-        let (a, b) = (format!("vmr-a-{id}"), format!("vmr-b-{id}"));
         let (va, vb) = (format!("vmra{id}"), format!("vmrb{id}"));
-        for ns in [&a, &b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-            run(&["ip", "netns", "add", ns]);
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        let n = Self { a, b };
-        run(&["ip", "link", "add", &va, "netns", &n.a, "type", "veth", "peer", "name", &vb, "netns", &n.b]);
-        run(&["ip", "-n", &n.a, "addr", "add", "10.77.0.1/30", "dev", &va]);
-        run(&["ip", "-n", &n.b, "addr", "add", "10.77.0.2/30", "dev", &vb]);
-        run(&["ip", "-n", &n.a, "link", "set", &va, "up"]);
-        run(&["ip", "-n", &n.b, "link", "set", &vb, "up"]);
-        n
+        run(&[
+            "ip", "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name,
+        ]);
+        run(&["ip", "-n", &a.name, "addr", "add", "10.77.0.1/30", "dev", &va]);
+        run(&["ip", "-n", &b.name, "addr", "add", "10.77.0.2/30", "dev", &vb]);
+        run(&["ip", "-n", &a.name, "link", "set", &va, "up"]);
+        run(&["ip", "-n", &b.name, "link", "set", &vb, "up"]);
+        Self { a, b }
     }
 
     /// Adds (`-A`) or deletes (`-D`) an iptables rule for packets in and
     /// out of the replica's namespace.
     fn rule(&self, op: &str, rule: &[&str]) {
-        for chain in ["INPUT", "OUTPUT"] {
-            let mut v = vec!["ip", "netns", "exec", &self.b, "iptables", "-w", op, chain];
-            v.extend_from_slice(rule);
-            run(&v);
-        }
+        self.b.rule(op, rule);
     }
 
     /// The primary's metrics, read from inside its namespace.
     fn metric(&self, name: &str) -> f64 {
-        metric(Some(&self.a), "127.0.0.1:9090", name)
-    }
-}
-
-impl Drop for Namespaces {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
+        metric(Some(&self.a.name), "127.0.0.1:9090", name)
     }
 }
 
@@ -124,13 +108,10 @@ fn partitions_loss_latency_caps_and_resets_heal_and_the_replica_converges() {
     let socket = d.join("nbd.sock");
     let url = format!("nbd+unix:///root?socket={}", socket.display());
     let receive = receive_args("10.77.0.2:7443", &rtls, &storage, &[]);
-    let _replica = agent_in(Some(&net.b), &receive, None, &d.join("replica.log"));
-    let proxy = Netem::start(
-        Some(&PathBuf::from(format!("/run/netns/{}", net.a))),
-        "10.77.0.2:7443".parse::<SocketAddr>().unwrap(),
-    );
+    let _replica = agent_in(Some(&net.b.name), &receive, None, &d.join("replica.log"));
+    let proxy = Netem::start(Some(&net.a.path()), "10.77.0.2:7443".parse::<SocketAddr>().unwrap());
     let serve = serve_args(&image, &socket, &proxy.addr.to_string(), &ptls, &["--metrics", "127.0.0.1:9090"]);
-    let _primary = agent_in(Some(&net.a), &serve, None, &d.join("primary.log"));
+    let _primary = agent_in(Some(&net.a.name), &serve, None, &d.join("primary.log"));
     let mut acked = write(&url, 0, 64, 0);
     converge(d, &image, &replica_image, "the first copy", 60);
     let mut report = Vec::new();

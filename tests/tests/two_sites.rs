@@ -993,17 +993,7 @@ async fn failover_moves(tag: &str, rounds: u64, what: &str, mut strike: impl FnM
                     );
                 }
             }
-            match victim {
-                Victim::Nothing => {}
-                Victim::ControllersA => a.controllers.kill(),
-                Victim::ControllersB => b.controllers.kill(),
-                Victim::BothControllers => {
-                    a.controllers.kill();
-                    b.controllers.kill();
-                }
-                Victim::AgentA => a.agent.kill(),
-                Victim::AgentB => b.agent.kill(),
-            }
+            kill(victim, &mut a, &mut b);
             let back = tokio::time::Instant::now() + Duration::from_millis(down);
             if let Some(text) = says {
                 let saying = async || {
@@ -1024,24 +1014,7 @@ async fn failover_moves(tag: &str, rounds: u64, what: &str, mut strike: impl FnM
                 eprintln!("failover chaos: while {victim:?} was down: {said}");
             }
             tokio::time::sleep_until(back).await;
-            match victim {
-                Victim::Nothing => {}
-                Victim::ControllersA => a.controllers.restart(&ca),
-                Victim::ControllersB => b.controllers.restart(&ca),
-                Victim::BothControllers => {
-                    a.controllers.restart(&ca);
-                    b.controllers.restart(&ca);
-                }
-                Victim::AgentA => {
-                    // Its log so far kept beside the new one's.
-                    let _ = std::fs::rename(
-                        root.join("a-agent.log"),
-                        root.join(format!("a-agent.{}.log", struck.len())),
-                    );
-                    a.agent = site_a_agent(root, &a.ns, &a.label, b_name, Some(a_repl))
-                }
-                Victim::AgentB => b.restart_agent(),
-            }
+            restart(victim, &mut a, &mut b, &ca, struck.len());
             let l = done(api, &id, &struck).await;
             assert_eq!(
                 l.phase,
@@ -1085,6 +1058,9 @@ struct SiteA {
     storage: std::path::PathBuf,
     vmrs: Api<VMReplication>,
     controllers: SiteControllers,
+    /// How its agent was started (root, B's name, its replication port), to
+    /// start it again.
+    agent_args: (std::path::PathBuf, String, u16),
 }
 
 /// A site's controller loops (sites, VMReplications, the replica site) as
@@ -1145,7 +1121,17 @@ impl SiteA {
         apply_object(&Api::<vmreplica_crds::AuthorizationEntry>::all(a.clone()), &entry).await;
         let controllers = SiteControllers::start(a.clone(), &ns, ca, Some(ns.clone()));
         let vmrs = Api::namespaced(a.clone(), &ns);
-        SiteA { ns, label, agent, storage, vmrs, controllers }
+        let agent_args = (root.to_owned(), b_name.to_owned(), repl);
+        SiteA { ns, label, agent, storage, vmrs, controllers, agent_args }
+    }
+
+    /// Kills the agent (SIGKILL) and starts it again as it was; its log so
+    /// far is kept as `a-agent.<n>.log` beside the new one's.
+    fn restart_agent(&mut self, n: usize) {
+        self.agent.kill();
+        let (root, b_name, repl) = &self.agent_args;
+        let _ = std::fs::rename(root.join("a-agent.log"), root.join(format!("a-agent.{n}.log")));
+        self.agent = site_a_agent(root, &self.ns, &self.label, b_name, Some(*repl));
     }
 }
 
@@ -1211,29 +1197,34 @@ fn chaos_rng(seed: u64) -> impl FnMut(u64) -> u64 {
     }
 }
 
-/// Kills `victim` (any but A's agent), waits `down` ms, starts it again.
-async fn strike_site(victim: Victim, down: u64, a: &mut SiteControllers, b: &mut ReplicaSite, ca: &Ca) {
+/// Kills `victim` (see [`restart`]).
+fn kill(victim: Victim, a: &mut SiteA, b: &mut ReplicaSite) {
     match victim {
-        Victim::ControllersA => a.kill(),
+        Victim::Nothing => {}
+        Victim::ControllersA => a.controllers.kill(),
         Victim::ControllersB => b.controllers.kill(),
         Victim::BothControllers => {
-            a.kill();
+            a.controllers.kill();
             b.controllers.kill();
         }
+        Victim::AgentA => a.agent.kill(),
         Victim::AgentB => b.agent.kill(),
-        Victim::Nothing => {}
-        Victim::AgentA => unreachable!("A's agent is struck by its own test"),
     }
-    tokio::time::sleep(Duration::from_millis(down)).await;
+}
+
+/// Starts `victim` again, as it was (`n`: the strike's number, for A's
+/// agent's kept log).
+fn restart(victim: Victim, a: &mut SiteA, b: &mut ReplicaSite, ca: &Ca, n: usize) {
     match victim {
-        Victim::ControllersA => a.restart(ca),
+        Victim::Nothing => {}
+        Victim::ControllersA => a.controllers.restart(ca),
         Victim::ControllersB => b.controllers.restart(ca),
         Victim::BothControllers => {
-            a.restart(ca);
+            a.controllers.restart(ca);
             b.controllers.restart(ca);
         }
+        Victim::AgentA => a.restart_agent(n),
         Victim::AgentB => b.restart_agent(),
-        Victim::Nothing | Victim::AgentA => {}
     }
 }
 
@@ -1251,15 +1242,17 @@ async fn unplanned_move(tag: &str, what: &str, mut strike: impl FnMut(usize) -> 
     write_tls(&root.join("a-tls"), &material(&ca, &[a_name, "127.0.0.1"]));
     let mut b = replica_site(root, &format!("{tag}-b"), &ca, b_name, "*.site-a.example.com", &[a_name]).await;
     let (b_repl, a_repl) = (b.repl_port, free_port());
-    let SiteA { ns: a_ns, agent: _a_agent, vmrs: a_vmrs, controllers: mut a_controllers, .. } =
-        SiteA::start(root, &format!("{tag}-a"), &ca, b_name, a_repl).await;
+    let mut a = SiteA::start(root, &format!("{tag}-a"), &ca, b_name, a_repl).await;
+    let (a_ns, a_vmrs) = (a.ns.clone(), a.vmrs.clone());
     let mut struck = Vec::new();
-    let mut strike_now = async |b: &mut ReplicaSite, a: &mut SiteControllers| {
+    let mut strike_now = async |b: &mut ReplicaSite, a: &mut SiteA| {
         let Strike { victim, at, down, .. } = strike(struck.len());
         struck.push(format!("request {} {victim:?} at {at:?} ms for {down} ms", struck.len()));
         eprintln!("unplanned chaos ({what}): {}", struck.last().unwrap());
         tokio::time::sleep(Duration::from_millis(at.unwrap_or(0))).await;
-        strike_site(victim, down, a, b, &ca).await;
+        kill(victim, a, b);
+        tokio::time::sleep(Duration::from_millis(down)).await;
+        restart(victim, a, b, &ca, struck.len());
     };
     let (root_img, data_img) = (disk_image(root, "app-root"), disk_image(root, "app-data"));
     for img in [&root_img, &data_img] {
@@ -1304,7 +1297,7 @@ async fn unplanned_move(tag: &str, what: &str, mut strike: impl FnMut(usize) -> 
     let operator = PatchParams::apply("dr-operator").force();
     let request = json!({"id": "u1", "type": "Unplanned", "force": true});
     b.vmrs.patch(app, &operator, &Patch::Apply(at_b(request.clone()))).await.unwrap();
-    strike_now(&mut b, &mut a_controllers).await;
+    strike_now(&mut b, &mut a).await;
     wait_secs(60, "B to run the VM on the chosen point", async || {
         let l = b.vmrs.get(app).await.ok()?.status?.last_failover?;
         (l.phase == vmreplica_crds::FailoverPhase::WaitingCompletion).then_some(l)
@@ -1324,7 +1317,7 @@ async fn unplanned_move(tag: &str, what: &str, mut strike: impl FnMut(usize) -> 
     complete["reverseReplication"] = json!(true);
     complete["reverseReplicaServer"] = json!({"name": a_name, "port": a_repl});
     b.vmrs.patch(app, &operator, &Patch::Apply(at_b(complete))).await.unwrap();
-    strike_now(&mut b, &mut a_controllers).await;
+    strike_now(&mut b, &mut a).await;
     let l = wait_secs(60, "the failover to complete, reversed", async || {
         let l = b.vmrs.get(app).await.ok()?.status?.last_failover?;
         (l.phase == vmreplica_crds::FailoverPhase::Completed).then_some(l)
@@ -1400,7 +1393,7 @@ async fn unplanned_move(tag: &str, what: &str, mut strike: impl FnMut(usize) -> 
     // still listed there and still discarded on request, copies and all.
     let back = json!({"id": "back", "type": "Planned"});
     b.vmrs.patch(app, &operator, &Patch::Apply(at_b(back))).await.unwrap();
-    strike_now(&mut b, &mut a_controllers).await;
+    strike_now(&mut b, &mut a).await;
     wait_secs(60, "B's part of failing back", async || {
         let l = b.vmrs.get(app).await.ok()?.status?.last_failover?;
         (l.id == "back" && l.phase == vmreplica_crds::FailoverPhase::Completed).then_some(())
@@ -1409,7 +1402,7 @@ async fn unplanned_move(tag: &str, what: &str, mut strike: impl FnMut(usize) -> 
     let a_back = json!({"divergedPoint": {"action": "Materialize"},
         "failover": {"id": "back", "type": "Planned", "reverseReplication": true}});
     apply_object(&a_vmrs, &primary(a_back)).await;
-    strike_now(&mut b, &mut a_controllers).await;
+    strike_now(&mut b, &mut a).await;
     wait_secs(90, "A to take the VM back", async || {
         let l = a_vmrs.get(app).await.ok()?.status?.last_failover?;
         (l.id == "back" && l.phase == vmreplica_crds::FailoverPhase::Completed && l.took_over).then_some(())
