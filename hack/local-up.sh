@@ -102,7 +102,7 @@ kind: ReplicationServer
 metadata: {name: local-site-b}
 spec:
   nodeSelector: {vmreplica.io/site: b}
-  tlsSecretName: vmreplica-agent-tls
+  port: $port
 ---
 apiVersion: vmreplica.io/v1alpha1
 kind: AuthorizationEntry
@@ -201,7 +201,6 @@ metadata: {name: local-site-a}
 spec:
   nodeSelector: {vmreplica.io/site: a}
   port: $port_a
-  tlsSecretName: vmreplica-agent-tls
 ---
 apiVersion: vmreplica.io/v1alpha1
 kind: AuthorizationEntry
