@@ -1,6 +1,6 @@
 //! O_DIRECT where it helps: writing a replica's image where a record allows
-//! it, and reading whole images (a resync's hashing) without filling the
-//! page cache.
+//! it, writing and reading the segments it receives, and reading whole
+//! images (a resync's hashing) without filling the page cache.
 //!
 //! An apply ends in an fsync of the image either way (DESIGN "Data path" step
 //! 4), so going through the page cache only adds a copy of every byte and
@@ -110,7 +110,12 @@ pub struct DirectWriter {
 impl DirectWriter {
     const BUFFER: usize = 4 << 20;
 
-    pub fn new(file: File, mut direct: Option<File>) -> Self {
+    pub fn new(file: File, direct: Option<File>) -> Self {
+        Self::with_buffer(file, direct, Self::BUFFER)
+    }
+
+    /// A writer whose buffers (up to three) hold `buffer` bytes each.
+    pub fn with_buffer(file: File, mut direct: Option<File>, buffer: usize) -> Self {
         // One buffer filling, one queued, one being written.
         let (to_worker, queued) = std::sync::mpsc::sync_channel::<(AlignedBuf, u64)>(1);
         let (give_back, free) = std::sync::mpsc::channel();
@@ -122,7 +127,7 @@ impl DirectWriter {
             Ok(file)
         });
         Self {
-            buf: AlignedBuf::with_capacity(Self::BUFFER),
+            buf: AlignedBuf::with_capacity(buffer),
             pos: 0,
             to_worker: Some(to_worker),
             free,
@@ -132,7 +137,8 @@ impl DirectWriter {
 
     /// Hands the current buffer to the writer thread.
     fn hand_off(&mut self) -> io::Result<()> {
-        let mut next = self.free.try_recv().unwrap_or_else(|_| AlignedBuf::with_capacity(Self::BUFFER));
+        let cap = self.buf.capacity();
+        let mut next = self.free.try_recv().unwrap_or_else(|_| AlignedBuf::with_capacity(cap));
         next.len = 0;
         let full = std::mem::replace(&mut self.buf, next);
         let at = self.pos;
@@ -158,17 +164,30 @@ impl DirectWriter {
     }
 }
 
-/// Writes `data` at `pos`: direct when it is whole blocks and `direct` works
-/// (a refusal turns it off for the rest of the file).
+/// Writes `data` at `pos`: its whole blocks direct when `pos` is aligned and
+/// `direct` works (a refusal turns it off for the rest of the file), the
+/// rest through the page cache, whose writeback is started at once so that
+/// the caller's fsync finds little left to write.
 fn write_block(file: &File, direct: &mut Option<File>, data: &[u8], pos: u64) -> io::Result<()> {
-    if let Some(d) = direct.as_ref().filter(|_| aligned(pos, data.len())) {
-        match d.write_all_at(data, pos) {
-            Ok(()) => return Ok(()),
+    let whole = data.len() / ALIGN * ALIGN;
+    let mut done = 0;
+    if let Some(d) = direct.as_ref().filter(|_| aligned(pos, whole)) {
+        match d.write_all_at(&data[..whole], pos) {
+            Ok(()) => done = whole,
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => *direct = None,
             Err(e) => return Err(e),
         }
     }
-    file.write_all_at(data, pos)
+    let (rest, at) = (&data[done..], pos + done as u64);
+    if rest.is_empty() {
+        return Ok(());
+    }
+    file.write_all_at(rest, at)?;
+    // DONTNEED starts writeback of the range without waiting for it (Linux;
+    // durability stays the fsync's, and an error here shows again there).
+    let len = std::num::NonZeroU64::new(rest.len() as u64);
+    let _ = rustix::fs::fadvise(file, at, len, rustix::fs::Advice::DontNeed);
+    Ok(())
 }
 
 impl Write for DirectWriter {
@@ -182,6 +201,93 @@ impl Write for DirectWriter {
     /// Whole buffers only: the tail waits for [`DirectWriter::finish`].
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A reader of a file that reads it in big aligned blocks with O_DIRECT
+/// (through the page cache where the filesystem refuses): a replica's
+/// received segment, written direct and read once or twice by the apply,
+/// never enters the page cache. Small reads, and seeks within a block, cost
+/// no syscall.
+pub struct BlockReader {
+    file: File,
+    direct: Option<File>,
+    buf: AlignedBuf,
+    /// File offset of `buf`'s first byte.
+    buf_at: u64,
+    /// Where the next read starts.
+    pos: u64,
+}
+
+impl BlockReader {
+    const BLOCK: usize = 1 << 20;
+
+    /// Reads `file`, through `direct` (an O_DIRECT handle on it) when given.
+    pub fn new(file: File, direct: Option<File>) -> Self {
+        Self { file, direct, buf: AlignedBuf::with_capacity(Self::BLOCK), buf_at: 0, pos: 0 }
+    }
+
+    /// Fills the buffer with the block holding `pos`; false at the end of the file.
+    fn fill(&mut self) -> io::Result<bool> {
+        let at = self.pos / ALIGN as u64 * ALIGN as u64;
+        let cap = self.buf.capacity();
+        let n = loop {
+            if let Some(d) = &self.direct {
+                match read_full_at(d, self.buf.slice_mut(cap), at) {
+                    Ok(n) => break n,
+                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                        self.direct = None;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            break read_full_at(&self.file, self.buf.slice_mut(cap), at)?;
+        };
+        self.buf.len = n;
+        self.buf_at = at;
+        Ok(self.pos < at + n as u64)
+    }
+}
+
+/// Reads at `at` until `buf` is full or the file ends; the bytes read.
+fn read_full_at(f: &File, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], at + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+impl io::Read for BlockReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let in_buf = |r: &Self| r.pos >= r.buf_at && r.pos < r.buf_at + r.buf.len as u64;
+        if out.is_empty() || (!in_buf(self) && !self.fill()?) {
+            return Ok(0);
+        }
+        let from = (self.pos - self.buf_at) as usize;
+        let n = out.len().min(self.buf.len - from);
+        out[..n].copy_from_slice(&self.buf.as_slice()[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl io::Seek for BlockReader {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let target = match to {
+            io::SeekFrom::Start(n) => Some(n),
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            io::SeekFrom::End(d) => self.file.metadata()?.len().checked_add_signed(d),
+        };
+        self.pos =
+            target.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        Ok(self.pos)
     }
 }
 
@@ -220,6 +326,38 @@ mod tests {
         }
         w.finish().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+
+    #[test]
+    fn the_block_reader_reads_and_seeks_like_the_file() {
+        use std::io::{Read, Seek, SeekFrom};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..(3 << 20) + 4321).map(|i: u32| (i % 253) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        for direct in [open_read(&path), None] {
+            let mut r = BlockReader::new(File::open(&path).unwrap(), direct);
+            // Reads of awkward sizes across block boundaries, then to the end.
+            let mut got = vec![0u8; 40 + 4093];
+            r.read_exact(&mut got).unwrap();
+            assert_eq!(got, data[..got.len()]);
+            // Forward within the block, forward past it, back before it.
+            for (to, at) in [
+                (SeekFrom::Current(100), 4233u64),
+                (SeekFrom::Current((2 << 20) + 7), (2 << 20) + 4250),
+                (SeekFrom::Start(5), 5),
+            ] {
+                assert_eq!(r.seek(to).unwrap(), at);
+                let mut b = [0u8; 10];
+                r.read_exact(&mut b).unwrap();
+                assert_eq!(b, data[at as usize..at as usize + 10], "after seeking to {at}");
+            }
+            let mut rest = Vec::new();
+            r.read_to_end(&mut rest).unwrap();
+            assert_eq!(rest, data[15..]);
+            assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0, "nothing after the end");
+            assert!(r.seek(SeekFrom::Current(-(data.len() as i64) - 1)).is_err(), "before the start");
+        }
     }
 
     #[test]

@@ -25,10 +25,13 @@ use super::{
     io_at, now_ms,
     ranges::{RangeMap, Source},
 };
-use crate::log::{
-    FormatError, Record, RecordKind, SegmentReader,
-    apply::{apply_record, check_bounds},
-    format::{MAX_PAYLOAD, SegmentWriter},
+use crate::{
+    direct::BlockReader,
+    log::{
+        FormatError, Record, RecordKind, SegmentReader,
+        apply::{apply_record, check_bounds},
+        format::{MAX_PAYLOAD, SegmentWriter},
+    },
 };
 
 impl ReplicaDisk {
@@ -167,11 +170,12 @@ impl ReplicaDisk {
         let size = self.state().disk_size;
         // Pass 1: the union of ranges the file touches, from its record
         // headers (it was verified in full when it was received).
+        // The segment was received with O_DIRECT, so both passes read it in
+        // big direct blocks (`BlockReader`) rather than through the page cache.
         let file = open_nofollow(seg, false, false).map_err(io_at(seg))?;
+        let blocks = BlockReader::new(file, crate::direct::open_read(seg));
         let (header, ranges, seal) =
-            // A small buffer: a larger one would read the payloads it skips
-            // (64 KiB writes: the whole segment, again).
-            crate::log::format::scan_ranges(BufReader::with_capacity(8 << 10, file))
+            crate::log::format::scan_ranges(BufReader::with_capacity(8 << 10, blocks))
                 .map_err(verification)?;
         // The image is input 0; its byte at disk offset X is at file offset X.
         // Holes read as zeroes without being read (an empty replica's first
@@ -212,8 +216,9 @@ impl ReplicaDisk {
         let seg_file = f.try_clone().map_err(io_at(seg))?;
         // A buffer smaller than most payloads: std's BufReader reads those
         // straight into the record (a larger one copies each through itself).
+        let blocks = BlockReader::new(f, crate::direct::open_read(seg));
         let reader =
-            SegmentReader::new_verified(BufReader::with_capacity(16 << 10, f)).map_err(verification)?;
+            SegmentReader::new_verified(BufReader::with_capacity(16 << 10, blocks)).map_err(verification)?;
         let direct_bytes = apply_records(reader, &seg_file, &image, direct.as_ref(), size, seal.records)
             .map_err(|e| match e {
                 ApplyError::Format(source) => verification(source),
@@ -249,7 +254,7 @@ enum Staged {
 /// caller's final fsync has little left to do. Long (about 95 lines) on
 /// purpose: the three threads share one scope and their channels.
 fn apply_records(
-    mut reader: SegmentReader<BufReader<File>>,
+    mut reader: SegmentReader<BufReader<BlockReader>>,
     segment: &File,
     image: &File,
     direct: Option<&File>,

@@ -5,7 +5,10 @@
 //! A segment is written and verified as it arrives, on a thread of its own:
 //! each chunk is written to the file and parsed (every record's CRC, the
 //! BLAKE3 digest of the seal) while the next one is on the wire, so finishing
-//! needs only the fsync, not a second read of the whole segment.
+//! needs only the fsync, not a second read of the whole segment. The file is
+//! written with O_DIRECT where the filesystem allows ([`crate::direct`]): it
+//! is fsynced before it counts anyway, and filling the page cache with what
+//! the apply reads once cost the receiving thread most of its time.
 
 use std::{
     fs::{self, File},
@@ -22,7 +25,10 @@ use super::{
     files::{open_nofollow, seq_files, sync_dir, undo_files},
     io_at,
 };
-use crate::log::format::{FormatError, MAX_SEQ, SealInfo, SegmentHeader, SegmentReader};
+use crate::{
+    direct::DirectWriter,
+    log::format::{FormatError, MAX_SEQ, SealInfo, SegmentHeader, SegmentReader},
+};
 
 impl ReplicaDisk {
     /// Starts receiving the initial copy announced by `start`: a fresh sparse
@@ -158,10 +164,11 @@ impl ReplicaDisk {
         let path = self.dir.join("incoming").join(format!("{first_seq:020}.part"));
         let _ = fs::remove_file(&path);
         let file = open_nofollow(&path, true, true).map_err(io_at(&path))?;
+        let direct = crate::direct::open(&path);
         let (chunks, rx) = mpsc::channel(4);
         let writer = thread::Builder::new()
             .name("segment-in".into())
-            .spawn(move || write_and_verify(file, rx))
+            .spawn(move || write_and_verify(file, direct, rx))
             .map_err(io_at(&path))?;
         Ok(Incoming::New(IncomingSegment {
             path,
@@ -254,63 +261,52 @@ enum Failed {
     Format(FormatError),
 }
 
-/// The writer: every chunk is written to `file`, then parsed; at the end the
-/// seal must have verified and nothing may follow it, and the file is synced.
+/// The writer: every chunk is written to `file` (through `direct` where it
+/// can), then parsed; at the end the seal must have verified and nothing may
+/// follow it, and the file is synced.
 fn write_and_verify(
     file: File,
+    direct: Option<File>,
     chunks: mpsc::Receiver<Vec<u8>>,
 ) -> std::result::Result<(SegmentHeader, SealInfo), Failed> {
-    let mut tee = Tee { chunks, file: &file, chunk: Vec::new(), at: 0, failed: None, written: 0, flushed: 0 };
+    let out = DirectWriter::with_buffer(file, direct, WRITE_BUFFER);
+    let mut tee = Tee { chunks, out, chunk: Vec::new(), at: 0, failed: None };
     let verified = SegmentReader::new(&mut tee).and_then(SegmentReader::read_to_seal);
+    // The writer thread is joined whatever happened, so nothing writes to
+    // the file once this returns.
+    let file = tee.out.finish();
     if let Some(e) = tee.failed.take() {
         return Err(Failed::Io(e));
     }
     let verified = verified.map_err(Failed::Format)?;
+    let file = file.map_err(Failed::Io)?;
     crate::failpoint::io("io.replica.segment.sync").and_then(|()| file.sync_all()).map_err(Failed::Io)?;
     Ok(verified)
 }
 
+/// Bytes of each of the writer's (up to three) aligned buffers.
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// Reads the chunks in order, writing each to the file as it is taken.
-struct Tee<'a> {
+struct Tee {
     chunks: mpsc::Receiver<Vec<u8>>,
-    file: &'a File,
+    out: DirectWriter,
     chunk: Vec<u8>,
     at: usize,
     /// A write failed (told apart from a damaged segment).
     failed: Option<io::Error>,
-    /// Bytes written, and how many of them the kernel was asked to write back.
-    written: u64,
-    flushed: u64,
 }
 
-/// Writeback is started every this many bytes received, so that the fsync
-/// at the end finds little left to write.
-const WRITEBACK_EVERY: u64 = 8 << 20;
-
-impl Read for Tee<'_> {
+impl Read for Tee {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.chunk.len() {
             let Some(next) = self.chunks.blocking_recv() else { return Ok(0) };
             let written =
-                crate::failpoint::io("io.replica.segment.write").and_then(|()| self.file.write_all(&next));
+                crate::failpoint::io("io.replica.segment.write").and_then(|()| self.out.write_all(&next));
             if let Err(e) = written {
                 let kind = e.kind();
                 self.failed = Some(e);
                 return Err(io::Error::new(kind, "writing the segment failed"));
-            }
-            self.written += next.len() as u64;
-            if self.written - self.flushed >= WRITEBACK_EVERY {
-                // DONTNEED starts writeback of the range without waiting for
-                // it (Linux; durability is still the fsync's, and an error
-                // here shows again there); pages already clean are dropped,
-                // which a segment read once by the apply can spare.
-                let _ = rustix::fs::fadvise(
-                    self.file,
-                    self.flushed,
-                    std::num::NonZeroU64::new(self.written - self.flushed),
-                    rustix::fs::Advice::DontNeed,
-                );
-                self.flushed = self.written;
             }
             (self.chunk, self.at) = (next, 0);
         }
