@@ -304,7 +304,16 @@ pub(super) fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Res
     }
     // Decompression into a buffer of the announced size: a frame that would
     // expand beyond it (a zstd bomb) fails instead of allocating.
-    let out = zstd::bulk::decompress(&data, raw_len).map_err(|e| {
+    thread_local! {
+        // One context per thread: a fresh one per chunk allocates its tables again.
+        static CONTEXT: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let out = CONTEXT.with_borrow_mut(|c| match c {
+        Some(d) => d.decompress(&data, raw_len),
+        None => zstd::bulk::Decompressor::new().and_then(|d| c.insert(d).decompress(&data, raw_len)),
+    });
+    let out = out.map_err(|e| {
         Status::resource_exhausted(format!(
             "compressed chunk does not decompress to its announced {raw_len} bytes: {e}"
         ))

@@ -55,7 +55,7 @@ impl AutoCompress {
             }
             // A probe: does the data shrink again?
             self.raw_since_off.store(0, Relaxed);
-            let c = zstd::bulk::compress(raw, 1).ok()?;
+            let c = compress(raw)?;
             if (c.len() as f64) < n as f64 * KEEP_BELOW {
                 self.window_raw.store(0, Relaxed);
                 self.window_out.store(0, Relaxed);
@@ -63,7 +63,7 @@ impl AutoCompress {
             }
             return (c.len() < raw.len()).then_some(c);
         }
-        let c = zstd::bulk::compress(raw, 1).ok().filter(|c| c.len() < raw.len());
+        let c = compress(raw).filter(|c| c.len() < raw.len());
         let out = c.as_ref().map_or(n, |c| c.len() as u64);
         let wr = self.window_raw.fetch_add(n, Relaxed) + n;
         let wo = self.window_out.fetch_add(out, Relaxed) + out;
@@ -78,6 +78,21 @@ impl AutoCompress {
         }
         c
     }
+}
+
+/// zstd level 1 with this thread's context: a fresh context per chunk
+/// allocates (and faults in) its tables again every time.
+fn compress(raw: &[u8]) -> Option<Vec<u8>> {
+    thread_local! {
+        static CONTEXT: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CONTEXT.with_borrow_mut(|c| {
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(1).ok();
+        }
+        c.as_mut()?.compress(raw).ok()
+    })
 }
 
 #[cfg(test)]
