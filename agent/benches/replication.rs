@@ -17,6 +17,10 @@
 //!    `benches/rpo.sh` prints them beside its lag measurements.
 //!
 //! Work files go to `$BENCH_DIR` (default /var/tmp) and are removed.
+//!
+//! To profile only the shipping, not its setup, start the bench under
+//! `perf record -D -1 --control fifo:CTL` with `BENCH_PERF_CTL=CTL`: it
+//! enables the recording for each timed transfer only.
 
 use std::{
     fs,
@@ -76,6 +80,14 @@ fn replica_state(size: u64) -> ReplicaState {
         applied_through: 0,
         points: Vec::new(),
         ..Default::default()
+    }
+}
+
+/// Tells `perf record --control fifo:$BENCH_PERF_CTL` to start or stop
+/// recording, when that variable is set.
+fn perf_control(what: &str) {
+    if let Some(ctl) = std::env::var_os("BENCH_PERF_CTL") {
+        fs::write(ctl, format!("{what}\n")).unwrap();
     }
 }
 
@@ -228,9 +240,11 @@ async fn ship_data(dir: &Path, what: &str, data: &Arc<Vec<u8>>) {
         .await
         .unwrap();
         let before = ship.stats();
+        perf_control("enable");
         let t = Instant::now();
         ship.sync_once().await.unwrap();
         let took = t.elapsed();
+        perf_control("disable");
         let s = ship.stats();
         let (raw, wire) =
             (s.raw_bytes_sent - before.raw_bytes_sent, s.wire_bytes_sent - before.wire_bytes_sent);
