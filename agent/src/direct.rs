@@ -21,6 +21,13 @@ use std::{
 /// for every logical block size up to 4 KiB.
 pub const ALIGN: usize = 4096;
 
+/// Whether an O_DIRECT read or write failed because the filesystem refuses
+/// O_DIRECT (or this alignment) rather than because the I/O failed: the
+/// caller goes through the page cache instead.
+pub fn refused(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
+}
+
 /// Whether a write at `offset` of `len` bytes can go direct.
 pub fn aligned(offset: u64, len: usize) -> bool {
     len > 0 && offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN)
@@ -174,7 +181,7 @@ fn write_block(file: &File, direct: &mut Option<File>, data: &[u8], pos: u64) ->
     if let Some(d) = direct.as_ref().filter(|_| aligned(pos, whole)) {
         match d.write_all_at(&data[..whole], pos) {
             Ok(()) => done = whole,
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => *direct = None,
+            Err(e) if refused(&e) => *direct = None,
             Err(e) => return Err(e),
         }
     }
@@ -231,18 +238,15 @@ impl BlockReader {
     fn fill(&mut self) -> io::Result<bool> {
         let at = self.pos / ALIGN as u64 * ALIGN as u64;
         let cap = self.buf.capacity();
-        let n = loop {
-            if let Some(d) = &self.direct {
-                match read_full_at(d, self.buf.slice_mut(cap), at) {
-                    Ok(n) => break n,
-                    Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
-                        self.direct = None;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
+        let buf = self.buf.slice_mut(cap);
+        let n = match self.direct.as_ref().map(|d| read_full_at(d, buf, at)) {
+            Some(Ok(n)) => n,
+            Some(Err(e)) if refused(&e) => {
+                self.direct = None;
+                read_full_at(&self.file, buf, at)?
             }
-            break read_full_at(&self.file, self.buf.slice_mut(cap), at)?;
+            Some(Err(e)) => return Err(e),
+            None => read_full_at(&self.file, buf, at)?,
         };
         self.buf.len = n;
         self.buf_at = at;

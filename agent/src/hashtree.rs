@@ -108,7 +108,7 @@ pub fn read_window<'b>(
         match direct.map(|d| d.read_exact_at(dst, from)) {
             Some(Ok(())) => {}
             // A filesystem that refuses this read direct: through the page cache.
-            Some(Err(e)) if e.raw_os_error() == Some(22) => image.read_exact_at(dst, from)?,
+            Some(Err(e)) if crate::direct::refused(&e) => image.read_exact_at(dst, from)?,
             Some(Err(e)) => return Err(e),
             None => image.read_exact_at(dst, from)?,
         }

@@ -273,9 +273,10 @@ fn apply_records(
         let (free_tx, free_rx) = mpsc::channel::<AlignedBuf>();
         let direct_ok = &direct_ok;
         let parser = scope.spawn(move || -> std::result::Result<(), FormatError> {
-            // The segment is deleted once applied: its cached pages are
-            // dropped as they are read, here, rather than all at once by the
-            // unlink after the point is recorded.
+            // The segment is deleted once applied: where it went through the
+            // page cache (a filesystem refusing O_DIRECT, or its buffered
+            // tail), its cached pages are dropped as they are read, here,
+            // rather than all at once by the unlink after the point is recorded.
             let mut uncached = 0;
             let mut batches = Batches::new(work_tx);
             // Direct-eligible payloads are read straight into an aligned
@@ -391,7 +392,7 @@ fn write_direct(
 ) -> std::io::Result<bool> {
     match dio.write_all_at(data, offset) {
         Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+        Err(e) if crate::direct::refused(&e) => {
             tracing::warn!(error = %e, "direct writes refused; applying through the page cache");
             direct_ok.store(false, std::sync::atomic::Ordering::Relaxed);
             image.write_all_at(data, offset)?;
