@@ -597,7 +597,8 @@ pub fn verify_sealed_file(path: &std::path::Path) -> Result<(SegmentHeader, Seal
     SegmentReader::new(io::BufReader::with_capacity(1 << 20, f))?.read_to_seal()
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads until `buf` is full or the input ends; the bytes read.
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

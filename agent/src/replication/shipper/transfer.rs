@@ -4,18 +4,19 @@
 //! thread reads and rate-limits while the gRPC stream sends; while zstd is
 //! on, a segment's chunks are compressed on several threads, in order.
 
-use std::{
-    fs::File,
-    io::{self, Read},
-    os::unix::fs::FileExt,
-};
+use std::{fs::File, io, os::unix::fs::FileExt};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use vmreplica_api::replication::{CopyChunk, CopyStart, SegmentChunk, SegmentStart};
 
 use super::{ShipError, Shipper, autocompress::AutoCompress};
-use crate::{fail_point_armed, image::data_extents, limits::Limits, log::SealedSegment};
+use crate::{
+    fail_point_armed,
+    image::data_extents,
+    limits::Limits,
+    log::{SealedSegment, format::read_full},
+};
 
 /// What one chunk producer hands the gRPC stream.
 type Chunks<T> = mpsc::Receiver<T>;
@@ -317,17 +318,6 @@ fn in_order<I: Send, O: Send>(
             }
         }
     });
-}
-
-fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
