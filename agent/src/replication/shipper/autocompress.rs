@@ -87,12 +87,11 @@ fn compress(raw: &[u8]) -> Option<Vec<u8>> {
         static CONTEXT: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { std::cell::RefCell::new(None) };
     }
-    CONTEXT.with_borrow_mut(|c| {
-        if c.is_none() {
-            *c = zstd::bulk::Compressor::new(1).ok();
-        }
-        c.as_mut()?.compress(raw).ok()
-    })
+    let out = CONTEXT.with_borrow_mut(|c| match c {
+        Some(z) => z.compress(raw),
+        None => zstd::bulk::Compressor::new(1).and_then(|z| c.insert(z).compress(raw)),
+    });
+    out.ok()
 }
 
 #[cfg(test)]
