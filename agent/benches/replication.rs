@@ -91,6 +91,35 @@ fn perf_control(what: &str) {
     }
 }
 
+/// The process's CPU time so far (user + system, all threads): both agents
+/// of a shipping bench run in this process.
+fn cpu_time() -> Duration {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given and keeps no pointer.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) }, 0);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Wall and CPU time of one timed transfer.
+struct Meter {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl Meter {
+    fn start() -> Self {
+        Self { wall: Instant::now(), cpu: cpu_time() }
+    }
+
+    /// `(wall time, "N cores, M ms of CPU per MiB")` for `bytes` moved.
+    fn stop(self, bytes: u64) -> (Duration, String) {
+        let (wall, cpu) = (self.wall.elapsed(), cpu_time() - self.cpu);
+        let per_mib = cpu.as_secs_f64() * 1000.0 / (bytes as f64 / MIB as f64);
+        (wall, format!("{:.2} cores, {per_mib:.2} ms CPU/MiB", cpu.as_secs_f64() / wall.as_secs_f64()))
+    }
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
@@ -241,15 +270,15 @@ async fn ship_data(dir: &Path, what: &str, data: &Arc<Vec<u8>>) {
         .unwrap();
         let before = ship.stats();
         perf_control("enable");
-        let t = Instant::now();
+        let meter = Meter::start();
         ship.sync_once().await.unwrap();
-        let took = t.elapsed();
-        perf_control("disable");
         let s = ship.stats();
         let (raw, wire) =
             (s.raw_bytes_sent - before.raw_bytes_sent, s.wire_bytes_sent - before.wire_bytes_sent);
+        let (took, cpu) = meter.stop(raw);
+        perf_control("disable");
         println!(
-            "| ship 512 MiB of {what} as 1 MiB writes, zstd {} | {:.0} MiB/s | {:.0} MiB on the wire | {:.2} (raw/wire) |",
+            "| ship 512 MiB of {what} as 1 MiB writes, zstd {} | {:.0} MiB/s ({cpu}) | {:.0} MiB on the wire | {:.2} (raw/wire) |",
             if compression { "on (auto-off)" } else { "off" },
             mbps(raw, took),
             wire as f64 / MIB as f64,
@@ -308,7 +337,8 @@ async fn bench_initial_copy(dir: &Path) {
 
 /// Bytes per second through one mutual-TLS connection on loopback, the
 /// agents' own TLS configuration (rustls, ring): 2 GiB in 1 MiB writes.
-async fn mtls_loopback() -> f64 {
+/// Also what it cost: "N cores, M ms of CPU per MiB" (both ends).
+async fn mtls_loopback() -> (f64, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (server, client) = tls_pair();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -331,14 +361,17 @@ async fn mtls_loopback() -> f64 {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut tls = connector.connect(name, tcp).await.unwrap();
     let data = noise(MIB as usize);
-    let t = Instant::now();
+    perf_control("enable");
+    let meter = Meter::start();
     for _ in 0..2048 {
         tls.write_all(&data).await.unwrap();
     }
     tls.shutdown().await.unwrap();
     let got = reader.await.unwrap();
+    let (took, cpu) = meter.stop(got);
+    perf_control("disable");
     assert_eq!(got, 2 * GIB);
-    got as f64 / t.elapsed().as_secs_f64()
+    (got as f64 / took.as_secs_f64(), cpu)
 }
 
 /// The references, one row each, in MiB/s.
@@ -358,9 +391,10 @@ async fn bench_references(dir: &Path) {
         mbps(data.len() as u64, t.elapsed()),
         data.len() as f64 / out as f64
     );
+    let (tls, cpu) = mtls_loopback().await;
     println!(
-        "| reference: loopback mutual TLS, one connection | {:.0} MiB/s | | |",
-        mtls_loopback().await / MIB as f64
+        "| reference: loopback mutual TLS, one connection | {:.0} MiB/s ({cpu}) | | |",
+        tls / MIB as f64
     );
     let src = dir.join("dd-src.bin");
     fs::write(&src, &data).unwrap();
