@@ -48,7 +48,7 @@ async fn numbers_that_would_overflow_are_refused_and_the_replica_is_untouched() 
         vec![CopyChunk {
             start: Some(CopyStart { disk: disk(), disk_size: MIB, epoch: 0, next_seq }),
             offset: 0,
-            data: vec![0xee; 4096],
+            data: vec![0xee; 4096].into(),
             raw_len: 4096,
             last: true,
             consistent_from,
@@ -74,7 +74,7 @@ async fn numbers_that_would_overflow_are_refused_and_the_replica_is_untouched() 
         vec![SegmentChunk {
             start: Some(SegmentStart { disk: disk(), first_seq, last_seq, epoch, length: 10 }),
             offset: 0,
-            data: vec![1; 10],
+            data: vec![1; 10].into(),
             compressed: false,
             raw_len: 10,
         }]

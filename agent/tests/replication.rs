@@ -178,7 +178,7 @@ async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
     let huge = CopyChunk {
         start: Some(start.clone()),
         offset: 0,
-        data: vec![7; 6 << 20],
+        data: vec![7; 6 << 20].into(),
         raw_len: 6 << 20,
         ..Default::default()
     };
@@ -191,7 +191,7 @@ async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
     let chunk = CopyChunk {
         start: Some(start),
         offset: 0,
-        data: bomb,
+        data: bomb.into(),
         compressed: true,
         raw_len: 4096,
         ..Default::default()
@@ -204,7 +204,7 @@ async fn each_bad_sender_gets_its_own_refusal_and_nothing_is_written() {
     let seg = |len| SegmentChunk {
         start: Some(SegmentStart { disk: disk("vm1"), first_seq: 1, last_seq: 1, epoch: 0, length: len }),
         offset: 0,
-        data: vec![1; 10],
+        data: vec![1; 10].into(),
         compressed: false,
         raw_len: 10,
     };

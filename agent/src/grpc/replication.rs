@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use prost::Message;
+use prost::{Message, bytes::Bytes};
 use tonic::{Request, Response, Status, Streaming};
 use vmreplica_api::{
     MAX_CHUNK, MAX_FRAME,
@@ -289,7 +289,7 @@ fn spawn_apply(runtime: &tokio::runtime::Handle, store: Arc<ReplicaStore>, repli
 /// Bytes a primary may send on one stream ahead of what was taken: eight chunks.
 const STREAM_WINDOW: u32 = 8 << 20;
 
-pub(super) fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Result<Vec<u8>, Status> {
+pub(super) fn decode_chunk(data: Bytes, compressed: bool, raw_len: u32) -> Result<Bytes, Status> {
     let raw_len = raw_len as usize;
     if raw_len > MAX_CHUNK || data.len() > MAX_CHUNK {
         return Err(Status::resource_exhausted(format!(
@@ -324,7 +324,7 @@ pub(super) fn decode_chunk(data: Vec<u8>, compressed: bool, raw_len: u32) -> Res
             out.len()
         )));
     }
-    Ok(out)
+    Ok(out.into())
 }
 
 #[tonic::async_trait]
@@ -455,9 +455,13 @@ pub async fn serve(
     // window holds a single 1 MiB chunk and makes the stream stop and go).
     // Pings free what a primary cut off by a partition held (a transfer
     // slot, a half-received segment) instead of keeping it forever.
+    // HTTP/2 frames of up to 1 MiB (instead of 16 KiB): a chunk crosses in
+    // a few frames, not 64, each one a wakeup and a header to parse on both
+    // sides; a connection holds at most one such frame while it is parsed.
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(4 * STREAM_WINDOW)
+        .max_frame_size(Some(1 << 20))
         .http2_keepalive_interval(Some(vmreplica_api::tls::KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(vmreplica_api::tls::KEEPALIVE_TIMEOUT))
         .add_service(svc)

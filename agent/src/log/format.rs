@@ -386,6 +386,40 @@ impl<R: Read> SegmentReader<R> {
         &mut self,
         place: Option<&mut crate::direct::AlignedBuf>,
     ) -> Result<Option<(Record, bool)>, FormatError> {
+        let Some(head) = self.read_head()? else { return Ok(None) };
+        let payload_len = head.payload_len as usize;
+        let placed = place.filter(|b| {
+            head.kind == RecordKind::Write
+                && crate::direct::aligned(head.offset, payload_len)
+                && b.capacity() >= payload_len
+        });
+        let in_place = placed.is_some();
+        let mut owned = Vec::new();
+        let payload: &mut [u8] = match placed {
+            Some(b) => b.slice_mut(payload_len),
+            None => {
+                owned.resize(payload_len, 0);
+                &mut owned
+            }
+        };
+        if read_full(&mut self.inner, payload)? < payload.len() {
+            return Err(FormatError::Truncated { at: head.at });
+        }
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head.h), payload);
+        if self.hash && head.kind != RecordKind::Seal {
+            self.hasher.update(&head.h);
+            self.hasher.update(payload);
+        }
+        if !self.finish_record(&head, crc, payload)? {
+            return Ok(None);
+        }
+        let Head { kind, seq, offset, length, .. } = head;
+        Ok(Some((Record { kind, seq, offset, length, payload: owned }, in_place)))
+    }
+
+    /// The next record's header, checked; `None` at a clean end of input or
+    /// after a seal.
+    fn read_head(&mut self) -> Result<Option<Head>, FormatError> {
         if self.sealed {
             return Ok(None);
         }
@@ -423,35 +457,30 @@ impl<R: Read> SegmentReader<R> {
         if kind != RecordKind::Seal && offset.checked_add(length).is_none() {
             return Err(FormatError::BadRecord { at, what: "offset + length overflows" });
         }
-        let placed = place.filter(|b| {
-            kind == RecordKind::Write
-                && crate::direct::aligned(offset, payload_len as usize)
-                && b.capacity() >= payload_len as usize
-        });
-        let in_place = placed.is_some();
-        let mut owned = Vec::new();
-        let payload: &mut [u8] = match placed {
-            Some(b) => b.slice_mut(payload_len as usize),
-            None => {
-                owned.resize(payload_len as usize, 0);
-                &mut owned
-            }
-        };
-        let mut crc = [0u8; RECORD_TRAILER_LEN];
-        let got = read_full(&mut self.inner, payload)?;
-        if got < payload.len() || read_full(&mut self.inner, &mut crc)? < RECORD_TRAILER_LEN {
-            return Err(FormatError::Truncated { at });
+        Ok(Some(Head { at, h, kind, seq, offset, length, payload_len }))
+    }
+
+    /// After a record's payload, whose CRC (over header and payload) is
+    /// `crc` and, for a seal only, whose bytes are `payload` (the header and
+    /// payload of any other record are already hashed): reads and checks the
+    /// trailer, then the seal or the sequence, and counts the record. False
+    /// after a seal.
+    fn finish_record(&mut self, head: &Head, crc: u32, payload: &[u8]) -> Result<bool, FormatError> {
+        let mut trailer = [0u8; RECORD_TRAILER_LEN];
+        if read_full(&mut self.inner, &mut trailer)? < RECORD_TRAILER_LEN {
+            return Err(FormatError::Truncated { at: head.at });
         }
-        if record_crc(&h, payload) != crc {
-            return Err(FormatError::RecordChecksum { at });
+        if crc.to_le_bytes() != trailer {
+            return Err(FormatError::RecordChecksum { at: head.at });
         }
-        if kind == RecordKind::Seal {
+        let record_len = (RECORD_HEADER_LEN + head.payload_len as usize + RECORD_TRAILER_LEN) as u64;
+        if head.kind == RecordKind::Seal {
             let sealed_unix_ms = u64_at(payload, DIGEST_LEN);
-            let app_consistent = h[5] & SEAL_FLAG_APP_CONSISTENT != 0;
+            let app_consistent = head.h[5] & SEAL_FLAG_APP_CONSISTENT != 0;
             let info = SealInfo {
-                last_seq: seq,
-                records: offset,
-                data_bytes: length,
+                last_seq: head.seq,
+                records: head.offset,
+                data_bytes: head.length,
                 sealed_unix_ms,
                 app_consistent,
             };
@@ -467,22 +496,20 @@ impl<R: Read> SegmentReader<R> {
             self.sealed = true;
             self.seal_time = Some(sealed_unix_ms);
             self.app_consistent = app_consistent;
-            self.position += (RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN) as u64;
-            return Ok(None);
+            self.position += record_len;
+            return Ok(false);
         }
-        if seq != self.next_seq {
-            return Err(FormatError::SequenceGap { at, expected: self.next_seq, found: seq });
+        if head.seq != self.next_seq {
+            return Err(FormatError::SequenceGap { at: head.at, expected: self.next_seq, found: head.seq });
         }
         if self.hash {
-            self.hasher.update(&h);
-            self.hasher.update(payload);
-            self.hasher.update(&crc);
+            self.hasher.update(&trailer);
         }
-        self.position += (RECORD_HEADER_LEN + payload.len() + RECORD_TRAILER_LEN) as u64;
+        self.position += record_len;
         self.next_seq += 1;
         self.records += 1;
-        self.data_bytes += payload.len() as u64;
-        Ok(Some((Record { kind, seq, offset, length, payload: owned }, in_place)))
+        self.data_bytes += u64::from(head.payload_len);
+        Ok(true)
     }
 
     /// Whether a valid seal has been read.
@@ -506,14 +533,6 @@ impl<R: Read> SegmentReader<R> {
         }
     }
 
-    /// Reads every record to the end, checking each, then the seal (see
-    /// [`Self::finish_sealed`]): the whole verification of a sealed segment.
-    pub fn read_to_seal(mut self) -> Result<(SegmentHeader, SealInfo), FormatError> {
-        while self.next_record()?.is_some() {}
-        let header = self.header.clone();
-        Ok((header, self.finish_sealed()?))
-    }
-
     /// After the last record: checks that a seal was read and nothing follows it.
     pub fn finish_sealed(mut self) -> Result<SealInfo, FormatError> {
         if !self.sealed {
@@ -526,6 +545,68 @@ impl<R: Read> SegmentReader<R> {
         }
         Ok(self.seal_info())
     }
+}
+
+impl<R: io::BufRead> SegmentReader<R> {
+    /// Reads every record to the end, checking each, then the seal (see
+    /// [`Self::finish_sealed`]): the whole verification of a sealed segment.
+    /// Payloads are checked where they lie in the reader's buffer, never
+    /// copied out of it.
+    pub fn read_to_seal(mut self) -> Result<(SegmentHeader, SealInfo), FormatError> {
+        while self.skim_record()? {}
+        let header = self.header.clone();
+        Ok((header, self.finish_sealed()?))
+    }
+
+    /// [`Self::next_record`] without keeping the record: a Write's payload
+    /// goes through the CRC and the digest in the pieces the reader holds.
+    /// False at the end (or after the seal).
+    fn skim_record(&mut self) -> Result<bool, FormatError> {
+        let Some(head) = self.read_head()? else { return Ok(false) };
+        if head.kind == RecordKind::Seal {
+            let mut payload = [0u8; SEAL_PAYLOAD_LEN];
+            if read_full(&mut self.inner, &mut payload)? < SEAL_PAYLOAD_LEN {
+                return Err(FormatError::Truncated { at: head.at });
+            }
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&head.h), &payload);
+            return self.finish_record(&head, crc, &payload);
+        }
+        let mut crc = crc32c::crc32c(&head.h);
+        if self.hash {
+            self.hasher.update(&head.h);
+        }
+        let mut left = head.payload_len as usize;
+        while left > 0 {
+            let piece = match self.inner.fill_buf() {
+                Ok(piece) => piece,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if piece.is_empty() {
+                return Err(FormatError::Truncated { at: head.at });
+            }
+            let n = piece.len().min(left);
+            crc = crc32c::crc32c_append(crc, &piece[..n]);
+            if self.hash {
+                self.hasher.update(&piece[..n]);
+            }
+            self.inner.consume(n);
+            left -= n;
+        }
+        self.finish_record(&head, crc, &[])
+    }
+}
+
+/// A record's header, checked, before its payload is read.
+struct Head {
+    /// Where the record starts.
+    at: u64,
+    h: [u8; RECORD_HEADER_LEN],
+    kind: RecordKind,
+    seq: u64,
+    offset: u64,
+    length: u64,
+    payload_len: u32,
 }
 
 /// What [`scan_ranges`] finds: the header, each record's `[start, end)`, the seal.

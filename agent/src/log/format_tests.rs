@@ -31,6 +31,19 @@ fn sealed_segment(writes: &[(u64, Vec<u8>)]) -> Vec<u8> {
     b
 }
 
+/// The streaming verification ([`SegmentReader::read_to_seal`]) through a
+/// 7-byte buffer, so that every payload arrives in many pieces.
+fn skimmed(bytes: &[u8]) -> Result<(SegmentHeader, SealInfo), FormatError> {
+    SegmentReader::new(std::io::BufReader::with_capacity(7, bytes)).and_then(SegmentReader::read_to_seal)
+}
+
+/// Both readers refuse `bytes`, for the same reason; that reason.
+fn refused_by_both(bytes: &[u8]) -> FormatError {
+    let (whole, skim) = (verify_sealed(bytes).expect_err("refused"), skimmed(bytes).expect_err("refused"));
+    assert_eq!(whole.to_string(), skim.to_string());
+    whole
+}
+
 #[test]
 fn a_sealed_segment_round_trips() {
     let seg = sealed_segment(&[(0, vec![1; 512]), (4096, vec![2; 100])]);
@@ -49,6 +62,7 @@ fn a_sealed_segment_round_trips() {
             app_consistent: true
         }
     );
+    assert_eq!(skimmed(&seg).unwrap(), (header(), seal));
 }
 
 #[test]
@@ -106,7 +120,7 @@ fn each_kind_of_damage_is_named() {
         ),
     ];
     for (what, bytes, check) in cases {
-        let err = verify_sealed(&bytes).expect_err(what);
+        let err = refused_by_both(&bytes);
         assert!(check(&err), "{what}: got {err}");
     }
 }
@@ -141,20 +155,17 @@ fn a_dropped_record_breaks_the_sequence_and_a_swapped_seal_the_digest() {
     // Drop the first record of `two`: the second now starts at the wrong seq.
     let mut dropped = two[..hlen].to_vec();
     dropped.extend_from_slice(&two[hlen + rec..]);
-    assert!(matches!(
-        verify_sealed(&dropped),
-        Err(FormatError::SequenceGap { expected: 100, found: 101, .. })
-    ));
+    assert!(matches!(refused_by_both(&dropped), FormatError::SequenceGap { expected: 100, found: 101, .. }));
     // `one`'s records under `two`'s seal: the digest gives it away.
     let mut swapped = one[..hlen + rec].to_vec();
     swapped.extend_from_slice(&two[hlen + 2 * rec..]);
-    assert!(matches!(verify_sealed(&swapped), Err(FormatError::DigestMismatch)));
+    assert!(matches!(refused_by_both(&swapped), FormatError::DigestMismatch));
 }
 
 proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
-        let _ = verify_sealed(&bytes);
+        prop_assert_eq!(verify_sealed(&bytes).is_ok(), skimmed(&bytes).is_ok());
     }
 
     #[test]
@@ -168,6 +179,7 @@ proptest! {
         let i = pos.index(bad.len());
         bad[i] ^= 1 << bit;
         prop_assert!(verify_sealed(&bad).is_err(), "flipping bit {} of byte {} went unnoticed", bit, i);
+        refused_by_both(&bad);
     }
 
     #[test]
@@ -177,7 +189,7 @@ proptest! {
     ) {
         let seg = sealed_segment(&writes);
         let len = cut.index(seg.len());
-        prop_assert!(verify_sealed(&seg[..len]).is_err());
+        refused_by_both(&seg[..len]);
     }
 }
 

@@ -18,6 +18,7 @@ use std::{
     thread,
 };
 
+use prost::bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
@@ -243,7 +244,7 @@ pub enum Incoming {
 pub struct IncomingSegment {
     path: PathBuf,
     /// Chunks for the writer; `None` once the end was sent.
-    chunks: Option<mpsc::Sender<Vec<u8>>>,
+    chunks: Option<mpsc::Sender<Bytes>>,
     writer: Option<thread::JoinHandle<std::result::Result<(SegmentHeader, SealInfo), Failed>>>,
     first_seq: u64,
     last_seq: u64,
@@ -267,10 +268,10 @@ enum Failed {
 fn write_and_verify(
     file: File,
     direct: Option<File>,
-    chunks: mpsc::Receiver<Vec<u8>>,
+    chunks: mpsc::Receiver<Bytes>,
 ) -> std::result::Result<(SegmentHeader, SealInfo), Failed> {
     let out = DirectWriter::with_buffer(file, direct, WRITE_BUFFER);
-    let mut tee = Tee { chunks, out, chunk: Vec::new(), at: 0, failed: None };
+    let mut tee = Tee { chunks, out, chunk: Bytes::new(), at: 0, failed: None };
     let verified = SegmentReader::new(&mut tee).and_then(SegmentReader::read_to_seal);
     // The writer thread is joined whatever happened, so nothing writes to
     // the file once this returns.
@@ -289,18 +290,20 @@ const WRITE_BUFFER: usize = 1 << 20;
 
 /// Reads the chunks in order, writing each to the file as it is taken.
 struct Tee {
-    chunks: mpsc::Receiver<Vec<u8>>,
+    chunks: mpsc::Receiver<Bytes>,
     out: DirectWriter,
-    chunk: Vec<u8>,
+    chunk: Bytes,
     at: usize,
     /// A write failed (told apart from a damaged segment).
     failed: Option<io::Error>,
 }
 
-impl Read for Tee {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl io::BufRead for Tee {
+    /// The rest of the chunk in hand, or the next chunk once written: the
+    /// verification reads the payloads where they lie.
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
         while self.at == self.chunk.len() {
-            let Some(next) = self.chunks.blocking_recv() else { return Ok(0) };
+            let Some(next) = self.chunks.blocking_recv() else { return Ok(&[]) };
             let written =
                 crate::failpoint::io("io.replica.segment.write").and_then(|()| self.out.write_all(&next));
             if let Err(e) = written {
@@ -310,7 +313,17 @@ impl Read for Tee {
             }
             (self.chunk, self.at) = (next, 0);
         }
-        let n = buf.len().min(self.chunk.len() - self.at);
+        Ok(&self.chunk[self.at..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.at = (self.at + n).min(self.chunk.len());
+    }
+}
+
+impl Read for Tee {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = io::BufRead::fill_buf(self)?.len().min(buf.len());
         buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
         self.at += n;
         Ok(n)
@@ -322,13 +335,14 @@ impl IncomingSegment {
     /// from within an async runtime: there, [`Self::write_chunk_async`]).
     pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.check_chunk(offset, data.len())?;
-        let sent = self.chunks.as_ref().is_some_and(|c| c.blocking_send(data.to_vec()).is_ok());
+        let sent =
+            self.chunks.as_ref().is_some_and(|c| c.blocking_send(Bytes::copy_from_slice(data)).is_ok());
         self.sent(sent, data.len())
     }
 
     /// Appends the chunk that starts at byte `offset`, waiting while the
     /// writer is four chunks behind.
-    pub async fn write_chunk_async(&mut self, offset: u64, data: Vec<u8>) -> Result<()> {
+    pub async fn write_chunk_async(&mut self, offset: u64, data: Bytes) -> Result<()> {
         let n = data.len();
         self.check_chunk(offset, n)?;
         let sent = match &self.chunks {

@@ -325,7 +325,7 @@ impl Shipper {
                 None => (data, false),
             };
             self.limits.bandwidth.acquire(data.len()).await;
-            ResyncData { offset, data, compressed, raw_len, ..Default::default() }
+            ResyncData { offset, data: data.into(), compressed, raw_len, ..Default::default() }
         };
         let (window, window_done) = window.unwrap_or_default();
         self.resync.data_bytes.fetch_add(msg.data.len() as u64, Relaxed);

@@ -4,19 +4,18 @@
 //! thread reads and rate-limits while the gRPC stream sends; while zstd is
 //! on, a segment's chunks are compressed on several threads, in order.
 
-use std::{fs::File, io, os::unix::fs::FileExt};
+use std::{
+    fs::File,
+    io::{self, Read},
+    os::unix::fs::FileExt,
+};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use vmreplica_api::replication::{CopyChunk, CopyStart, SegmentChunk, SegmentStart};
 
 use super::{ShipError, Shipper, autocompress::AutoCompress};
-use crate::{
-    fail_point_armed,
-    image::data_extents,
-    limits::Limits,
-    log::{SealedSegment, format::read_full},
-};
+use crate::{fail_point_armed, image::data_extents, limits::Limits, log::SealedSegment};
 
 /// What one chunk producer hands the gRPC stream.
 type Chunks<T> = mpsc::Receiver<T>;
@@ -70,13 +69,11 @@ impl Shipper {
             let mut file = File::open(&path).map_err(read_err)?;
             let mut read_error = None;
             let chunks = std::iter::from_fn(|| {
-                let mut buf = vec![0u8; chunk];
-                match read_full(&mut file, &mut buf) {
+                // Read into spare capacity: the buffer is not zeroed first.
+                let mut buf = Vec::with_capacity(chunk);
+                match (&mut file).take(chunk as u64).read_to_end(&mut buf) {
                     Ok(0) => None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        Some(buf)
-                    }
+                    Ok(_) => Some(buf),
                     Err(e) => {
                         read_error = Some(e);
                         None
@@ -98,7 +95,8 @@ impl Shipper {
                     }
                     limits.bandwidth.acquire_blocking(data.len());
                     wire += data.len() as u64;
-                    let c = SegmentChunk { start: start.take(), offset, data, compressed, raw_len };
+                    let c =
+                        SegmentChunk { start: start.take(), offset, data: data.into(), compressed, raw_len };
                     offset += u64::from(raw_len);
                     // A send that fails: the call ended, and its status says why.
                     tx.blocking_send(c).is_ok()
@@ -168,7 +166,7 @@ impl Shipper {
                 let c = CopyChunk {
                     start: start.take(),
                     offset: off,
-                    data,
+                    data: data.into(),
                     compressed,
                     raw_len,
                     ..Default::default()
