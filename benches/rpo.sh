@@ -17,6 +17,8 @@
 # fio's buffer_compress_percentage=60), DISKS (protected disks, default 1:
 # fio writes to the first, the others replicate idle; their memory shows in
 # the RSS columns), REFS=0 skips the references, AGENT_BIN.
+# benches/replica-io-floor.sh gives, per rate, the CPU of the replica's I/O
+# alone (fio): the floor under the replica's CPU column.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-30}"; shift || true
