@@ -355,10 +355,12 @@ pub async fn run(ctx: Arc<Shared>, shutdown: impl std::future::Future<Output = (
 }
 
 /// One item each time an agent starts (its Lease appears, or its
-/// `acquireTime` or endpoints change; renewals do not count): it has no site
-/// configuration until a ReplicationServer is reconciled, which would
-/// otherwise wait for the periodic look, up to 30 s.
-fn agents_started(ctx: &Shared) -> impl futures::Stream<Item = ()> + Send + 'static {
+/// `acquireTime` or endpoints change; renewals do not count). A started
+/// agent knows nothing: it has no site configuration until a
+/// ReplicationServer is reconciled (else up to 30 s, the periodic look), and
+/// serves no VM's disks until its VMReplications are (else up to the poll
+/// interval, 60 s by default). Both controllers reconcile everything on it.
+pub(crate) fn agents_started(ctx: &Shared) -> impl futures::Stream<Item = ()> + Send + 'static {
     use kube::runtime::{PredicateConfig, WatchStreamExt};
     use std::hash::{DefaultHasher, Hash, Hasher};
     let leases = Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(

@@ -99,6 +99,11 @@ async fn site() -> Site {
 
 /// [`site`] with extra arguments for the primary agent.
 async fn site_with(primary_args: &[&str]) -> Site {
+    site_polling(primary_args, Duration::from_secs(2)).await
+}
+
+/// [`site_with`], its controller reading steady VMs every `poll`.
+async fn site_polling(primary_args: &[&str], poll: Duration) -> Site {
     let client = client().await;
     let ns = test_namespace(&client, "vmr").await;
     let dir = tempfile::tempdir().unwrap();
@@ -145,7 +150,7 @@ async fn site_with(primary_args: &[&str]) -> Site {
         now: k8s_openapi::jiff::Timestamp::now,
         metrics: metrics.clone(),
     });
-    let ctx = context::Context::new(base.clone(), Duration::from_secs(2), Some(ns.clone()));
+    let ctx = context::Context::new(base.clone(), poll, Some(ns.clone()));
     let controller = tokio::spawn(vmreplication::run(ctx, std::future::pending()));
     let vmrs = Api::namespaced(client.clone(), &ns);
     Site {
@@ -634,6 +639,41 @@ async fn an_overflowed_log_is_resynchronised_on_request_outside_the_window() {
         st.health_details
     );
     assert!(!same(&replica_img, &disk), "a verification repairs nothing");
+}
+
+/// An agent restarted (kill -9, as a crash or a DaemonSet rollout does)
+/// serves its VMs' disks again at once, and replicates them: its new Lease
+/// has every VMReplication reconciled. The controller here reads steady VMs
+/// every 10 minutes, so nothing else could bring the disk back in the test's
+/// time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_serves_its_vms_disks_again_without_waiting_for_the_poll() {
+    let mut s = site_polling(&[], Duration::from_secs(600)).await;
+    let disk = s.root.join("disks").join("rs.img");
+    qemu_img_create(&disk, "16M");
+    s.apply("rs", s.spec(&disk, "replica", s.replica_port)).await;
+    s.wait_state("rs", ReplicationState::Replicating, 60).await;
+    let export = format!("nbd+unix:///{}.rs/root?socket={}", s.ns, s.socket.display());
+    qemu_io(&export, "write -P 0x21 0 64k").unwrap();
+
+    s.primary.kill();
+    assert!(qemu_io(&export, "read 0 512").is_err(), "nothing serves the disk while its agent is down");
+    let mut again = Command::new(bin("vmreplica-agent"));
+    again.args(&s.primary_args);
+    s.primary = Process::spawn_ready(again, &s.root.join("primary-restarted.log"));
+    let restarted = std::time::Instant::now();
+    wait_secs(30, "the restarted agent to serve the disk, with the write from before", async || {
+        qemu_io(&export, "read -P 0x21 0 64k").ok()
+    })
+    .await;
+    eprintln!("the disk was served again {:?} after the agent's start", restarted.elapsed());
+    let replica_img = s.replica_storage.join(format!("{}.rs", s.ns)).join("root").join("disk.img");
+    qemu_io(&export, "write -P 0x22 1M 64k").unwrap();
+    wait_secs(30, "a write made after the restart to reach the replica", async || {
+        qemu_io(replica_img.to_str()?, "read -P 0x22 1M 64k").ok()
+    })
+    .await;
+    qemu_io(replica_img.to_str().unwrap(), "read -P 0x21 0 64k").expect("the write from before the restart");
 }
 
 /// kill -9 mid-resync, on both sides, as processes: the log overflows while

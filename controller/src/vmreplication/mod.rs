@@ -356,8 +356,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     };
     // Bounded concurrency: a thousand objects arriving at once queue here
     // instead of all contending for the apiserver and the agents together.
+    // A restarted agent serves its VMs' disks again at once, not at their
+    // next poll: every VMReplication is reconciled when an agent starts (a
+    // steady one's pass asks its agent and writes nothing new; at most
+    // CONCURRENCY at a time).
+    let started = crate::site::agents_started(&ctx.site);
     Controller::new(api, watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
+        .reconcile_all_on(started)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(crate::log_result)
