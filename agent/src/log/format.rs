@@ -405,7 +405,7 @@ impl<R: Read> SegmentReader<R> {
         if read_full(&mut self.inner, payload)? < payload.len() {
             return Err(FormatError::Truncated { at: head.at });
         }
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head.h), payload);
+        let crc = record_crc(&head.h, payload);
         if self.hash && head.kind != RecordKind::Seal {
             self.hasher.update(&head.h);
             self.hasher.update(payload);
@@ -460,17 +460,22 @@ impl<R: Read> SegmentReader<R> {
         Ok(Some(Head { at, h, kind, seq, offset, length, payload_len }))
     }
 
-    /// After a record's payload, whose CRC (over header and payload) is
-    /// `crc` and, for a seal only, whose bytes are `payload` (the header and
+    /// After a record's payload, whose CRC trailer (over header and
+    /// payload) should read `crc` and, for a seal only, whose bytes are `payload` (the header and
     /// payload of any other record are already hashed): reads and checks the
     /// trailer, then the seal or the sequence, and counts the record. False
     /// after a seal.
-    fn finish_record(&mut self, head: &Head, crc: u32, payload: &[u8]) -> Result<bool, FormatError> {
+    fn finish_record(
+        &mut self,
+        head: &Head,
+        crc: [u8; RECORD_TRAILER_LEN],
+        payload: &[u8],
+    ) -> Result<bool, FormatError> {
         let mut trailer = [0u8; RECORD_TRAILER_LEN];
         if read_full(&mut self.inner, &mut trailer)? < RECORD_TRAILER_LEN {
             return Err(FormatError::Truncated { at: head.at });
         }
-        if crc.to_le_bytes() != trailer {
+        if crc != trailer {
             return Err(FormatError::RecordChecksum { at: head.at });
         }
         let record_len = (RECORD_HEADER_LEN + head.payload_len as usize + RECORD_TRAILER_LEN) as u64;
@@ -568,8 +573,7 @@ impl<R: io::BufRead> SegmentReader<R> {
             if read_full(&mut self.inner, &mut payload)? < SEAL_PAYLOAD_LEN {
                 return Err(FormatError::Truncated { at: head.at });
             }
-            let crc = crc32c::crc32c_append(crc32c::crc32c(&head.h), &payload);
-            return self.finish_record(&head, crc, &payload);
+            return self.finish_record(&head, record_crc(&head.h, &payload), &payload);
         }
         let mut crc = crc32c::crc32c(&head.h);
         if self.hash {
@@ -593,7 +597,7 @@ impl<R: io::BufRead> SegmentReader<R> {
             self.inner.consume(n);
             left -= n;
         }
-        self.finish_record(&head, crc, &[])
+        self.finish_record(&head, crc.to_le_bytes(), &[])
     }
 }
 
