@@ -201,6 +201,27 @@ impl Site {
         ControlClient::new(ch).get_status(GetStatusRequest {}).await.unwrap().into_inner()
     }
 
+    /// The NBD URI of VM `name`'s disk `root` on the primary's export.
+    fn export(&self, name: &str) -> String {
+        format!("nbd+unix:///{}.{name}/root?socket={}", self.ns, self.socket.display())
+    }
+
+    /// Where the replica agent keeps VM `name`'s disk `root`.
+    fn replica_image(&self, name: &str) -> std::path::PathBuf {
+        self.replica_storage.join(format!("{}.{name}", self.ns)).join("root").join("disk.img")
+    }
+
+    /// A new disk of `size` (qemu-img's notation) for VM `name`, replicated
+    /// to the authorising server with the default spec: once Replicating,
+    /// its image and its export.
+    async fn replicating(&self, name: &str, size: &str) -> (std::path::PathBuf, String) {
+        let disk = self.root.join("disks").join(format!("{name}.img"));
+        qemu_img_create(&disk, size);
+        self.apply(name, self.spec(&disk, "replica", self.replica_port)).await;
+        self.wait_state(name, ReplicationState::Replicating, 60).await;
+        (disk, self.export(name))
+    }
+
     fn spec(&self, disk: &Path, server: &str, port: u16) -> serde_json::Value {
         json!({
             "role": "Primary",
@@ -267,8 +288,8 @@ async fn a_vm_replicates_suspends_resumes_and_is_removed() {
     has_events(&s, "db", &["Replicating"]).await;
 
     // The initial copy and a write through the NBD export reach the replica.
-    let replica_img = s.replica_storage.join(format!("{}.db", s.ns)).join("root").join("disk.img");
-    let export = format!("nbd+unix:///{}.db/root?socket={}", s.ns, s.socket.display());
+    let replica_img = s.replica_image("db");
+    let export = s.export("db");
     qemu_io(&export, "write -P 0x5a 4M 64k").unwrap();
     wait_secs(30, "the write to reach the replica", async || {
         qemu_io(replica_img.to_str()?, "read -P 0x5a 4M 64k").ok()
@@ -482,11 +503,7 @@ async fn initial_replication_reports_its_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_mid_failover_resumes_from_status_and_finishes() {
     let mut s = site().await;
-    let disk = s.root.join("disks").join("mv.img");
-    qemu_img_create(&disk, "8M");
-    s.apply("mv", s.spec(&disk, "replica", s.replica_port)).await;
-    s.wait_state("mv", ReplicationState::Replicating, 60).await;
-    let export = format!("nbd+unix:///{}.mv/root?socket={}", s.ns, s.socket.display());
+    let (disk, export) = s.replicating("mv", "8M").await;
     qemu_io(&export, "write -P 0x44 1M 256k").unwrap();
 
     // The controller dies in the middle of a planned failover: the request is
@@ -516,7 +533,7 @@ async fn a_controller_killed_mid_failover_resumes_from_status_and_finishes() {
     let v = s.wait_state("mv", ReplicationState::SyncedReplicationComplete, 60).await;
     let l = v.status.unwrap().last_failover.unwrap();
     assert_eq!((l.id.as_str(), l.phase), ("m1", vmreplica_crds::FailoverPhase::Completed), "{l:?}");
-    let replica_img = s.replica_storage.join(format!("{}.mv", s.ns)).join("root").join("disk.img");
+    let replica_img = s.replica_image("mv");
     let same = Command::new("qemu-img")
         .args(["compare", "-q", "-f", "raw", "-F", "raw"])
         .arg(&replica_img)
@@ -557,7 +574,7 @@ async fn an_overflowed_log_is_resynchronised_on_request_outside_the_window() {
 
     // The replica site's agent goes away; 18 MiB are written (more than half of 32).
     s.replicas[0].kill();
-    let export = format!("nbd+unix:///{}.rs/root?socket={}", s.ns, s.socket.display());
+    let export = s.export("rs");
     for k in 0..18 {
         qemu_io(&export, &format!("write -P {} {}M 1M", k + 1, k + 8)).unwrap();
     }
@@ -587,7 +604,7 @@ async fn an_overflowed_log_is_resynchronised_on_request_outside_the_window() {
     assert_eq!(r.mode, "DirtyMap", "{r:?}");
     assert_eq!(r.bytes_resynchronized, 18 << 20, "the dirty bytes: {r:?}");
     assert!(r.data_bytes_sent < r.bytes_resynchronized / 10, "patterns compress (zstd): {r:?}");
-    let replica_img = s.replica_storage.join(format!("{}.rs", s.ns)).join("root").join("disk.img");
+    let replica_img = s.replica_image("rs");
     let same = |a: &Path, b: &Path| {
         Command::new("qemu-img")
             .args(["compare", "-U", "-q", "-f", "raw", "-F", "raw"])
@@ -649,11 +666,7 @@ async fn an_overflowed_log_is_resynchronised_on_request_outside_the_window() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_agent_serves_its_vms_disks_again_without_waiting_for_the_poll() {
     let mut s = site_polling(&[], Duration::from_secs(600)).await;
-    let disk = s.root.join("disks").join("rs.img");
-    qemu_img_create(&disk, "16M");
-    s.apply("rs", s.spec(&disk, "replica", s.replica_port)).await;
-    s.wait_state("rs", ReplicationState::Replicating, 60).await;
-    let export = format!("nbd+unix:///{}.rs/root?socket={}", s.ns, s.socket.display());
+    let (_, export) = s.replicating("rs", "16M").await;
     qemu_io(&export, "write -P 0x21 0 64k").unwrap();
 
     s.primary.kill();
@@ -667,7 +680,7 @@ async fn a_restarted_agent_serves_its_vms_disks_again_without_waiting_for_the_po
     })
     .await;
     eprintln!("the disk was served again {:?} after the agent's start", restarted.elapsed());
-    let replica_img = s.replica_storage.join(format!("{}.rs", s.ns)).join("root").join("disk.img");
+    let replica_img = s.replica_image("rs");
     qemu_io(&export, "write -P 0x22 1M 64k").unwrap();
     wait_secs(30, "a write made after the restart to reach the replica", async || {
         qemu_io(replica_img.to_str()?, "read -P 0x22 1M 64k").ok()
@@ -685,11 +698,7 @@ async fn a_restarted_agent_serves_its_vms_disks_again_without_waiting_for_the_po
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_killed_mid_resync_lose_nothing_and_keep_the_pre_resync_point() {
     let mut s = site_with(&["--bandwidth-limit", "4000000"]).await;
-    let disk = s.root.join("disks").join("k9.img");
-    qemu_img_create(&disk, "32M");
-    s.apply("k9", s.spec(&disk, "replica", s.replica_port)).await;
-    s.wait_state("k9", ReplicationState::Replicating, 60).await;
-    let export = format!("nbd+unix:///{}.k9/root?socket={}", s.ns, s.socket.display());
+    let (disk, export) = s.replicating("k9", "32M").await;
     qemu_io(&export, "write -P 0x11 0 64k").unwrap();
     let replica_dir = s.replica_storage.join(format!("{}.k9", s.ns)).join("root");
     let replica_img = replica_dir.join("disk.img");
@@ -831,7 +840,7 @@ async fn an_initial_copy_on_external_media_is_imported_at_the_replica_site() {
     let details = v.status.unwrap().health_details.join(" ");
     assert!(details.contains("vmreplica-agent import"), "it says how to import: {details}");
     // Writes while the media travels.
-    let export = format!("nbd+unix:///{}.em/root?socket={}", s.ns, s.socket.display());
+    let export = s.export("em");
     qemu_io(&export, "write -P 0x32 10M 64k").unwrap();
     let import = Command::new(bin("vmreplica-agent"))
         .args(["import", "--from"])
@@ -844,7 +853,7 @@ async fn an_initial_copy_on_external_media_is_imported_at_the_replica_site() {
     assert!(import.status.success(), "{import:?}");
     assert!(String::from_utf8_lossy(&import.stdout).contains("chunks verified and imported"), "{import:?}");
     s.wait_state("em", ReplicationState::Replicating, 60).await;
-    let replica_img = s.replica_storage.join(format!("{}.em", s.ns)).join("root").join("disk.img");
+    let replica_img = s.replica_image("em");
     wait_secs(30, "the replica to equal the disk", async || {
         Command::new("qemu-img")
             .args(["compare", "-U", "-q", "-f", "raw", "-F", "raw"])
